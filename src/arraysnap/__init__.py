@@ -1,0 +1,56 @@
+"""arraysnap: incremental, crash-safe checkpoints for long-running NumPy computations.
+
+>>> import arraysnap, numpy as np, tempfile
+>>> path = tempfile.mkdtemp() + "/run.snap"
+>>> with arraysnap.open(path) as snap:
+...     _ = snap.capture({"u": np.arange(4.0)}, step=1, state={"t": 0.1})
+>>> with arraysnap.open(path) as snap:
+...     r = snap.restore()
+>>> r.step, r.state["t"], r.arrays["u"].tolist()
+(1, 0.1, [0.0, 1.0, 2.0, 3.0])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ArraysnapError,
+    CorruptSnapshotError,
+    FormatVersionError,
+    ReadOnlyStoreError,
+    SnapshotNotFoundError,
+    StoreLockedError,
+)
+from .records import (  # noqa: E402
+    ArrayInfo,
+    CaptureInfo,
+    Problem,
+    PruneReport,
+    Restored,
+    SnapshotInfo,
+    VerifyReport,
+)
+from .store import FORMAT_VERSION, Store, open  # noqa: E402
+from .zarr_view import open_zarr  # noqa: E402
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ArrayInfo",
+    "ArraysnapError",
+    "CaptureInfo",
+    "CorruptSnapshotError",
+    "FormatVersionError",
+    "Problem",
+    "PruneReport",
+    "ReadOnlyStoreError",
+    "Restored",
+    "SnapshotInfo",
+    "SnapshotNotFoundError",
+    "Store",
+    "StoreLockedError",
+    "VerifyReport",
+    "__version__",
+    "open",
+    "open_zarr",
+]

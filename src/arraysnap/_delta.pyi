@@ -1,0 +1,5 @@
+from typing import Any
+
+def scan_and_copy(
+    live: Any, baseline: Any, segment_bytes: int, chunk_bytes: int, changed: Any
+) -> int: ...

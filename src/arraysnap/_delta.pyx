@@ -1,0 +1,58 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Delta kernel: find the chunks of a live buffer that differ from its baseline.
+
+Private; `arraysnap.delta` validates arguments and is the only caller. The kernel trusts
+its inputs completely and never raises.
+"""
+
+from libc.string cimport memcmp, memcpy
+
+
+cdef Py_ssize_t _scan_and_copy(
+    const unsigned char[::1] live,
+    unsigned char[::1] baseline,
+    Py_ssize_t segment_bytes,
+    Py_ssize_t chunk_bytes,
+    unsigned char[::1] changed,
+) noexcept nogil:
+    # The buffer is a run of equal segments; each segment is cut into chunks of
+    # chunk_bytes, the last one of each segment possibly shorter (a ragged edge).
+    cdef Py_ssize_t total = live.shape[0]
+    cdef Py_ssize_t segment_start = 0
+    cdef Py_ssize_t segment_end, start, length
+    cdef Py_ssize_t index = 0
+    cdef Py_ssize_t count = 0
+    while segment_start < total:
+        segment_end = segment_start + segment_bytes
+        start = segment_start
+        while start < segment_end:
+            length = segment_end - start
+            if length > chunk_bytes:
+                length = chunk_bytes
+            if memcmp(&live[start], &baseline[start], length) != 0:
+                memcpy(&baseline[start], &live[start], length)
+                changed[index] = 1
+            if changed[index]:
+                count += 1
+            index += 1
+            start += length
+        segment_start = segment_end
+    return count
+
+
+def scan_and_copy(
+    const unsigned char[::1] live,
+    unsigned char[::1] baseline,
+    Py_ssize_t segment_bytes,
+    Py_ssize_t chunk_bytes,
+    unsigned char[::1] changed,
+):
+    """Copy every chunk of `live` that differs from `baseline` into `baseline`.
+
+    Sets ``changed[i] = 1`` for each such chunk (flags already set stay set) and returns
+    the number of set flags. Runs without the GIL.
+    """
+    cdef Py_ssize_t count
+    with nogil:
+        count = _scan_and_copy(live, baseline, segment_bytes, chunk_bytes, changed)
+    return count

@@ -1,0 +1,99 @@
+"""Reading and writing the chunks of one array: padding, digests, verification, assembly.
+
+A chunk's digest is blake3 of its raw bytes at full chunk size: a ragged last chunk is
+padded with zero bytes (zarr v3 stores every chunk at full chunk shape).
+
+>>> from arraysnap.layout import plan_layout
+>>> layout = plan_layout((3,), np.dtype("u1"), "C", 2)
+>>> buffer = np.array([1, 2, 3], dtype="u1")
+>>> bytes(padded_chunk(buffer, layout, 1))
+b'\\x03\\x00'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
+import numpy as np
+
+from .codecs import CodecSpec
+from .errors import CorruptSnapshotError
+from .layout import ChunkLayout
+from .manifest import ArrayRecord
+from .objects import ChunkObjects
+
+__all__ = ["assemble", "chunk_digest", "find_bad_chunks", "load_chunk", "padded_chunk"]
+
+
+def padded_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int) -> np.ndarray:
+    """Chunk `index` of a flat uint8 buffer at full chunk size (a view unless it is ragged)."""
+    start, stop = layout.chunk_range(index)
+    if stop - start == layout.chunk_bytes:
+        return buffer[start:stop]
+    padded = np.zeros(layout.chunk_bytes, dtype=np.uint8)
+    padded[: stop - start] = buffer[start:stop]
+    return padded
+
+
+def chunk_digest(buffer: np.ndarray, layout: ChunkLayout, index: int) -> bytes:
+    """blake3 digest of chunk `index` of `buffer` (without copying full chunks)."""
+    start, stop = layout.chunk_range(index)
+    hasher = blake3.blake3(buffer[start:stop])
+    if stop - start < layout.chunk_bytes:
+        hasher.update(bytes(layout.chunk_bytes - (stop - start)))
+    return hasher.digest()
+
+
+def find_bad_chunks(
+    buffer: np.ndarray, record: ArrayRecord, pool: ThreadPoolExecutor
+) -> list[int]:
+    """Indices of chunks of `buffer` whose digest differs from the record's."""
+    layout = record.layout
+    checks = pool.map(lambda i: chunk_digest(buffer, layout, i) == record.digest(i),
+                      range(record.n_chunks))
+    return [index for index, ok in enumerate(checks) if not ok]
+
+
+def load_chunk(
+    objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord, index: int, *,
+    verify: bool, where: str,
+) -> bytes:
+    """Read, decode and optionally verify chunk `index`; raise CorruptSnapshotError if bad."""
+    digest = record.digest(index)
+    label = f"{where}, array {record.name!r}, chunk {index} (object {digest.hex()[:16]})"
+    try:
+        data = objects.get(digest)
+    except FileNotFoundError:
+        raise CorruptSnapshotError(f"{label}: chunk object is missing") from None
+    except (OSError, ValueError) as err:
+        raise CorruptSnapshotError(f"{label}: chunk object cannot be read: {err}") from None
+    try:
+        raw = codec.decode(data)
+    except Exception as err:  # numcodecs raises plain RuntimeError/ValueError on bad input
+        raise CorruptSnapshotError(f"{label}: chunk object does not decode: {err}") from None
+    if len(raw) != record.layout.chunk_bytes:
+        raise CorruptSnapshotError(
+            f"{label}: decoded to {len(raw)} bytes, expected {record.layout.chunk_bytes}"
+        )
+    if verify and blake3.blake3(raw).digest() != digest:
+        raise CorruptSnapshotError(f"{label}: content does not match its blake3 digest")
+    return raw
+
+
+def assemble(
+    buffer: np.ndarray, objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord,
+    pool: ThreadPoolExecutor, *, verify: bool, where: str, indices: Iterable[int] | None = None,
+) -> None:
+    """Write chunks (all, or `indices`) of `record` from chunk objects into a flat buffer."""
+    layout = record.layout
+
+    def fill(index: int) -> None:
+        raw = load_chunk(objects, codec, record, index, verify=verify, where=where)
+        start, stop = layout.chunk_range(index)
+        buffer[start:stop] = np.frombuffer(raw, dtype=np.uint8, count=stop - start)
+
+    for _ in pool.map(fill, range(record.n_chunks) if indices is None else indices):
+        pass
+

@@ -1,0 +1,90 @@
+"""Find and set aside the chunks of a live array that changed since its baseline.
+
+The thin, validating wrapper around the private Cython kernel ``arraysnap._delta``: it
+checks sizes and contiguity, allocates, and raises; the kernel only compares and copies,
+without the GIL.
+
+>>> import numpy as np
+>>> from arraysnap.layout import plan_layout
+>>> live = np.arange(8, dtype="u1")
+>>> baseline = np.zeros(8, dtype="u1")
+>>> layout = plan_layout(live.shape, live.dtype, "C", 4)
+>>> scan_and_copy(live, baseline, layout).tolist(), baseline.tolist() == live.tolist()
+([0, 1], True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._delta import scan_and_copy as _kernel
+from .layout import ChunkLayout
+
+__all__ = ["as_bytes", "scan_and_copy"]
+
+
+def as_bytes(array: np.ndarray) -> np.ndarray:
+    """The raw bytes of a contiguous array, in memory order, as a flat uint8 view (no copy).
+
+    >>> as_bytes(np.array([1], dtype=">u2")).tolist()
+    [0, 1]
+    """
+    if array.flags.c_contiguous:
+        flat = array.reshape(-1)
+    elif array.flags.f_contiguous:
+        flat = array.T.reshape(-1)
+    else:
+        raise ValueError("as_bytes needs a contiguous array; copy it with np.ascontiguousarray")
+    return flat.view(np.uint8)
+
+
+def scan_and_copy(
+    live: np.ndarray,
+    baseline: np.ndarray,
+    layout: ChunkLayout,
+    changed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Copy the chunks of `live` that differ from `baseline` into it; return their indices.
+
+    `baseline` is a flat, writable uint8 buffer of ``layout.nbytes``. `changed` (uint8 flags,
+    one per chunk) may mark chunks to report whatever their content. `live` may be
+    non-contiguous, in which case each chunk is gathered into a scratch buffer first.
+    """
+    if live.shape != layout.shape or live.dtype != layout.dtype:
+        raise ValueError(
+            f"live array {live.shape} {live.dtype} does not match the layout "
+            f"{layout.shape} {layout.dtype}"
+        )
+    if baseline.dtype != np.uint8 or baseline.ndim != 1 or baseline.size != layout.nbytes:
+        raise ValueError(f"baseline must be a flat uint8 buffer of {layout.nbytes} bytes")
+    if not baseline.flags.writeable or not baseline.flags.c_contiguous:
+        raise ValueError("baseline must be writable and contiguous")
+    if changed is None:
+        changed = np.zeros(layout.n_chunks, dtype=np.uint8)
+    elif changed.dtype != np.uint8 or changed.shape != (layout.n_chunks,):
+        raise ValueError(f"changed must be {layout.n_chunks} uint8 flags")
+    if layout.nbytes == 0:
+        return np.flatnonzero(changed)
+
+    contiguous = live.flags.c_contiguous if layout.order == "C" else live.flags.f_contiguous
+    if contiguous:
+        _kernel(as_bytes(live), baseline, layout.segment_bytes, layout.chunk_bytes, changed)
+    else:
+        _scan_gathered(live, baseline, layout, changed)
+    return np.flatnonzero(changed)
+
+
+def _scan_gathered(
+    live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout, changed: np.ndarray
+) -> None:
+    in_memory_order = live if layout.order == "C" else live.T
+    head_shape = layout.memory_shape[: layout.split_axis]
+    rows = layout.rows_per_chunk
+    for index in range(layout.n_chunks):
+        segment, within = divmod(index, layout.chunks_per_segment)
+        head = tuple(int(i) for i in np.unravel_index(segment, head_shape)) if head_shape else ()
+        block = in_memory_order[(*head, slice(within * rows, (within + 1) * rows))]
+        start, stop = layout.chunk_range(index)
+        gathered = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        length = stop - start
+        _kernel(gathered, baseline[start:stop], length, length, changed[index : index + 1])

@@ -1,0 +1,72 @@
+"""The exceptions arraysnap raises.
+
+Every error derives from :class:`ArraysnapError` and also from the builtin that fits, so
+``except LookupError`` and ``except ArraysnapError`` both work.
+
+>>> issubclass(SnapshotNotFoundError, LookupError)
+True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArraysnapError",
+    "CorruptSnapshotError",
+    "FormatVersionError",
+    "ReadOnlyStoreError",
+    "SnapshotNotFoundError",
+    "StoreLockedError",
+]
+
+
+class ArraysnapError(Exception):
+    """Base class of every error arraysnap raises on purpose.
+
+    >>> try:
+    ...     raise SnapshotNotFoundError("nothing captured yet")
+    ... except ArraysnapError as err:
+    ...     print(err)
+    nothing captured yet
+    """
+
+
+class SnapshotNotFoundError(ArraysnapError, LookupError):
+    """The requested snapshot does not exist (or the store holds none).
+
+    >>> isinstance(SnapshotNotFoundError("x"), LookupError)
+    True
+    """
+
+
+class CorruptSnapshotError(ArraysnapError, ValueError):
+    """Stored data does not match its checksum or is malformed.
+
+    The message names the snapshot, array and chunk where that is known.
+
+    >>> isinstance(CorruptSnapshotError("x"), ValueError)
+    True
+    """
+
+
+class StoreLockedError(ArraysnapError, BlockingIOError):
+    """Another writer holds the store's lock.
+
+    >>> isinstance(StoreLockedError("x"), OSError)
+    True
+    """
+
+
+class FormatVersionError(ArraysnapError, ValueError):
+    """The store was written by a newer (or unknown) format version.
+
+    >>> isinstance(FormatVersionError("x"), ValueError)
+    True
+    """
+
+
+class ReadOnlyStoreError(ArraysnapError, PermissionError):
+    """A write was attempted on a store opened with ``mode="r"``.
+
+    >>> isinstance(ReadOnlyStoreError("x"), PermissionError)
+    True
+    """

@@ -1,0 +1,73 @@
+"""The file-system seam: every write, fsync, rename and delete arraysnap does goes through here.
+
+Tests inject faults (EIO, ENOSPC) by subclassing :class:`FileIO` and passing it to
+``arraysnap.open(..., _io=...)``; nothing else needs patching.
+
+>>> import tempfile, pathlib
+>>> root = pathlib.Path(tempfile.mkdtemp())
+>>> FileIO().write_atomic(root / "a.json", b"{}")
+>>> (root / "a.json").read_bytes()
+b'{}'
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+__all__ = ["FileIO", "TMP_PREFIX"]
+
+TMP_PREFIX = ".tmp-"
+
+
+class FileIO:
+    """Durable file operations. Override single methods to inject faults."""
+
+    def write(self, fd: int, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def replace(self, source: Path, target: Path) -> None:
+        os.replace(source, target)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            self.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_new(self, path: Path, data: memoryview | bytes, *, sync: bool = True) -> Path:
+        """Write `data` to a fresh temporary file beside `path`; return the temporary path."""
+        temp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            self.write(fd, data)
+            if sync:
+                self.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return temp
+
+    def write_atomic(self, path: Path, data: memoryview | bytes, *, sync_dir: bool = True) -> None:
+        """Write `path` so that it is either absent, its old content, or all of `data`."""
+        temp = self.write_new(path, data)
+        try:
+            self.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        if sync_dir:
+            self.fsync_dir(path.parent)

@@ -1,0 +1,305 @@
+"""Snapshot manifests: frozen records, their JSON form, and strict ``parse_*`` validators.
+
+A manifest is ``snapshots/<seq>.json``; its appearance is a snapshot's commit point. It lists
+every array's layout and the blake3 digest of every chunk (a base64 string of 32-byte
+digests, 43 characters per chunk), the user's state and RNG state, the capture's statistics
+and its own checksum. Anything read from disk is validated before it is used.
+
+>>> record = ArrayRecord("u", (4,), np.dtype("f8"), "C", 0, 4, bytes(32))
+>>> m = Manifest(seq=1, step=10, time=0.0, parent=None, codec={"name": "none", "level": 0},
+...              arrays={"u": record})
+>>> parse_manifest(m.to_json(), expected_seq=1).arrays["u"].shape
+(4,)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import numpy as np
+
+from .errors import CorruptSnapshotError, FormatVersionError
+from .layout import ChunkLayout, Order
+from .objects import DIGEST_BYTES
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "ArrayRecord",
+    "Manifest",
+    "check_array_name",
+    "dtype_from_json",
+    "dtype_to_json",
+    "parse_manifest",
+]
+
+MANIFEST_FORMAT = "arraysnap-snapshot"
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 28
+_MAX_NDIM = 64
+_MAX_ELEMENTS = 1 << 60
+
+
+def check_array_name(name: object) -> str:
+    """Return `name` if it can name an array, else raise ValueError/TypeError saying why.
+
+    >>> check_array_name("u")
+    'u'
+    >>> check_array_name("a/b")
+    Traceback (most recent call last):
+    ...
+    ValueError: array name 'a/b' must not contain '/' or '\\\\'; use e.g. 'a_b'
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"array names must be strings, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ValueError("array name must not be empty")
+    if "/" in name or "\\" in name:
+        raise ValueError(
+            f"array name {name!r} must not contain '/' or '\\\\'; use e.g. "
+            f"{name.replace('/', '_').replace(chr(92), '_')!r}"
+        )
+    if name in (".", ".."):
+        raise ValueError(f"array name {name!r} is reserved; choose another")
+    if name.startswith("__") or name == "zarr.json":
+        raise ValueError(f"array name {name!r} is reserved by zarr (names starting with '__')")
+    if any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") for char in name):
+        raise ValueError(f"array name {name!r} contains control or unassigned characters")
+    if len(name.encode("utf-8")) > 255:
+        raise ValueError(f"array name {name[:20]!r}... is longer than 255 bytes")
+    return name
+
+
+def dtype_to_json(dtype: np.dtype) -> Any:
+    """The JSON form of a dtype (the .npy ``descr``), exact for byte order and padding.
+
+    >>> dtype_to_json(np.dtype(">i2")), dtype_to_json(np.dtype([("a", "u1")]))
+    ('>i2', [['a', '|u1']])
+    """
+    descr = np.lib.format.dtype_to_descr(dtype)
+    return descr if isinstance(descr, str) else _lists(descr)
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
+
+
+def _tuples(value: Any, depth: int = 0) -> Any:
+    if depth > 32:
+        raise ValueError("dtype description nested too deeply")
+    if isinstance(value, list):
+        return [tuple(_tuples(v, depth + 1) for v in field) if isinstance(field, list) else field
+                for field in value]
+    return value
+
+
+def dtype_from_json(value: Any) -> np.dtype:
+    """Parse a stored dtype, refusing object dtypes and anything malformed.
+
+    >>> dtype_from_json("<f8")
+    dtype('float64')
+    """
+    if not isinstance(value, (str, list)):
+        raise ValueError(f"dtype must be a string or a list, got {type(value).__name__}")
+    try:
+        dtype = np.lib.format.descr_to_dtype(_tuples(value))
+    except (TypeError, ValueError, KeyError, IndexError, SyntaxError, RecursionError) as err:
+        raise ValueError(f"invalid dtype {str(value)[:80]!r}: {err}") from None
+    if dtype.hasobject:
+        raise ValueError("object dtypes cannot be stored")
+    return dtype
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayRecord:
+    """One array of a snapshot: its layout and the digest of each chunk.
+
+    >>> ArrayRecord("u", (2,), np.dtype("u1"), "C", 0, 2, bytes(32)).digest(0) == bytes(32)
+    True
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    order: Order
+    split_axis: int
+    rows_per_chunk: int
+    digests: bytes
+
+    @property
+    def layout(self) -> ChunkLayout:
+        return ChunkLayout(self.shape, self.dtype, self.order, self.split_axis,
+                           self.rows_per_chunk)
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.digests) // DIGEST_BYTES
+
+    def digest(self, index: int) -> bytes:
+        return self.digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "dtype": dtype_to_json(self.dtype),
+            "order": self.order,
+            "split_axis": self.split_axis,
+            "rows_per_chunk": self.rows_per_chunk,
+            "chunks": base64.b64encode(self.digests).decode("ascii"),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A committed snapshot's record. ``to_json`` adds the checksum; ``parse_manifest`` checks it.
+
+    >>> Manifest(seq=3, step=None, time=1.5, parent=2, codec={"name": "none", "level": 0}).seq
+    3
+    """
+
+    seq: int
+    step: int | None
+    time: float
+    parent: int | None
+    codec: Mapping[str, Any]
+    arrays: Mapping[str, ArrayRecord] = field(default_factory=dict)
+    state: Mapping[str, Any] | None = None
+    rng: Any = None
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "seq": self.seq,
+            "step": self.step,
+            "time": self.time,
+            "parent": self.parent,
+            "codec": dict(self.codec),
+            "arrays": {name: record.to_json() for name, record in self.arrays.items()},
+            "state": self.state,
+            "rng": self.rng,
+            "stats": dict(self.stats),
+            "provenance": dict(self.provenance),
+        }
+
+    def to_json(self) -> bytes:
+        body = self.body()
+        body["checksum"] = _checksum(body)
+        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return blake3.blake3(canonical.encode("utf-8")).hexdigest()
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value: object) -> bool:
+    return type(value) is int
+
+
+def parse_array_record(name: str, value: object) -> ArrayRecord:
+    """Validate one array entry of a manifest."""
+    _require(isinstance(value, dict), "array entry must be an object")
+    assert isinstance(value, dict)
+    check_array_name(name)
+    shape = value.get("shape")
+    _require(isinstance(shape, list) and len(shape) <= _MAX_NDIM, "shape must be a short list")
+    assert isinstance(shape, list)
+    _require(all(_is_int(d) and 0 <= d < _MAX_ELEMENTS for d in shape),
+             "shape entries must be non-negative integers")
+    _require(math.prod(shape) < _MAX_ELEMENTS, "shape is too large")
+    dtype = dtype_from_json(value.get("dtype"))
+    _require(dtype.itemsize * math.prod(shape) < _MAX_ELEMENTS, "array is too large")
+    order = value.get("order")
+    _require(order in ("C", "F"), "order must be 'C' or 'F'")
+    split_axis, rows = value.get("split_axis"), value.get("rows_per_chunk")
+    _require(_is_int(split_axis) and 0 <= split_axis <= max(0, len(shape) - 1),  # type: ignore[operator]
+             "split_axis out of range")
+    _require(_is_int(rows) and 1 <= rows < _MAX_ELEMENTS, "rows_per_chunk must be positive")  # type: ignore[operator]
+    chunks = value.get("chunks")
+    _require(isinstance(chunks, str), "chunks must be a base64 string")
+    try:
+        digests = base64.b64decode(chunks, validate=True)  # type: ignore[arg-type]
+    except (binascii.Error, ValueError):
+        raise ValueError("chunks is not valid base64") from None
+    record = ArrayRecord(name, tuple(shape), dtype, order, split_axis, rows, digests)  # type: ignore[arg-type]
+    layout = record.layout
+    _require(len(digests) == layout.n_chunks * DIGEST_BYTES,
+             f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "
+             f"{layout.n_chunks}")
+    return record
+
+
+def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
+    """Validate and parse a manifest file's bytes.
+
+    Raises FormatVersionError for a newer format, CorruptSnapshotError for anything else wrong.
+    """
+    label = f"snapshot {expected_seq}" if expected_seq is not None else "manifest"
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CorruptSnapshotError(f"{label}: manifest is {len(data)} bytes, too large")
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CorruptSnapshotError(f"{label}: manifest is not valid JSON ({err})") from None
+    if not isinstance(body, dict):
+        raise CorruptSnapshotError(f"{label}: manifest is not a JSON object")
+    if body.get("format") != MANIFEST_FORMAT:
+        raise CorruptSnapshotError(f"{label}: not an arraysnap manifest")
+    version = body.get("version")
+    if _is_int(version) and version > MANIFEST_VERSION:
+        raise FormatVersionError(
+            f"{label} was written with manifest version {version}, this arraysnap reads "
+            f"version {MANIFEST_VERSION} and older; upgrade arraysnap"
+        )
+    try:
+        _require(version == MANIFEST_VERSION, f"unknown manifest version {version!r}")
+        checksum = body.pop("checksum", None)
+        _require(isinstance(checksum, str), "checksum missing")
+        try:
+            actual = _checksum(body)
+        except (ValueError, RecursionError):
+            raise ValueError("manifest holds values that cannot be checksummed") from None
+        _require(actual == checksum, "checksum mismatch (the manifest was altered or damaged)")
+        seq = body.get("seq")
+        _require(_is_int(seq) and seq >= 0, "seq must be a non-negative integer")
+        _require(expected_seq is None or seq == expected_seq,
+                 f"seq {seq} does not match its file name")
+        step, parent, time = body.get("step"), body.get("parent"), body.get("time")
+        _require(step is None or _is_int(step), "step must be an integer or null")
+        _require(parent is None or _is_int(parent), "parent must be an integer or null")
+        _require(isinstance(time, (int, float)) and not isinstance(time, bool), "time")
+        arrays_json = body.get("arrays")
+        _require(isinstance(arrays_json, dict), "arrays must be an object")
+        arrays = {name: parse_array_record(name, value) for name, value in arrays_json.items()}
+        state = body.get("state")
+        _require(state is None or isinstance(state, dict), "state must be an object or null")
+        codec = body.get("codec")
+        _require(isinstance(codec, dict), "codec must be an object")
+        stats, provenance = body.get("stats", {}), body.get("provenance", {})
+        _require(isinstance(stats, dict) and isinstance(provenance, dict), "stats/provenance")
+    except ValueError as err:
+        raise CorruptSnapshotError(f"{label}: {err}") from None
+    return Manifest(seq, step, float(time), parent, codec, arrays, state, body.get("rng"),
+                    stats, provenance)

@@ -1,0 +1,272 @@
+"""The mirror: one memory-mapped baseline file per array, holding the last captured bytes.
+
+The delta kernel compares live arrays against the mirror and copies changed chunks into it.
+The mirror is a cache of the latest snapshot, never the only copy: a marker file records
+which committed snapshot it equals and whether it is clean, and a mirror that is dirty or
+unsure is checked against the manifest's digests and repaired from chunk objects.
+
+Ownership. ``restore()`` hands out copy-on-write maps of mirror files. On Linux such a
+private map still shows later writes to pages it has not copied, so the writer never
+updates a file in place while someone may hold a map of it:
+
+- readers take a shared ``flock`` on the file for as long as their maps live;
+- the writer takes an exclusive ``flock`` before its first update, and its own process's
+  maps are tracked with weak references;
+- when either says a map may exist, the writer first *detaches*: it copies the file to a
+  new one, switches to that, and unlinks the old one, which lives on for its holders.
+
+>>> import tempfile, pathlib
+>>> mirror = Mirror(pathlib.Path(tempfile.mkdtemp()), writable=True)
+>>> from arraysnap.layout import plan_layout
+>>> baseline, fresh = mirror.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
+>>> baseline.size, fresh
+(4, True)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import mmap
+import os
+import shutil
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fsio import TMP_PREFIX, FileIO
+from .layout import ChunkLayout
+
+__all__ = ["Mirror", "map_private", "map_readonly_file"]
+
+MARKER = "state.json"
+
+
+@dataclass(slots=True)
+class _Entry:
+    layout: ChunkLayout
+    path: Path
+    fd: int
+    buffer: np.ndarray
+    exclusive: bool = False
+    handed_out: list[weakref.ref[Any]] = field(default_factory=list)
+
+    def has_live_maps(self) -> bool:
+        self.handed_out = [ref for ref in self.handed_out if ref() is not None]
+        return bool(self.handed_out)
+
+
+def _map_shared(fd: int, size: int) -> np.ndarray:
+    if size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(fd, size, mmap.MAP_SHARED), dtype=np.uint8)
+
+
+def map_private(path: Path, layout: ChunkLayout, fd: int | None = None) -> np.ndarray:
+    """A copy-on-write map of a baseline file, shaped as the array it holds."""
+    if layout.nbytes == 0:
+        return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
+    owned = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, layout.nbytes, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        if owned:
+            os.close(fd)
+    return np.ndarray(layout.shape, dtype=layout.dtype, buffer=mm, order=layout.order)
+
+
+def map_readonly_file(fd: int, size: int) -> np.ndarray:
+    """A read-only flat uint8 map of an open file (for verifying without copying)."""
+    if size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ), dtype=np.uint8)
+
+
+class Mirror:
+    """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
+
+    def __init__(self, root: Path, io: FileIO | None = None, *, writable: bool) -> None:
+        self.dir = root / "mirror"
+        self.io = io or FileIO()
+        self.writable = writable
+        self.entries: dict[str, _Entry] = {}
+        self._marked_dirty = False
+
+    # -- marker ---------------------------------------------------------------------------
+    def read_marker(self) -> dict[str, Any] | None:
+        try:
+            marker = json.loads((self.dir / MARKER).read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+            return None
+        return marker
+
+    def _write_marker(self, seq: int | None, clean: bool) -> None:
+        files = {name: entry.path.name for name, entry in self.entries.items()}
+        marker = {"seq": seq, "clean": clean, "files": files}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.io.write_atomic(self.dir / MARKER, json.dumps(marker).encode())
+
+    def mark_dirty(self) -> None:
+        """Record, durably, that the files may differ from any snapshot (before updating them)."""
+        if not self._marked_dirty:
+            self._write_marker(None, clean=False)
+            self._marked_dirty = True
+
+    def mark_clean(self, seq: int | None) -> None:
+        """Flush the files and record that they equal snapshot `seq`."""
+        for entry in self.entries.values():
+            if entry.buffer.size:
+                base = entry.buffer.base
+                if isinstance(base, mmap.mmap):
+                    base.flush()
+            self.io.fsync(entry.fd)
+        self._write_marker(seq, clean=True)
+        self._marked_dirty = False
+
+    # -- files ----------------------------------------------------------------------------
+    def _new_file(self, name: str, layout: ChunkLayout) -> _Entry:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{uuid.uuid4().hex}.bin"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.ftruncate(fd, layout.nbytes)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return _Entry(layout, path, fd, _map_shared(fd, layout.nbytes), exclusive=True)
+
+    def adopt(self, name: str, filename: str, layout: ChunkLayout) -> bool:
+        """Take over an existing baseline file of the right size; False if it is unusable."""
+        path = self.dir / filename
+        if not _safe_filename(filename) or not path.is_file():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        if os.fstat(fd).st_size != layout.nbytes:
+            os.close(fd)
+            return False
+        self.entries[name] = _Entry(layout, path, fd, _map_shared(fd, layout.nbytes))
+        return True
+
+    def baseline(self, name: str, layout: ChunkLayout) -> tuple[np.ndarray, bool]:
+        """The writable flat baseline of array `name` for `layout`, safe to update in place.
+
+        Returns ``(buffer, fresh)``; `fresh` means a new zero-filled file (every chunk counts
+        as changed).
+        """
+        entry = self.entries.get(name)
+        if entry is None or entry.layout != layout:
+            if entry is not None:
+                self._drop(name)
+            self.mark_dirty()
+            self.entries[name] = self._new_file(name, layout)
+            return self.entries[name].buffer, True
+        if not entry.exclusive or entry.has_live_maps():
+            self._make_exclusive(name, entry)
+        self.mark_dirty()
+        return self.entries[name].buffer, False
+
+    def _make_exclusive(self, name: str, entry: _Entry) -> None:
+        if not entry.has_live_maps():
+            try:
+                fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                entry.exclusive = True
+                return
+            except BlockingIOError:
+                pass
+        # Someone may hold a map of this file: continue in a copy, leave the old one to them.
+        self._marked_dirty = False
+        fresh = self._new_file(name, entry.layout)
+        if entry.layout.nbytes:
+            np.copyto(fresh.buffer, entry.buffer)
+        self._drop(name)
+        self.entries[name] = fresh
+        self.mark_dirty()
+
+    def _drop(self, name: str) -> None:
+        entry = self.entries.pop(name)
+        os.close(entry.fd)
+        entry.path.unlink(missing_ok=True)
+
+    def retain_only(self, names: set[str]) -> None:
+        """Forget baselines of arrays no longer captured."""
+        for name in list(self.entries):
+            if name not in names:
+                self.mark_dirty()
+                self._drop(name)
+
+    def hand_out(self, name: str) -> np.ndarray:
+        """A copy-on-write map of `name`'s baseline for a caller in this process."""
+        entry = self.entries[name]
+        array = map_private(entry.path, entry.layout, entry.fd)
+        if isinstance(array.base, mmap.mmap):
+            entry.handed_out.append(weakref.ref(array.base))
+        return array
+
+    def remove_strays(self) -> None:
+        """Delete baseline files no entry uses (left by a killed writer)."""
+        if not self.dir.is_dir():
+            return
+        used = {entry.path.name for entry in self.entries.values()} | {MARKER}
+        for child in self.dir.iterdir():
+            if child.name not in used and (child.suffix == ".bin"
+                                           or child.name.startswith(TMP_PREFIX)):
+                child.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for name in list(self.entries):
+            entry = self.entries.pop(name)
+            os.close(entry.fd)
+
+    def clear_directory(self) -> None:
+        """Remove every baseline (used when the store holds no snapshot to mirror)."""
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _safe_filename(name: object) -> bool:
+    return (isinstance(name, str) and name.endswith(".bin") and "/" not in name
+            and "\\" not in name and not name.startswith(".") and len(name) < 100)
+
+
+class ReaderLease:
+    """A shared lock on a baseline file, held while this process has maps of it.
+
+    Released when the last map handed out under it is garbage collected.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.refs: list[weakref.ref[Any]] = []
+
+    @classmethod
+    def acquire(cls, path: Path) -> ReaderLease | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def track(self, array: np.ndarray) -> None:
+        if isinstance(array.base, mmap.mmap):
+            self.refs.append(weakref.ref(array.base, self._released))
+        else:
+            self.release()
+
+    def _released(self, _ref: object) -> None:
+        if all(ref() is None for ref in self.refs):
+            self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,209 @@
+"""Public result records: what ``list()``, ``capture()``, ``restore()`` and ``verify()`` return.
+
+>>> report = VerifyReport(snapshots_checked=1, chunks_checked=4, problems=())
+>>> report.ok
+True
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .manifest import Manifest
+
+__all__ = ["ArrayInfo", "CaptureInfo", "Problem", "PruneReport", "Restored", "SnapshotInfo",
+           "VerifyReport"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayInfo:
+    """Shape, dtype, memory order and chunking of one captured array.
+
+    >>> ArrayInfo((2, 3), np.dtype("f8"), "C", 1).nbytes
+    48
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    order: str
+    n_chunks: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One committed snapshot: identity, arrays, and the statistics of its capture.
+
+    ``bytes_written`` counts the chunk objects this capture added plus its manifest.
+
+    >>> import arraysnap, numpy as np, tempfile
+    >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+    ...     _ = snap.capture({"u": np.zeros(4)}, step=1)
+    ...     snap.wait()
+    ...     info = snap.latest()
+    >>> info.seq, info.step, info.arrays["u"].shape, info.chunks_changed
+    (1, 1, (4,), 1)
+    """
+
+    seq: int
+    step: int | None
+    time: float
+    arrays: Mapping[str, ArrayInfo]
+    pause_seconds: float
+    chunks_scanned: int
+    chunks_changed: int
+    chunks_deduplicated: int
+    bytes_written: int
+    durable_seconds: float
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, manifest_bytes: int) -> SnapshotInfo:
+        stats = dict(manifest.stats)
+
+        def number(key: str, kind: type) -> Any:
+            value = stats.get(key, 0)
+            return kind(value) if isinstance(value, (int, float)) else kind(0)
+
+        arrays = {
+            name: ArrayInfo(record.shape, record.dtype, record.order, record.n_chunks)
+            for name, record in manifest.arrays.items()
+        }
+        return cls(
+            seq=manifest.seq, step=manifest.step, time=manifest.time, arrays=arrays,
+            pause_seconds=number("pause_seconds", float),
+            chunks_scanned=number("chunks_scanned", int),
+            chunks_changed=number("chunks_changed", int),
+            chunks_deduplicated=number("chunks_deduplicated", int),
+            bytes_written=number("bytes_written", int) + manifest_bytes,
+            durable_seconds=number("durable_seconds", float),
+            stats=stats,
+        )
+
+
+class CaptureInfo:
+    """What ``capture()`` returns at once: the pause's figures, and the snapshot when durable.
+
+    >>> import arraysnap, numpy as np, tempfile
+    >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+    ...     pending = snap.capture({"u": np.zeros(4)})
+    ...     info = pending.result()
+    >>> pending.done(), info.seq == pending.seq
+    (True, True)
+    """
+
+    def __init__(self, seq: int, step: int | None, pause_seconds: float, chunks_scanned: int,
+                 chunks_changed: int) -> None:
+        self.seq = seq
+        self.step = step
+        self.pause_seconds = pause_seconds
+        self.chunks_scanned = chunks_scanned
+        self.chunks_changed = chunks_changed
+        self._done = threading.Event()
+        self._info: SnapshotInfo | None = None
+        self._error: BaseException | None = None
+
+    def _finish(self, info: SnapshotInfo | None, error: BaseException | None) -> None:
+        self._info, self._error = info, error
+        self._done.set()
+
+    def done(self) -> bool:
+        """True once the snapshot is durable or its persistence failed."""
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> SnapshotInfo:
+        """Block until durable; return its SnapshotInfo or raise the persistence error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"snapshot {self.seq} not durable after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._info is not None
+        return self._info
+
+    def __repr__(self) -> str:
+        state = "durable" if self._info else ("failed" if self._error else "pending")
+        return (f"CaptureInfo(seq={self.seq}, step={self.step}, {state}, "
+                f"pause={self.pause_seconds * 1e3:.2f} ms, "
+                f"changed={self.chunks_changed}/{self.chunks_scanned} chunks)")
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """A restored snapshot. ``arrays`` are copy-on-write memory maps: writing to them is fine.
+
+    >>> import arraysnap, numpy as np, tempfile
+    >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+    ...     _ = snap.capture({"u": np.arange(3.0)}, step=7, state={"t": 0.5})
+    ...     r = snap.restore()
+    >>> r.step, r.state, r.arrays["u"].tolist()
+    (7, {'t': 0.5}, [0.0, 1.0, 2.0])
+    """
+
+    arrays: dict[str, np.ndarray]
+    step: int | None
+    seq: int
+    time: float
+    state: dict[str, Any] | None
+    rng: Any
+    info: SnapshotInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem ``verify()`` found: where (snapshot, array, chunk) and what."""
+
+    seq: int | None
+    array: str | None
+    chunk: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = [f"snapshot {self.seq}" if self.seq is not None else "store"]
+        if self.array is not None:
+            where.append(f"array {self.array!r}")
+        if self.chunk is not None:
+            where.append(f"chunk {self.chunk}")
+        return f"{', '.join(where)}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """The outcome of ``Store.verify()``; ``ok`` is True when nothing is wrong.
+
+    >>> VerifyReport(1, 1, (Problem(3, "u", 0, "missing"),)).ok
+    False
+    """
+
+    snapshots_checked: int
+    chunks_checked: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = (f"checked {self.snapshots_checked} snapshots, {self.chunks_checked} chunks: "
+                f"{'ok' if self.ok else f'{len(self.problems)} problems'}")
+        return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """What ``prune()`` or ``gc()`` removed.
+
+    >>> PruneReport((1, 2), 5, 1024).snapshots_removed
+    (1, 2)
+    """
+
+    snapshots_removed: tuple[int, ...]
+    chunks_removed: int
+    bytes_freed: int

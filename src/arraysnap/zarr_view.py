@@ -1,0 +1,257 @@
+"""Snapshots as zarr v3: a read-only zarr Store adapter, ``open_zarr``, and export.
+
+Chunk objects already are zarr v3 chunks (``bytes`` codec, then the store's compressor), so
+the adapter only generates ``zarr.json`` documents from the manifest and resolves chunk keys
+(``<array>/c/<i>/<j>...``) to chunk objects through the manifest's digests. Arrays kept in
+Fortran order carry a ``transpose`` codec; structured dtypes, which zarr cannot describe
+exactly (padding, byte order, sub-arrays), appear as raw bytes (``V<itemsize>``) with the
+NumPy description in the array attribute ``arraysnap_dtype``: ``a.view(np.dtype(...))``.
+
+>>> import arraysnap, numpy as np, tempfile
+>>> path = tempfile.mkdtemp() + "/s.snap"
+>>> with arraysnap.open(path) as snap:
+...     _ = snap.capture({"u": np.arange(6.0).reshape(2, 3)}, step=4)
+>>> group = arraysnap.open_zarr(path)
+>>> group["u"][1, :].tolist(), group.attrs["arraysnap"]["step"]
+([3.0, 4.0, 5.0], 4)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+
+from .codecs import CodecSpec
+from .errors import CorruptSnapshotError
+from .manifest import ArrayRecord, Manifest, dtype_to_json
+from .objects import ChunkObjects
+
+__all__ = ["SnapshotZarrStore", "array_metadata", "export_snapshot", "open_zarr"]
+
+
+def _zarr_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(f"V{dtype.itemsize}") if dtype.fields is not None else dtype
+
+
+def array_metadata(record: ArrayRecord, codec: CodecSpec) -> bytes:
+    """The ``zarr.json`` document of one array of a snapshot."""
+    from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec, ZstdCodec
+    from zarr.storage import MemoryStore
+
+    layout = record.layout
+    dtype = _zarr_dtype(record.dtype)
+    chunk_shape = layout.chunk_shape if layout.order == "C" else layout.chunk_shape[::-1]
+    ndim = len(record.shape)
+    filters = [TransposeCodec(order=tuple(range(ndim))[::-1])] if layout.order == "F" else []
+    if dtype.itemsize > 1 and dtype.byteorder != "|" and dtype.kind != "V":
+        endian = "big" if dtype.byteorder == ">" or (
+            dtype.byteorder == "=" and np.little_endian is False) else "little"
+        serializer: Any = BytesCodec(endian=endian)
+    else:
+        serializer = BytesCodec(endian=None)
+    compressors: list[Any] = []
+    if codec.name == "zstd":
+        compressors = [ZstdCodec(level=codec.level, checksum=False)]
+    elif codec.name == "blosc":
+        compressors = [BloscCodec(typesize=max(1, record.dtype.itemsize), cname="lz4",
+                                  clevel=codec.level, shuffle="shuffle", blocksize=0)]
+    attributes: dict[str, Any] = {"arraysnap_order": layout.order}
+    if dtype != record.dtype:
+        attributes["arraysnap_dtype"] = dtype_to_json(record.dtype)
+    store = MemoryStore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr warns that some NumPy dtypes are not in the spec
+        zarr.create_array(store=store, shape=record.shape, chunks=chunk_shape, dtype=dtype,
+                          filters=filters, serializer=serializer, compressors=compressors,
+                          fill_value=None, attributes=attributes, zarr_format=3,
+                          write_data=False)
+    return store._store_dict["zarr.json"].to_bytes()
+
+
+def _group_metadata(manifest: Manifest) -> bytes:
+    attributes = {"arraysnap": {"seq": manifest.seq, "step": manifest.step,
+                                "time": manifest.time, "state": manifest.state}}
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}).encode()
+
+
+def _chunk_key(record: ArrayRecord, index: int) -> str:
+    coords = record.layout.chunk_coords(index)
+    return f"{record.name}/c" + "".join(f"/{c}" for c in coords)
+
+
+ChunkKeys = dict[str, tuple[ArrayRecord, int]]
+
+
+def snapshot_keys(manifest: Manifest, codec: CodecSpec) -> tuple[dict[str, bytes], ChunkKeys]:
+    """Metadata documents and chunk keys (to array record and chunk index) of a snapshot."""
+    metadata = {"zarr.json": _group_metadata(manifest)}
+    chunks: ChunkKeys = {}
+    for name, record in manifest.arrays.items():
+        metadata[f"{name}/zarr.json"] = array_metadata(record, codec)
+        for index in range(record.n_chunks):
+            chunks[_chunk_key(record, index)] = (record, index)
+    return metadata, chunks
+
+
+class SnapshotZarrStore(Store):
+    """A read-only zarr v3 Store showing one snapshot; every chunk read is verified.
+
+    >>> import arraysnap, numpy as np, tempfile, zarr
+    >>> path = tempfile.mkdtemp() + "/s.snap"
+    >>> with arraysnap.open(path) as snap:
+    ...     _ = snap.capture({"u": np.ones(3)})
+    ...     store = snap.zarr_store()
+    >>> zarr.open_array(store, path="u", mode="r")[:].sum()
+    np.float64(3.0)
+    """
+
+    supports_writes = False
+    supports_deletes = False
+    supports_listing = True
+
+    def __init__(self, manifest: Manifest, objects: ChunkObjects, codec: CodecSpec) -> None:
+        super().__init__(read_only=True)
+        self.manifest = manifest
+        self._objects = objects
+        self._codec = codec
+        self._metadata, self._chunks = snapshot_keys(manifest, codec)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, SnapshotZarrStore) and other.manifest.seq == self.manifest.seq
+                and other._objects.root == self._objects.root)
+
+    def __hash__(self) -> int:
+        return hash((self.manifest.seq, str(self._objects.root)))
+
+    def _read(self, key: str) -> bytes | None:
+        if key in self._metadata:
+            return self._metadata[key]
+        found = self._chunks.get(key)
+        if found is None:
+            return None
+        record, index = found
+        digest = record.digest(index)
+        try:
+            data = self._objects.get(digest)
+        except FileNotFoundError:
+            raise CorruptSnapshotError(
+                f"snapshot {self.manifest.seq}, array {record.name!r}, chunk {index}: "
+                "chunk object is missing") from None
+        if blake3.blake3(self._codec.decode(data)).digest() != digest:
+            raise CorruptSnapshotError(
+                f"snapshot {self.manifest.seq}, array {record.name!r}, chunk {index}: "
+                "content does not match its blake3 digest")
+        return data
+
+    async def get(self, key: str, prototype: BufferPrototype | None = None,
+                  byte_range: ByteRequest | None = None) -> Buffer | None:
+        prototype = prototype or default_buffer_prototype()
+        data = self._read(key)
+        if data is None:
+            return None
+        if isinstance(byte_range, RangeByteRequest):
+            data = data[byte_range.start : byte_range.end]
+        elif isinstance(byte_range, OffsetByteRequest):
+            data = data[byte_range.offset :]
+        elif byte_range is not None:
+            data = data[len(data) - byte_range.suffix :]
+        return prototype.buffer.from_bytes(data)
+
+    async def get_partial_values(self, prototype: BufferPrototype,
+                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]
+                                 ) -> list[Buffer | None]:
+        return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
+
+    async def exists(self, key: str) -> bool:
+        return key in self._metadata or key in self._chunks
+
+    async def set(self, key: str, value: Buffer) -> None:
+        raise PermissionError("arraysnap snapshots are read-only through zarr")
+
+    async def delete(self, key: str) -> None:
+        raise PermissionError("arraysnap snapshots are read-only through zarr")
+
+    async def list(self) -> AsyncIterator[str]:
+        for key in (*self._metadata, *self._chunks):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        for key in (*self._metadata, *self._chunks):
+            if key.startswith(prefix):
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        prefix = prefix.rstrip("/")
+        prefix = f"{prefix}/" if prefix else ""
+        seen = set()
+        for key in (*self._metadata, *self._chunks):
+            if key.startswith(prefix):
+                child = key[len(prefix):].split("/", 1)[0]
+                if child not in seen:
+                    seen.add(child)
+                    yield child
+
+
+def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
+              seq: int | None = None) -> zarr.Group:
+    """Open one snapshot of the store at `path` as a read-only zarr v3 group.
+
+    Works wherever zarr takes a group or store: ``dask.array.from_zarr(group["u"])``,
+    ``xarray.open_zarr(group.store, consolidated=False)``. The group's attribute
+    ``arraysnap`` holds seq, step, time and state.
+
+    >>> import arraysnap, numpy as np, tempfile
+    >>> path = tempfile.mkdtemp() + "/s.snap"
+    >>> with arraysnap.open(path) as snap:
+    ...     _ = snap.capture({"u": np.zeros(3)}, step=9)
+    >>> arraysnap.open_zarr(path, step=9)["u"].shape
+    (3,)
+    """
+    from .store import Store
+
+    store = Store(Path(path), "r")
+    try:
+        view = store.zarr_store(step, seq=seq)
+    finally:
+        store.close()
+    return zarr.open_group(view, mode="r", zarr_format=3)
+
+
+def export_snapshot(manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
+                    out: Path) -> Path:
+    """Write `manifest`'s snapshot to a new plain zarr v3 directory store at `out`."""
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; export writes a new store")
+    metadata, chunks = snapshot_keys(manifest, codec)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        for key, document in metadata.items():
+            target = staging / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(document)
+        for key, (record, index) in chunks.items():
+            target = staging / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = objects.path(record.digest(index))
+            if not source.is_file():
+                raise CorruptSnapshotError(
+                    f"snapshot {manifest.seq}, array {record.name!r}, chunk {index}: "
+                    "chunk object is missing; nothing exported")
+            shutil.copyfile(source, target)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
