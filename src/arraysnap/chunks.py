@@ -24,7 +24,8 @@ from .layout import ChunkLayout
 from .manifest import ArrayRecord
 from .objects import ChunkObjects
 
-__all__ = ["assemble", "chunk_digest", "find_bad_chunks", "load_chunk", "padded_chunk"]
+__all__ = ["assemble", "chunk_digest", "decode_chunk", "find_bad_chunks", "load_chunk",
+           "padded_chunk", "read_object"]
 
 
 def padded_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int) -> np.ndarray:
@@ -56,19 +57,15 @@ def find_bad_chunks(
     return [index for index, ok in enumerate(checks) if not ok]
 
 
-def load_chunk(
-    objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord, index: int, *,
-    verify: bool, where: str,
-) -> bytes:
-    """Read, decode and optionally verify chunk `index`; raise CorruptSnapshotError if bad."""
+def _label(record: ArrayRecord, index: int, where: str) -> str:
     digest = record.digest(index)
-    label = f"{where}, array {record.name!r}, chunk {index} (object {digest.hex()[:16]})"
-    try:
-        data = objects.get(digest)
-    except FileNotFoundError:
-        raise CorruptSnapshotError(f"{label}: chunk object is missing") from None
-    except (OSError, ValueError) as err:
-        raise CorruptSnapshotError(f"{label}: chunk object cannot be read: {err}") from None
+    return f"{where}, array {record.name!r}, chunk {index} (object {digest.hex()[:16]})"
+
+
+def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayRecord, index: int, *,
+                 verify: bool, where: str) -> bytes:
+    """Decode a chunk object of `record` and (optionally) check it against its digest."""
+    label = _label(record, index, where)
     try:
         raw = codec.decode(data)
     except Exception as err:  # numcodecs raises plain RuntimeError/ValueError on bad input
@@ -77,9 +74,30 @@ def load_chunk(
         raise CorruptSnapshotError(
             f"{label}: decoded to {len(raw)} bytes, expected {record.layout.chunk_bytes}"
         )
-    if verify and blake3.blake3(raw).digest() != digest:
+    if verify and blake3.blake3(raw).digest() != record.digest(index):
         raise CorruptSnapshotError(f"{label}: content does not match its blake3 digest")
     return raw
+
+
+def read_object(objects: ChunkObjects, record: ArrayRecord, index: int, where: str) -> bytes:
+    """The stored (encoded) bytes of chunk `index`; CorruptSnapshotError if unreadable."""
+    try:
+        return objects.get(record.digest(index))
+    except FileNotFoundError:
+        raise CorruptSnapshotError(
+            f"{_label(record, index, where)}: chunk object is missing") from None
+    except (OSError, ValueError) as err:
+        raise CorruptSnapshotError(
+            f"{_label(record, index, where)}: chunk object cannot be read: {err}") from None
+
+
+def load_chunk(
+    objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord, index: int, *,
+    verify: bool, where: str,
+) -> bytes:
+    """Read, decode and optionally verify chunk `index`; raise CorruptSnapshotError if bad."""
+    data = read_object(objects, record, index, where)
+    return decode_chunk(data, codec, record, index, verify=verify, where=where)
 
 
 def assemble(

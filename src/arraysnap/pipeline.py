@@ -85,6 +85,7 @@ class Persister:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0
+        self._claimed: set[bytes] = set()
         self._thread = threading.Thread(target=self._run, name="arraysnap-persist", daemon=True)
         self._thread.start()
 
@@ -126,6 +127,7 @@ class Persister:
             try:
                 manifest, manifest_bytes = self._persist(job)
             except BaseException as err:  # noqa: BLE001 - handed to the caller, never lost
+                self._claimed.clear()
                 log.error("arraysnap: snapshot %d failed to persist: %r", job.seq, err)
                 self._remember_uncommitted(job)
                 job.chunks_read.set()
@@ -167,6 +169,7 @@ class Persister:
             records[delta.name] = ArrayRecord(delta.name, layout.shape, layout.dtype, layout.order,
                                               layout.split_axis, layout.rows_per_chunk,
                                               bytes(digests))
+        self._claimed.clear()
         job.chunks_read.set()
         sync_start = time.perf_counter()
         self.objects.sync()
@@ -194,7 +197,11 @@ class Persister:
     def _store_chunk(self, delta: ArrayDelta, index: int) -> tuple[bytes, int]:
         raw = padded_chunk(delta.baseline, delta.layout, index)
         digest = blake3.blake3(raw).digest()
-        if self.objects.has(digest):
+        with self._lock:
+            # Two equal chunks of one job: the first writes, the other counts as a duplicate.
+            duplicate = digest in self._claimed
+            self._claimed.add(digest)
+        if duplicate or self.objects.has(digest):
             return digest, 0
         encoded = self.codec.encode(raw, delta.layout.dtype.itemsize)
         return digest, self.objects.put(digest, encoded)

@@ -158,7 +158,11 @@ class Restored:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One problem ``verify()`` found: where (snapshot, array, chunk) and what."""
+    """One problem ``verify()`` found: where (snapshot, array, chunk) and what.
+
+    >>> print(Problem(3, "u", 7, "chunk object is missing"))
+    snapshot 3, array 'u', chunk 7: chunk object is missing
+    """
 
     seq: int | None
     array: str | None

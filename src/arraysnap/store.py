@@ -715,7 +715,14 @@ class Store:
         return export_snapshot(manifest, self._objects, self.codec, Path(out_path))
 
     def zarr_store(self, step: int | None = None, *, seq: int | None = None) -> Any:
-        """A read-only zarr Store presenting one snapshot (see :func:`arraysnap.open_zarr`)."""
+        """A read-only zarr Store presenting one snapshot (see :func:`arraysnap.open_zarr`).
+
+        >>> import arraysnap, numpy as np, tempfile, zarr
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+        ...     _ = snap.capture({"u": np.arange(3)})
+        ...     zarr.open_group(snap.zarr_store(), mode="r")["u"][:].tolist()
+        [0, 1, 2]
+        """
         from .zarr_view import SnapshotZarrStore
 
         self._check_open()
@@ -727,7 +734,14 @@ class Store:
     def close(self) -> None:
         """Finish pending captures, mark the baselines clean and release the lock.
 
-        Raises the first background error, after releasing everything.
+        Raises the first background error, after releasing everything. Stores still open
+        at interpreter exit are closed then.
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> snap = arraysnap.open(tempfile.mkdtemp() + "/s.snap")
+        >>> _ = snap.capture({"u": np.zeros(2)})
+        >>> snap.close(); snap
+        <arraysnap.Store '...' (closed)>
         """
         if self._closed:
             return

@@ -27,12 +27,12 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
-import blake3
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
 from .errors import CorruptSnapshotError
 from .manifest import ArrayRecord, Manifest, dtype_to_json
@@ -142,17 +142,9 @@ class SnapshotZarrStore(Store):
         if found is None:
             return None
         record, index = found
-        digest = record.digest(index)
-        try:
-            data = self._objects.get(digest)
-        except FileNotFoundError:
-            raise CorruptSnapshotError(
-                f"snapshot {self.manifest.seq}, array {record.name!r}, chunk {index}: "
-                "chunk object is missing") from None
-        if blake3.blake3(self._codec.decode(data)).digest() != digest:
-            raise CorruptSnapshotError(
-                f"snapshot {self.manifest.seq}, array {record.name!r}, chunk {index}: "
-                "content does not match its blake3 digest")
+        where = f"snapshot {self.manifest.seq}"
+        data = read_object(self._objects, record, index, where)
+        decode_chunk(data, self._codec, record, index, verify=True, where=where)
         return data
 
     async def get(self, key: str, prototype: BufferPrototype | None = None,

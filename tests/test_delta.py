@@ -1,0 +1,137 @@
+"""The delta kernel against a pure-NumPy reference, across dtypes, shapes, orders, chunk sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from arraysnap import _delta
+from arraysnap.delta import as_bytes, scan_and_copy
+from arraysnap.layout import ChunkLayout, memory_order, plan_layout
+
+
+def reference_scan(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
+                   forced: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """What the kernel must do, written the slow, obvious way."""
+    live_bytes = np.ascontiguousarray(live if layout.order == "C" else live.T).reshape(-1)
+    live_bytes = live_bytes.view(np.uint8)
+    result = baseline.copy()
+    changed = []
+    for index in range(layout.n_chunks):
+        start, stop = layout.chunk_range(index)
+        if forced[index] or not np.array_equal(live_bytes[start:stop], baseline[start:stop]):
+            changed.append(index)
+        result[start:stop] = live_bytes[start:stop]
+    return changed, result
+
+
+DTYPES = ["u1", "<i2", ">i4", "<f8", ">f8", "<c16", "?", "<M8[ns]", "<U3", "S5", "V3",
+          [("a", "<i4"), ("b", ">f8", (2,))]]
+
+
+@st.composite
+def cases(draw):
+    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9))
+    order = draw(st.sampled_from(["C", "F"]))
+    target = draw(st.integers(1, 300))
+    count = int(np.prod(shape)) * dtype.itemsize
+    before = np.frombuffer(draw(st.binary(min_size=count, max_size=count)), dtype=np.uint8)
+    flips = draw(st.lists(st.integers(0, count - 1), max_size=5)) if count else []
+    view = draw(st.sampled_from(["contiguous", "strided"]))
+    return dtype, tuple(shape), order, target, before, flips, view
+
+
+def make_live(dtype, shape, order, raw, view):
+    if view == "strided" and len(shape) >= 1:
+        # Build a non-contiguous view holding exactly `raw`: every other element of a
+        # larger array.
+        doubled = np.zeros((*shape[:-1], shape[-1] * 2), dtype=dtype)
+        doubled[..., ::2] = np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape)
+        return doubled[..., ::2]
+    return np.frombuffer(raw.tobytes(), dtype=dtype).reshape(shape, order=order).copy(order=order)
+
+
+@settings(max_examples=300, deadline=None)
+@given(cases(), st.data())
+def test_kernel_matches_reference(case, data):
+    dtype, shape, order, target, before, flips, view = case
+    live_raw = before.copy()
+    for position in flips:
+        live_raw[position] ^= 0xFF
+    live = make_live(dtype, shape, order, live_raw, view)
+    layout = plan_layout(live.shape, live.dtype, memory_order(live), target)
+    # make_live lays `raw` out as the array's memory (C, F, or C for strided views), so the
+    # baseline holding the old state is simply the old bytes.
+    baseline = before.copy()
+    forced = np.array(data.draw(st.lists(st.booleans(), min_size=layout.n_chunks,
+                                         max_size=layout.n_chunks)), dtype=np.uint8)
+    expected_changed, expected_baseline = reference_scan(live, baseline, layout, forced)
+    snapshot_of_live = live.copy()
+
+    changed = scan_and_copy(live, baseline, layout, forced.copy())
+
+    assert changed.tolist() == expected_changed
+    assert baseline.tobytes() == expected_baseline.tobytes()
+    # The caller's array is never modified.
+    assert live.tobytes() == snapshot_of_live.tobytes()
+
+
+def test_chunk_boundaries_exactly():
+    live = np.arange(10, dtype="u1")
+    baseline = live.copy()
+    layout = plan_layout(live.shape, live.dtype, "C", 3)  # chunks 0-2, 3-5, 6-8, 9
+    live[3] = 99  # first byte of chunk 1
+    live[9] = 99  # the ragged last chunk
+    assert scan_and_copy(live, baseline, layout).tolist() == [1, 3]
+    assert baseline.tolist() == live.tolist()
+
+
+def test_ragged_segments_in_a_2d_split():
+    # Rows of 6 bytes, target 4 bytes: split on axis 1, 2 elements per chunk, 3 chunks a row
+    # of which the last is ragged... with 3 columns of 2 bytes: chunks of 2 columns + 1 column.
+    live = np.zeros((3, 3), dtype="<u2")
+    layout = plan_layout(live.shape, live.dtype, "C", 4)
+    assert (layout.split_axis, layout.rows_per_chunk, layout.n_chunks) == (1, 2, 6)
+    baseline = as_bytes(live).copy()
+    live[1, 2] = 7  # row 1, ragged chunk
+    assert scan_and_copy(live, baseline, layout).tolist() == [3]
+
+
+def test_read_only_input_is_accepted():
+    live = np.arange(100, dtype="f8")
+    live.flags.writeable = False
+    layout = plan_layout(live.shape, live.dtype, "C", 64)
+    baseline = np.zeros(live.nbytes, dtype=np.uint8)
+    assert len(scan_and_copy(live, baseline, layout)) == layout.n_chunks - 0
+    assert baseline.tobytes() == live.tobytes()
+
+
+def test_wrapper_validates_before_the_kernel_runs():
+    live = np.zeros(8, dtype="u1")
+    layout = plan_layout(live.shape, live.dtype, "C", 4)
+    with pytest.raises(ValueError, match="baseline"):
+        scan_and_copy(live, np.zeros(7, dtype=np.uint8), layout)
+    with pytest.raises(ValueError, match="baseline must be writable"):
+        frozen = np.zeros(8, dtype=np.uint8)
+        frozen.flags.writeable = False
+        scan_and_copy(live, frozen, layout)
+    with pytest.raises(ValueError, match="does not match the layout"):
+        scan_and_copy(np.zeros(9, dtype="u1"), np.zeros(8, dtype=np.uint8), layout)
+    with pytest.raises(ValueError, match="changed must be"):
+        scan_and_copy(live, np.zeros(8, dtype=np.uint8), layout, np.zeros(5, dtype=np.uint8))
+
+
+def test_kernel_releases_the_gil_and_counts():
+    live = np.frombuffer(bytes(range(16)), dtype=np.uint8)
+    baseline = np.zeros(16, dtype=np.uint8)
+    flags = np.zeros(4, dtype=np.uint8)
+    flags[3] = 1  # preset flags stay set and are counted
+    assert _delta.scan_and_copy(live, baseline, 16, 4, flags) == 4
+    assert flags.tolist() == [1, 1, 1, 1]
+    live2 = baseline.copy()
+    flags[:] = 0
+    assert _delta.scan_and_copy(live2, baseline, 16, 4, flags) == 0

@@ -1,0 +1,49 @@
+"""The chunk object store: atomic puts, dedup, listing, temporaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from arraysnap.fsio import FileIO
+from arraysnap.objects import ChunkObjects
+
+
+def test_put_get_has_delete(tmp_path):
+    objects = ChunkObjects(tmp_path)
+    digest = bytes(range(32))
+    assert not objects.has(digest)
+    assert objects.put(digest, b"payload") == 7
+    assert objects.put(digest, b"payload") == 0  # present: not written again
+    objects.sync()
+    assert objects.get(digest) == b"payload"
+    assert list(objects.digests()) == [digest]
+    assert objects.path(digest).parent.name == digest.hex()[:2]
+    objects.delete(digest)
+    objects.delete(digest)  # absent is fine
+    assert not objects.has(digest)
+    with pytest.raises(FileNotFoundError):
+        objects.get(digest)
+
+
+class FailingRename(FileIO):
+    def replace(self, source, target):
+        raise OSError(28, "No space left on device")
+
+
+def test_failed_put_leaves_no_object_and_no_temporary(tmp_path):
+    objects = ChunkObjects(tmp_path, FailingRename())
+    digest = bytes(32)
+    with pytest.raises(OSError):
+        objects.put(digest, b"x" * 100)
+    assert not objects.has(digest)
+    assert [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()] == []
+
+
+def test_stray_temporaries_are_removed_and_strange_names_ignored(tmp_path):
+    objects = ChunkObjects(tmp_path)
+    objects.put(bytes(32), b"a")
+    folder = objects.path(bytes(32)).parent
+    (folder / ".tmp-leftover").write_bytes(b"half")
+    (folder / "not-hex-name").write_bytes(b"?")
+    assert objects.remove_temporaries() == 1
+    assert list(objects.digests()) == [bytes(32)]

@@ -1,0 +1,329 @@
+"""The public store API: capture, restore, list, verify, prune; invariants 1 and 6."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_bit_exact, store_files
+
+import arraysnap
+from arraysnap.codecs import parse_codec
+
+
+def dtype_zoo() -> list[np.ndarray]:
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, size=4096, dtype=np.uint8)
+
+    def of(dtype: str | list, shape: tuple[int, ...]) -> np.ndarray:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape))
+        return np.frombuffer(raw[: count * dt.itemsize].tobytes(), dtype=dt).reshape(shape)
+
+    return [
+        of("<f8", (7, 5)), of(">f8", (7, 5)), of("<f4", (3, 4, 5)), of("<f2", (9,)),
+        of(">i2", (11,)), of("<u8", (6,)), of("i1", (5, 5)), of("?", (13,)),
+        of("<c8", (4, 3)), of(">c16", (3,)), of("<M8[ns]", (5,)), of(">m8[s]", (5,)),
+        of("S5", (4,)), of("<U3", (4, 2)), of("V7", (3,)),
+        of([("a", "<i4"), ("b", ">f8", (2,)), ("c", "S3")], (4,)),
+        np.zeros((4, 3), dtype=np.dtype([("x", "u1"), ("y", "<f8")], align=True)),
+        np.array(3.5), np.array(7, dtype=">i8"), np.zeros((0,)), np.zeros((3, 0, 2)),
+        np.asfortranarray(of("<f8", (6, 7))), np.asfortranarray(of(">i4", (2, 3, 4))),
+        of("<f8", (8, 9))[::2, 1::3], of("<i4", (10, 10)).T[2:, :5], of("u1", (64,))[::-3],
+    ]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc", "none"])
+def test_bit_exact_for_every_dtype_shape_and_order(store_path: Path, codec: str):
+    arrays = {f"a{i}": a for i, a in enumerate(dtype_zoo())}
+    # tobytes(), not copy(): a copy of a padded structured array need not keep padding bytes.
+    originals = {name: a.tobytes() for name, a in arrays.items()}
+    with arraysnap.open(store_path, chunk_bytes=24, codec=codec) as snap:
+        snap.capture(arrays, step=1)
+        latest = snap.restore()  # from the baseline files
+        for name, array in arrays.items():
+            assert_bit_exact(latest.arrays[name], array)
+            # Hands off: capture did not touch the inputs.
+            assert array.tobytes() == originals[name]
+        # A second, changed capture makes the first one an "older" snapshot.
+        snap.capture({name: np.zeros_like(a) for name, a in arrays.items()}, step=2)
+        older = snap.restore(step=1)  # assembled from chunk objects
+        for name, array in arrays.items():
+            assert_bit_exact(older.arrays[name], array)
+    with arraysnap.open(store_path, mode="r") as reader:
+        again = reader.restore(step=1)
+        for name, array in arrays.items():
+            assert_bit_exact(again.arrays[name], array)
+
+
+def test_object_dtype_is_refused_with_a_type_error(snap):
+    with pytest.raises(TypeError, match="Python objects"):
+        snap.capture({"o": np.array([1, "x"], dtype=object)})
+    with pytest.raises(TypeError, match="Python objects"):
+        snap.capture({"s": np.zeros(2, dtype=[("a", "O")])})
+
+
+def test_step_state_and_rng_come_back(snap):
+    rng = np.random.default_rng(42)
+    rngs = {"a": np.random.Generator(np.random.Philox(1)), "b": np.random.default_rng(2)}
+    rng.random(10)
+    state = {"t": 0.25, "offset": 981, "nested": {"list": [1, 2.5, None, True, "x"]},
+             "np": np.int64(3)}
+    snap.capture({"u": np.zeros(3)}, step=np.int64(12), state=state, rng=rng)
+    snap.capture({"u": np.zeros(3)}, step=13, rng=rngs)
+    first = snap.restore(step=12)
+    assert first.step == 12 and first.seq == 1
+    assert first.state == {"t": 0.25, "offset": 981, "nested": {"list": [1, 2.5, None, True, "x"]},
+                           "np": 3}
+    assert np.array_equal(first.rng.random(5), rng.random(5))
+    second = snap.restore()
+    assert second.state is None and set(second.rng) == {"a", "b"}
+    assert second.rng["a"].integers(1 << 40) == rngs["a"].integers(1 << 40)
+    assert second.rng["b"].standard_normal() == rngs["b"].standard_normal()
+
+
+def test_nothing_to_restore(snap):
+    with pytest.raises(arraysnap.SnapshotNotFoundError, match="no snapshot"):
+        snap.restore()
+    snap.capture({"u": np.zeros(1)}, step=1)
+    with pytest.raises(arraysnap.SnapshotNotFoundError, match="step 5"):
+        snap.restore(step=5)
+    with pytest.raises(LookupError, match="seq 9"):
+        snap.restore(seq=9)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ({"": np.zeros(2)}, ValueError, "empty"),
+    ({"a/b": np.zeros(2)}, ValueError, "must not contain"),
+    ({"..": np.zeros(2)}, ValueError, "reserved"),
+    ({"x\n": np.zeros(2)}, ValueError, "control"),
+    ({"__meta": np.zeros(2)}, ValueError, "reserved by zarr"),
+    ({3: np.zeros(2)}, TypeError, "strings"),
+    ({"u": [1, 2, 3]}, TypeError, "not a numpy array"),
+    ([np.zeros(2)], TypeError, "dict of name"),
+])
+def test_bad_arrays_raise_before_anything_is_written(snap, store_path, bad, error, match):
+    snap.capture({"u": np.ones(100)}, step=1)
+    snap.wait()
+    before = store_files(store_path)
+    with pytest.raises(error, match=match):
+        snap.capture(bad, step=2)
+    snap.wait()
+    assert store_files(store_path) == before
+    assert [s.step for s in snap.list()] == [1]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"state": {"x": object()}}, ValueError, "JSON"),
+    ({"state": {"x": float("nan")}}, ValueError, "JSON"),
+    ({"state": {1: 2}}, TypeError, "keys must be strings"),
+    ({"state": [1]}, TypeError, "dict"),
+    ({"step": 1.5}, TypeError, "step"),
+    ({"step": True}, TypeError, "step"),
+    ({"rng": np.random.RandomState(0)}, TypeError, "Generator"),
+    ({"rng": {"a": 1}}, TypeError, "Generator"),
+])
+def test_bad_metadata_raises_before_anything_is_written(snap, store_path, kwargs, error, match):
+    u = np.ones(100)
+    snap.capture({"u": u}, step=1)
+    snap.wait()
+    before = store_files(store_path)
+    u[0] = 5  # a real change, which must not be captured by the refused call
+    with pytest.raises(error, match=match):
+        snap.capture({"u": u}, **{"step": 2, **kwargs})
+    snap.wait()
+    assert store_files(store_path) == before
+    # The refused capture did not move the baseline either: the change is still found.
+    assert snap.capture({"u": u}, step=3).chunks_changed == 1
+
+
+def test_arrays_appear_disappear_and_change_shape_and_dtype(snap):
+    snap.capture({"a": np.arange(10.0), "b": np.ones(5)}, step=1)
+    snap.capture({"a": np.arange(12.0)}, step=2)  # b gone, a grew
+    snap.capture({"a": np.arange(12, dtype="i4"), "c": np.zeros((2, 2), order="F")}, step=3)
+    snap.capture({"a": np.arange(12, dtype="i4"), "b": np.full(5, 2.0)}, step=4)
+    r = {s: snap.restore(step=s).arrays for s in (1, 2, 3, 4)}
+    assert set(r[1]) == {"a", "b"} and set(r[2]) == {"a"} and set(r[3]) == {"a", "c"}
+    assert_bit_exact(r[2]["a"], np.arange(12.0))
+    assert_bit_exact(r[3]["a"], np.arange(12, dtype="i4"))
+    assert_bit_exact(r[3]["c"], np.zeros((2, 2), order="F"))
+    assert_bit_exact(r[4]["b"], np.full(5, 2.0))
+    assert_bit_exact(r[1]["b"], np.ones(5))
+
+
+def test_memmap_inputs(snap, tmp_path):
+    mm = np.memmap(tmp_path / "input.bin", dtype="<f4", mode="w+", shape=(300, 7))
+    mm[:] = np.arange(2100, dtype="<f4").reshape(300, 7)
+    snap.capture({"mm": mm}, step=1)
+    mm[150, 3] = -1
+    info = snap.capture({"mm": mm}, step=2)
+    assert info.chunks_changed == 1
+    assert_bit_exact(snap.restore().arrays["mm"], np.array(mm))
+
+
+def test_proportional_writes_only_changed_chunks(store_path):
+    """Invariant 6: bytes written are the changed chunks (encoded) plus a small manifest."""
+    rng = np.random.default_rng(0)
+    state = rng.standard_normal((256, 1024))  # 2 MiB: 32 chunks of 8 rows (64 KiB)
+    with arraysnap.open(store_path, chunk_bytes=64 << 10) as snap:
+        first = snap.capture({"u": state}, step=0).result()
+        assert first.chunks_changed == 32
+        unchanged = snap.capture({"u": state}, step=1).result()
+        assert unchanged.chunks_changed == 0
+        objects_before = sum(1 for _ in (store_path / "chunks").rglob("*") if _.is_file())
+        state[10, 0] += 1.0     # chunk 1 (rows 8-15)
+        state[200, 5] += 1.0    # chunk 25
+        two = snap.capture({"u": state}, step=2).result()
+    objects_after = sum(1 for _ in (store_path / "chunks").rglob("*") if _.is_file())
+    assert two.chunks_changed == 2 and objects_after - objects_before == 2
+    codec = parse_codec("zstd")
+    encoded = sum(len(codec.encode(state[r : r + 8].tobytes(), 8)) for r in (8, 200))
+    manifest = (store_path / "snapshots" / f"{two.seq:012d}.json").stat().st_size
+    assert two.bytes_written == encoded + manifest
+    assert manifest < 8 << 10
+    assert unchanged.bytes_written < 8 << 10  # a manifest only
+
+
+def test_identical_chunks_are_stored_once_across_arrays_and_snapshots(snap, store_path):
+    zeros = np.zeros(4096 * 8, dtype="u1")  # 8 identical chunks
+    info = snap.capture({"a": zeros, "b": zeros.copy()}, step=1).result()
+    assert info.chunks_changed == 16 and info.chunks_deduplicated == 15
+    assert sum(1 for p in (store_path / "chunks").rglob("*") if p.is_file()) == 1
+
+
+def test_list_latest_and_stats(snap):
+    assert snap.latest() is None and snap.list() == []
+    u = np.zeros((64, 128))
+    for step in range(3):
+        u[step * 10] = step
+        snap.capture({"u": u}, step=step * 100)
+    snap.wait()
+    infos = snap.list()
+    assert [i.step for i in infos] == [0, 100, 200] and [i.seq for i in infos] == [1, 2, 3]
+    assert snap.latest() == infos[-1]
+    last = infos[-1]
+    assert last.arrays["u"].shape == (64, 128) and last.arrays["u"].dtype == np.float64
+    assert last.chunks_scanned == 16 and last.chunks_changed == 1
+    assert last.pause_seconds > 0 and last.bytes_written > 0 and last.durable_seconds > 0
+
+
+def test_restore_into_fills_caller_buffers(snap):
+    snap.capture({"u": np.arange(6.0).reshape(2, 3), "v": np.ones(4, "i2")}, step=1)
+    out = np.empty((2, 3))
+    restored = snap.restore_into({"u": out})
+    assert out.tolist() == [[0, 1, 2], [3, 4, 5]] and restored.arrays["u"] is out
+    with pytest.raises(ValueError, match="allocate a matching array"):
+        snap.restore_into({"v": np.empty(4)})
+    with pytest.raises(KeyError, match="no array 'w'"):
+        snap.restore_into({"w": np.empty(4)})
+
+
+def test_restored_arrays_are_copy_on_write(store_path):
+    with arraysnap.open(store_path) as snap:
+        snap.capture({"u": np.arange(1000.0)}, step=1)
+        first = snap.restore().arrays["u"]
+        first[:] = -1  # allowed, private to the caller
+        assert snap.restore().arrays["u"][5] == 5.0
+    with arraysnap.open(store_path, mode="r") as reader:
+        mapped = reader.restore(verify=False).arrays["u"]
+        mapped[0] = 42
+        assert reader.restore().arrays["u"][0] == 0.0
+
+
+def test_read_only_store_never_writes(store_path):
+    with arraysnap.open(store_path) as snap:
+        snap.capture({"u": np.arange(10)}, step=1)
+    before = {p: p.stat().st_mtime_ns for p in store_path.rglob("*")}
+    with arraysnap.open(store_path, mode="r") as reader:
+        with pytest.raises(arraysnap.ReadOnlyStoreError, match="mode='a'"):
+            reader.capture({"u": np.arange(10)})
+        with pytest.raises(PermissionError):
+            reader.prune(keep_last=1)
+        assert reader.restore().step == 1 and reader.verify().ok
+    assert {p: p.stat().st_mtime_ns for p in store_path.rglob("*")} == before
+
+
+def test_prune_and_gc(snap, store_path):
+    u = np.zeros(4096 * 5, dtype="u1")
+    for step in range(5):
+        u[step * 4096] = step + 1  # one new chunk per snapshot
+        u[1] = step + 1  # and a new version of chunk 0, so old versions become garbage
+        snap.capture({"u": u}, step=step)
+    report = snap.prune(keep_last=2)
+    assert report.snapshots_removed == (1, 2, 3)
+    assert [s.step for s in snap.list()] == [3, 4]
+    assert snap.verify().ok
+    assert_bit_exact(snap.restore(step=3).arrays["u"], _expected_after(3))
+    used = {d for s in (4, 5) for r in snap._load(s)[0].arrays.values()
+            for d in (r.digest(i) for i in range(r.n_chunks))}
+    assert set(snap._objects.digests()) == used
+    assert report.chunks_removed > 0 and report.bytes_freed > 0
+    with pytest.raises(ValueError, match="at least 1"):
+        snap.prune(keep_last=0)
+
+
+def _expected_after(step: int) -> np.ndarray:
+    u = np.zeros(4096 * 5, dtype="u1")
+    for s in range(step + 1):
+        u[s * 4096] = s + 1
+    u[1] = step + 1
+    return u
+
+
+def test_second_writer_is_refused(store_path):
+    with arraysnap.open(store_path):
+        with pytest.raises(arraysnap.StoreLockedError, match="mode='r'"):
+            arraysnap.open(store_path)
+        with arraysnap.open(store_path, mode="r") as reader:
+            assert reader.latest() is None
+
+
+def test_format_version_and_codec_checks(store_path, tmp_path):
+    arraysnap.open(store_path).close()
+    config = store_path / "arraysnap.json"
+    settings = json.loads(config.read_text())
+    with pytest.raises(ValueError, match="created with codec zstd"):
+        arraysnap.open(store_path, codec="blosc")
+    settings["version"] = 99
+    config.write_text(json.dumps(settings))
+    with pytest.raises(arraysnap.FormatVersionError, match=r"version 99.*format version 1"):
+        arraysnap.open(store_path)
+    with pytest.raises(FileNotFoundError, match="not an arraysnap store"):
+        arraysnap.open(tmp_path / "nothing", mode="r")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "data.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        arraysnap.open(busy)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mode": "w"}, "mode must be"), ({"chunk_bytes": 0}, "chunk_bytes"),
+    ({"codec": "gzip"}, "unknown codec"), ({"codec": "zstd:99"}, "level"),
+])
+def test_open_argument_errors(store_path, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        arraysnap.open(store_path, **kwargs)
+    assert not (store_path / "snapshots").exists() or not os.listdir(store_path / "snapshots")
+
+
+def test_closed_store_refuses_work(store_path):
+    snap = arraysnap.open(store_path)
+    snap.close()
+    snap.close()  # idempotent
+    with pytest.raises(arraysnap.ArraysnapError, match="closed"):
+        snap.capture({"u": np.zeros(1)})
+
+
+def test_chunk_size_change_keeps_existing_layouts(store_path):
+    u = np.zeros(1 << 16)
+    with arraysnap.open(store_path, chunk_bytes=1 << 12) as snap:
+        snap.capture({"u": u}, step=1)
+    with arraysnap.open(store_path, chunk_bytes=1 << 14) as snap:
+        u[0] = 1
+        info = snap.capture({"u": u, "v": u.copy()}, step=2).result()
+    assert info.arrays["u"].n_chunks == 128 and info.arrays["v"].n_chunks == 32
+    assert info.chunks_changed == 1 + 32
