@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 import arraysnap
 from arraysnap.layout import plan_layout
@@ -86,3 +87,41 @@ def test_missing_baseline_file_is_rebuilt(store_path):
         file.unlink()
     with arraysnap.open(store_path) as snap:
         assert np.array_equal(snap.restore().arrays["u"], np.arange(5000.0))
+
+
+def test_restored_map_used_as_live_state_needs_no_detach(store_path):
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        snap.capture({"u": np.zeros(10_000)}, step=1)
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        live = snap.restore().arrays["u"]
+        path = snap._mirror.entries["u"].path
+        live[5000] = 3.0
+        assert snap.capture({"u": live}, step=2).result().chunks_changed == 1
+        assert snap._mirror.entries["u"].path == path  # updated in place, no copy
+        other = snap.restore().arrays["u"]  # a second holder: now a copy is required
+        live[0] = 1.0
+        snap.capture({"u": live}, step=3)
+        assert snap._mirror.entries["u"].path != path
+        assert other[0] == 0.0 and other[5000] == 3.0
+
+
+def test_failure_inside_the_pause_loses_no_change(store_path, monkeypatch):
+    """Invariant 3 when capture() itself fails after updating some baselines."""
+    a, b = np.zeros(8192), np.zeros(8192)
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        snap.capture({"a": a, "b": b}, step=1)
+        a[0] = 1.0  # changes only in the capture that fails
+        real = Mirror.baseline
+
+        def fail_for_b(self, name, layout, live=None):
+            if name == "b":
+                raise OSError(28, "No space left on device")
+            return real(self, name, layout, live)
+
+        monkeypatch.setattr(Mirror, "baseline", fail_for_b)
+        with pytest.raises(OSError):
+            snap.capture({"a": a, "b": b}, step=2)
+        monkeypatch.setattr(Mirror, "baseline", real)
+        snap.capture({"a": a, "b": b}, step=3)  # a has not changed since the failed capture
+        restored = snap.restore()
+        assert restored.step == 3 and restored.arrays["a"][0] == 1.0

@@ -55,9 +55,16 @@ class _Entry:
     exclusive: bool = False
     handed_out: list[weakref.ref[Any]] = field(default_factory=list)
 
-    def has_live_maps(self) -> bool:
+    def has_live_maps(self, except_for: object = None) -> bool:
         self.handed_out = [ref for ref in self.handed_out if ref() is not None]
-        return bool(self.handed_out)
+        return any(ref() is not except_for for ref in self.handed_out)
+
+
+def _mapping_of(array: np.ndarray | None) -> object:
+    """The mmap object at the root of `array`'s base chain, if any."""
+    while isinstance(array, np.ndarray):
+        array = array.base  # type: ignore[assignment]
+    return array if isinstance(array, mmap.mmap) else None
 
 
 def _map_shared(fd: int, size: int) -> np.ndarray:
@@ -136,7 +143,14 @@ class Mirror:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{uuid.uuid4().hex}.bin"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        os.ftruncate(fd, layout.nbytes)
+        try:
+            # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
+            if layout.nbytes:
+                os.posix_fallocate(fd, 0, layout.nbytes)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return _Entry(layout, path, fd, _map_shared(fd, layout.nbytes), exclusive=True)
 
@@ -152,11 +166,14 @@ class Mirror:
         self.entries[name] = _Entry(layout, path, fd, _map_shared(fd, layout.nbytes))
         return True
 
-    def baseline(self, name: str, layout: ChunkLayout) -> tuple[np.ndarray, bool]:
+    def baseline(self, name: str, layout: ChunkLayout,
+                 live: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
         """The writable flat baseline of array `name` for `layout`, safe to update in place.
 
         Returns ``(buffer, fresh)``; `fresh` means a new zero-filled file (every chunk counts
-        as changed).
+        as changed). `live`, the array about to be compared, may itself be a map handed out
+        of this baseline: updating in place is then safe for it (the kernel only copies its
+        own bytes into the file), so it does not force a detach.
         """
         entry = self.entries.get(name)
         if entry is None or entry.layout != layout:
@@ -165,13 +182,13 @@ class Mirror:
             self.mark_dirty()
             self.entries[name] = self._new_file(name, layout)
             return self.entries[name].buffer, True
-        if not entry.exclusive or entry.has_live_maps():
-            self._make_exclusive(name, entry)
+        if not entry.exclusive or entry.has_live_maps(except_for=_mapping_of(live)):
+            self._make_exclusive(name, entry, live)
         self.mark_dirty()
         return self.entries[name].buffer, False
 
-    def _make_exclusive(self, name: str, entry: _Entry) -> None:
-        if not entry.has_live_maps():
+    def _make_exclusive(self, name: str, entry: _Entry, live: np.ndarray | None) -> None:
+        if not entry.has_live_maps(except_for=_mapping_of(live)):
             try:
                 fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 entry.exclusive = True
@@ -191,6 +208,12 @@ class Mirror:
         entry = self.entries.pop(name)
         os.close(entry.fd)
         entry.path.unlink(missing_ok=True)
+
+    def forget(self, name: str) -> None:
+        """Drop `name`'s baseline: its content is no longer known to match any snapshot."""
+        if name in self.entries:
+            self.mark_dirty()
+            self._drop(name)
 
     def retain_only(self, names: set[str]) -> None:
         """Forget baselines of arrays no longer captured."""

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,15 @@ class Persister:
             indices, digests = self._indices(delta)
             work.append((delta, indices, digests))
             changed += len(indices)
-        for delta, indices, digests in work:
-            results = self.pool.map(lambda i, d=delta: self._store_chunk(d, int(i)), indices)
-            for index, (digest, size) in zip(indices, results, strict=True):
+        futures = [[self.pool.submit(self._store_chunk, delta, int(i)) for i in indices]
+                   for delta, indices, _ in work]
+        # Every chunk task must be finished, failed or not, before the baseline is released:
+        # a task still reading it while the next capture writes would name an object by the
+        # digest of other bytes.
+        wait_for(f for group in futures for f in group)
+        for (delta, indices, digests), group in zip(work, futures, strict=True):
+            for index, future in zip(indices, group, strict=True):
+                digest, size = future.result()
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
                 written += size
                 deduplicated += size == 0

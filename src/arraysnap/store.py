@@ -412,12 +412,19 @@ class Store:
         deltas = []
         with self._state_lock:
             self._mirror_seq = None
-        for name, live, layout in prepared:
-            baseline, fresh = self._mirror.baseline(name, layout)
-            flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
-            changed = scan_and_copy(live, baseline, layout, flags)
-            deltas.append(ArrayDelta(name, layout, baseline, changed, fresh))
-        self._mirror.retain_only({name for name, _, _ in prepared})
+        try:
+            for name, live, layout in prepared:
+                baseline, fresh = self._mirror.baseline(name, layout, live)
+                flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
+                changed = scan_and_copy(live, baseline, layout, flags)
+                deltas.append(ArrayDelta(name, layout, baseline, changed, fresh))
+            self._mirror.retain_only({name for name, _, _ in prepared})
+        except BaseException:
+            # Baselines already updated hold changes no snapshot has; forget them so the next
+            # capture writes those arrays whole (dedup keeps unchanged chunks free).
+            for name, _, _ in prepared:
+                self._mirror.forget(name)
+            raise
         pause = time.perf_counter() - pause_start
         seq = self._next_seq
         self._next_seq += 1
@@ -546,7 +553,8 @@ class Store:
         if directory is not None:
             directory.mkdir(exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix="restore-") as handle:
-            os.ftruncate(handle.fileno(), layout.nbytes)
+            # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
+            os.posix_fallocate(handle.fileno(), 0, layout.nbytes)
             with mmap.mmap(handle.fileno(), layout.nbytes, mmap.MAP_SHARED) as shared:
                 buffer = np.frombuffer(shared, dtype=np.uint8)
                 try:
