@@ -79,6 +79,8 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_BYTES = 1 << 20
 _MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+# Store.list shadows the builtin inside the class body; annotations there use this alias.
+Prepared = list[tuple[str, np.ndarray, ChunkLayout]]
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -396,7 +398,7 @@ class Store:
         finally:
             self._capture_lock.release()
 
-    def _capture(self, prepared: list[tuple[str, np.ndarray, ChunkLayout]], step: int | None,
+    def _capture(self, prepared: Prepared, step: int | None,
                  state: dict[str, Any] | None, rng: Any) -> CaptureInfo:
         persister = self._persister
         assert persister is not None
@@ -793,7 +795,7 @@ class Store:
 
 # -- input checking ------------------------------------------------------------------------
 def _prepare_arrays(arrays: object, chunk_bytes: int,
-                    mirror: Mirror) -> list[tuple[str, np.ndarray, ChunkLayout]]:
+                    mirror: Mirror) -> Prepared:
     if not isinstance(arrays, Mapping):
         raise TypeError(f"capture() takes a dict of name -> numpy array, got "
                         f"{type(arrays).__name__}")
