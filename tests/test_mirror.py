@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
+from conftest import run_python
 
 import arraysnap
 from arraysnap.layout import plan_layout
@@ -125,3 +129,67 @@ def test_failure_inside_the_pause_loses_no_change(store_path, monkeypatch):
         snap.capture({"a": a, "b": b}, step=3)  # a has not changed since the failed capture
         restored = snap.restore()
         assert restored.step == 3 and restored.arrays["a"][0] == 1.0
+
+
+def holds_shared_lock(path) -> bool:
+    """True if some open file description holds a lock on `path` (probe with a try-lock)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def baseline_file(store_path, name="u"):
+    marker = json.loads((store_path / "mirror" / "state.json").read_text())
+    return store_path / "mirror" / marker["files"][name]
+
+
+def test_reader_maps_the_baseline_between_captures_and_writer_then_detaches(store_path):
+    data = np.arange(50_000.0)
+    with arraysnap.open(store_path, chunk_bytes=8192) as writer:
+        writer.capture({"u": data}, step=1).result()
+        with arraysnap.open(store_path, mode="r") as reader:
+            held = reader.restore(verify=False).arrays["u"]
+        shared = baseline_file(store_path)
+        assert holds_shared_lock(shared)  # served from the baseline, under a reader lease
+        data[:10] = -5
+        writer.capture({"u": data}, step=2).result()
+        assert baseline_file(store_path) != shared  # the writer moved to a copy
+        assert held[0] == 0.0 and np.array_equal(held, np.arange(50_000.0))
+
+
+def test_kill_between_captures_needs_no_rehash(store_path):
+    code = f"""
+        import os, signal, numpy as np, arraysnap
+        snap = arraysnap.open({str(store_path)!r}, chunk_bytes=8192)
+        snap.capture({{"u": np.arange(40_000.0)}}, step=7).result()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    result = run_python(code)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    mirror = Mirror(store_path, writable=False)
+    assert mirror.trusted_seq() == 1  # clean for this boot, though never fsynced
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert np.array_equal(reader.restore(verify=False).arrays["u"], np.arange(40_000.0))
+        assert holds_shared_lock(baseline_file(store_path)) is False  # the map is gone again
+
+
+def test_unsynced_marker_from_another_boot_is_not_trusted(store_path):
+    with arraysnap.open(store_path, chunk_bytes=8192) as snap:
+        snap.capture({"u": np.arange(40_000.0)}, step=1).result()
+    marker_path = store_path / "mirror" / "state.json"
+    marker = json.loads(marker_path.read_text())
+    marker.update(synced=False, boot_id="an-earlier-boot")
+    marker_path.write_text(json.dumps(marker))
+    # A power loss may have kept the marker but not all baseline pages.
+    target = baseline_file(store_path)
+    raw = bytearray(target.read_bytes())
+    raw[8:16] = b"\x00" * 8
+    target.write_bytes(bytes(raw))
+    assert Mirror(store_path, writable=False).trusted_seq() is None
+    with arraysnap.open(store_path) as snap:
+        assert np.array_equal(snap.restore(verify=False).arrays["u"], np.arange(40_000.0))

@@ -61,13 +61,17 @@ class FileIO:
         os.close(fd)
         return temp
 
-    def write_atomic(self, path: Path, data: memoryview | bytes, *, sync_dir: bool = True) -> None:
-        """Write `path` so that it is either absent, its old content, or all of `data`."""
-        temp = self.write_new(path, data)
+    def write_atomic(self, path: Path, data: memoryview | bytes, *, durable: bool = True) -> None:
+        """Write `path` so that it is either absent, its old content, or all of `data`.
+
+        With ``durable=False`` nothing is fsynced: the replacement is atomic for every reader
+        and survives a killed process, but not necessarily a power loss.
+        """
+        temp = self.write_new(path, data, sync=durable)
         try:
             self.replace(temp, path)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        if sync_dir:
+        if durable:
             self.fsync_dir(path.parent)

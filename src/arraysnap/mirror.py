@@ -46,6 +46,16 @@ __all__ = ["Mirror", "map_private", "map_readonly_file"]
 MARKER = "state.json"
 
 
+def _read_boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+_BOOT_ID = _read_boot_id()
+
+
 @dataclass(slots=True)
 class _Entry:
     layout: ChunkLayout
@@ -104,6 +114,8 @@ class Mirror:
         self.writable = writable
         self.entries: dict[str, _Entry] = {}
         self._marked_dirty = False
+        # Whether the marker on disk is a fsynced "clean", trusted even after a reboot.
+        self._durably_clean = False
 
     # -- marker ---------------------------------------------------------------------------
     def read_marker(self) -> dict[str, Any] | None:
@@ -115,27 +127,59 @@ class Mirror:
             return None
         return marker
 
-    def _write_marker(self, seq: int | None, clean: bool) -> None:
+    def trusted_seq(self, marker: dict[str, Any] | None = None) -> int | None:
+        """The snapshot the files equal according to the marker, if the marker can be trusted.
+
+        A clean marker written without fsync is trusted only within the boot that wrote it:
+        a killed process loses no page-cache writes, a power loss may.
+        """
+        marker = marker if marker is not None else self.read_marker()
+        if marker is None or marker.get("clean") is not True or type(marker.get("seq")) is not int:
+            return None
+        if marker.get("synced") is True or (_BOOT_ID and marker.get("boot_id") == _BOOT_ID):
+            return marker["seq"]  # type: ignore[no-any-return]
+        return None
+
+    def _write_marker(self, seq: int | None, *, clean: bool, durable: bool) -> None:
         files = {name: entry.path.name for name, entry in self.entries.items()}
-        marker = {"seq": seq, "clean": clean, "files": files}
+        marker = {"seq": seq, "clean": clean, "synced": clean and durable, "boot_id": _BOOT_ID,
+                  "files": files}
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.io.write_atomic(self.dir / MARKER, json.dumps(marker).encode())
+        self.io.write_atomic(self.dir / MARKER, json.dumps(marker).encode(), durable=durable)
+        self._durably_clean = clean and durable
 
     def mark_dirty(self) -> None:
-        """Record, durably, that the files may differ from any snapshot (before updating them)."""
+        """Record that the files may differ from any snapshot; call before updating them.
+
+        Replacing a fsynced clean marker is fsynced too, or a power loss could bring back
+        the clean marker over half-written files.
+        """
         if not self._marked_dirty:
-            self._write_marker(None, clean=False)
+            self._write_marker(None, clean=False, durable=self._durably_clean)
             self._marked_dirty = True
 
+    def mark_committed(self, seq: int) -> None:
+        """Record (without fsync) that the files equal committed snapshot `seq`.
+
+        Also lets go of the exclusive locks, so readers may map the files until the next
+        capture, which then copies any file a reader holds instead of updating it.
+        """
+        self._write_marker(seq, clean=True, durable=False)
+        self._marked_dirty = False
+        for entry in self.entries.values():
+            if entry.exclusive:
+                fcntl.flock(entry.fd, fcntl.LOCK_UN)
+                entry.exclusive = False
+
     def mark_clean(self, seq: int | None) -> None:
-        """Flush the files and record that they equal snapshot `seq`."""
+        """Flush the files and record durably that they equal snapshot `seq`."""
         for entry in self.entries.values():
             if entry.buffer.size:
                 base = entry.buffer.base
                 if isinstance(base, mmap.mmap):
                     base.flush()
             self.io.fsync(entry.fd)
-        self._write_marker(seq, clean=True)
+        self._write_marker(seq, clean=True, durable=True)
         self._marked_dirty = False
 
     # -- files ----------------------------------------------------------------------------

@@ -238,9 +238,8 @@ class Store:
         if head is None:
             self._mirror.clear_directory()
             return
-        marker = self._mirror.read_marker() or {"files": {}}
-        trusted = marker.get("clean") is True and marker.get("seq") == head.seq
-        files = marker["files"]
+        trusted = self._mirror.trusted_seq() == head.seq
+        files = (self._mirror.read_marker() or {"files": {}})["files"]
         repaired = False
         where = f"snapshot {head.seq}"
         for name, record in head.arrays.items():
@@ -412,8 +411,13 @@ class Store:
         persister.wait_chunks_read()
         pause_start = time.perf_counter()
         deltas = []
+        seq = self._next_seq
+        self._next_seq += 1
         with self._state_lock:
+            # From here the baselines are ahead of every committed snapshot.
             self._mirror_seq = None
+            self._last_captured = seq
+            self._mirror.mark_dirty()
         try:
             for name, live, layout in prepared:
                 baseline, fresh = self._mirror.baseline(name, layout, live)
@@ -428,9 +432,6 @@ class Store:
                 self._mirror.forget(name)
             raise
         pause = time.perf_counter() - pause_start
-        seq = self._next_seq
-        self._next_seq += 1
-        self._last_captured = seq
         info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
                            sum(len(d.changed) for d in deltas))
         job = PersistJob(seq, step, time.time(), deltas, state, rng, _provenance(), pause,
@@ -441,8 +442,12 @@ class Store:
     def _on_commit(self, job: PersistJob, manifest: Manifest, manifest_bytes: int) -> None:
         self._cache[manifest.seq] = (manifest, manifest_bytes)
         with self._state_lock:
-            if self._last_captured == job.seq:
+            if self._last_captured == job.seq:  # no later capture has touched the baselines
                 self._mirror_seq = job.seq
+                try:
+                    self._mirror.mark_committed(job.seq)
+                except OSError as err:  # the snapshot is committed; the marker only helps
+                    log.warning("arraysnap: could not mark the baselines clean: %r", err)
         job.capture._finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
 
     def wait(self) -> None:
@@ -516,6 +521,8 @@ class Store:
                     buffer, _ = self._mirror.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
                              verify=True, where=f"snapshot {manifest.seq}", indices=bad)
+                    with self._state_lock:
+                        self._mirror.mark_committed(manifest.seq)
             return self._mirror.hand_out(name)
         return self._map_baseline_shared(manifest, name, verify)
 
@@ -533,7 +540,7 @@ class Store:
             return None
         # Under the lease no writer changes the file; only now is the marker to be trusted.
         marker = self._mirror.read_marker()
-        if (marker is None or marker.get("clean") is not True or marker.get("seq") != manifest.seq
+        if (marker is None or self._mirror.trusted_seq(marker) != manifest.seq
                 or marker["files"].get(name) != filename
                 or os.fstat(lease.fd).st_size != record.layout.nbytes):
             lease.release()
