@@ -12,13 +12,39 @@ b'{}'
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import uuid
 from pathlib import Path
 
-__all__ = ["FileIO", "TMP_PREFIX"]
+__all__ = ["FileIO", "TMP_PREFIX", "read_regular_file"]
 
 TMP_PREFIX = ".tmp-"
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes; OSError otherwise.
+
+    Never blocks (a FIFO is refused, not opened for a writer that never comes) and never
+    reads past `limit` (a device such as /dev/zero has no end).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than {limit}", str(path))
+        parts, total = [], 0
+        while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
+            parts.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise OSError(errno.EFBIG, f"more than {limit} bytes", str(path))
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class FileIO:

@@ -290,6 +290,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
         _require(step is None or _is_int(step), "step must be an integer or null")
         _require(parent is None or _is_int(parent), "parent must be an integer or null")
         _require(isinstance(time, (int, float)) and not isinstance(time, bool), "time")
+        time = float(time)  # OverflowError for a huge int: caught below
         arrays_json = body.get("arrays")
         _require(isinstance(arrays_json, dict), "arrays must be an object")
         arrays = {name: parse_array_record(name, value) for name, value in arrays_json.items()}
@@ -299,7 +300,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
         _require(isinstance(codec, dict), "codec must be an object")
         stats, provenance = body.get("stats", {}), body.get("provenance", {})
         _require(isinstance(stats, dict) and isinstance(provenance, dict), "stats/provenance")
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise CorruptSnapshotError(f"{label}: {err}") from None
-    return Manifest(seq, step, float(time), parent, codec, arrays, state, body.get("rng"),
+    return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
                     stats, provenance)

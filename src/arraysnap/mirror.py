@@ -30,6 +30,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .fsio import TMP_PREFIX, FileIO
+from .fsio import TMP_PREFIX, FileIO, read_regular_file
 from .layout import ChunkLayout
 
 __all__ = ["Mirror", "map_private", "map_readonly_file"]
@@ -120,7 +121,7 @@ class Mirror:
     # -- marker ---------------------------------------------------------------------------
     def read_marker(self) -> dict[str, Any] | None:
         try:
-            marker = json.loads((self.dir / MARKER).read_bytes())
+            marker = json.loads(read_regular_file(self.dir / MARKER, 1 << 24))
         except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
@@ -201,10 +202,15 @@ class Mirror:
     def adopt(self, name: str, filename: str, layout: ChunkLayout) -> bool:
         """Take over an existing baseline file of the right size; False if it is unusable."""
         path = self.dir / filename
-        if not _safe_filename(filename) or not path.is_file():
+        if not _safe_filename(filename):
             return False
-        fd = os.open(path, os.O_RDWR)
-        if os.fstat(fd).st_size != layout.nbytes:
+        try:
+            # O_NOFOLLOW: a planted link must not make the writer write outside the store.
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != layout.nbytes:
             os.close(fd)
             return False
         self.entries[name] = _Entry(layout, path, fd, _map_shared(fd, layout.nbytes))

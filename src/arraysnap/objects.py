@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .fsio import TMP_PREFIX, FileIO
+from .fsio import TMP_PREFIX, FileIO, read_regular_file
 
 __all__ = ["DIGEST_BYTES", "ChunkObjects"]
 
@@ -68,13 +68,9 @@ class ChunkObjects:
             self.io.fsync_dir(self.root)
 
     def get(self, digest: bytes) -> bytes:
-        """The stored bytes; FileNotFoundError when absent, ValueError when absurdly large."""
-        path = self.path(digest)
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > _MAX_OBJECT_BYTES:
-                raise ValueError(f"chunk object {path} is {size} bytes, larger than any chunk")
-            return handle.read()
+        """The stored bytes; FileNotFoundError when absent, OSError when not a regular file
+        or absurdly large (never blocks on a FIFO, never reads a device without end)."""
+        return read_regular_file(self.path(digest), _MAX_OBJECT_BYTES)
 
     def delete(self, digest: bytes) -> None:
         try:

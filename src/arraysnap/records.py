@@ -71,7 +71,10 @@ class SnapshotInfo:
 
         def number(key: str, kind: type) -> Any:
             value = stats.get(key, 0)
-            return kind(value) if isinstance(value, (int, float)) else kind(0)
+            try:
+                return kind(value) if isinstance(value, (int, float)) else kind(0)
+            except (OverflowError, ValueError):  # a huge int
+                return kind(0)
 
         arrays = {
             name: ArrayInfo(record.shape, record.dtype, record.order, record.n_chunks)

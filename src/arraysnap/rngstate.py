@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = ["check_rng", "rng_from_json", "rng_to_json"]
 
+_MAX_POOL_SIZE = 1024
 _BIT_GENERATORS: dict[str, type[np.random.BitGenerator]] = {
     cls.__name__: cls
     for cls in (np.random.PCG64, np.random.PCG64DXSM, np.random.Philox, np.random.SFC64,
@@ -93,6 +94,10 @@ def _one_from_json(value: Any) -> np.random.Generator:
     cls = _BIT_GENERATORS[value["bit_generator"]]
     seed = value.get("seed_sequence")
     if seed is not None:
+        # SeedSequence's work grows with pool_size squared: a stored 10**6 would hang.
+        pool_size = seed["pool_size"]
+        if type(pool_size) is not int or not 4 <= pool_size <= _MAX_POOL_SIZE:
+            raise ValueError(f"seed_sequence pool_size {pool_size!r} is out of range")
         seed_seq = np.random.SeedSequence(
             seed["entropy"], spawn_key=tuple(seed["spawn_key"]), pool_size=seed["pool_size"],
             n_children_spawned=seed["n_children_spawned"],
@@ -122,6 +127,6 @@ def rng_from_json(value: Any) -> Any:
             return _one_from_json(value["value"])
         if value["kind"] == "dict" and isinstance(value["value"], dict):
             return {str(key): _one_from_json(item) for key, item in value["value"].items()}
-    except (KeyError, TypeError, ValueError, OverflowError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError, RecursionError) as err:
         raise ValueError(f"stored rng state is malformed: {err!r}") from None
     raise ValueError("stored rng state is malformed")

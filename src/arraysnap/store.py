@@ -54,7 +54,7 @@ from .errors import (
     SnapshotNotFoundError,
     StoreLockedError,
 )
-from .fsio import TMP_PREFIX, FileIO
+from .fsio import TMP_PREFIX, FileIO, read_regular_file
 from .layout import ChunkLayout, memory_order, plan_layout
 from .manifest import Manifest, check_array_name, parse_manifest
 from .mirror import Mirror, ReaderLease, map_private
@@ -161,7 +161,7 @@ class Store:
                     f"{self.path} is not an arraysnap store (no arraysnap.json)")
             return self._create(parse_codec(codec or "zstd"))
         try:
-            settings = json.loads(config.read_bytes())
+            settings = json.loads(read_regular_file(config, 1 << 20))
         except (OSError, ValueError, RecursionError) as err:
             raise CorruptSnapshotError(f"{config} cannot be read: {err}") from None
         if not isinstance(settings, dict) or settings.get("format") != FORMAT_NAME:
@@ -191,8 +191,12 @@ class Store:
         if self.path.exists():
             if not self.path.is_dir():
                 raise FileExistsError(f"{self.path} exists and is not a directory")
+            # A creation that died leaves `lock`, temporaries and empty store folders.
             leftovers = [p.name for p in self.path.iterdir()
-                         if p.name != "lock" and not p.name.startswith(TMP_PREFIX)]
+                         if p.name != "lock" and not p.name.startswith(TMP_PREFIX)
+                         and not (p.name in ("chunks", "snapshots", "mirror")
+                                  and p.is_dir() and not p.is_symlink()
+                                  and not any(p.iterdir()))]
             if leftovers:
                 raise FileExistsError(
                     f"{self.path} is not empty and not an arraysnap store (no arraysnap.json); "
@@ -226,6 +230,9 @@ class Store:
 
     def _recover(self) -> None:
         """Clean up after a killed writer and make the mirror equal the latest snapshot."""
+        if self._mirror.dir.is_symlink():
+            # Baselines are created, and stray ones deleted, in there: never somewhere else.
+            self._mirror.dir.unlink()
         self._objects.remove_temporaries()
         for directory in (self.path / "snapshots", self.path):
             for leftover in directory.glob(f"{TMP_PREFIX}*"):
@@ -248,6 +255,9 @@ class Store:
                                                                        record.layout)
             try:
                 if not adopted:
+                    if record.n_chunks:  # one real chunk vouches for the size before allocating
+                        load_chunk(self._objects, self.codec, record, 0, verify=True,
+                                   where=where)
                     buffer, _ = self._mirror.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
                              verify=True, where=where)
@@ -286,13 +296,11 @@ class Store:
             return cached
         path = manifest_path(self.path, seq)
         try:
-            with path.open("rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size > 1 << 28:
-                    raise CorruptSnapshotError(f"snapshot {seq}: manifest is {size} bytes")
-                data = handle.read()
+            data = read_regular_file(path, 1 << 28)
         except FileNotFoundError:
             raise SnapshotNotFoundError(f"snapshot {seq} does not exist in {self.path}") from None
+        except OSError as err:
+            raise CorruptSnapshotError(f"snapshot {seq}: manifest cannot be read: {err}") from None
         manifest = parse_manifest(data, expected_seq=seq)
         self._cache[seq] = (manifest, len(data))
         return manifest, len(data)
@@ -558,19 +566,21 @@ class Store:
         layout = record.layout
         if layout.nbytes == 0:
             return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
+        # A manifest may claim any size: one real chunk (decoded to the full chunk size)
+        # vouches for it before anything of that size is allocated.
+        load_chunk(self._objects, self.codec, record, 0, verify=verify, where=where)
         directory = self.path / "tmp" if self.mode == "a" else None
         if directory is not None:
             directory.mkdir(exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix="restore-") as handle:
             # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
             os.posix_fallocate(handle.fileno(), 0, layout.nbytes)
-            with mmap.mmap(handle.fileno(), layout.nbytes, mmap.MAP_SHARED) as shared:
-                buffer = np.frombuffer(shared, dtype=np.uint8)
-                try:
-                    assemble(buffer, self._objects, self.codec, record, self._pool,
-                             verify=verify, where=where)
-                finally:
-                    del buffer
+            shared = mmap.mmap(handle.fileno(), layout.nbytes, mmap.MAP_SHARED)
+            # No `with`: on failure the traceback still refers to views of the map, and
+            # closing it then would raise BufferError over the CorruptSnapshotError.
+            assemble(np.frombuffer(shared, dtype=np.uint8), self._objects, self.codec, record,
+                     self._pool, verify=verify, where=where)
+            shared.close()
             return map_private(Path(), layout, handle.fileno())
 
     def restore_into(self, arrays: Mapping[str, np.ndarray], step: int | None = None, *,
