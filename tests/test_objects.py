@@ -47,3 +47,11 @@ def test_stray_temporaries_are_removed_and_strange_names_ignored(tmp_path):
     (folder / "not-hex-name").write_bytes(b"?")
     assert objects.remove_temporaries() == 1
     assert list(objects.digests()) == [bytes(32)]
+
+
+def test_get_refuses_objects_over_the_limit(tmp_path):
+    objects = ChunkObjects(tmp_path)
+    objects.put(bytes(32), b"x" * 1000)
+    assert objects.get(bytes(32), limit=1000) == b"x" * 1000
+    with pytest.raises(OSError, match="more than 999"):
+        objects.get(bytes(32), limit=999)

@@ -82,7 +82,8 @@ def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayRecord, index: int,
 def read_object(objects: ChunkObjects, record: ArrayRecord, index: int, where: str) -> bytes:
     """The stored (encoded) bytes of chunk `index`; CorruptSnapshotError if unreadable."""
     try:
-        return objects.get(record.digest(index))
+        # Compressed data never grows much; a bound per chunk keeps a hostile object small.
+        return objects.get(record.digest(index), limit=2 * record.layout.chunk_bytes + 65536)
     except FileNotFoundError:
         raise CorruptSnapshotError(
             f"{_label(record, index, where)}: chunk object is missing") from None

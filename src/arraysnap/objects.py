@@ -67,10 +67,10 @@ class ChunkObjects:
         if self.root.is_dir():
             self.io.fsync_dir(self.root)
 
-    def get(self, digest: bytes) -> bytes:
+    def get(self, digest: bytes, limit: int = _MAX_OBJECT_BYTES) -> bytes:
         """The stored bytes; FileNotFoundError when absent, OSError when not a regular file
-        or absurdly large (never blocks on a FIFO, never reads a device without end)."""
-        return read_regular_file(self.path(digest), _MAX_OBJECT_BYTES)
+        or larger than `limit` (never blocks on a FIFO, never reads a device without end)."""
+        return read_regular_file(self.path(digest), limit)
 
     def delete(self, digest: bytes) -> None:
         try:

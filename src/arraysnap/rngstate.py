@@ -128,5 +128,5 @@ def rng_from_json(value: Any) -> Any:
         if value["kind"] == "dict" and isinstance(value["value"], dict):
             return {str(key): _one_from_json(item) for key, item in value["value"].items()}
     except (KeyError, TypeError, ValueError, OverflowError, IndexError, RecursionError) as err:
-        raise ValueError(f"stored rng state is malformed: {err!r}") from None
+        raise ValueError(f"stored rng state is malformed: {err!r:.200}") from None
     raise ValueError("stored rng state is malformed")
