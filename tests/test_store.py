@@ -327,3 +327,57 @@ def test_chunk_size_change_keeps_existing_layouts(store_path):
         info = snap.capture({"u": u, "v": u.copy()}, step=2).result()
     assert info.arrays["u"].n_chunks == 128 and info.arrays["v"].n_chunks == 32
     assert info.chunks_changed == 1 + 32
+
+
+def test_restore_fallback_skips_damaged_snapshots_and_says_why(snap, store_path):
+    for step in range(4):
+        snap.capture({"u": np.full(4096, step, dtype="u1"), "w": np.arange(10) + step}, step=step)
+    snap.wait()
+    snap._objects.path(snap._load(3)[0].arrays["u"].digest(0)).unlink()  # seq 3 loses a chunk
+    newest = store_path / "snapshots" / f"{4:012d}.json"
+    newest.write_bytes(newest.read_bytes()[:-5])  # seq 4 is torn
+    snap.close()
+    reader = arraysnap.open(store_path, mode="r")  # reads the damaged files afresh
+    with pytest.raises(arraysnap.CorruptSnapshotError):
+        reader.restore()
+    with pytest.raises(arraysnap.CorruptSnapshotError) as caught:
+        reader.restore(seq=3, verify=False)
+    assert (caught.value.seq, caught.value.array, caught.value.chunk) == (3, "u", 0)
+
+    restored = reader.restore(fallback=True)
+
+    assert restored.step == 1 and restored.arrays["u"][0] == 1
+    assert [(p.seq, p.array, p.chunk) for p in restored.skipped] == [(4, None, None), (3, "u", 0)]
+    assert "JSON" in restored.skipped[0].message
+    assert "missing" in restored.skipped[1].message
+    assert reader.restore(step=2, fallback=True).step == 1
+    assert reader.restore(seq=2, fallback=True).skipped == ()
+    for seq in (1, 2):
+        (store_path / "snapshots" / f"{seq:012d}.json").unlink()
+    with pytest.raises(arraysnap.SnapshotNotFoundError, match="could be restored"):
+        reader.restore(fallback=True)
+
+
+def test_verify_names_snapshot_array_and_chunk(snap):
+    snap.capture({"u": np.arange(4096, dtype="u1"), "v": np.zeros(100)}, step=1)
+    snap.wait()
+    digest = snap._load(1)[0].arrays["u"].digest(0)
+    path = snap._objects.path(digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    report = snap.verify()
+    assert not report.ok
+    assert [(p.seq, p.array, p.chunk) for p in report.problems] == [(1, "u", 0)]
+    assert "snapshot 1, array 'u', chunk 0" in str(report)
+
+
+def test_verify_reads_manifests_from_disk_not_from_the_writers_memory(snap, store_path):
+    snap.capture({"u": np.zeros(10)}, step=1)
+    snap.wait()
+    assert snap.verify().ok
+    manifest = store_path / "snapshots" / f"{1:012d}.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"step":1', b'"step":2'))
+    report = snap.verify()
+    assert [(p.seq, p.array) for p in report.problems] == [(1, None)]
+    assert "checksum" in report.problems[0].message

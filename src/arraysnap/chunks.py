@@ -57,59 +57,55 @@ def find_bad_chunks(
     return [index for index, ok in enumerate(checks) if not ok]
 
 
-def _label(record: ArrayRecord, index: int, where: str) -> str:
-    digest = record.digest(index)
-    return f"{where}, array {record.name!r}, chunk {index} (object {digest.hex()[:16]})"
+def _corrupt(record: ArrayRecord, index: int, seq: int, reason: str) -> CorruptSnapshotError:
+    detail = f" (object {record.digest(index).hex()[:16]})"
+    return CorruptSnapshotError(reason, seq=seq, array=record.name, chunk=index, detail=detail)
 
 
 def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayRecord, index: int, *,
-                 verify: bool, where: str) -> bytes:
+                 verify: bool, seq: int) -> bytes:
     """Decode a chunk object of `record` and (optionally) check it against its digest."""
-    label = _label(record, index, where)
     try:
         raw = codec.decode(data)
     except Exception as err:  # numcodecs raises plain RuntimeError/ValueError on bad input
-        raise CorruptSnapshotError(f"{label}: chunk object does not decode: {err}") from None
+        raise _corrupt(record, index, seq, f"chunk object does not decode: {err}") from None
     if len(raw) != record.layout.chunk_bytes:
-        raise CorruptSnapshotError(
-            f"{label}: decoded to {len(raw)} bytes, expected {record.layout.chunk_bytes}"
-        )
+        raise _corrupt(record, index, seq, f"decoded to {len(raw)} bytes, expected "
+                                           f"{record.layout.chunk_bytes}")
     if verify and blake3.blake3(raw).digest() != record.digest(index):
-        raise CorruptSnapshotError(f"{label}: content does not match its blake3 digest")
+        raise _corrupt(record, index, seq, "content does not match its blake3 digest")
     return raw
 
 
-def read_object(objects: ChunkObjects, record: ArrayRecord, index: int, where: str) -> bytes:
+def read_object(objects: ChunkObjects, record: ArrayRecord, index: int, seq: int) -> bytes:
     """The stored (encoded) bytes of chunk `index`; CorruptSnapshotError if unreadable."""
     try:
         # Compressed data never grows much; a bound per chunk keeps a hostile object small.
         return objects.get(record.digest(index), limit=2 * record.layout.chunk_bytes + 65536)
     except FileNotFoundError:
-        raise CorruptSnapshotError(
-            f"{_label(record, index, where)}: chunk object is missing") from None
+        raise _corrupt(record, index, seq, "chunk object is missing") from None
     except (OSError, ValueError) as err:
-        raise CorruptSnapshotError(
-            f"{_label(record, index, where)}: chunk object cannot be read: {err}") from None
+        raise _corrupt(record, index, seq, f"chunk object cannot be read: {err}") from None
 
 
 def load_chunk(
     objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord, index: int, *,
-    verify: bool, where: str,
+    verify: bool, seq: int,
 ) -> bytes:
     """Read, decode and optionally verify chunk `index`; raise CorruptSnapshotError if bad."""
-    data = read_object(objects, record, index, where)
-    return decode_chunk(data, codec, record, index, verify=verify, where=where)
+    data = read_object(objects, record, index, seq)
+    return decode_chunk(data, codec, record, index, verify=verify, seq=seq)
 
 
 def assemble(
     buffer: np.ndarray, objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord,
-    pool: ThreadPoolExecutor, *, verify: bool, where: str, indices: Iterable[int] | None = None,
+    pool: ThreadPoolExecutor, *, verify: bool, seq: int, indices: Iterable[int] | None = None,
 ) -> None:
     """Write chunks (all, or `indices`) of `record` from chunk objects into a flat buffer."""
     layout = record.layout
 
     def fill(index: int) -> None:
-        raw = load_chunk(objects, codec, record, index, verify=verify, where=where)
+        raw = load_chunk(objects, codec, record, index, verify=verify, seq=seq)
         start, stop = layout.chunk_range(index)
         buffer[start:stop] = np.frombuffer(raw, dtype=np.uint8, count=stop - start)
 

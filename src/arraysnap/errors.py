@@ -41,11 +41,27 @@ class SnapshotNotFoundError(ArraysnapError, LookupError):
 class CorruptSnapshotError(ArraysnapError, ValueError):
     """Stored data does not match its checksum or is malformed.
 
-    The message names the snapshot, array and chunk where that is known.
+    The message names the snapshot, array and chunk where that is known; so do the
+    attributes ``seq``, ``array`` and ``chunk`` (None where unknown), and ``reason`` is the
+    message without the location.
 
-    >>> isinstance(CorruptSnapshotError("x"), ValueError)
-    True
+    >>> err = CorruptSnapshotError("missing", seq=3, array="u", chunk=7)
+    >>> str(err), err.seq, err.array, err.chunk, isinstance(err, ValueError)
+    ("snapshot 3, array 'u', chunk 7: missing", 3, 'u', 7, True)
     """
+
+    def __init__(self, reason: str, *, seq: int | None = None, array: str | None = None,
+                 chunk: int | None = None, detail: str = "") -> None:
+        where = [f"snapshot {seq}"] if seq is not None else []
+        if array is not None:
+            where.append(f"array {array!r}")
+        if chunk is not None:
+            where.append(f"chunk {chunk}{detail}")
+        super().__init__(f"{', '.join(where)}: {reason}" if where else reason)
+        self.reason = reason
+        self.seq = seq
+        self.array = array
+        self.chunk = chunk
 
 
 class StoreLockedError(ArraysnapError, BlockingIOError):

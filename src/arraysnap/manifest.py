@@ -205,6 +205,12 @@ def _checksum(body: Mapping[str, Any]) -> str:
     return blake3.blake3(canonical.encode("utf-8")).hexdigest()
 
 
+def _corrupt(seq: int | None, reason: str) -> CorruptSnapshotError:
+    if seq is None:
+        return CorruptSnapshotError(f"manifest: {reason}")
+    return CorruptSnapshotError(reason, seq=seq)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"non-standard JSON constant {name}")
 
@@ -258,15 +264,15 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
     """
     label = f"snapshot {expected_seq}" if expected_seq is not None else "manifest"
     if len(data) > MAX_MANIFEST_BYTES:
-        raise CorruptSnapshotError(f"{label}: manifest is {len(data)} bytes, too large")
+        raise _corrupt(expected_seq, f"manifest is {len(data)} bytes, too large")
     try:
         body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise CorruptSnapshotError(f"{label}: manifest is not valid JSON ({err})") from None
+        raise _corrupt(expected_seq, f"manifest is not valid JSON ({err})") from None
     if not isinstance(body, dict):
-        raise CorruptSnapshotError(f"{label}: manifest is not a JSON object")
+        raise _corrupt(expected_seq, "manifest is not a JSON object")
     if body.get("format") != MANIFEST_FORMAT:
-        raise CorruptSnapshotError(f"{label}: not an arraysnap manifest")
+        raise _corrupt(expected_seq, "not an arraysnap manifest")
     version = body.get("version")
     if _is_int(version) and version > MANIFEST_VERSION:
         raise FormatVersionError(
@@ -301,6 +307,6 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
         stats, provenance = body.get("stats", {}), body.get("provenance", {})
         _require(isinstance(stats, dict) and isinstance(provenance, dict), "stats/provenance")
     except (ValueError, OverflowError) as err:
-        raise CorruptSnapshotError(f"{label}: {err}") from None
+        raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
                     stats, provenance)

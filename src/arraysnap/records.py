@@ -142,6 +142,8 @@ class CaptureInfo:
 class Restored:
     """A restored snapshot. ``arrays`` are copy-on-write memory maps: writing to them is fine.
 
+    ``skipped`` lists the newer snapshots that ``restore(fallback=True)`` could not restore.
+
     >>> import arraysnap, numpy as np, tempfile
     >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
     ...     _ = snap.capture({"u": np.arange(3.0)}, step=7, state={"t": 0.5})
@@ -157,6 +159,7 @@ class Restored:
     state: dict[str, Any] | None
     rng: Any
     info: SnapshotInfo
+    skipped: tuple[Problem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

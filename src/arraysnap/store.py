@@ -22,6 +22,7 @@ A store is a directory::
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import fcntl
 import json
 import logging
@@ -248,7 +249,6 @@ class Store:
         trusted = self._mirror.trusted_seq() == head.seq
         files = (self._mirror.read_marker() or {"files": {}})["files"]
         repaired = False
-        where = f"snapshot {head.seq}"
         for name, record in head.arrays.items():
             filename = files.get(name)
             adopted = isinstance(filename, str) and self._mirror.adopt(name, filename,
@@ -257,17 +257,17 @@ class Store:
                 if not adopted:
                     if record.n_chunks:  # one real chunk vouches for the size before allocating
                         load_chunk(self._objects, self.codec, record, 0, verify=True,
-                                   where=where)
+                                   seq=head.seq)
                     buffer, _ = self._mirror.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
-                             verify=True, where=where)
+                             verify=True, seq=head.seq)
                     repaired = True
                 elif not trusted:
                     bad = find_bad_chunks(self._mirror.entries[name].buffer, record, self._pool)
                     if bad:
                         buffer, _ = self._mirror.baseline(name, record.layout)
                         assemble(buffer, self._objects, self.codec, record, self._pool,
-                                 verify=True, where=where, indices=bad)
+                                 verify=True, seq=head.seq, indices=bad)
                         log.warning("arraysnap: repaired %d chunks of the %r baseline",
                                     len(bad), name)
                     repaired = True
@@ -290,8 +290,8 @@ class Store:
             return []
         return sorted(int(m.group(1)) for name in names if (m := _MANIFEST_NAME.match(name)))
 
-    def _load(self, seq: int) -> tuple[Manifest, int]:
-        cached = self._cache.get(seq)
+    def _load(self, seq: int, *, from_disk: bool = False) -> tuple[Manifest, int]:
+        cached = None if from_disk else self._cache.get(seq)
         if cached is not None:
             return cached
         path = manifest_path(self.path, seq)
@@ -478,13 +478,15 @@ class Store:
 
     # -- restore -------------------------------------------------------------------------
     def restore(self, step: int | None = None, *, seq: int | None = None,
-                verify: bool = True) -> Restored:
+                verify: bool = True, fallback: bool = False) -> Restored:
         """Restore the latest snapshot (or the newest one of `step`, or the one with `seq`).
 
         Arrays come back as copy-on-write memory maps with their dtype, shape and memory
         order. The latest snapshot maps the baseline files directly; older ones are
         assembled from chunk objects into a temporary file first. With ``verify=True`` (the
-        default) every chunk is checked against its blake3 digest.
+        default) every chunk is checked against its blake3 digest. With ``fallback=True`` a
+        snapshot that cannot be restored (damaged manifest or chunk) is skipped for the next
+        older one, and ``Restored.skipped`` says which were skipped and why.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
@@ -496,18 +498,52 @@ class Store:
         self._check_open()
         if self._persister is not None:
             self._persister.drain()
-        manifest = self._select(step, seq)
-        where = f"snapshot {manifest.seq}"
+        if not fallback:
+            return self._restore(self._select(step, seq), verify)
+        skipped: list[Problem] = []
+        for candidate in self._fallback_candidates(step, seq):
+            try:
+                restored = self._restore(self._load(candidate)[0], verify)
+            except (CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError) as err:
+                log.warning("arraysnap: restore skipped snapshot %d: %s", candidate, err)
+                skipped.append(Problem(candidate, getattr(err, "array", None),
+                                       getattr(err, "chunk", None),
+                                       getattr(err, "reason", str(err))))
+                continue
+            return dataclasses.replace(restored, skipped=tuple(skipped))
+        raise SnapshotNotFoundError(
+            f"no snapshot of {self.path} could be restored: "
+            + "; ".join(str(problem) for problem in skipped)
+        )
+
+    def _fallback_candidates(self, step: int | None, seq: int | None) -> list[int]:
+        """Seqs to try, newest first, from the selected snapshot down to the oldest."""
+        seqs = self._seqs()
+        if not seqs:
+            raise SnapshotNotFoundError(f"{self.path} holds no snapshot yet; capture one first")
+        if seq is not None:
+            return [self._select(None, seq).seq, *reversed([s for s in seqs if s < seq])]
+        if step is None:
+            return seqs[::-1]
+        for candidate in reversed(seqs):
+            try:
+                if self._load(candidate)[0].step == step:
+                    return [s for s in reversed(seqs) if s <= candidate]
+            except ArraysnapError:
+                continue
+        return [self._select(step, None).seq]  # raises SnapshotNotFoundError, naming steps
+
+    def _restore(self, manifest: Manifest, verify: bool) -> Restored:
         arrays: dict[str, np.ndarray] = {}
         for name, record in manifest.arrays.items():
             array = self._map_baseline(manifest, name, verify)
             if array is None:
-                array = self._materialize(record, verify=verify, where=where)
+                array = self._materialize(record, verify=verify, seq=manifest.seq)
             arrays[name] = array
         try:
             rng = rng_from_json(manifest.rng)
         except (ValueError, TypeError) as err:
-            raise CorruptSnapshotError(f"{where}: {err}") from None
+            raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
         info = SnapshotInfo.from_manifest(*self._load(manifest.seq))
         return Restored(arrays, manifest.step, manifest.seq, manifest.time,
                         None if manifest.state is None else dict(manifest.state), rng, info)
@@ -528,7 +564,7 @@ class Store:
                                 name, len(bad))
                     buffer, _ = self._mirror.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
-                             verify=True, where=f"snapshot {manifest.seq}", indices=bad)
+                             verify=True, seq=manifest.seq, indices=bad)
                     with self._state_lock:
                         self._mirror.mark_committed(manifest.seq)
             return self._mirror.hand_out(name)
@@ -562,13 +598,13 @@ class Store:
         lease.track(array)
         return array
 
-    def _materialize(self, record: Any, *, verify: bool, where: str) -> np.ndarray:
+    def _materialize(self, record: Any, *, verify: bool, seq: int) -> np.ndarray:
         layout = record.layout
         if layout.nbytes == 0:
             return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
         # A manifest may claim any size: one real chunk (decoded to the full chunk size)
         # vouches for it before anything of that size is allocated.
-        load_chunk(self._objects, self.codec, record, 0, verify=verify, where=where)
+        load_chunk(self._objects, self.codec, record, 0, verify=verify, seq=seq)
         directory = self.path / "tmp" if self.mode == "a" else None
         if directory is not None:
             directory.mkdir(exist_ok=True)
@@ -579,7 +615,7 @@ class Store:
             # No `with`: on failure the traceback still refers to views of the map, and
             # closing it then would raise BufferError over the CorruptSnapshotError.
             assemble(np.frombuffer(shared, dtype=np.uint8), self._objects, self.codec, record,
-                     self._pool, verify=verify, where=where)
+                     self._pool, verify=verify, seq=seq)
             shared.close()
             return map_private(Path(), layout, handle.fileno())
 
@@ -643,9 +679,10 @@ class Store:
         chunks = 0
         for current in seqs:
             try:
-                manifest = self._load(current)[0]
+                # From disk, not the cache: verify checks what a restarted job would read.
+                manifest = self._load(current, from_disk=True)[0]
             except ArraysnapError as err:
-                problems.append(Problem(current, None, None, str(err)))
+                problems.append(Problem(current, None, None, getattr(err, "reason", str(err))))
                 continue
             for name, record in manifest.arrays.items():
                 for index in range(record.n_chunks):
@@ -654,12 +691,13 @@ class Store:
                     if digest not in checked:
                         try:
                             load_chunk(self._objects, self.codec, record, index, verify=True,
-                                       where=f"snapshot {current}")
+                                       seq=current)
                             checked[digest] = None
                         except CorruptSnapshotError as err:
-                            checked[digest] = str(err).rpartition(": ")[2]
-                    if checked[digest] is not None:
-                        problems.append(Problem(current, name, index, str(checked[digest])))
+                            checked[digest] = err.reason
+                    reason = checked[digest]
+                    if reason is not None:
+                        problems.append(Problem(current, name, index, reason))
         return VerifyReport(len(seqs), chunks, tuple(problems))
 
     def prune(self, keep_last: int) -> PruneReport:

@@ -142,9 +142,8 @@ class SnapshotZarrStore(Store):
         if found is None:
             return None
         record, index = found
-        where = f"snapshot {self.manifest.seq}"
-        data = read_object(self._objects, record, index, where)
-        decode_chunk(data, self._codec, record, index, verify=True, where=where)
+        data = read_object(self._objects, record, index, self.manifest.seq)
+        decode_chunk(data, self._codec, record, index, verify=True, seq=self.manifest.seq)
         return data
 
     async def get(self, key: str, prototype: BufferPrototype | None = None,
