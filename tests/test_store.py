@@ -381,3 +381,14 @@ def test_verify_reads_manifests_from_disk_not_from_the_writers_memory(snap, stor
     report = snap.verify()
     assert [(p.seq, p.array) for p in report.problems] == [(1, None)]
     assert "checksum" in report.problems[0].message
+
+
+def test_latest_is_always_the_last_listed(store_path):
+    with arraysnap.open(store_path) as snap:
+        snap.capture({"u": np.arange(3.0)}, step=1)
+        snap.capture({"u": np.arange(3.0) * 2}, step=2)
+    newest = store_path / "snapshots" / f"{2:012d}.json"
+    newest.write_bytes(newest.read_bytes().replace(b'"version":1', b'"version":3'))
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert [info.seq for info in reader.list()] == [1]
+        assert reader.latest() == reader.list()[-1]

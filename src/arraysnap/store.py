@@ -338,7 +338,8 @@ class Store:
         for seq in reversed(self._seqs()):
             try:
                 return SnapshotInfo.from_manifest(*self._load(seq))
-            except (CorruptSnapshotError, SnapshotNotFoundError) as err:
+            except (CorruptSnapshotError, SnapshotNotFoundError, FormatVersionError) as err:
+                # The same rule as list(): latest() is always list()[-1].
                 log.warning("arraysnap: snapshot %d skipped: %s", seq, err)
         return None
 
