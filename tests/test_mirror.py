@@ -34,7 +34,7 @@ def test_held_restore_never_changes_when_the_writer_updates_the_baseline(store_p
 
 
 def test_detach_happens_only_while_maps_are_alive(tmp_path):
-    mirror = Mirror(tmp_path, writable=True)
+    mirror = Mirror(tmp_path)
     layout = plan_layout((1024,), np.dtype("u1"), "C", 256)
     mirror.baseline("u", layout)
     first = mirror.entries["u"].path
@@ -171,7 +171,7 @@ def test_kill_between_captures_needs_no_rehash(store_path):
     """
     result = run_python(code)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    mirror = Mirror(store_path, writable=False)
+    mirror = Mirror(store_path)
     assert mirror.trusted_seq() == 1  # clean for this boot, though never fsynced
     with arraysnap.open(store_path, mode="r") as reader:
         assert np.array_equal(reader.restore(verify=False).arrays["u"], np.arange(40_000.0))
@@ -190,6 +190,6 @@ def test_unsynced_marker_from_another_boot_is_not_trusted(store_path):
     raw = bytearray(target.read_bytes())
     raw[8:16] = b"\x00" * 8
     target.write_bytes(bytes(raw))
-    assert Mirror(store_path, writable=False).trusted_seq() is None
+    assert Mirror(store_path).trusted_seq() is None
     with arraysnap.open(store_path) as snap:
         assert np.array_equal(snap.restore(verify=False).arrays["u"], np.arange(40_000.0))

@@ -16,7 +16,7 @@ updates a file in place while someone may hold a map of it:
   new one, switches to that, and unlinks the old one, which lives on for its holders.
 
 >>> import tempfile, pathlib
->>> mirror = Mirror(pathlib.Path(tempfile.mkdtemp()), writable=True)
+>>> mirror = Mirror(pathlib.Path(tempfile.mkdtemp()))
 >>> from arraysnap.layout import plan_layout
 >>> baseline, fresh = mirror.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
 >>> baseline.size, fresh
@@ -42,7 +42,7 @@ import numpy as np
 from .fsio import TMP_PREFIX, FileIO, read_regular_file
 from .layout import ChunkLayout
 
-__all__ = ["Mirror", "map_private", "map_readonly_file"]
+__all__ = ["Mirror", "ReaderLease", "map_private"]
 
 MARKER = "state.json"
 
@@ -99,20 +99,12 @@ def map_private(path: Path, layout: ChunkLayout, fd: int | None = None) -> np.nd
     return np.ndarray(layout.shape, dtype=layout.dtype, buffer=mm, order=layout.order)
 
 
-def map_readonly_file(fd: int, size: int) -> np.ndarray:
-    """A read-only flat uint8 map of an open file (for verifying without copying)."""
-    if size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return np.frombuffer(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ), dtype=np.uint8)
-
-
 class Mirror:
     """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
 
-    def __init__(self, root: Path, io: FileIO | None = None, *, writable: bool) -> None:
+    def __init__(self, root: Path, io: FileIO | None = None) -> None:
         self.dir = root / "mirror"
         self.io = io or FileIO()
-        self.writable = writable
         self.entries: dict[str, _Entry] = {}
         self._marked_dirty = False
         # Whether the marker on disk is a fsynced "clean", trusted even after a reboot.

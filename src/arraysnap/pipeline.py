@@ -114,10 +114,6 @@ class Persister:
             error, self._error = self._error, None
             return error
 
-    @property
-    def has_uncommitted(self) -> bool:
-        return any(self.uncommitted.values())
-
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join()

@@ -46,7 +46,7 @@ import numpy as np
 from . import __version__
 from .chunks import assemble, find_bad_chunks, load_chunk
 from .codecs import CodecSpec, parse_codec
-from .delta import scan_and_copy
+from .delta import as_bytes, scan_and_copy
 from .errors import (
     ArraysnapError,
     CorruptSnapshotError,
@@ -139,7 +139,7 @@ class Store:
         self.chunk_bytes: int = chunk_bytes or settings["chunk_bytes"]
         self._objects = ChunkObjects(path, self._io)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap")
-        self._mirror = Mirror(path, self._io, writable=mode == "a")
+        self._mirror = Mirror(path, self._io)
         self._closed = False
         self._persister: Persister | None = None
         self._mirror_seq: int | None = None
@@ -592,7 +592,7 @@ class Store:
             return None
         array = map_private(self._mirror.dir / filename, record.layout, lease.fd)
         if verify:
-            flat = _flat_bytes(array)
+            flat = as_bytes(array)
             if find_bad_chunks(flat, record, self._pool):
                 lease.release()
                 return None
@@ -912,10 +912,6 @@ def _check_state(state: object) -> dict[str, Any] | None:
                          "put bulk data in `arrays`")
     value = json.loads(text)
     return value  # type: ignore[no-any-return]
-
-
-def _flat_bytes(array: np.ndarray) -> np.ndarray:
-    return (array.reshape(-1) if array.flags.c_contiguous else array.T.reshape(-1)).view(np.uint8)
 
 
 def _provenance() -> dict[str, Any]:
