@@ -59,10 +59,12 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store but the mirror and lock, by relative path (to check 'unchanged')."""
+    """Every file of a store but the mirror, lock and capture history (which only informs),
+    by relative path (to check 'unchanged')."""
     files = {}
     for file in sorted(path.rglob("*")):
         relative = file.relative_to(path).as_posix()
-        if file.is_file() and not relative.startswith(("mirror/", "tmp/")) and relative != "lock":
+        if (file.is_file() and not relative.startswith(("mirror/", "tmp/"))
+                and relative not in ("lock", "history.jsonl")):
             files[relative] = file.read_bytes()
     return files

@@ -276,7 +276,7 @@ class KillIO(FileIO):
 
 
 io = KillIO(int(sys.argv[2]), sys.argv[3] == "after")
-snap = arraysnap.open(root, chunk_bytes=4096, _io=io)
+snap = arraysnap.open(root, chunk_bytes=4096, _io=io, _retry_delays=())
 latest = snap.latest()
 step = 0 if latest is None else latest.step + 1
 
@@ -597,11 +597,11 @@ def failed_capture_round(path: Path, op: str, index: int, err: int, *, reopen: b
     """Fail one capture at call `index` of `op`; check nothing committed changed and nothing is
     lost afterwards. Returns False once `index` is past the capture's last call of `op`."""
     io = FaultIO()
-    snap = arraysnap.open(path, chunk_bytes=CHUNK, _io=io)
+    snap = arraysnap.open(path, chunk_bytes=CHUNK, _io=io, _retry_delays=())
     snap.capture(fault_arrays(0), step=0, state={"n": 0})
     snap.close()
     # Reopened: the failing capture then also marks the baselines dirty, through the same seam.
-    snap = arraysnap.open(path, _io=io)
+    snap = arraysnap.open(path, _io=io, _retry_delays=())
     try:
         before = store_files(path)
         live = fault_arrays(1)
@@ -620,12 +620,13 @@ def failed_capture_round(path: Path, op: str, index: int, err: int, *, reopen: b
         if swallowed:
             # Only the marker written after the commit may fail unseen: it is a cache hint,
             # and the snapshot it follows must then be committed, whole (checked below).
-            assert "/mirror/" in io.injected_at, f"{io.injected} was swallowed"
+            # So may the capture history, which is informational (a warning is logged).
+            assert "/mirror/" in io.injected_at or io.injected_at.endswith("/history.jsonl"), \
+                f"{io.injected} was swallowed"
         elif isinstance(failure, arraysnap.ArraysnapError):
             assert failure.__cause__ is io.injected
         else:
-            # The pause itself failed (the marker write): the OSError comes straight back.
-            assert failure is io.injected
+            raise AssertionError(f"a raw {failure!r} escaped; failures come wrapped")
 
         after = store_files(path)
         for name, data in before.items():
@@ -651,7 +652,7 @@ def failed_capture_round(path: Path, op: str, index: int, err: int, *, reopen: b
 
         if reopen:
             snap.close()
-            snap = arraysnap.open(path, _io=io)
+            snap = arraysnap.open(path, _io=io, _retry_delays=())
             restored = snap.restore()
             assert_arrays(restored.arrays, fault_arrays(1 if committed_late else 0))
             del restored
@@ -686,7 +687,7 @@ def test_failed_capture_at_every_call_commits_nothing_and_loses_nothing(
 
 def test_two_failed_captures_in_a_row_then_one_without_changes(store_path: Path):
     io = FaultIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=()) as snap:
         live = fault_arrays(0)
         snap.capture(live, step=0)
         snap.wait()
@@ -726,7 +727,7 @@ def test_failure_of_a_capture_while_the_next_one_is_queued(store_path: Path):
             super().write(fd, data)
 
     io = FailFirstCommit()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=()) as snap:
         live = fault_arrays(0)
         snap.capture(live, step=0)
         snap.wait()
@@ -777,7 +778,7 @@ def test_commit_landing_during_the_next_pause_does_not_vouch_for_the_baseline(st
             super().write(fd, data)
 
     io = Interleave()
-    snap = arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io)
+    snap = arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=())
     a, b = np.zeros(4096), np.ones(4096)
     snap.capture({"a": a, "b": b}, step=0)
     snap.wait()
@@ -835,7 +836,7 @@ def test_failed_chunk_task_never_names_an_object_by_other_bytes(store_path: Path
 
     monkeypatch.setattr(CodecSpec, "encode", slow_encode)
     io = FailOtherChunk()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=()) as snap:
         snap.capture({"u": np.zeros((8, 512))}, step=0)
         snap.wait()
         io.armed = True
@@ -859,7 +860,7 @@ def test_failed_chunk_task_never_names_an_object_by_other_bytes(store_path: Path
 
 def test_after_a_failed_capture_another_process_sees_the_last_commit(store_path: Path):
     io = FaultIO()
-    snap = arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io)
+    snap = arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=())
     capture_step(snap, 0)
     snap.wait()
     io.arm("fsync", 0, errno.EIO, where="/chunks/")
@@ -890,7 +891,7 @@ def test_failed_prune_and_gc_keep_every_remaining_snapshot_whole(tmp_path: Path,
     while True:
         path = tmp_path / f"{op}-{index}"
         io = FaultIO()
-        with arraysnap.open(path, chunk_bytes=CHUNK, _io=io) as snap:
+        with arraysnap.open(path, chunk_bytes=CHUNK, _io=io, _retry_delays=()) as snap:
             for step in range(5):
                 capture_step(snap, step)
             snap.wait()

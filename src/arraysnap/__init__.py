@@ -21,24 +21,31 @@ from .errors import (  # noqa: E402
     ReadOnlyStoreError,
     SnapshotNotFoundError,
     StoreLockedError,
+    StoreWriteError,
 )
+from .policies import every, young_daly  # noqa: E402
 from .records import (  # noqa: E402
     ArrayInfo,
     CaptureInfo,
+    CaptureStat,
+    CaptureStats,
     Problem,
     PruneReport,
     Restored,
     SnapshotInfo,
     VerifyReport,
 )
-from .store import FORMAT_VERSION, Store, open  # noqa: E402
+from .store import FORMAT_VERSION, ArraysnapWarning, Store, open  # noqa: E402
 from .zarr_view import open_zarr  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
     "ArrayInfo",
     "ArraysnapError",
+    "ArraysnapWarning",
     "CaptureInfo",
+    "CaptureStat",
+    "CaptureStats",
     "CorruptSnapshotError",
     "FormatVersionError",
     "Problem",
@@ -49,8 +56,11 @@ __all__ = [
     "SnapshotNotFoundError",
     "Store",
     "StoreLockedError",
+    "StoreWriteError",
     "VerifyReport",
     "__version__",
+    "every",
     "open",
     "open_zarr",
+    "young_daly",
 ]

@@ -10,6 +10,8 @@ True
 from __future__ import annotations
 
 __all__ = [
+    "ArraysnapWarning",
+    "StoreWriteError",
     "ArraysnapError",
     "CorruptSnapshotError",
     "FormatVersionError",
@@ -85,4 +87,29 @@ class ReadOnlyStoreError(ArraysnapError, PermissionError):
 
     >>> isinstance(ReadOnlyStoreError("x"), PermissionError)
     True
+    """
+
+
+class StoreWriteError(ArraysnapError, OSError):
+    """The store could not be written (disk full, I/O error) even after retries.
+
+    ``errno`` is the cause's; the cause itself is chained. Nothing committed was touched, and
+    the changes stay pending for the next capture.
+
+    >>> import errno
+    >>> error = StoreWriteError(errno.ENOSPC, "capture failed: disk full")
+    >>> error.errno == errno.ENOSPC, isinstance(error, OSError)
+    (True, True)
+    """
+
+
+class ArraysnapWarning(UserWarning):
+    """Warned once per kind of failure when ``open(..., on_error="warn")`` lets a run go on.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warnings.warn("disk full; changes stay pending", ArraysnapWarning)
+    >>> caught[0].category.__name__
+    'ArraysnapWarning'
     """

@@ -177,9 +177,10 @@ class Manifest:
     rng: Any = None
     stats: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    journal: int | None = None
 
     def body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "seq": self.seq,
@@ -193,6 +194,9 @@ class Manifest:
             "stats": dict(self.stats),
             "provenance": dict(self.provenance),
         }
+        if self.journal is not None:  # absent in manifests written before the replay log
+            body["journal"] = self.journal
+        return body
 
     def to_json(self) -> bytes:
         body = self.body()
@@ -306,7 +310,10 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
         _require(isinstance(codec, dict), "codec must be an object")
         stats, provenance = body.get("stats", {}), body.get("provenance", {})
         _require(isinstance(stats, dict) and isinstance(provenance, dict), "stats/provenance")
+        journal = body.get("journal")
+        _require(journal is None or (_is_int(journal) and journal >= 0),
+                 "journal must be a non-negative integer")
     except (ValueError, OverflowError) as err:
         raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
-                    stats, provenance)
+                    stats, provenance, journal)

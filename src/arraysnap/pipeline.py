@@ -1,23 +1,37 @@
-"""Background persistence: hash, deduplicate, encode and write changed chunks, then commit.
+"""Background persistence: read, hash and encode changed chunks, write them, then commit.
 
-One worker thread takes capture jobs in order; chunk work runs on a small thread pool (blake3
-and the codecs release the GIL). A job signals ``chunks_read`` once it no longer needs the
-mirror, which is all the next capture waits for. A failed job's chunks stay *uncommitted* and
-are added to the next job, so no change is lost (invariant 3).
+Two stages, each a thread that takes capture jobs in order:
+
+* the **reader** copies each changed chunk out of the baseline, hashes it (blake3) and
+  encodes it on a small pool (both release the GIL), then sets the job's ``chunks_read``,
+  which is all the next capture waits for. Encoded chunks wait in memory for the writer,
+  at most ``buffer_bytes`` of them: past that the reader, and so the next capture, waits
+  (backpressure) rather than memory growing.
+* the **writer** writes chunk objects as they come, then commits each job in order: journal
+  fsync, object and directory fsyncs, manifest. After a commit it runs the retention hook.
+
+Transient write errors (EINTR, EAGAIN, EIO, EBUSY, ETIMEDOUT) are retried with backoff;
+ENOSPC first calls the ``on_full`` hook (the retention policy's pruning) and retries once.
+A job that still fails fails every job read after it (they may share its chunk objects);
+their chunks are remembered as *uncommitted* and go into the next job, so no change is
+lost (invariant 3), and the reader starts again from the last committed tables.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import numpy as np
@@ -28,11 +42,18 @@ from .fsio import FileIO
 from .layout import ChunkLayout
 from .manifest import ArrayRecord, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
-from .records import CaptureInfo
+from .records import CaptureInfo, CaptureStat
 
-__all__ = ["ArrayDelta", "PersistJob", "Persister", "manifest_path"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "PersistJob",
+           "Persister", "manifest_path"]
 
 log = logging.getLogger("arraysnap")
+T = TypeVar("T")
+
+DEFAULT_BUFFER_BYTES = 256 << 20
+DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
+TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
+                              errno.ETIMEDOUT})
 
 
 def manifest_path(root: Path, seq: int) -> Path:
@@ -60,45 +81,95 @@ class PersistJob:
     rng: Any
     provenance: dict[str, Any]
     pause_seconds: float
+    queue_seconds: float
     started: float
+    journal_position: int
     capture: CaptureInfo
     chunks_read: threading.Event = field(default_factory=threading.Event)
+    # Filled in by the reader for the writer.
+    records: dict[str, ArrayRecord] = field(default_factory=dict)
+    changed: dict[str, np.ndarray] = field(default_factory=dict)
+    writes: list[Future[int]] = field(default_factory=list)
+    pinned: list[bytes] = field(default_factory=list)
+    error: BaseException | None = None
+    chunks_changed: int = 0
+    chunks_deduplicated: int = 0
+    encode_seconds: float = 0.0
+    read_done: float = 0.0
+    retries: int = 0
+
+
+class _Budget:
+    """Bytes of chunk data held in memory between the reader and the writer."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, amount: int) -> int:
+        amount = min(amount, self.limit)  # one chunk larger than the budget still passes
+        with self._cond:
+            while self.used + amount > self.limit:
+                self._cond.wait()
+            self.used += amount
+        return amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.used -= amount
+            self._cond.notify_all()
 
 
 class Persister:
     """Runs capture jobs in the background, in order, and commits their manifests."""
 
     def __init__(self, root: Path, objects: ChunkObjects, codec: CodecSpec, io: FileIO,
-                 pool: ThreadPoolExecutor, head: Manifest | None,
-                 on_commit: Callable[[PersistJob, Manifest, int], None]) -> None:
+                 pool: ThreadPoolExecutor, head: Manifest | None, *,
+                 on_commit: Callable[[PersistJob, Manifest, int, CaptureStat], None],
+                 on_failure: Callable[[PersistJob, BaseException, CaptureStat], None],
+                 before_commit: Callable[[], None] = lambda: None,
+                 on_full: Callable[[], int] = lambda: 0,
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS) -> None:
         self.root = root
         self.objects = objects
         self.codec = codec
         self.io = io
         self.pool = pool
         self.on_commit = on_commit
-        self.tables: dict[str, ArrayRecord] = dict(head.arrays) if head else {}
+        self.on_failure = on_failure
+        self.before_commit = before_commit
+        self.on_full = on_full
+        self.retry_delays = tuple(retry_delays)
+        self.budget = _Budget(buffer_bytes)
+        # Tables of the last committed snapshot, and of the last job read (ahead of it).
+        self.committed: dict[str, ArrayRecord] = dict(head.arrays) if head else {}
+        self.tables: dict[str, ArrayRecord] = dict(self.committed)
         self.parent = head.seq if head else None
         self.uncommitted: dict[str, set[int]] = {}
-        self._queue: queue.Queue[PersistJob | None] = queue.Queue()
-        self._last: PersistJob | None = None
-        self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0
-        self._claimed: set[bytes] = set()
-        self._thread = threading.Thread(target=self._run, name="arraysnap-persist", daemon=True)
-        self._thread.start()
+        self._last: PersistJob | None = None
+        self._error: BaseException | None = None
+        self._broken = False  # a job failed: jobs read after it fail too
+        self._pins: Counter[bytes] = Counter()  # digests in-flight jobs refer to
+        self._read_queue: queue.Queue[PersistJob | None] = queue.Queue()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arraysnap-write")
+        self._reader = threading.Thread(target=self._read_loop, name="arraysnap-read",
+                                        daemon=True)
+        self._reader.start()
 
     # -- caller side ---------------------------------------------------------------------
     def submit(self, job: PersistJob) -> None:
         with self._lock:
             self._pending += 1
             self._last = job
-        self._queue.put(job)
+        self._read_queue.put(job)
 
     def wait_chunks_read(self) -> None:
-        """Block until the newest job no longer reads the mirror."""
+        """Block until the newest job no longer reads the baselines."""
         last = self._last
         if last is not None:
             last.chunks_read.wait()
@@ -109,54 +180,97 @@ class Persister:
             while self._pending:
                 self._idle.wait()
 
+    @property
+    def pending(self) -> int:
+        return self._pending
+
     def take_error(self) -> BaseException | None:
         with self._lock:
             error, self._error = self._error, None
             return error
 
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+    def pinned(self, digest: bytes) -> bool:
+        """True if an in-flight job refers to `digest` (so it must not be deleted)."""
+        with self._lock:
+            return self._pins[digest] > 0
 
-    # -- worker side ---------------------------------------------------------------------
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+    def run_exclusive(self, action: Callable[[], T]) -> T:
+        """Run `action` on the writer thread, between commits, and return its result."""
+        return self._writer.submit(action).result()
+
+    def stop(self) -> None:
+        self._read_queue.put(None)
+        self._reader.join()
+        self._writer.shutdown(wait=True)
+
+    # -- retrying ------------------------------------------------------------------------
+    def retrying(self, action: Callable[[], T], job: PersistJob | None = None) -> T:
+        """Run `action`, retrying transient errors with backoff and ENOSPC after pruning."""
+        delays = iter(self.retry_delays)
+        pruned = False
+        while True:
             try:
-                manifest, manifest_bytes = self._persist(job)
-            except BaseException as err:  # noqa: BLE001 - handed to the caller, never lost
-                self._claimed.clear()
-                log.error("arraysnap: snapshot %d failed to persist: %r", job.seq, err)
-                self._remember_uncommitted(job)
-                job.chunks_read.set()
-                job.capture._finish(None, err)
+                return action()
+            except OSError as err:
+                if err.errno == errno.ENOSPC and not pruned and self.retry_delays:
+                    pruned = True
+                    freed = self.on_full()
+                    log.warning("arraysnap: disk full; retention freed %d bytes, retrying",
+                                freed)
+                    if freed:
+                        continue
+                    raise
+                delay = next(delays, None) if err.errno in TRANSIENT_ERRNOS else None
+                if delay is None:
+                    raise
+                if job is not None:
+                    job.retries += 1
+                log.warning("arraysnap: %r; retrying in %.2f s", err, delay)
+                time.sleep(delay)
+
+    # -- reader stage --------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        while (job := self._read_queue.get()) is not None:
+            if self._broken:
+                # Jobs read after a failed one are failing on the writer: once they have,
+                # start again from the committed tables, with their changes uncommitted.
+                self._writer.submit(lambda: None).result()
                 with self._lock:
-                    self._error = self._error or err
-            else:
-                self.on_commit(job, manifest, manifest_bytes)
-            with self._idle:
-                self._pending -= 1
-                self._idle.notify_all()
+                    self._broken = False
+                    self.tables = dict(self.committed)
+            try:
+                self._read(job)
+            except BaseException as err:  # noqa: BLE001 - handed to the writer, never lost
+                job.error = err
+                with self._lock:
+                    # The tables did not take this job's changes: the next job must start
+                    # again from the committed ones, with these changes uncommitted.
+                    self._broken = True
+            job.read_done = time.perf_counter()
+            job.chunks_read.set()
+            self._writer.submit(self._commit, job)
 
     def _indices(self, delta: ArrayDelta) -> tuple[np.ndarray, bytearray]:
         previous = self.tables.get(delta.name)
         if delta.fresh or previous is None or previous.layout != delta.layout:
             return np.arange(delta.layout.n_chunks), bytearray(delta.layout.n_chunks * DIGEST_BYTES)
-        extra = self.uncommitted.get(delta.name)
+        with self._lock:
+            extra = self.uncommitted.get(delta.name)
+            extra = set(extra) if extra else None
         indices = delta.changed
         if extra:
             indices = np.union1d(indices, np.fromiter(extra, dtype=np.intp))
         return indices, bytearray(previous.digests)
 
-    def _persist(self, job: PersistJob) -> tuple[Manifest, int]:
-        encode_start = time.perf_counter()
-        records: dict[str, ArrayRecord] = {}
-        written = deduplicated = changed = 0
-        work: list[tuple[ArrayDelta, np.ndarray, bytearray]] = []
+    def _read(self, job: PersistJob) -> None:
+        start = time.perf_counter()
+        work = []
         for delta in job.arrays:
             indices, digests = self._indices(delta)
+            job.changed[delta.name] = indices
+            job.chunks_changed += len(indices)
             work.append((delta, indices, digests))
-            changed += len(indices)
-        futures = [[self.pool.submit(self._store_chunk, delta, int(i)) for i in indices]
+        futures = [[self.pool.submit(self._read_chunk, job, delta, int(i)) for i in indices]
                    for delta, indices, _ in work]
         # Every chunk task must be finished, failed or not, before the baseline is released:
         # a task still reading it while the next capture writes would name an object by the
@@ -164,51 +278,149 @@ class Persister:
         wait_for(f for group in futures for f in group)
         for (delta, indices, digests), group in zip(work, futures, strict=True):
             for index, future in zip(indices, group, strict=True):
-                digest, size = future.result()
+                digest = future.result()
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
-                written += size
-                deduplicated += size == 0
             layout = delta.layout
-            records[delta.name] = ArrayRecord(delta.name, layout.shape, layout.dtype, layout.order,
-                                              layout.split_axis, layout.rows_per_chunk,
-                                              bytes(digests))
-        self._claimed.clear()
-        job.chunks_read.set()
-        sync_start = time.perf_counter()
-        self.objects.sync()
+            job.records[delta.name] = ArrayRecord(delta.name, layout.shape, layout.dtype,
+                                                  layout.order, layout.split_axis,
+                                                  layout.rows_per_chunk, bytes(digests))
+        self.tables = dict(job.records)
+        job.encode_seconds = time.perf_counter() - start
+
+    def _read_chunk(self, job: PersistJob, delta: ArrayDelta, index: int) -> bytes:
+        held = self.budget.acquire(delta.layout.chunk_bytes)
+        try:
+            raw = padded_chunk(delta.baseline, delta.layout, index)
+            digest = blake3.blake3(raw).digest()
+            with self._lock:
+                # Pinned before the existence check, so retention cannot delete it between
+                # the two. A digest another in-flight chunk pinned is written by that one.
+                claimed = self._pins[digest] > 0
+                self._pins[digest] += 1
+                job.pinned.append(digest)
+            if claimed or self.objects.has(digest):
+                job.chunks_deduplicated += 1
+                self.budget.release(held)
+                return digest
+            encoded = self.codec.encode(raw, delta.layout.dtype.itemsize)
+            del raw
+        except BaseException:
+            self.budget.release(held)
+            raise
+        if len(encoded) < held:
+            self.budget.release(held - len(encoded))
+            held = len(encoded)
+        job.writes.append(self._writer.submit(self._write_object, job, digest, encoded, held))
+        return digest
+
+    def _write_object(self, job: PersistJob, digest: bytes, data: bytes, held: int) -> int:
+        try:
+            if job.error is not None:
+                return 0
+            return self.retrying(lambda: self.objects.put(digest, data), job)
+        except BaseException as err:  # noqa: BLE001 - the commit of this job reports it
+            job.error = job.error or err
+            return 0
+        finally:
+            self.budget.release(held)
+
+    # -- writer stage --------------------------------------------------------------------
+    def _commit(self, job: PersistJob) -> None:
+        try:
+            for write in job.writes:  # all done: submitted to this thread before the commit
+                write.result()
+            if job.error is None and self._broken:
+                # An earlier job failed after this one was read from its tables: this one
+                # holds that job's changes too, and is whole if all its objects exist.
+                digests = {record.digest(i) for record in job.records.values()
+                           for i in range(record.n_chunks)}
+                missing = sum(not self.objects.has(d) for d in digests)
+                if missing:
+                    job.error = RuntimeError(
+                        f"an earlier capture failed to persist, and {missing} of the chunk "
+                        "objects this one shares with it were never written")
+            if job.error is not None:
+                raise job.error
+            manifest, size, stat = self._write_manifest(job)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller, never lost
+            self._fail(job, err)
+        else:
+            self.committed = dict(job.records)
+            self.parent = job.seq
+            self._unpin(job)
+            with self._lock:
+                # Every failed job before this one is covered by it: either read from its
+                # tables, or (after a restart of the reader) through `uncommitted`.
+                self.uncommitted.clear()
+            try:
+                self.on_commit(job, manifest, size, stat)
+            except Exception as err:  # noqa: BLE001 - the snapshot is committed regardless
+                log.error("arraysnap: after committing snapshot %d: %r", job.seq, err)
+        finally:
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def _write_manifest(self, job: PersistJob) -> tuple[Manifest, int, CaptureStat]:
+        write_done = time.perf_counter()
+        self.retrying(self.before_commit, job)  # the journal, before the manifest points to it
+        self.retrying(self.objects.sync, job)
+        written = sum(write.result() for write in job.writes)
         stats = {
             "pause_seconds": job.pause_seconds,
+            "queue_seconds": job.queue_seconds,
             "chunks_scanned": sum(d.layout.n_chunks for d in job.arrays),
-            "chunks_changed": changed,
-            "chunks_deduplicated": deduplicated,
+            "chunks_changed": job.chunks_changed,
+            "chunks_deduplicated": job.chunks_deduplicated,
             "bytes_written": written,
-            "encode_seconds": sync_start - encode_start,
-            "sync_seconds": time.perf_counter() - sync_start,
-            "queue_seconds": encode_start - job.started - job.pause_seconds,
+            "encode_seconds": job.encode_seconds,
+            "write_seconds": max(0.0, write_done - job.read_done),
             # From the start of capture() to the manifest write, which cannot time itself.
             "durable_seconds": time.perf_counter() - job.started,
         }
         manifest = Manifest(job.seq, job.step, job.wall_time, self.parent, self.codec.to_json(),
-                            records, job.state, job.rng, stats, job.provenance)
+                            job.records, job.state, job.rng, stats, job.provenance,
+                            journal=job.journal_position)
         data = manifest.to_json()
-        self.io.write_atomic(manifest_path(self.root, job.seq), data)
-        self.tables = records
-        self.parent = job.seq
-        self.uncommitted.clear()
-        return manifest, len(data)
+        self.retrying(lambda: self.io.write_atomic(manifest_path(self.root, job.seq), data), job)
+        now = time.perf_counter()
+        stat = dataclasses.replace(self._stat(job, "committed", None),
+                                   bytes_written=written + len(data),
+                                   commit_seconds=now - write_done,
+                                   durable_seconds=now - job.started)
+        return manifest, len(data), stat
 
-    def _store_chunk(self, delta: ArrayDelta, index: int) -> tuple[bytes, int]:
-        raw = padded_chunk(delta.baseline, delta.layout, index)
-        digest = blake3.blake3(raw).digest()
+    def _stat(self, job: PersistJob, status: str, error: str | None) -> CaptureStat:
+        return CaptureStat(
+            seq=job.seq, step=job.step, time=job.wall_time, status=status,
+            pause_seconds=job.pause_seconds, queue_seconds=job.queue_seconds,
+            blocking_seconds=job.pause_seconds + job.queue_seconds,
+            encode_seconds=job.encode_seconds,
+            write_seconds=max(0.0, time.perf_counter() - job.read_done) if job.read_done else 0.0,
+            chunks_scanned=sum(d.layout.n_chunks for d in job.arrays),
+            chunks_changed=job.chunks_changed, chunks_deduplicated=job.chunks_deduplicated,
+            retries=job.retries, error=error)
+
+    def _fail(self, job: PersistJob, err: BaseException) -> None:
+        log.error("arraysnap: snapshot %d failed to persist: %r", job.seq, err)
         with self._lock:
-            # Two equal chunks of one job: the first writes, the other counts as a duplicate.
-            duplicate = digest in self._claimed
-            self._claimed.add(digest)
-        if duplicate or self.objects.has(digest):
-            return digest, 0
-        encoded = self.codec.encode(raw, delta.layout.dtype.itemsize)
-        return digest, self.objects.put(digest, encoded)
+            self._broken = True
+            for delta in job.arrays:
+                target = self.uncommitted.setdefault(delta.name, set())
+                target.update(int(i) for i in delta.changed)
+                target.update(int(i) for i in job.changed.get(delta.name, ()))
+            self._error = self._error or err
+        self._unpin(job)
+        try:
+            self.on_failure(job, err, self._stat(job, "failed", repr(err)))
+        except Exception as hook_error:  # noqa: BLE001 - the failure itself is what matters
+            log.error("arraysnap: after failing snapshot %d: %r", job.seq, hook_error)
 
-    def _remember_uncommitted(self, job: PersistJob) -> None:
-        for delta in job.arrays:
-            self.uncommitted.setdefault(delta.name, set()).update(int(i) for i in delta.changed)
+    def _unpin(self, job: PersistJob) -> None:
+        with self._lock:
+            for digest in job.pinned:
+                self._pins[digest] -= 1
+                if self._pins[digest] <= 0:
+                    del self._pins[digest]
+            job.pinned.clear()
+

@@ -16,7 +16,8 @@ import numpy as np
 
 from .manifest import Manifest
 
-__all__ = ["ArrayInfo", "CaptureInfo", "Problem", "PruneReport", "Restored", "SnapshotInfo",
+__all__ = ["ArrayInfo", "CaptureInfo", "CaptureStat", "CaptureStats", "Problem", "PruneReport",
+           "Restored", "SnapshotInfo",
            "VerifyReport"]
 
 
@@ -143,6 +144,7 @@ class Restored:
     """A restored snapshot. ``arrays`` are copy-on-write memory maps: writing to them is fine.
 
     ``skipped`` lists the newer snapshots that ``restore(fallback=True)`` could not restore.
+    ``events`` are the records ``Store.log()`` logged after this snapshot's capture, in order.
 
     >>> import arraysnap, numpy as np, tempfile
     >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
@@ -160,6 +162,7 @@ class Restored:
     rng: Any
     info: SnapshotInfo
     skipped: tuple[Problem, ...] = ()
+    events: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,3 +220,134 @@ class PruneReport:
     snapshots_removed: tuple[int, ...]
     chunks_removed: int
     bytes_freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureStat:
+    """One capture's figures in the store's history (``Store.stats()``).
+
+    ``status`` is ``"committed"`` or ``"failed"`` (then ``error`` says why). Times are in
+    seconds: ``blocking_seconds`` is how long ``capture()`` held the caller (``queue_seconds``
+    waiting for the previous capture to read the baselines, plus the ``pause_seconds``);
+    ``encode_seconds`` reading, hashing and encoding changed chunks, ``write_seconds``
+    writing them, ``commit_seconds`` syncing and writing the manifest; ``durable_seconds``
+    from the call to the commit.
+
+    >>> row = CaptureStat(seq=1, step=10, time=0.0, status="committed", chunks_scanned=8,
+    ...                   chunks_changed=2)
+    >>> row.changed_fraction
+    0.25
+    """
+
+    seq: int
+    step: int | None
+    time: float
+    status: str
+    pause_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    blocking_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    write_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    durable_seconds: float = 0.0
+    chunks_scanned: int = 0
+    chunks_changed: int = 0
+    chunks_deduplicated: int = 0
+    bytes_written: int = 0
+    retries: int = 0
+    error: str | None = None
+
+    @property
+    def changed_fraction(self) -> float:
+        return self.chunks_changed / self.chunks_scanned if self.chunks_scanned else 0.0
+
+
+_STAT_FIELDS = tuple(CaptureStat.__dataclass_fields__)
+
+
+class CaptureStats:
+    """The capture history as a table: rows are :class:`CaptureStat`, oldest first.
+
+    ``len()``, iteration and indexing give rows; ``column(name)`` a NumPy array;
+    ``to_dict()`` a dict of columns (``pandas.DataFrame(stats.to_dict())`` makes a frame).
+
+    >>> stats = CaptureStats([CaptureStat(1, 0, 0.0, "committed", pause_seconds=0.002,
+    ...                                   chunks_scanned=4, chunks_changed=4)])
+    >>> len(stats), stats.column("pause_seconds").tolist(), stats.to_dict()["status"]
+    (1, [0.002], ['committed'])
+    """
+
+    columns: tuple[str, ...] = (*_STAT_FIELDS, "changed_fraction")
+
+    def __init__(self, rows: list[CaptureStat]) -> None:
+        self.rows = tuple(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+    def __getitem__(self, index: int) -> CaptureStat:
+        return self.rows[index]
+
+    def column(self, name: str) -> np.ndarray:
+        """One column as an array (float or int; object for ``status``/``error``/``step``)."""
+        if name not in self.columns:
+            raise KeyError(f"no column {name!r}; columns are {', '.join(self.columns)}")
+        values = [getattr(row, name) for row in self.rows]
+        if name in ("status", "error", "step"):
+            return np.array(values, dtype=object)
+        return np.array(values, dtype=np.int64 if name in _INT_COLUMNS else np.float64)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {name: [getattr(row, name) for row in self.rows] for name in self.columns}
+
+    def __repr__(self) -> str:
+        head = (f"{'seq':>6} {'step':>10} {'status':>9} {'pause ms':>9} {'blocked ms':>10} "
+                f"{'durable s':>9} {'changed':>15} {'bytes':>12}")
+        lines = [f"CaptureStats: {len(self.rows)} captures", head]
+        for row in self.rows[-20:]:
+            lines.append(
+                f"{row.seq:>6} {'-' if row.step is None else row.step:>10} {row.status:>9} "
+                f"{row.pause_seconds * 1e3:>9.2f} {row.blocking_seconds * 1e3:>10.2f} "
+                f"{row.durable_seconds:>9.3f} "
+                f"{f'{row.chunks_changed}/{row.chunks_scanned}':>15} {row.bytes_written:>12}")
+        if len(self.rows) > 20:
+            lines.insert(2, f"{'...':>6} (the last 20 shown)")
+        return "\n".join(lines)
+
+
+_INT_COLUMNS = {"seq", "chunks_scanned", "chunks_changed", "chunks_deduplicated",
+                "bytes_written", "retries"}
+
+
+def parse_capture_stat(value: object) -> CaptureStat | None:
+    """A history line's record, or None if it is not one (hostile files are skipped).
+
+    >>> parse_capture_stat({"seq": 1, "step": None, "time": 0, "status": "failed"}).status
+    'failed'
+    >>> parse_capture_stat({"seq": "x"}) is None
+    True
+    """
+    if not isinstance(value, dict):
+        return None
+    fields: dict[str, Any] = {}
+    for name in _STAT_FIELDS:
+        item = value.get(name)
+        if name in ("seq",) or name in _INT_COLUMNS:
+            if name == "seq" and type(item) is not int:
+                return None
+            fields[name] = item if type(item) is int else 0
+        elif name == "step":
+            fields[name] = item if type(item) is int else None
+        elif name == "status":
+            if item not in ("committed", "failed"):
+                return None
+            fields[name] = item
+        elif name == "error":
+            fields[name] = item if isinstance(item, str) else None
+        else:
+            ok = isinstance(item, (int, float)) and not isinstance(item, bool)
+            fields[name] = float(item) if ok and abs(item) < 1e300 else 0.0
+    return CaptureStat(**fields)

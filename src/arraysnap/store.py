@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -30,13 +31,15 @@ import mmap
 import os
 import platform
 import re
+import signal
 import socket
 import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -49,29 +52,44 @@ from .codecs import CodecSpec, parse_codec
 from .delta import as_bytes, scan_and_copy
 from .errors import (
     ArraysnapError,
+    ArraysnapWarning,
     CorruptSnapshotError,
     FormatVersionError,
     ReadOnlyStoreError,
     SnapshotNotFoundError,
     StoreLockedError,
+    StoreWriteError,
 )
 from .fsio import TMP_PREFIX, FileIO, read_regular_file
+from .history import History
+from .journal import Journal
 from .layout import ChunkLayout, memory_order, plan_layout
 from .manifest import Manifest, check_array_name, parse_manifest
 from .mirror import Mirror, ReaderLease, map_private
 from .objects import ChunkObjects
-from .pipeline import ArrayDelta, Persister, PersistJob, manifest_path
+from .pipeline import (
+    DEFAULT_BUFFER_BYTES,
+    DEFAULT_RETRY_DELAYS,
+    ArrayDelta,
+    Persister,
+    PersistJob,
+    manifest_path,
+)
+from .policies import Policy, parse_policy
 from .records import (
     CaptureInfo,
+    CaptureStat,
+    CaptureStats,
     Problem,
     PruneReport,
     Restored,
     SnapshotInfo,
     VerifyReport,
 )
+from .retention import Candidate, Retention
 from .rngstate import check_rng, rng_from_json, rng_to_json
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "Store", "open"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArraysnapWarning", "Store", "open"]
 
 log = logging.getLogger("arraysnap")
 
@@ -82,6 +100,7 @@ _MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 # Store.list shadows the builtin inside the class body; annotations there use this alias.
 Prepared = list[tuple[str, np.ndarray, ChunkLayout]]
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -90,7 +109,16 @@ def open(  # noqa: A001 - the public name the API promises
     *,
     chunk_bytes: int | None = None,
     codec: str | None = None,
+    every: object = None,
+    keep_last: int | None = None,
+    keep_every: int | None = None,
+    keep_within: float | str | None = None,
+    max_bytes: int | None = None,
+    on_error: Literal["raise", "warn"] = "raise",
+    signals: bool | Iterable[int] = (),
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     _io: FileIO | None = None,
+    _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
 ) -> Store:
     """Open (or, with ``mode="a"``, create) the store at `path`.
 
@@ -99,13 +127,29 @@ def open(  # noqa: A001 - the public name the API promises
     size for arrays captured from now on; `codec` is ``"zstd"`` (default, level 1),
     ``"zstd:<level>"``, ``"blosc"`` or ``"none"`` and is fixed when the store is created.
 
+    When to checkpoint: `every` is an int (steps), a policy (``arraysnap.every(steps=,
+    seconds=)``, ``arraysnap.young_daly(mtbf=)``, combined with ``|``) or a list of them;
+    ``Store.due(step)`` asks it. What to keep, applied after each commit: ``keep_last`` (the
+    newest N), ``keep_every`` (steps that are multiples of K, kept for good), ``keep_within``
+    (seconds, or ``"2h"``), ``max_bytes`` (a quota on chunk objects, manifests and journal,
+    pruning the oldest unprotected snapshots first); a snapshot is kept if any rule keeps it,
+    and the newest is never removed. ``on_error="warn"`` lets the run go on when the store
+    cannot be written (changes stay pending; an :class:`ArraysnapWarning` once per kind of
+    failure) instead of raising from the next ``capture()``. ``signals=True`` watches
+    SIGTERM and SIGUSR1 (or give the signals): one sets ``Store.preempted`` and makes the
+    next ``due()`` true. `buffer_bytes` (default 256 MiB) bounds the chunk data held in
+    memory between hashing and writing; past it, ``capture()`` waits.
+
     >>> import arraysnap, tempfile
     >>> snap = arraysnap.open(tempfile.mkdtemp() + "/run.snap", chunk_bytes=1 << 16)
     >>> snap.latest() is None
     True
     >>> snap.close()
     """
-    return Store(Path(path), mode, chunk_bytes=chunk_bytes, codec=codec, io=_io)
+    return Store(Path(path), mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
+                 keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
+                 max_bytes=max_bytes, on_error=on_error, signals=signals,
+                 buffer_bytes=buffer_bytes, io=_io, retry_delays=_retry_delays)
 
 
 class Store:
@@ -120,9 +164,31 @@ class Store:
     """
 
     def __init__(self, path: Path, mode: str = "a", *, chunk_bytes: int | None = None,
-                 codec: str | None = None, io: FileIO | None = None) -> None:
+                 codec: str | None = None, every: object = None,
+                 keep_last: int | None = None, keep_every: int | None = None,
+                 keep_within: float | str | None = None, max_bytes: int | None = None,
+                 on_error: str = "raise", signals: bool | Iterable[int] = (),
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES, io: FileIO | None = None,
+                 retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) \
+                or buffer_bytes < 1 << 16:
+            raise ValueError(f"buffer_bytes must be an integer of at least 65536, got "
+                             f"{buffer_bytes!r}")
+        self.policy: Policy | None = parse_policy(every)
+        self.retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
+        self.on_error = on_error
+        watched = _parse_signals(signals)
+        self._preempted = False
+        self._preempt_pending = False
+        self._old_handlers: dict[int, Any] = {}
+        self._warned: set[str] = set()
+        self._buffer_bytes = buffer_bytes
+        self._object_sizes: dict[bytes, int] = {}
+        self._retry_delays = tuple(retry_delays)
         if chunk_bytes is not None and (type(chunk_bytes) is not int
                                         or not 1 <= chunk_bytes <= 1 << 31):
             raise ValueError(f"chunk_bytes must be an integer from 1 to 2**31, got {chunk_bytes!r}")
@@ -144,13 +210,19 @@ class Store:
         self._persister: Persister | None = None
         self._mirror_seq: int | None = None
         self._last_captured: int | None = None
+        self._history = History(path, self._io)
+        self._journal: Journal | None = None
         if mode == "a":
             try:
                 self._take_lock()
+                self._journal = Journal(path, self._io)
                 self._recover()
+                self._watch_signals(watched)
             except BaseException:
                 self._release()
                 raise
+        elif watched:
+            raise ValueError("signals= is for a writer (mode='a'): a reader never captures")
         _open_stores.add(self)
 
     # -- opening -------------------------------------------------------------------------
@@ -241,8 +313,11 @@ class Store:
         head = self._newest_valid()
         seqs = self._seqs()
         self._next_seq = (seqs[-1] + 1) if seqs else 1
-        self._persister = Persister(self.path, self._objects, self.codec, self._io, self._pool,
-                                    head, self._on_commit)
+        self._persister = Persister(
+            self.path, self._objects, self.codec, self._io, self._pool, head,
+            on_commit=self._on_commit, on_failure=self._on_failure,
+            before_commit=self._sync_journal, on_full=self._free_space,
+            buffer_bytes=self._buffer_bytes, retry_delays=self._retry_delays)
         if head is None:
             self._mirror.clear_directory()
             return
@@ -277,6 +352,7 @@ class Store:
                 log.error("arraysnap: cannot rebuild the baseline of %r: %s", name, err)
                 self._mirror.retain_only(set(self._mirror.entries) - {name})
                 self._persister.tables.pop(name, None)
+                self._persister.committed.pop(name, None)
         self._mirror.remove_strays()
         if repaired or not trusted:
             self._mirror.mark_clean(head.seq)
@@ -410,23 +486,23 @@ class Store:
                  state: dict[str, Any] | None, rng: Any) -> CaptureInfo:
         persister = self._persister
         assert persister is not None
-        error = persister.take_error()
-        if error is not None:
-            raise ArraysnapError(
-                "an earlier capture failed to persist; its changes are kept and go into the "
-                "next capture"
-            ) from error
+        self._raise_background_error("an earlier capture failed to persist; its changes are "
+                                     "kept and go into the next capture")
         started = time.perf_counter()
         persister.wait_chunks_read()
         pause_start = time.perf_counter()
         deltas = []
         seq = self._next_seq
+        journal_position = self._journal.position if self._journal is not None else 0
+        try:
+            with self._state_lock:
+                # From here the baselines are ahead of every committed snapshot.
+                self._mirror_seq = None
+                self._last_captured = seq
+                persister.retrying(self._mirror.mark_dirty)
+        except OSError as err:
+            return self._capture_failed(seq, step, started, err)
         self._next_seq += 1
-        with self._state_lock:
-            # From here the baselines are ahead of every committed snapshot.
-            self._mirror_seq = None
-            self._last_captured = seq
-            self._mirror.mark_dirty()
         try:
             for name, live, layout in prepared:
                 baseline, fresh = self._mirror.baseline(name, layout, live)
@@ -434,22 +510,78 @@ class Store:
                 changed = scan_and_copy(live, baseline, layout, flags)
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh))
             self._mirror.retain_only({name for name, _, _ in prepared})
-        except BaseException:
+        except BaseException as err:
             # Baselines already updated hold changes no snapshot has; forget them so the next
             # capture writes those arrays whole (dedup keeps unchanged chunks free).
             for name, _, _ in prepared:
-                self._mirror.forget(name)
+                try:
+                    self._mirror.forget(name)
+                except OSError as forget_error:
+                    log.error("arraysnap: could not drop the %r baseline: %r", name,
+                              forget_error)
+            if isinstance(err, OSError):
+                return self._capture_failed(seq, step, started, err)
             raise
-        pause = time.perf_counter() - pause_start
+        now = time.perf_counter()
+        pause = now - pause_start
         info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
                            sum(len(d.changed) for d in deltas))
-        job = PersistJob(seq, step, time.time(), deltas, state, rng, _provenance(), pause,
-                         started, info)
+        wall = time.time()
+        job = PersistJob(seq, step, wall, deltas, state, rng, _provenance(), pause,
+                         pause_start - started, started, journal_position, info)
         persister.submit(job)
+        self._captured(step, wall, now - started)
         return info
 
-    def _on_commit(self, job: PersistJob, manifest: Manifest, manifest_bytes: int) -> None:
+    def _captured(self, step: int | None, wall: float, blocking: float) -> None:
+        if self.policy is not None:
+            self.policy.captured(step, wall, blocking)
+        self._preempt_pending = False
+
+    def _capture_failed(self, seq: int, step: int | None, started: float,
+                        err: OSError) -> CaptureInfo:
+        """A capture that failed in its pause (the disk, writing the baselines' marker)."""
+        wrapped = _wrap(err, "capture failed before anything was committed")
+        log.error("arraysnap: capture at step %s failed in its pause: %r", step, err)
+        self._history.append(CaptureStat(seq, step, time.time(), "failed", error=repr(err)))
+        if self.on_error != "warn":
+            raise wrapped
+        self._warn_once(err)
+        info = CaptureInfo(seq, step, time.perf_counter() - started, 0, 0)
+        info._finish(None, wrapped)
+        return info
+
+    def _warn_once(self, err: BaseException) -> None:
+        cause = err
+        while not isinstance(cause, OSError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        kind = (f"{type(cause).__name__}:{errno.errorcode.get(cause.errno, cause.errno)}"
+                if isinstance(cause, OSError) else type(cause).__name__)
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        warnings.warn(
+            f"arraysnap: {self.path} cannot be written ({cause}); the run goes on and the "
+            "changes stay pending for the next capture (on_error='warn'). Further failures "
+            "of this kind are logged, not warned", ArraysnapWarning, stacklevel=4)
+
+    def _raise_background_error(self, message: str) -> None:
+        persister = self._persister
+        error = persister.take_error() if persister is not None else None
+        if error is None:
+            return
+        if self.on_error == "warn":
+            self._warn_once(error)
+            return
+        raise _wrap(error, message)
+
+    def _on_failure(self, job: PersistJob, err: BaseException, stat: CaptureStat) -> None:
+        self._history.append(stat)
+
+    def _on_commit(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
+                   stat: CaptureStat) -> None:
         self._cache[manifest.seq] = (manifest, manifest_bytes)
+        self._history.append(stat)
         with self._state_lock:
             if self._last_captured == job.seq:  # no later capture has touched the baselines
                 self._mirror_seq = job.seq
@@ -458,6 +590,11 @@ class Store:
                 except OSError as err:  # the snapshot is committed; the marker only helps
                     log.warning("arraysnap: could not mark the baselines clean: %r", err)
         job.capture._finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
+        if self.retention.active:
+            try:
+                self._apply_retention(self.retention)
+            except (OSError, ArraysnapError) as err:  # retention only frees space
+                log.error("arraysnap: retention after snapshot %d failed: %r", job.seq, err)
 
     def wait(self) -> None:
         """Block until every capture so far is durable; raise the first background error.
@@ -472,10 +609,14 @@ class Store:
         if self._persister is None:
             return
         self._persister.drain()
-        error = self._persister.take_error()
-        if error is not None:
-            raise ArraysnapError("a capture failed to persist; its changes are kept and go "
-                                 "into the next capture") from error
+        try:
+            self._sync_journal()
+        except OSError as err:
+            if self.on_error != "warn":
+                raise ArraysnapError(f"the replay log cannot be synced: {err}") from err
+            self._warn_once(err)
+        self._raise_background_error("a capture failed to persist; its changes are kept and "
+                                     "go into the next capture")
 
     # -- restore -------------------------------------------------------------------------
     def restore(self, step: int | None = None, *, seq: int | None = None,
@@ -546,8 +687,16 @@ class Store:
         except (ValueError, TypeError) as err:
             raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
         info = SnapshotInfo.from_manifest(*self._load(manifest.seq))
+        events: tuple[Any, ...] = ()
+        if manifest.journal is not None:
+            journal = self._journal or Journal(self.path, writable=False)
+            try:
+                events = tuple(journal.read_from(manifest.journal))
+            except CorruptSnapshotError as err:
+                raise CorruptSnapshotError(f"replay log: {err}", seq=manifest.seq) from None
         return Restored(arrays, manifest.step, manifest.seq, manifest.time,
-                        None if manifest.state is None else dict(manifest.state), rng, info)
+                        None if manifest.state is None else dict(manifest.state), rng, info,
+                        events=events)
 
     def _map_baseline(self, manifest: Manifest, name: str, verify: bool) -> np.ndarray | None:
         """Map the baseline of `name` if it holds exactly this snapshot; None otherwise."""
@@ -658,7 +807,7 @@ class Store:
         for name, target in arrays.items():
             np.copyto(target, restored.arrays[name])
         return Restored(dict(arrays), restored.step, restored.seq, restored.time,
-                        restored.state, restored.rng, restored.info)
+                        restored.state, restored.rng, restored.info, events=restored.events)
 
     # -- verify, prune, gc ---------------------------------------------------------------
     def verify(self, seq: int | None = None) -> VerifyReport:
@@ -701,30 +850,99 @@ class Store:
                         problems.append(Problem(current, name, index, reason))
         return VerifyReport(len(seqs), chunks, tuple(problems))
 
-    def prune(self, keep_last: int) -> PruneReport:
-        """Remove all but the newest `keep_last` snapshots, then unused chunk objects.
+    def prune(self, keep_last: int | None = None, *, keep_every: int | None = None,
+              keep_within: float | str | None = None,
+              max_bytes: int | None = None) -> PruneReport:
+        """Apply a retention policy now: the one given, or else the store's own.
+
+        A snapshot is kept if any rule keeps it (see :func:`arraysnap.open`); the newest is
+        never removed. Chunk objects no kept snapshot uses are deleted, and replay-log
+        records older than every kept snapshot.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
-        ...     for i in range(3):
-        ...         _ = snap.capture({"u": np.full(4, i)}, step=i)
-        ...     snap.prune(keep_last=1).snapshots_removed
-        (1, 2)
+        ...     for i in range(4):
+        ...         _ = snap.capture({"u": np.full(4, i)}, step=i * 10)
+        ...     snap.prune(keep_last=1, keep_every=20).snapshots_removed  # steps 0, 20 stay
+        (2,)
         """
         self._check_writable("prune")
-        if type(keep_last) is not int or keep_last < 1:
-            raise ValueError(f"keep_last must be an integer of at least 1 (the newest snapshot "
-                             f"is always kept), got {keep_last!r}")
-        self.wait()
+        given = (keep_last, keep_every, keep_within, max_bytes)
+        retention = (Retention(*given) if any(v is not None for v in given)  # type: ignore[arg-type]
+                     else self.retention)
+        if not retention.active:
+            raise ValueError("prune() needs a rule: keep_last=, keep_every=, keep_within= or "
+                             "max_bytes= (or open the store with one)")
+        with self._capture_lock:
+            self.wait()
+            return self._apply_retention(retention)
+
+    def _apply_retention(self, retention: Retention) -> PruneReport:
+        """Remove what `retention` does not keep; runs on the writer thread or after wait()."""
         seqs = self._seqs()
-        doomed = tuple(seqs[:-keep_last])
-        for seq in doomed:
+        manifests: dict[int, Manifest] = {}
+        for seq in seqs:
+            try:
+                manifests[seq] = self._load(seq)[0]
+            except ArraysnapError as err:
+                # What a damaged manifest uses is unknown: keep everything it might use.
+                raise CorruptSnapshotError(
+                    f"retention stopped: snapshot {seq} cannot be read ({err}); remove or "
+                    "repair that manifest first") from None
+        candidates = [Candidate(seq, m.step, m.time) for seq, m in manifests.items()]
+        usage = _Usage(self, manifests) if retention.max_bytes is not None else None
+        doomed = retention.doomed(candidates, time.time(),
+                                  usage.size_without if usage is not None else None)
+        if not doomed:
+            return PruneReport((), 0, 0)
+        gone = {c.seq for c in doomed}
+        used: set[bytes] = set()
+        for seq, manifest in manifests.items():
+            if seq not in gone:
+                used.update(_digests(manifest))
+        candidates_digests: set[bytes] = set()
+        for seq in gone:
+            candidates_digests.update(_digests(manifests[seq]))
+        for seq in sorted(gone):
             self._io.unlink(manifest_path(self.path, seq))
             self._cache.pop(seq, None)
-        if doomed:
-            self._io.fsync_dir(self.path / "snapshots")
-        report = self.gc()
-        return PruneReport(doomed, report.chunks_removed, report.bytes_freed)
+        self._io.fsync_dir(self.path / "snapshots")
+        removed, freed = self._delete_objects(candidates_digests - used)
+        positions = [m.journal for seq, m in manifests.items() if seq not in gone]
+        if self._journal is not None and positions and None not in positions:
+            self._journal.trim(min(p for p in positions if p is not None))
+        log.info("arraysnap: retention removed snapshots %s (%d chunks, %d bytes)",
+                 sorted(gone), removed, freed)
+        return PruneReport(tuple(sorted(gone)), removed, freed)
+
+    def _delete_objects(self, digests: Iterable[bytes]) -> tuple[int, int]:
+        removed = freed = 0
+        persister = self._persister
+        for digest in digests:
+            if persister is not None and persister.pinned(digest):
+                continue  # an in-flight capture refers to it
+            try:
+                size = self._objects.path(digest).stat().st_size
+            except FileNotFoundError:
+                continue
+            self._objects.delete(digest)
+            removed += 1
+            freed += size
+        return removed, freed
+
+    def _free_space(self) -> int:
+        """The ENOSPC hook (writer thread): apply the retention policy; bytes freed."""
+        if not self.retention.active:
+            return 0
+        try:
+            return self._apply_retention(self.retention).bytes_freed
+        except (OSError, ArraysnapError) as err:
+            log.error("arraysnap: pruning to free space failed: %r", err)
+            return 0
+
+    def _sync_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.flush(durable=True)
 
     def gc(self) -> PruneReport:
         """Delete chunk objects that no snapshot uses (left by prune or a killed writer).
@@ -734,7 +952,11 @@ class Store:
         0
         """
         self._check_writable("collect garbage")
-        self.wait()
+        with self._capture_lock:
+            self.wait()
+            return self._gc()
+
+    def _gc(self) -> PruneReport:
         used: set[bytes] = set()
         for seq in self._seqs():
             try:
@@ -747,16 +969,8 @@ class Store:
             for record in manifest.arrays.values():
                 digests = record.digests
                 used.update(digests[i : i + 32] for i in range(0, len(digests), 32))
-        removed = freed = 0
-        for digest in list(self._objects.digests()):
-            if digest not in used:
-                path = self._objects.path(digest)
-                try:
-                    freed += path.stat().st_size
-                except FileNotFoundError:
-                    continue
-                self._objects.delete(digest)
-                removed += 1
+        unused = [d for d in self._objects.digests() if d not in used]
+        removed, freed = self._delete_objects(unused)
         return PruneReport((), removed, freed)
 
     # -- zarr ----------------------------------------------------------------------------
@@ -796,6 +1010,104 @@ class Store:
             self._persister.drain()
         return SnapshotZarrStore(self._select(step, seq), self._objects, self.codec)
 
+    # -- cadence, preemption, replay log, stats --------------------------------------------
+    def due(self, step: int | None = None) -> bool:
+        """True when a capture at `step` is due: by the ``every=`` policy, or a preemption.
+
+        A watched signal (``signals=``) makes the next ``due()`` true, whatever the policy,
+        until the next capture. Without a policy only preemption makes it true.
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap", every=10) as snap:
+        ...     u = np.zeros(4)
+        ...     for step in range(25):
+        ...         u += 1
+        ...         if snap.due(step):
+        ...             _ = snap.capture({"u": u}, step=step)
+        ...     snap.wait()
+        ...     [info.step for info in snap.list()]
+        [10, 20]
+        """
+        self._check_open()
+        if self._preempt_pending:
+            return True
+        return self.policy is not None and self.policy.due(step)
+
+    @property
+    def preempted(self) -> bool:
+        """True once a watched signal arrived: capture at the next safe point and exit.
+
+        >>> import arraysnap, os, signal, tempfile
+        >>> snap = arraysnap.open(tempfile.mkdtemp() + "/s.snap", signals=[signal.SIGUSR2])
+        >>> snap.preempted
+        False
+        >>> os.kill(os.getpid(), signal.SIGUSR2)
+        >>> snap.preempted, snap.due(0)
+        (True, True)
+        >>> snap.close()
+        """
+        return self._preempted
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only flags: the loop captures at its next safe point, never from in here.
+        self._preempted = True
+        self._preempt_pending = True
+        previous = self._old_handlers.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    def _watch_signals(self, signums: tuple[int, ...]) -> None:
+        if not signums:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("signals= must be set by a store opened in the main thread "
+                             "(Python delivers signals there)")
+        for signum in signums:
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _unwatch_signals(self) -> None:
+        while self._old_handlers:
+            signum, previous = self._old_handlers.popitem()
+            try:
+                if signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, previous)
+            except ValueError:  # not the main thread (close at exit from another thread)
+                log.warning("arraysnap: could not restore the handler of signal %d", signum)
+
+    def log(self, record: Any) -> int:
+        """Append a JSON record to the replay log; return its number.
+
+        ``restore()`` returns, as ``Restored.events``, the records logged after the restored
+        snapshot's capture, in order: replay them to redo external effects (the last message
+        sent, a queue offset). Records are written in batches and made durable at each
+        commit and by ``wait()``.
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+        ...     _ = snap.capture({"u": np.zeros(2)}, step=1)
+        ...     _ = snap.log({"sent": "mail 1"}); _ = snap.log({"offset": 42})
+        ...     snap.wait()
+        ...     snap.restore().events
+        ({'sent': 'mail 1'}, {'offset': 42})
+        """
+        self._check_writable("log")
+        assert self._journal is not None
+        return self._journal.log(record)
+
+    def stats(self) -> CaptureStats:
+        """The history of this store's captures (committed and failed), oldest first.
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+        ...     _ = snap.capture({"u": np.zeros(4)}, step=0)
+        ...     snap.wait()
+        ...     stats = snap.stats()
+        >>> len(stats), stats[0].status, stats.column("chunks_changed").tolist()
+        (1, 'committed', [1])
+        """
+        self._check_open()
+        return self._history.read()
+
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
         """Finish pending captures, mark the baselines clean and release the lock.
@@ -816,21 +1128,32 @@ class Store:
             if self._persister is not None:
                 self._persister.drain()
                 error = self._persister.take_error()
+                try:
+                    self._sync_journal()
+                except OSError as err:
+                    error = error or err
+                self._history.sync()
                 with self._state_lock:
                     mirror_seq = self._mirror_seq
                 if error is None and mirror_seq is not None:
                     self._mirror.mark_clean(mirror_seq)
         finally:
             self._release()
+        if error is not None and self.on_error == "warn":
+            self._warn_once(error)
+            return
         if error is not None:
-            raise ArraysnapError("a capture failed to persist before close(); the store holds "
-                                 "every snapshot committed before it") from error
+            raise _wrap(error, "a capture failed to persist before close(); the store holds "
+                               "every snapshot committed before it")
 
     def _release(self) -> None:
         self._closed = True
+        self._unwatch_signals()
         if self._persister is not None:
             self._persister.stop()
             self._persister = None
+        if self._journal is not None:
+            self._journal.close()
         self._mirror.close()
         self._pool.shutdown(wait=True)
         if self._lock_fd >= 0:
@@ -847,6 +1170,79 @@ class Store:
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.mode
         return f"<arraysnap.Store {str(self.path)!r} ({state})>"
+
+
+def _wrap(error: BaseException, message: str) -> ArraysnapError:
+    """`error` chained under an ArraysnapError (a StoreWriteError for an OSError)."""
+    if isinstance(error, OSError):
+        wrapped: ArraysnapError = StoreWriteError(error.errno, f"{message}: {error}")
+    else:
+        wrapped = ArraysnapError(f"{message}: {error!r}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+# -- retention helpers ---------------------------------------------------------------------
+def _digests(manifest: Manifest) -> set[bytes]:
+    found: set[bytes] = set()
+    for record in manifest.arrays.values():
+        digests = record.digests
+        found.update(digests[i : i + 32] for i in range(0, len(digests), 32))
+    return found
+
+
+class _Usage:
+    """The store's size (chunk objects and manifests) as snapshots are taken away."""
+
+    def __init__(self, store: Store, manifests: Mapping[int, Manifest]) -> None:
+        self._sets = {seq: _digests(m) for seq, m in manifests.items()}
+        self._manifest_bytes = {seq: store._load(seq)[1] for seq in manifests}
+        self._refs: dict[bytes, int] = {}
+        for digests in self._sets.values():
+            for digest in digests:
+                self._refs[digest] = self._refs.get(digest, 0) + 1
+        sizes = store._object_sizes
+        for digest in self._refs:
+            if digest not in sizes:
+                try:
+                    sizes[digest] = store._objects.path(digest).stat().st_size
+                except OSError:
+                    sizes[digest] = 0
+        self._sizes = sizes
+        self.total = sum(sizes[d] for d in self._refs) + sum(self._manifest_bytes.values())
+        self._removed: set[int] = set()
+
+    def size_without(self, doomed: Iterable[Candidate]) -> int:
+        for candidate in doomed:
+            if candidate.seq in self._removed:
+                continue
+            self._removed.add(candidate.seq)
+            self.total -= self._manifest_bytes[candidate.seq]
+            for digest in self._sets[candidate.seq]:
+                self._refs[digest] -= 1
+                if self._refs[digest] == 0:
+                    self.total -= self._sizes[digest]
+        return self.total
+
+
+def _parse_signals(signals: object) -> tuple[int, ...]:
+    if signals is True:
+        return DEFAULT_SIGNALS
+    if signals is False or signals is None:
+        return ()
+    if isinstance(signals, int):
+        signals = (signals,)
+    if not isinstance(signals, Iterable):
+        raise TypeError(f"signals= takes True (SIGTERM and SIGUSR1) or a list of signals, got "
+                        f"{signals!r}")
+    parsed = []
+    for item in signals:
+        try:
+            parsed.append(signal.Signals(item))
+        except (ValueError, TypeError):
+            raise ValueError(f"signals=: {item!r} is not a signal number; use e.g. "
+                             "signal.SIGTERM") from None
+    return tuple(parsed)
 
 
 # -- input checking ------------------------------------------------------------------------

@@ -1,0 +1,229 @@
+"""The replay log: JSON records logged between captures, returned by ``restore().events``.
+
+Records are numbered from 0 for the life of the store. Each manifest notes how many records
+had been logged when its capture started (its *journal position*); a restore returns the
+records from that position on, in order: what happened after the snapshot, to replay its
+external effects. Records live in segment files ``journal/<first number>.jsonl``, one JSON
+line each with its number and a short blake3 check. They are buffered, written in batches,
+and fsynced at each commit (before the manifest, so a snapshot never points past durable
+records) and on ``wait()``. A line torn by a crash at the very end is dropped; anything else
+malformed is a :class:`CorruptSnapshotError` naming the file and line.
+
+>>> import tempfile, pathlib
+>>> journal = Journal(pathlib.Path(tempfile.mkdtemp()))
+>>> _ = journal.log({"sent": 1}); position = journal.position; _ = journal.log({"sent": 2})
+>>> journal.flush(durable=True)
+>>> [record for record in journal.read_from(position)]
+[{'sent': 2}]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from .errors import CorruptSnapshotError
+from .fsio import FileIO, read_regular_file
+
+__all__ = ["MAX_RECORD_BYTES", "Journal"]
+
+MAX_RECORD_BYTES = 1 << 20
+_SEGMENT_BYTES = 16 << 20
+_MAX_SEGMENT_BYTES = 1 << 30
+_SEGMENT_NAME = re.compile(r"^(\d{16})\.jsonl$")
+_LINE = re.compile(rb'^\{"n":(\d{1,18}),"c":"([0-9a-f]{16})","r":(.*)\}$', re.DOTALL)
+
+
+def _check(text: str) -> str:
+    return blake3.blake3(text.encode("utf-8")).hexdigest()[:16]
+
+
+def encode_record(record: object) -> str:
+    """The JSON text of `record`; ValueError/TypeError naming the problem if it has none.
+
+    >>> encode_record({"offset": 17})
+    '{"offset":17}'
+    """
+    try:
+        text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"log() takes a JSON-serialisable record (dict, list, str, number, "
+                         f"bool, None): {err}") from None
+    except RecursionError:
+        raise ValueError("log() record is nested too deeply (or refers to itself)") from None
+    if len(text) > MAX_RECORD_BYTES:
+        raise ValueError(f"log() record is {len(text)} bytes of JSON; keep records under "
+                         f"{MAX_RECORD_BYTES} bytes (store bulk data as arrays)")
+    return text
+
+
+class Journal:
+    """Append-only, segmented replay log under ``<root>/journal``."""
+
+    def __init__(self, root: Path, io: FileIO | None = None, *, writable: bool = True) -> None:
+        self.dir = root / "journal"
+        self.io = io or FileIO()
+        self._lock = threading.Lock()
+        self._buffer: list[str] = []
+        self._fd = -1
+        self._segment_bytes = 0
+        self._unsynced = False
+        self._closed = False
+        self.position = 0  # the number the next record gets
+        if writable:
+            self._open_for_append()
+
+    # -- reading ---------------------------------------------------------------------------
+    def segments(self) -> list[tuple[int, Path]]:
+        """(first record number, path) of each segment, in order."""
+        try:
+            names = os.listdir(self.dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = [(int(m.group(1)), self.dir / name) for name in names
+                 if (m := _SEGMENT_NAME.match(name))]
+        return sorted(found)
+
+    def _lines(self, first: int, path: Path, last_segment: bool) -> Iterator[tuple[int, Any]]:
+        try:
+            data = read_regular_file(path, _MAX_SEGMENT_BYTES)
+        except OSError as err:
+            raise CorruptSnapshotError(f"journal segment {path.name} cannot be read: {err}") \
+                from None
+        lines = data.split(b"\n")
+        torn = lines.pop()  # b"" when the segment ends with a newline
+        if torn and not last_segment:
+            raise CorruptSnapshotError(f"journal segment {path.name} ends in a partial line")
+        for offset, line in enumerate(lines):
+            number = first + offset
+            match = _LINE.match(line)
+            record: Any = None
+            ok = (match is not None and int(match.group(1)) == number
+                  and _check(match.group(3).decode("utf-8", "replace")) == match.group(2).decode())
+            if ok:
+                try:
+                    record = json.loads(match.group(3))  # type: ignore[union-attr]
+                except (ValueError, RecursionError):
+                    ok = False
+            if not ok:
+                raise CorruptSnapshotError(
+                    f"journal segment {path.name}, line {offset + 1} (record {number}) is "
+                    "damaged; restore an older snapshot, or remove the segment to give up its "
+                    "records")
+            yield number, record
+
+    def read_from(self, position: int) -> list[Any]:
+        """Every durable or buffered record numbered `position` or later, in order."""
+        with self._lock:
+            self._write_buffer()
+            segments = self.segments()
+        records: list[Any] = []
+        expected: int | None = None
+        for index, (first, path) in enumerate(segments):
+            following = segments[index + 1][0] if index + 1 < len(segments) else None
+            if following is not None and following <= position:
+                continue
+            if expected is not None and first != expected:
+                raise CorruptSnapshotError(
+                    f"journal records {expected}..{first - 1} are missing (before segment "
+                    f"{path.name})")
+            for number, record in self._lines(first, path, following is None):
+                expected = number + 1
+                if number >= position:
+                    records.append(record)
+            expected = expected if expected is not None else first
+        return records
+
+    def _scan_end(self) -> tuple[int, Path | None, int]:
+        """(next record number, last segment, its length up to the last whole line)."""
+        segments = self.segments()
+        if not segments:
+            return 0, None, 0
+        first, path = segments[-1]
+        data = read_regular_file(path, _MAX_SEGMENT_BYTES)
+        whole = data.rfind(b"\n") + 1
+        return first + data[:whole].count(b"\n"), path, whole
+
+    # -- writing ---------------------------------------------------------------------------
+    def _open_for_append(self) -> None:
+        if self.dir.is_symlink():
+            self.dir.unlink()
+        self.dir.mkdir(exist_ok=True)
+        self.position, path, whole = self._scan_end()
+        if path is not None:
+            # A crash may have torn the last line: it was never durable, so drop it.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            os.ftruncate(fd, whole)
+            self._fd, self._segment_bytes = fd, whole
+
+    def log(self, record: object) -> int:
+        """Buffer one record; return its number."""
+        text = encode_record(record)
+        with self._lock:
+            if self._closed:
+                raise ValueError("the journal is closed")
+            number = self.position
+            self.position += 1
+            self._buffer.append(f'{{"n":{number},"c":"{_check(text)}","r":{text}}}\n')
+            return number
+
+    def _write_buffer(self) -> None:
+        if not self._buffer or self._closed:
+            return
+        lines, self._buffer = self._buffer, []
+        first = self.position - len(lines)
+        data = "".join(lines).encode("utf-8")
+        if self._fd < 0 or self._segment_bytes + len(data) > _SEGMENT_BYTES:
+            self._start_segment(first)
+        try:
+            self.io.write(self._fd, data)
+        except BaseException:
+            # Keep the records; a partial line on disk is cut off by the next open.
+            self._buffer = lines + self._buffer
+            raise
+        self._segment_bytes += len(data)
+        self._unsynced = True
+
+    def _start_segment(self, first: int) -> None:
+        if self._fd >= 0:
+            self.io.fsync(self._fd)
+            os.close(self._fd)
+        path = self.dir / f"{first:016d}.jsonl"
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        self._segment_bytes = os.fstat(self._fd).st_size
+        self.io.fsync_dir(self.dir)
+
+    def flush(self, durable: bool) -> None:
+        """Write buffered records; with `durable`, fsync them."""
+        with self._lock:
+            self._write_buffer()
+            if durable and self._unsynced and self._fd >= 0:
+                self.io.fsync(self._fd)
+                self._unsynced = False
+
+    def trim(self, position: int) -> int:
+        """Delete whole segments holding only records before `position`; return how many."""
+        with self._lock:
+            segments = self.segments()
+            removed = 0
+            for (_, path), (following, _) in zip(segments, segments[1:], strict=False):
+                if following <= position:
+                    self.io.unlink(path)
+                    removed += 1
+            if removed:
+                self.io.fsync_dir(self.dir)
+            return removed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd = -1
+            self._closed = True
