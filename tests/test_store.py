@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from conftest import assert_bit_exact, store_files
 
 import arraysnap
@@ -392,3 +393,240 @@ def test_latest_is_always_the_last_listed(store_path):
     with arraysnap.open(store_path, mode="r") as reader:
         assert [info.seq for info in reader.list()] == [1]
         assert reader.latest() == reader.list()[-1]
+
+
+# -- cadence and preemption ------------------------------------------------------------------
+def test_due_follows_the_every_policy(store_path):
+    with arraysnap.open(store_path, every=arraysnap.every(steps=7)) as snap:
+        u = np.zeros(16)
+        for step in range(30):
+            u += 1
+            if snap.due(step):
+                snap.capture({"u": u}, step=step)
+        snap.wait()
+        assert [info.step for info in snap.list()] == [7, 14, 21, 28]
+    with arraysnap.open(store_path) as snap:
+        assert not snap.due(1000)  # no policy, no preemption: never due
+
+
+def test_young_daly_policy_measures_this_runs_captures(store_path):
+    policy = arraysnap.young_daly(mtbf="1h")
+    with arraysnap.open(store_path, every=policy) as snap:
+        assert snap.due(0)  # before any capture: capture to measure the cost
+        snap.capture({"u": np.zeros(1000)}, step=0)
+        snap.capture({"u": np.ones(1000)}, step=1)
+        cost = policy.cost()
+        assert cost is not None and 0 < cost < 5
+        assert policy.interval() == pytest.approx((2 * cost * 3600) ** 0.5)
+        assert not snap.due(2)  # the interval is far longer than this test
+
+
+PREEMPTED_CHILD = """
+import sys, arraysnap, numpy as np
+snap = arraysnap.open(sys.argv[1], every=10**9, signals=True)
+u = np.zeros(1000)
+step = 0
+print("ready", flush=True)
+while True:
+    step += 1
+    u += 1.0
+    if snap.due(step):
+        snap.capture({"u": u}, step=step, state={"preempted": snap.preempted})
+    if snap.preempted:
+        break
+snap.close()
+print("stopped at", step, flush=True)
+"""
+
+
+def test_sigterm_makes_the_loop_capture_at_its_next_safe_point_and_exit(store_path):
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PREEMPTED_CHILD),
+                              str(store_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0, "SIGTERM killed the job instead of stopping it"
+    stopped_at = int(out.split()[-1])
+    with arraysnap.open(store_path, mode="r") as reader:
+        restored = reader.restore()
+    assert restored.step == stopped_at and restored.state == {"preempted": True}
+    assert restored.arrays["u"][0] == float(stopped_at)
+    assert len(reader.list()) == 1  # one capture: at the signal, not from inside the handler
+
+
+def test_signal_handlers_are_restored_at_close(store_path):
+    import os
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    try:
+        snap = arraysnap.open(store_path, signals=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert snap.preempted and seen == [signal.SIGUSR1]  # the old handler still runs
+        assert snap.due(None)
+        snap.capture({"u": np.zeros(3)})
+        assert not snap.due(None) and snap.preempted  # due once; preempted stays
+        snap.close()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == [signal.SIGUSR1] * 2
+        assert signal.getsignal(signal.SIGUSR1) is not None
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    with pytest.raises(ValueError, match="not a signal"):
+        arraysnap.open(store_path, signals=["TERM"])
+    with pytest.raises(ValueError, match="mode='a'"):
+        arraysnap.open(store_path, mode="r", signals=True)
+
+
+# -- retention -------------------------------------------------------------------------------
+def test_retention_is_applied_after_each_commit_and_frees_chunks(store_path):
+    with arraysnap.open(store_path, chunk_bytes=4096, keep_last=2, keep_every=10) as snap:
+        u = np.zeros(4096)
+        for step in range(26):
+            u[step * 100 : step * 100 + 100] = step + 1  # new chunks every step
+            snap.capture({"u": u}, step=step)
+        snap.wait()
+        assert [info.step for info in snap.list()] == [0, 10, 20, 24, 25]
+        assert snap.gc().chunks_removed == 0  # retention already freed what it removed
+        assert snap.verify().ok
+        assert_bit_exact(snap.restore(step=10).arrays["u"][:1200],
+                         np.r_[np.arange(1, 12).repeat(100), np.zeros(100)])
+
+
+def test_max_bytes_keeps_the_store_under_its_quota(store_path):
+    rng = np.random.default_rng(3)
+    quota = 400_000
+    with arraysnap.open(store_path, chunk_bytes=4096, max_bytes=quota, codec="none") as snap:
+        for step in range(12):
+            snap.capture({"u": rng.random(8192)}, step=step)  # 64 KiB of new data each
+        snap.wait()
+        used = sum(f.stat().st_size for sub in ("chunks", "snapshots")
+                   for f in (store_path / sub).rglob("*") if f.is_file())
+        assert used <= quota
+        steps = [info.step for info in snap.list()]
+        assert steps[-1] == 11 and len(steps) < 12
+        assert steps == list(range(steps[0], 12))  # the oldest went first
+        assert snap.verify().ok
+
+
+def test_prune_applies_rules_given_or_the_stores_own(store_path):
+    with arraysnap.open(store_path, keep_last=1) as snap:
+        with pytest.raises(ValueError, match="needs a rule"):
+            arraysnap.open(store_path.with_name("other.snap")).prune()
+        for step in range(3):
+            snap.capture({"u": np.full(4, step)}, step=step)
+        snap.wait()
+        assert [info.step for info in snap.list()] == [2]
+    with arraysnap.open(store_path) as snap:
+        for step in range(3, 6):
+            snap.capture({"u": np.full(4, step)}, step=step)
+        assert snap.prune(keep_within="1h").snapshots_removed == ()
+        assert snap.prune(keep_last=2).snapshots_removed == (3, 4)
+
+
+def test_a_reader_keeps_what_it_restored_and_gets_a_clear_error_for_pruned_chunks(store_path):
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        for step in range(3):
+            snap.capture({"u": np.full(2048, float(step))}, step=step)
+        snap.wait()
+        reader = arraysnap.open(store_path, mode="r")
+        restored = reader.restore(step=0)
+        lazy = zarr.open_group(reader.zarr_store(step=0), mode="r")
+        snap.prune(keep_last=1)
+        assert (restored.arrays["u"] == 0.0).all()  # still readable, still right
+        with pytest.raises(arraysnap.CorruptSnapshotError, match="missing"):
+            lazy["u"][:]
+        with pytest.raises(arraysnap.SnapshotNotFoundError):
+            reader.restore(step=0)
+        reader.close()
+
+
+# -- replay log and stats --------------------------------------------------------------------
+def test_events_are_the_records_logged_after_the_restored_snapshot(store_path):
+    with arraysnap.open(store_path) as snap:
+        snap.log({"before": "any snapshot"})
+        snap.capture({"u": np.zeros(3)}, step=1)
+        snap.log({"sent": 1})
+        snap.log({"sent": 2})
+        snap.capture({"u": np.ones(3)}, step=2)
+        snap.log({"sent": 3})
+        snap.wait()
+        assert snap.restore(step=1).events == ({"sent": 1}, {"sent": 2}, {"sent": 3})
+        assert snap.restore().events == ({"sent": 3},)
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert reader.restore().events == ({"sent": 3},)
+
+
+def test_logged_records_survive_a_kill_after_wait_and_keep_their_order(store_path):
+    from conftest import run_python
+
+    killed = run_python(f"""
+        import os, signal, arraysnap, numpy as np
+        snap = arraysnap.open({str(store_path)!r})
+        snap.capture({{"u": np.zeros(3)}}, step=1)
+        snap.log({{"offset": 10}})
+        snap.wait()  # durable from here
+        snap.capture({{"u": np.ones(3)}}, step=2)
+        snap.log({{"offset": 20}})
+        snap.wait()
+        snap.log({{"offset": 30}})  # after the last commit, made durable by wait()
+        snap.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    assert killed.returncode == -9
+    with arraysnap.open(store_path) as snap:
+        assert snap.restore().events == ({"offset": 20}, {"offset": 30})
+        assert snap.restore(step=1).events == ({"offset": 10}, {"offset": 20}, {"offset": 30})
+        snap.log({"offset": 40})  # the resumed run goes on numbering after the dead one
+        snap.capture({"u": np.full(3, 2.0)}, step=3)
+        snap.wait()
+        assert snap.restore(step=2).events == ({"offset": 20}, {"offset": 30}, {"offset": 40})
+        assert snap.restore().events == ()
+
+
+def test_retention_trims_the_replay_log(store_path, monkeypatch):
+    from arraysnap import journal
+
+    monkeypatch.setattr(journal, "_SEGMENT_BYTES", 100)
+    with arraysnap.open(store_path, keep_last=2) as snap:
+        for step in range(10):
+            snap.capture({"u": np.full(3, step)}, step=step)
+            for i in range(3):
+                snap.log({"step": step, "i": i})
+            snap.wait()
+        first = min(int(p.stem) for p in (store_path / "journal").iterdir())
+        assert first > 0  # old segments are gone
+        events = snap.restore(step=8).events
+        assert [e["step"] for e in events] == [8, 8, 8, 9, 9, 9]
+
+
+def test_stats_record_every_capture(store_path):
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        u = np.zeros(4096)
+        for step in range(3):
+            u[:1000] = step
+            snap.capture({"u": u}, step=step)
+        snap.wait()
+        stats = snap.stats()
+    assert [row.step for row in stats] == [0, 1, 2]
+    assert stats.column("chunks_scanned").tolist() == [8, 8, 8]
+    assert stats.column("chunks_changed").tolist() == [8, 2, 2]
+    assert all(row.status == "committed" and row.durable_seconds >= row.pause_seconds > 0
+               for row in stats)
+    assert (stats.column("bytes_written") > 0).all()
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert len(reader.stats()) == 3
+
+
+def test_log_refuses_what_is_not_json_before_writing(snap):
+    with pytest.raises(ValueError, match="JSON"):
+        snap.log({"x": object()})
+    with pytest.raises(arraysnap.ReadOnlyStoreError):
+        arraysnap.open(snap.path, mode="r").log({"x": 1})

@@ -248,7 +248,10 @@ class Persister:
                     self._broken = True
             job.read_done = time.perf_counter()
             job.chunks_read.set()
-            self._writer.submit(self._commit, job)
+            try:
+                self._writer.submit(self._commit, job)
+            except RuntimeError:  # the writer was shut down (interpreter exit): never hang
+                self._commit(job)
 
     def _indices(self, delta: ArrayDelta) -> tuple[np.ndarray, bytearray]:
         previous = self.tables.get(delta.name)

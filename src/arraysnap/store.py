@@ -182,8 +182,10 @@ class Store:
         self.retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
         self.on_error = on_error
         watched = _parse_signals(signals)
-        self._preempted = False
-        self._preempt_pending = False
+        self._preempted = False  # a watched signal arrived
+        self._preempt_pending = False  # ... and no capture has followed it yet
+        self._preempt_seen = False  # ... and due() has answered True for it
+        self._due_asked = False
         self._old_handlers: dict[int, Any] = {}
         self._warned: set[str] = set()
         self._buffer_bytes = buffer_bytes
@@ -577,6 +579,7 @@ class Store:
 
     def _on_failure(self, job: PersistJob, err: BaseException, stat: CaptureStat) -> None:
         self._history.append(stat)
+        job.capture._finish(None, _wrap(err, f"snapshot {job.seq} failed to persist"))
 
     def _on_commit(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
                    stat: CaptureStat) -> None:
@@ -931,14 +934,16 @@ class Store:
         return removed, freed
 
     def _free_space(self) -> int:
-        """The ENOSPC hook (writer thread): apply the retention policy; bytes freed."""
-        if not self.retention.active:
-            return 0
+        """The ENOSPC hook (writer thread): apply the retention policy, then delete chunk
+        objects no snapshot uses (a killed writer's leftovers); return the bytes freed."""
+        freed = 0
         try:
-            return self._apply_retention(self.retention).bytes_freed
+            if self.retention.active:
+                freed += self._apply_retention(self.retention).bytes_freed
+            freed += self._gc().bytes_freed
         except (OSError, ArraysnapError) as err:
             log.error("arraysnap: pruning to free space failed: %r", err)
-            return 0
+        return freed
 
     def _sync_journal(self) -> None:
         if self._journal is not None:
@@ -1029,13 +1034,20 @@ class Store:
         [10, 20]
         """
         self._check_open()
+        self._due_asked = True
         if self._preempt_pending:
+            self._preempt_seen = True
             return True
         return self.policy is not None and self.policy.due(step)
 
     @property
     def preempted(self) -> bool:
         """True once a watched signal arrived: capture at the next safe point and exit.
+
+        In a loop that asks ``due()``, it turns true only once ``due()`` has answered True
+        for the signal, so ``if snap.due(step): snap.capture(...)`` followed by ``if
+        snap.preempted: break`` never exits without that last capture, wherever the signal
+        lands.
 
         >>> import arraysnap, os, signal, tempfile
         >>> snap = arraysnap.open(tempfile.mkdtemp() + "/s.snap", signals=[signal.SIGUSR2])
@@ -1046,7 +1058,7 @@ class Store:
         (True, True)
         >>> snap.close()
         """
-        return self._preempted
+        return self._preempted and (self._preempt_seen or not self._due_asked)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only flags: the loop captures at its next safe point, never from in here.
@@ -1316,7 +1328,6 @@ def _provenance() -> dict[str, Any]:
             "pid": os.getpid(), "argv0": os.path.basename(sys.argv[0]) if sys.argv else ""}
 
 
-@atexit.register
 def _close_open_stores() -> None:
     for store in list(_open_stores):
         try:
@@ -1324,3 +1335,10 @@ def _close_open_stores() -> None:
         except Exception as err:  # noqa: BLE001 - exit must go on; the error is logged
             log.error("arraysnap: closing %s at exit failed: %r", store.path, err)
 
+
+# Before concurrent.futures refuses new work at exit (its hook runs after ours, as threading
+# calls these hooks last-registered first), so pending captures can still finish.
+_register_thread_exit = getattr(threading, "_register_atexit", None)
+if _register_thread_exit is not None:
+    _register_thread_exit(_close_open_stores)
+atexit.register(_close_open_stores)

@@ -1,0 +1,96 @@
+"""The replay log: numbering, batching, torn tails, damage, segments and trimming."""
+
+from __future__ import annotations
+
+import pytest
+
+import arraysnap
+from arraysnap import journal as journal_module
+from arraysnap.journal import Journal
+
+
+def test_records_come_back_in_order_from_a_position(tmp_path):
+    journal = Journal(tmp_path)
+    numbers = [journal.log({"i": i}) for i in range(5)]
+    assert numbers == [0, 1, 2, 3, 4]
+    assert journal.read_from(3) == [{"i": 3}, {"i": 4}]  # buffered records are written first
+    journal.flush(durable=True)
+    journal.close()
+    again = Journal(tmp_path)
+    assert again.position == 5 and again.read_from(0) == [{"i": i} for i in range(5)]
+    assert again.log("next") == 5
+
+
+def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
+    journal = Journal(tmp_path)
+    journal.log({"a": 1})
+    journal.log({"b": 2})
+    journal.flush(durable=True)
+    journal.close()
+    (segment,) = (tmp_path / "journal").iterdir()
+    data = segment.read_bytes()
+    segment.write_bytes(data[:-7])  # a crash in the middle of the second line
+    assert Journal(tmp_path, writable=False).read_from(0) == [{"a": 1}]
+    reopened = Journal(tmp_path)
+    assert reopened.position == 1
+    reopened.log({"c": 3})
+    reopened.flush(durable=True)
+    assert reopened.read_from(0) == [{"a": 1}, {"c": 3}]
+
+
+@pytest.mark.parametrize("damage", ["flip", "renumber", "garbage"])
+def test_a_damaged_line_is_named(tmp_path, damage):
+    journal = Journal(tmp_path)
+    for i in range(3):
+        journal.log({"value": i * 11})
+    journal.flush(durable=True)
+    (segment,) = (tmp_path / "journal").iterdir()
+    lines = segment.read_bytes().split(b"\n")
+    if damage == "flip":
+        lines[1] = lines[1].replace(b"11", b"12")
+    elif damage == "renumber":
+        lines[1] = lines[1].replace(b'"n":1', b'"n":7')
+    else:
+        lines[1] = b"\x00\xff not json"
+    segment.write_bytes(b"\n".join(lines))
+    with pytest.raises(arraysnap.CorruptSnapshotError, match=r"line 2 \(record 1\)"):
+        Journal(tmp_path, writable=False).read_from(0)
+
+
+def test_segments_rotate_and_trim_keeps_what_a_position_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 200)
+    journal = Journal(tmp_path)
+    for i in range(30):
+        journal.log({"i": i, "pad": "x" * 20})
+        journal.flush(durable=False)
+    segments = journal.segments()
+    assert len(segments) > 3
+    journal.trim(17)
+    assert journal.segments()[0][0] <= 17 < journal.segments()[1][0]
+    assert [r["i"] for r in journal.read_from(17)] == list(range(17, 30))
+    # A missing segment in the middle is a gap, reported as such.
+    journal.segments()[1][1].unlink()
+    with pytest.raises(arraysnap.CorruptSnapshotError, match="missing"):
+        journal.read_from(0)
+
+
+def test_records_must_be_json(tmp_path):
+    journal = Journal(tmp_path)
+    for bad in (object(), {"x": float("nan")}, {1j: 2}):
+        with pytest.raises(ValueError, match="JSON"):
+            journal.log(bad)
+    with pytest.raises(ValueError, match="under"):
+        journal.log("x" * (journal_module.MAX_RECORD_BYTES + 1))
+    assert journal.position == 0  # nothing was numbered
+
+
+def test_a_symlink_as_the_journal_folder_is_not_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "journal").symlink_to(elsewhere)
+    journal = Journal(tmp_path / "store")
+    journal.log({"a": 1})
+    journal.flush(durable=True)
+    assert not any(elsewhere.iterdir())
+    assert (tmp_path / "store" / "journal").is_dir()

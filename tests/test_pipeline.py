@@ -1,0 +1,278 @@
+"""Background persistence: point-in-time snapshots, overlap, backpressure, failures, retries."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_bit_exact
+
+import arraysnap
+from arraysnap import pipeline
+from arraysnap.fsio import FileIO
+
+CHUNK = 4096
+
+
+class GatedIO(FileIO):
+    """Chunk-object writes wait for `gate` (so tests control when the disk 'finishes')."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.writes_started = threading.Event()
+
+    def write(self, fd, data):
+        if "/chunks/" in _fd_path(fd):
+            self.writes_started.set()
+            assert self.gate.wait(60), "test gate never opened"
+        super().write(fd, data)
+
+
+class FlakyIO(FileIO):
+    """Chunk-object writes fail with `err` `times` times (then succeed), while armed."""
+
+    def __init__(self) -> None:
+        self.err = errno.EIO
+        self.times = 0
+        self.failed = 0
+        self.lock = threading.Lock()
+
+    def arm(self, err: int, times: int) -> None:
+        with self.lock:
+            self.err, self.times, self.failed = err, times, 0
+
+    def write(self, fd, data):
+        if "/chunks/" in _fd_path(fd):
+            with self.lock:
+                if self.failed < self.times:
+                    self.failed += 1
+                    raise OSError(self.err, f"injected {errno.errorcode[self.err]}")
+        super().write(fd, data)
+
+
+def _fd_path(fd: int) -> str:
+    import os
+
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def in_thread(function, *args):
+    """Run `function` in a thread; return (thread, result box)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = function(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_each_snapshot_is_the_state_at_its_capture_while_writes_lag(store_path: Path):
+    io = GatedIO()
+    io.gate.clear()
+    rng = np.random.default_rng(0)
+    u = rng.random(20_000)
+    expected = {}
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+        infos = []
+        for step in range(5):
+            infos.append(snap.capture({"u": u}, step=step))
+            expected[step] = u.copy()
+            u[rng.integers(0, u.size, 50)] = rng.random(50)  # the program runs on at once
+        assert not any(info.done() for info in infos)  # nothing durable yet: writes wait
+        io.gate.set()
+        snap.wait()
+        assert [info.result().step for info in infos] == list(range(5))
+        for step in range(5):
+            assert_bit_exact(snap.restore(step=step).arrays["u"], expected[step])
+
+
+def test_a_capture_waits_only_until_the_previous_one_has_read_its_chunks(store_path: Path):
+    io = GatedIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+        u = np.zeros(8 * 1024)
+        snap.capture({"u": u}, step=0).result()
+        io.gate.clear()
+        u[:] = 1.0
+        first = snap.capture({"u": u}, step=1)
+        assert io.writes_started.wait(30)  # the first one is now stuck writing
+        u[:] = 2.0
+        thread, box = in_thread(lambda: snap.capture({"u": u}, step=2))
+        thread.join(30)
+        assert not thread.is_alive(), "capture waited for the previous capture's writes"
+        assert not first.done()
+        io.gate.set()
+        snap.wait()
+        assert box["value"].result().step == 2
+        assert snap.restore(step=1).arrays["u"][0] == 1.0
+        assert snap.restore(step=2).arrays["u"][0] == 2.0
+
+
+def test_backpressure_bounds_the_chunk_data_held_in_memory(store_path: Path, monkeypatch):
+    held = []
+    real_acquire = pipeline._Budget.acquire
+
+    def acquire(self, amount):
+        granted = real_acquire(self, amount)
+        held.append(self.used)
+        return granted
+
+    monkeypatch.setattr(pipeline._Budget, "acquire", acquire)
+    io = GatedIO()
+    limit = 1 << 16
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, buffer_bytes=limit, _io=io) as snap:
+        rng = np.random.default_rng(1)
+        u = rng.random(64 * 1024)  # 512 KiB of noise: 128 chunks that hardly compress
+        snap.capture({"u": u}, step=0).result()
+        io.gate.clear()
+        u[:] = rng.random(u.size)
+        first = snap.capture({"u": u}, step=1)
+        u[:] = rng.random(u.size)
+        thread, box = in_thread(lambda: snap.capture({"u": u}, step=2))
+        thread.join(1.0)
+        # The reader filled the buffer and waits for the (stuck) disk; so does the caller.
+        assert thread.is_alive(), "capture went on while the buffer was full"
+        assert max(held) <= limit
+        io.gate.set()
+        thread.join(60)
+        assert not thread.is_alive()
+        snap.wait()
+        assert first.result().chunks_changed == 128
+        assert_bit_exact(snap.restore().arrays["u"], u)
+        assert max(held) <= limit
+
+
+def test_a_background_failure_is_raised_by_the_next_capture_with_its_cause(store_path: Path,
+                                                                           caplog):
+    io = FlakyIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
+        u = np.zeros(4096)
+        snap.capture({"u": u}, step=0).result()
+        io.arm(errno.EIO, 100)
+        u[0] = 1.0
+        with caplog.at_level(logging.ERROR, logger="arraysnap"):
+            failed = snap.capture({"u": u}, step=1)
+            with pytest.raises(arraysnap.StoreWriteError) as caught:
+                failed.result(timeout=30)
+        assert "failed to persist" in caplog.text  # logged when it happened
+        assert caught.value.errno == errno.EIO
+        u[1] = 2.0
+        with pytest.raises(arraysnap.StoreWriteError) as raised:
+            snap.capture({"u": u}, step=2)
+        assert isinstance(raised.value.__cause__, OSError)
+        assert raised.value.__cause__.errno == errno.EIO
+        io.arm(errno.EIO, 0)
+        snap.capture({"u": u}, step=3).result()
+        # Invariant 3: the committed snapshot after the failure holds every change.
+        assert_bit_exact(snap.restore().arrays["u"], u)
+        assert [info.step for info in snap.list()] == [0, 3]
+        statuses = [(row.step, row.status) for row in snap.stats()]
+        assert (1, "failed") in statuses and statuses[-1] == (3, "committed")
+
+
+def test_wait_and_close_raise_a_pending_failure(store_path: Path):
+    io = FlakyIO()
+    snap = arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=())
+    io.arm(errno.ENOSPC, 100)
+    snap.capture({"u": np.ones(100)}, step=0)
+    with pytest.raises(arraysnap.StoreWriteError) as caught:
+        snap.wait()
+    assert caught.value.errno == errno.ENOSPC
+    snap.capture({"u": np.full(100, 2.0)}, step=1)
+    with pytest.raises(arraysnap.ArraysnapError) as at_close:
+        snap.close()
+    assert isinstance(at_close.value.__cause__, OSError)
+    assert snap.__repr__().endswith("(closed)>")
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert reader.list() == []  # never half-committed
+
+
+def test_transient_errors_are_retried_and_counted(store_path: Path):
+    io = FlakyIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io,
+                        _retry_delays=(0.0, 0.0, 0.0)) as snap:
+        io.arm(errno.EIO, 2)
+        u = np.arange(3000.0)
+        info = snap.capture({"u": u}, step=0).result()
+        assert io.failed == 2 and info.step == 0
+        assert snap.stats()[-1].retries == 2
+        io.arm(errno.EINVAL, 1)  # not transient: no retry
+        with pytest.raises(arraysnap.StoreWriteError):
+            snap.capture({"u": u + 1}, step=1).result()
+        with pytest.raises(arraysnap.StoreWriteError):
+            snap.wait()
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+def test_disk_full_first_frees_space_then_retries(store_path: Path):
+    io = FlakyIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
+        snap.capture({"u": np.zeros(2048)}, step=0).result()
+        # Leftovers of a killed writer: objects no snapshot uses.
+        orphan = store_path / "chunks" / "ff" / ("ee" * 31)
+        orphan.parent.mkdir(exist_ok=True)
+        orphan.write_bytes(b"x" * 50_000)
+        io.arm(errno.ENOSPC, 1)
+        info = snap.capture({"u": np.ones(2048)}, step=1).result()
+        assert info.step == 1 and not orphan.exists()
+
+
+def test_disk_full_prunes_by_the_retention_policy(store_path: Path):
+    io = FlakyIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, keep_within=3600, _io=io,
+                        _retry_delays=(0.0,)) as snap:
+        for step in range(3):
+            snap.capture({"u": np.full(2048, float(step))}, step=step).result()
+        # Make the old snapshots fall out of keep_within: the next ENOSPC prunes them.
+        snap.retention = arraysnap.retention.Retention(keep_within=1e-9)
+        io.arm(errno.ENOSPC, 1)
+        snap.capture({"u": np.full(2048, 9.0)}, step=3).result()
+        snap.wait()  # retention after the commit runs after result() returns
+        assert [info.step for info in snap.list()] == [3]
+
+
+def test_on_error_warn_goes_on_keeps_changes_and_warns_once_per_kind(store_path: Path):
+    io = FlakyIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, on_error="warn", _io=io,
+                        _retry_delays=()) as snap:
+        u = np.zeros(4096)
+        snap.capture({"u": u}, step=0).result()
+        io.arm(errno.ENOSPC, 10_000)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 5):
+                u[step * 100] = step
+                snap.capture({"u": u}, step=step)  # never raises
+                snap.wait()  # nor does wait
+        kinds = [w for w in caught if issubclass(w.category, arraysnap.ArraysnapWarning)]
+        assert len(kinds) == 1 and "injected ENOSPC" in str(kinds[0].message)
+        assert [info.step for info in snap.list()] == [0]
+        io.arm(errno.ENOSPC, 0)  # the disk has room again
+        u[4000] = 7.0
+        snap.capture({"u": u}, step=5).result()
+        assert_bit_exact(snap.restore().arrays["u"], u)  # every pending change is there
+
+
+def test_interpreter_exit_finishes_pending_work(store_path: Path):
+    from conftest import run_python
+
+    done = run_python(f"""
+        import arraysnap, numpy as np
+        snap = arraysnap.open({str(store_path)!r}, chunk_bytes=4096)
+        snap.capture({{"u": np.arange(200_000.0)}}, step=7)
+        # no wait(), no close(): exit must finish the capture
+    """)
+    assert done.returncode == 0, done.stderr
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert reader.latest().step == 7
+        assert_bit_exact(reader.restore().arrays["u"], np.arange(200_000.0))
