@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from arraysnap import _delta
+from arraysnap import _delta, delta
 from arraysnap.delta import as_bytes, scan_and_copy
 from arraysnap.layout import ChunkLayout, memory_order, plan_layout
+
+POOL = ThreadPoolExecutor(max_workers=1)
 
 
 def reference_scan(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
@@ -72,7 +77,11 @@ def test_kernel_matches_reference(case, data):
     expected_changed, expected_baseline = reference_scan(live, baseline, layout, forced)
     snapshot_of_live = live.copy()
 
-    changed = scan_and_copy(live, baseline, layout, forced.copy())
+    # Half the examples scan in two halves on a pool (every size counts as large here).
+    parallel = data.draw(st.booleans())
+    pool = POOL if parallel else None
+    with patch.object(delta, "PARALLEL_BYTES", 0):
+        changed = scan_and_copy(live, baseline, layout, forced.copy(), pool)
 
     assert changed.tolist() == expected_changed
     assert baseline.tobytes() == expected_baseline.tobytes()

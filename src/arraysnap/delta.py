@@ -15,12 +15,18 @@ without the GIL.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+from typing import Any
+
 import numpy as np
 
 from ._delta import scan_and_copy as _kernel
 from .layout import ChunkLayout
 
-__all__ = ["as_bytes", "scan_and_copy"]
+__all__ = ["PARALLEL_BYTES", "as_bytes", "scan_and_copy"]
+
+# Below this a second thread costs more than it saves.
+PARALLEL_BYTES = 16 << 20
 
 
 def as_bytes(array: np.ndarray) -> np.ndarray:
@@ -43,12 +49,15 @@ def scan_and_copy(
     baseline: np.ndarray,
     layout: ChunkLayout,
     changed: np.ndarray | None = None,
+    pool: Executor | None = None,
 ) -> np.ndarray:
     """Copy the chunks of `live` that differ from `baseline` into it; return their indices.
 
     `baseline` is a flat, writable uint8 buffer of ``layout.nbytes``. `changed` (uint8 flags,
     one per chunk) may mark chunks to report whatever their content. `live` may be
-    non-contiguous, in which case each chunk is gathered into a scratch buffer first.
+    non-contiguous, in which case each chunk is gathered into a scratch buffer first. With a
+    `pool`, a large contiguous array is scanned in two halves at once (the kernel releases
+    the GIL), which on most machines takes more of the memory bandwidth than one core can.
     """
     if live.shape != layout.shape or live.dtype != layout.dtype:
         raise ValueError(
@@ -67,11 +76,35 @@ def scan_and_copy(
         return np.flatnonzero(changed)
 
     contiguous = live.flags.c_contiguous if layout.order == "C" else live.flags.f_contiguous
-    if contiguous:
+    if contiguous and pool is not None and layout.nbytes >= PARALLEL_BYTES and layout.n_chunks > 1:
+        first, second = _halves(as_bytes(live), baseline, layout, changed)
+        other = pool.submit(_kernel, *second)
+        try:
+            _kernel(*first)
+        finally:
+            other.result()
+    elif contiguous:
         _kernel(as_bytes(live), baseline, layout.segment_bytes, layout.chunk_bytes, changed)
     else:
         _scan_gathered(live, baseline, layout, changed)
     return np.flatnonzero(changed)
+
+
+def _halves(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
+            changed: np.ndarray) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Kernel arguments for two parts of the buffer, cut between whole chunks."""
+    segment, chunk = layout.segment_bytes, layout.chunk_bytes
+    segments = layout.nbytes // segment
+    if segments >= 2:  # cut between segments: each part is a run of whole segments
+        cut_chunk = (segments // 2) * layout.chunks_per_segment
+        cut = (segments // 2) * segment
+        first_segment = second_segment = segment
+    else:  # one segment: cut between chunks; each part is then one segment of its own
+        cut_chunk = layout.n_chunks // 2
+        cut = cut_chunk * chunk
+        first_segment, second_segment = cut, layout.nbytes - cut
+    return ((live[:cut], baseline[:cut], first_segment, chunk, changed[:cut_chunk]),
+            (live[cut:], baseline[cut:], second_segment, chunk, changed[cut_chunk:]))
 
 
 def _scan_gathered(

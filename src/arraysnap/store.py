@@ -509,7 +509,7 @@ class Store:
             for name, live, layout in prepared:
                 baseline, fresh = self._mirror.baseline(name, layout, live)
                 flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
-                changed = scan_and_copy(live, baseline, layout, flags)
+                changed = scan_and_copy(live, baseline, layout, flags, self._pool)
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh))
             self._mirror.retain_only({name for name, _, _ in prepared})
         except BaseException as err:

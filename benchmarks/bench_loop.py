@@ -1,0 +1,239 @@
+"""What checkpointing costs a running simulation: a stencil loop, with and without arraysnap.
+
+The loop: a 2-D diffusion stencil on a float64 field (1 GiB) that reads a static table
+(256 MiB) of coefficients. Each step runs a few Jacobi sweeps on an *active band* of rows
+that moves across the field (a front, or a local solve): the state changes where the band
+passes, as in most long runs, where not every cell changes between two checkpoints. A second
+workload, ``full``, updates every cell at every step (the worst case for deltas).
+
+Each run does the same fixed number of steps and is timed end to end (including the final
+``wait()``); the overhead is its wall time over the same loop without checkpoints. Cadences:
+one capture per second (``every(seconds=1)``), and the Young/Daly interval for MTBF = 1 h
+(``young_daly(mtbf="1h")``, with C measured by the run itself). Modes: ``background`` (the
+default: capture returns after the pause) and ``sync`` (each capture waits until durable,
+what a blocking checkpoint costs). Runs are interleaved and shuffled; medians with min-max.
+
+    python benchmarks/bench_loop.py            # 1 GiB + 256 MiB, ~25 min
+    python benchmarks/bench_loop.py --quick    # 16 MiB, a few seconds: the harness runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, render_table  # noqa: E402
+
+import arraysnap  # noqa: E402
+
+MIB = 1 << 20
+
+
+class Simulation:
+    """The loop under test: deterministic, bandwidth-bound numpy work."""
+
+    def __init__(self, state_bytes: int, table_bytes: int, workload: str, cols: int = 16384,
+                 band_fraction: float = 0.02, sweeps: int = 8) -> None:
+        rows = max(16, state_bytes // (8 * cols))
+        self.workload = workload
+        # Written, not np.zeros: fresh memory is lazily backed, and its first touch would be
+        # timed as part of the loop.
+        self.u = np.empty((rows, cols))
+        self.u.fill(0.0)
+        self.u[rows // 2 - 4 : rows // 2 + 4, :] = 1.0
+        self.scratch = np.empty_like(self.u) if workload == "full" else None
+        if self.scratch is not None:
+            self.scratch.fill(0.0)
+        self.table = np.random.default_rng(0).random(max(1, table_bytes // 8))
+        self.band = max(4, int(rows * band_fraction))
+        self.sweeps = sweeps
+        self.step_count = 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"u": self.u, "table": self.table}
+
+    def step(self) -> None:
+        self.step_count += 1
+        coefficient = 0.2 + 0.05 * float(self.table[self.step_count % self.table.size])
+        if self.workload == "full":
+            u, out = self.u, self.scratch
+            assert out is not None
+            out[...] = u
+            out[1:-1, 1:-1] = u[1:-1, 1:-1] + coefficient * (
+                u[:-2, 1:-1] + u[2:, 1:-1] + u[1:-1, :-2] + u[1:-1, 2:] - 4 * u[1:-1, 1:-1])
+            self.u, self.scratch = out, u
+            return
+        rows = self.u.shape[0]
+        start = 1 + (self.step_count * max(1, self.band // 16)) % (rows - self.band - 2)
+        view = self.u[start - 1 : start + self.band + 1]
+        for _ in range(self.sweeps):
+            inner = view[1:-1, 1:-1]
+            inner += coefficient * (view[:-2, 1:-1] + view[2:, 1:-1] + view[1:-1, :-2]
+                                    + view[1:-1, 2:] - 4 * inner)
+
+
+def run_loop(sim: Simulation, steps: int, store_dir: Path | None, policy: Any,
+             sync: bool) -> dict[str, Any]:
+    """Run `steps` steps; with a store, capture when due. Returns timing and captures."""
+    captures = 0
+    snap = None
+    if store_dir is not None:
+        snap = arraysnap.open(store_dir, every=policy, keep_last=2)
+    start = time.perf_counter()
+    for _ in range(steps):
+        sim.step()
+        if snap is not None and snap.due(sim.step_count):
+            info = snap.capture(sim.arrays(), step=sim.step_count)
+            captures += 1
+            if sync:
+                info.result()
+    if snap is not None:
+        snap.wait()
+    elapsed = time.perf_counter() - start
+    result: dict[str, Any] = {"seconds": elapsed, "captures": captures}
+    if snap is not None:
+        stats = snap.stats()
+        recent = [row for row in stats if row.status == "committed"][1:]  # skip the first
+        if recent:
+            result["pause_median"] = statistics.median(r.pause_seconds for r in recent)
+            result["blocking_median"] = statistics.median(r.blocking_seconds for r in recent)
+            result["durable_median"] = statistics.median(r.durable_seconds for r in recent)
+            result["changed_fraction_median"] = statistics.median(
+                r.changed_fraction for r in recent)
+            result["bytes_median"] = statistics.median(r.bytes_written for r in recent)
+        if isinstance(policy, arraysnap.policies.YoungDaly):
+            result["young_daly_interval"] = policy.interval()
+            result["young_daly_cost"] = policy.cost()
+        snap.close()
+    return result
+
+
+def calibrate(sim: Simulation, seconds: float) -> int:
+    """Steps that take about `seconds` without checkpoints (after a warm-up)."""
+    for _ in range(5):
+        sim.step()
+    start = time.perf_counter()
+    count = 0
+    while time.perf_counter() - start < min(5.0, seconds / 4):
+        sim.step()
+        count += 1
+    per_step = (time.perf_counter() - start) / count
+    return max(10, int(seconds / per_step))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness")
+    parser.add_argument("--state-mib", type=int, default=1024)
+    parser.add_argument("--table-mib", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=40.0,
+                        help="loop length for the 1 capture/s cadence")
+    parser.add_argument("--yd-seconds", type=float, default=120.0,
+                        help="loop length for the Young/Daly cadence")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default="band,full")
+    parser.add_argument("--dir", default=None, help="where stores go (default: a temp dir)")
+    parser.add_argument("--json", dest="json_out", default=None, help="write results here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.state_mib, args.table_mib = 16, 4
+        args.seconds, args.yd_seconds, args.repeats = 2.0, 2.0, 1
+    root = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=args.dir))
+    cases = [("every 1 s", lambda: arraysnap.every(seconds=1.0), args.seconds),
+             ("Young/Daly 1 h", lambda: arraysnap.young_daly(mtbf="1h"), args.yd_seconds)]
+    results: list[dict[str, Any]] = []
+    try:
+        for workload in args.workloads.split(","):
+            sim = Simulation(args.state_mib * MIB, args.table_mib * MIB, workload)
+            for label, make_policy, seconds in cases:
+                steps = calibrate(sim, seconds)
+                runs: dict[str, list[dict[str, Any]]] = {"none": [], "background": [],
+                                                         "sync": []}
+                for repeat in range(args.repeats):
+                    order = list(runs)
+                    random.Random(repeat).shuffle(order)
+                    for mode in order:
+                        store = None if mode == "none" else root / f"{workload}-{mode}-{repeat}"
+                        runs[mode].append(run_loop(sim, steps, store, make_policy(),
+                                                   sync=mode == "sync"))
+                        if store is not None:
+                            shutil.rmtree(store, ignore_errors=True)
+                        print(f"  {workload:5} {label:15} {mode:10} repeat {repeat}: "
+                              f"{runs[mode][-1]['seconds']:.2f} s, "
+                              f"{runs[mode][-1]['captures']} captures", flush=True)
+                results.append(summarize(workload, label, steps, runs))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report(results, args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            {"machine": machine_info(Path(tempfile.gettempdir())), "results": results},
+            indent=1, default=str))
+    return 0
+
+
+def summarize(workload: str, label: str, steps: int,
+              runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    base = statistics.median(r["seconds"] for r in runs["none"])
+    summary: dict[str, Any] = {"workload": workload, "cadence": label, "steps": steps,
+                               "baseline_seconds": base}
+    for mode in ("background", "sync"):
+        overheads = [r["seconds"] / base - 1 for r in runs[mode]]
+        summary[mode] = {
+            "overhead_median": statistics.median(overheads),
+            "overhead_min": min(overheads), "overhead_max": max(overheads),
+            "captures": statistics.median(r["captures"] for r in runs[mode]),
+            **{key: statistics.median(r[key] for r in runs[mode] if key in r)
+               for key in ("pause_median", "blocking_median", "durable_median",
+                           "changed_fraction_median", "bytes_median", "young_daly_interval")
+               if any(key in r and r[key] is not None for r in runs[mode])},
+        }
+    return summary
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    header = ["workload", "cadence", "loop", "captures", "overhead bg (min-max)",
+              "overhead sync (min-max)", "pause", "blocked", "durable", "changed",
+              "Y/D interval"]
+    rows = []
+    for r in results:
+        bg, sync = r["background"], r["sync"]
+
+        def pct(m: dict[str, Any]) -> str:
+            return (f"{m['overhead_median'] * 100:.1f} % ({m['overhead_min'] * 100:.1f} – "
+                    f"{m['overhead_max'] * 100:.1f})")
+
+        interval = bg.get("young_daly_interval")
+        rows.append([r["workload"], r["cadence"], f"{r['baseline_seconds']:.1f} s",
+                     f"{bg['captures']:g}", pct(bg), pct(sync),
+                     f"{bg.get('pause_median', 0) * 1e3:.0f} ms",
+                     f"{bg.get('blocking_median', 0) * 1e3:.0f} ms",
+                     f"{bg.get('durable_median', 0):.2f} s",
+                     f"{bg.get('changed_fraction_median', 0) * 100:.1f} %",
+                     "-" if interval is None else f"{interval:.1f} s"])
+    print(f"\nstate {args.state_mib} MiB + static table {args.table_mib} MiB, "
+          f"{args.repeats} repeats, medians")
+    print(render_table(header, rows))
+    if args.quick:
+        return
+    for r in results:
+        target = 0.05 if r["cadence"].startswith("every") else 0.02
+        verdict = "PASS" if r["background"]["overhead_median"] < target else "FAIL"
+        print(f"target {r['workload']}, {r['cadence']}: background overhead < "
+              f"{target * 100:.0f} %: {verdict}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
