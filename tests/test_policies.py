@@ -21,10 +21,11 @@ def run(policy, steps, *, seconds_per_step=0.0, blocking=0.0):
     return captured
 
 
-def test_every_steps_counts_from_the_first_step_seen():
+def test_every_steps_lands_on_multiples():
     assert run(Every(steps=10), range(0, 45)) == [10, 20, 30, 40]
-    # A resumed run starts counting where it resumed.
-    assert run(Every(steps=10), range(1234, 1260)) == [1244, 1254]
+    assert run(Every(steps=10), range(1, 25)) == [10, 20]
+    # A resumed run keeps the cadence: the first due step is the next multiple.
+    assert run(Every(steps=10), range(1234, 1260)) == [1240, 1250]
 
 
 def test_every_steps_handles_jumps_and_unknown_steps():
@@ -38,8 +39,8 @@ def test_every_seconds_counts_wall_time():
 
 def test_combination_is_whichever_comes_first():
     policy = every(steps=4) | every(seconds=3)
-    # 1 s per step: seconds fire at 3; after a capture both clocks restart.
-    assert run(policy, range(0, 10), seconds_per_step=1.0) == [3, 6, 9]
+    # 1 s per step: seconds fire at 3 and 7 (3 s after a capture), steps at multiples of 4.
+    assert run(policy, range(0, 10), seconds_per_step=1.0) == [3, 4, 7, 8]
     slow = every(steps=4) | every(seconds=100)
     assert run(slow, range(0, 10), seconds_per_step=1.0) == [4, 8]
 

@@ -79,9 +79,10 @@ class _Base:
 class Every(_Base):
     """Due every `steps` steps and/or every `seconds` of wall time (whichever comes first).
 
-    Steps are counted from the last capture (or from the first step the policy sees), so a
-    resumed run keeps its cadence; time is counted from the last capture (or from the first
-    ``due()`` call).
+    Step captures land on multiples of `steps` (the first one after the step of the last
+    capture, or of the first ``due()`` call), so a resumed run keeps its cadence and
+    ``keep_every`` tiers find their snapshots; time is counted from the last capture (or
+    from the first ``due()`` call).
 
     >>> policy = Every(steps=10)
     >>> [s for s in range(0, 35) if policy.due(s) and policy.captured(s, 0.0, 0.0) is None]
@@ -108,7 +109,8 @@ class Every(_Base):
         if self.steps is not None and step is not None:
             if self._last_step is None:
                 self._last_step = step
-            return step - self._last_step >= self.steps
+            # Aligned to multiples of `steps`, so that captures land on keep_every's tiers.
+            return step // self.steps > self._last_step // self.steps
         return False
 
     def captured(self, step: int | None, now: float, blocking_seconds: float) -> None:
