@@ -138,8 +138,17 @@ def check_store_after_crash(path: Path, last_committed: int | None) -> int:
         if last_committed is not None:
             assert infos, f"step {last_committed} was committed but no snapshot is listed"
             assert infos[-1].step >= last_committed
-        for info in infos[:-1]:
-            assert_workload_step(snap.restore(seq=info.seq), info.step)
+        events = []
+        for info in infos:
+            restored = snap.restore(seq=info.seq)
+            assert_workload_step(restored, info.step)
+            events.append(list(restored.events))
+            # The replay log: only records logged after the snapshot's capture...
+            assert all(event["after"] >= info.step for event in restored.events), events[-1]
+        for older, newer in zip(events, events[1:]):
+            # ... and a newer snapshot's records are the tail of an older one's (no record
+            # lost, reordered or trimmed away while a snapshot that needs it is kept).
+            assert older[len(older) - len(newer):] == newer
         step = infos[-1].step + 1 if infos else 0
         # Capture before restoring the latest (a restore repairs the baseline by itself): the
         # recovery in open() alone must have made the baseline right.
@@ -176,11 +185,13 @@ print("ready", step, flush=True)
 while True:
     snap.capture(workload_arrays(step), step=step, state=workload_state(step),
                  rng=workload_rng(step))
+    snap.log({"after": step, "i": 0})
     if step % 3 == 1:
         # Two captures in flight before waiting: the next pause overlaps the last commit.
         step += 1
         snap.capture(workload_arrays(step), step=step, state=workload_state(step),
                      rng=workload_rng(step))
+        snap.log({"after": step, "i": 0})
     snap.wait()
     print("committed", step, flush=True)
     if step % 6 == 5:
@@ -284,6 +295,8 @@ step = 0 if latest is None else latest.step + 1
 def capture():
     snap.capture(workload_arrays(step), step=step, state=workload_state(step),
                  rng=workload_rng(step))
+    snap.log({"after": step, "i": 0})
+    snap.log({"after": step, "i": 1})
 
 
 for _ in range(3):

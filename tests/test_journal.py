@@ -94,3 +94,15 @@ def test_a_symlink_as_the_journal_folder_is_not_followed(tmp_path):
     journal.flush(durable=True)
     assert not any(elsewhere.iterdir())
     assert (tmp_path / "store" / "journal").is_dir()
+
+
+def test_records_trimmed_away_from_under_a_position_are_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 100)
+    journal = Journal(tmp_path)
+    for i in range(20):
+        journal.log({"i": i})
+        journal.flush(durable=False)
+    journal.trim(15)
+    with pytest.raises(arraysnap.CorruptSnapshotError, match="missing"):
+        journal.read_from(2)
+    assert journal.read_from(20) == []

@@ -130,6 +130,8 @@ class Journal:
             following = segments[index + 1][0] if index + 1 < len(segments) else None
             if following is not None and following <= position:
                 continue
+            if expected is None and first > position:
+                expected = position  # the records from `position` on must all be here
             if expected is not None and first != expected:
                 raise CorruptSnapshotError(
                     f"journal records {expected}..{first - 1} are missing (before segment "
