@@ -145,7 +145,7 @@ def check_store_after_crash(path: Path, last_committed: int | None) -> int:
             events.append(list(restored.events))
             # The replay log: only records logged after the snapshot's capture...
             assert all(event["after"] >= info.step for event in restored.events), events[-1]
-        for older, newer in zip(events, events[1:]):
+        for older, newer in zip(events, events[1:], strict=False):
             # ... and a newer snapshot's records are the tail of an older one's (no record
             # lost, reordered or trimmed away while a snapshot that needs it is kept).
             assert older[len(older) - len(newer):] == newer
@@ -1592,7 +1592,8 @@ def test_hostile_rng_seed_sequence_cannot_hang_restore(template_store: Path):
     assert result.stdout.startswith("refused:")
 
 
-@pytest.mark.parametrize("what", ["manifest", "chunk-object", "settings"])
+@pytest.mark.parametrize("what", ["manifest", "chunk-object", "settings", "journal-segment",
+                                  "history"])
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_special_files_in_a_store_give_an_error_not_a_hang(template_store: Path, what: str,
                                                             kind: str):
@@ -1600,6 +1601,11 @@ def test_special_files_in_a_store_give_an_error_not_a_hang(template_store: Path,
         target = template_store / "snapshots" / "000000000002.json"
     elif what == "settings":
         target = template_store / "arraysnap.json"
+    elif what == "journal-segment":
+        target = template_store / "journal" / "0000000000000000.jsonl"
+        target.parent.mkdir(exist_ok=True)
+    elif what == "history":
+        target = template_store / "history.jsonl"
     else:
         target = next(p for p in (template_store / "chunks").glob("*/*"))
     target.unlink(missing_ok=True)
@@ -1611,7 +1617,10 @@ def test_special_files_in_a_store_give_an_error_not_a_hang(template_store: Path,
         import sys, arraysnap
         path = sys.argv[1]
         for name, action in [("list", lambda s: s.list()), ("verify", lambda s: s.verify()),
-                             ("restore", lambda s: s.restore(seq=1, verify=True))]:
+                             ("restore", lambda s: s.restore(seq=1, verify=True)),
+                             ("stats", lambda s: s.stats()),
+                             ("capture", lambda s: s.mode == "a" and s.capture(
+                                 {"u": __import__("numpy").zeros(3)}).result())]:
             try:
                 with arraysnap.open(path, mode="r") as snap:
                     action(snap)

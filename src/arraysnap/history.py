@@ -42,8 +42,8 @@ class History:
         line = json.dumps(dataclasses.asdict(row), separators=(",", ":"), allow_nan=False)
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                             0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                             | os.O_NONBLOCK, 0o644)
                 try:
                     size = os.fstat(fd).st_size
                     self.io.write(fd, (line + "\n").encode())
@@ -63,7 +63,7 @@ class History:
     def sync(self) -> None:
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:
                 return
             try:

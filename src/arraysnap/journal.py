@@ -157,13 +157,22 @@ class Journal:
     def _open_for_append(self) -> None:
         if self.dir.is_symlink():
             self.dir.unlink()
-        self.dir.mkdir(exist_ok=True)
-        self.position, path, whole = self._scan_end()
-        if path is not None:
-            # A crash may have torn the last line: it was never durable, so drop it.
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-            os.ftruncate(fd, whole)
-            self._fd, self._segment_bytes = fd, whole
+        try:
+            self.dir.mkdir(exist_ok=True)
+            self.position, path, whole = self._scan_end()
+            if path is not None:
+                # A crash may have torn the last line: it was never durable, so drop it.
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    os.ftruncate(fd, whole)
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._fd, self._segment_bytes = fd, whole
+        except OSError as err:
+            raise CorruptSnapshotError(
+                f"the replay log {self.dir} cannot be opened ({err}); it must be a folder of "
+                "regular .jsonl files: move the odd file away") from None
 
     def log(self, record: object) -> int:
         """Buffer one record; return its number."""
@@ -198,7 +207,8 @@ class Journal:
             self.io.fsync(self._fd)
             os.close(self._fd)
         path = self.dir / f"{first:016d}.jsonl"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                           | os.O_NONBLOCK, 0o644)
         self._segment_bytes = os.fstat(self._fd).st_size
         self.io.fsync_dir(self.dir)
 
