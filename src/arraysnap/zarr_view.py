@@ -7,6 +7,10 @@ Fortran order carry a ``transpose`` codec; structured dtypes, which zarr cannot 
 exactly (padding, byte order, sub-arrays), appear as raw bytes (``V<itemsize>``) with the
 NumPy description in the array attribute ``arraysnap_dtype``: ``a.view(np.dtype(...))``.
 
+Every array carries zarr v3 ``dimension_names`` (xarray needs them): the names recorded for it
+at capture, else those given to ``open_zarr(dims=...)``, else ``<array>_dim_<axis>``. Names
+are per array by default because xarray requires one size per dimension name in a dataset.
+
 >>> import arraysnap, numpy as np, tempfile
 >>> path = tempfile.mkdtemp() + "/s.snap"
 >>> with arraysnap.open(path) as snap:
@@ -38,15 +42,89 @@ from .errors import CorruptSnapshotError
 from .manifest import ArrayRecord, Manifest, dtype_to_json
 from .objects import ChunkObjects
 
-__all__ = ["SnapshotZarrStore", "array_metadata", "export_snapshot", "open_zarr"]
+__all__ = ["SnapshotZarrStore", "array_metadata", "dimension_names", "export_snapshot",
+           "open_zarr"]
+
+Dims = dict[str, tuple[str, ...]]
 
 
 def _zarr_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"V{dtype.itemsize}") if dtype.fields is not None else dtype
 
 
-def array_metadata(record: ArrayRecord, codec: CodecSpec) -> bytes:
-    """The ``zarr.json`` document of one array of a snapshot."""
+def _check_dims(name: str, ndim: int, value: object, source: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(dim, str) and dim for dim in value):
+        raise ValueError(f"dimension names of array {name!r} ({source}) must be a list of "
+                         f"non-empty strings, got {value!r}")
+    if len(value) != ndim:
+        raise ValueError(f"array {name!r} has {ndim} dimensions but {len(value)} dimension "
+                         f"names were given ({source}): {list(value)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"dimension names of array {name!r} ({source}) repeat a name: "
+                         f"{list(value)}")
+    return tuple(value)
+
+
+def recorded_dims(manifest: Manifest) -> Dims:
+    """Dimension names recorded in a snapshot, by array (arrays without any are left out).
+
+    They are read from an array record's ``dims`` (``capture(..., dims=...)``) or, for
+    stores that keep them beside the arrays, from ``manifest.provenance["dims"]``.
+
+    >>> from arraysnap.manifest import ArrayRecord
+    >>> record = ArrayRecord("u", (2,), np.dtype("u1"), "C", 0, 2, bytes(32))
+    >>> m = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record},
+    ...              provenance={"dims": {"u": ["x"]}})
+    >>> recorded_dims(m)
+    {'u': ('x',)}
+    """
+    found: Dims = {}
+    kept_aside = manifest.provenance.get("dims") if isinstance(manifest.provenance, dict) else None
+    for name, record in manifest.arrays.items():
+        value = getattr(record, "dims", None)
+        if value is None and isinstance(kept_aside, dict):
+            value = kept_aside.get(name)
+        if value is not None:
+            try:
+                found[name] = _check_dims(name, len(record.shape), value, "recorded")
+            except ValueError as err:
+                raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
+    return found
+
+
+def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
+    """The dimension names of every array: recorded ones, then `dims`, then defaults.
+
+    >>> from arraysnap.manifest import ArrayRecord
+    >>> record = ArrayRecord("u", (2, 1), np.dtype("u1"), "C", 0, 2, bytes(32))
+    >>> m = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record})
+    >>> dimension_names(m), dimension_names(m, {"u": ("y", "x")})
+    ({'u': ('u_dim_0', 'u_dim_1')}, {'u': ('y', 'x')})
+    """
+    if dims is not None and not isinstance(dims, dict):
+        raise TypeError(f"dims must be a dict of array name -> dimension names, got "
+                        f"{type(dims).__name__}")
+    unknown = sorted(set(dims or {}) - set(manifest.arrays))
+    if unknown:
+        raise ValueError(f"dims names arrays that snapshot {manifest.seq} does not have: "
+                         f"{unknown}; it has {sorted(manifest.arrays)}")
+    recorded = recorded_dims(manifest)
+    names: Dims = {}
+    for name, record in manifest.arrays.items():
+        ndim = len(record.shape)
+        if dims and name in dims:
+            names[name] = _check_dims(name, ndim, dims[name], "dims=")
+        elif name in recorded:
+            names[name] = recorded[name]
+        else:
+            names[name] = tuple(f"{name}_dim_{axis}" for axis in range(ndim))
+    return names
+
+
+def array_metadata(record: ArrayRecord, codec: CodecSpec,
+                   dims: tuple[str, ...] | None = None) -> bytes:
+    """The ``zarr.json`` document of one array of a snapshot (`dims`: its dimension names)."""
     from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec, ZstdCodec
     from zarr.storage import MemoryStore
 
@@ -76,14 +154,19 @@ def array_metadata(record: ArrayRecord, codec: CodecSpec) -> bytes:
         zarr.create_array(store=store, shape=record.shape, chunks=chunk_shape, dtype=dtype,
                           filters=filters, serializer=serializer, compressors=compressors,
                           fill_value=None, attributes=attributes, zarr_format=3,
-                          write_data=False)
+                          dimension_names=dims, write_data=False)
     return store._store_dict["zarr.json"].to_bytes()
 
 
-def _group_metadata(manifest: Manifest) -> bytes:
+def _group_metadata(manifest: Manifest, arrays: dict[str, bytes]) -> bytes:
     attributes = {"arraysnap": {"seq": manifest.seq, "step": manifest.step,
                                 "time": manifest.time, "state": manifest.state}}
-    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}).encode()
+    # Inline consolidated metadata (zarr-python's v3 convention, ignorable by other readers):
+    # xarray then opens the group from this one document, without a warning.
+    consolidated = {"kind": "inline", "must_understand": False,
+                    "metadata": {name: json.loads(document) for name, document in arrays.items()}}
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes,
+                       "consolidated_metadata": consolidated}).encode()
 
 
 def _chunk_key(record: ArrayRecord, index: int) -> str:
@@ -94,14 +177,18 @@ def _chunk_key(record: ArrayRecord, index: int) -> str:
 ChunkKeys = dict[str, tuple[ArrayRecord, int]]
 
 
-def snapshot_keys(manifest: Manifest, codec: CodecSpec) -> tuple[dict[str, bytes], ChunkKeys]:
+def snapshot_keys(manifest: Manifest, codec: CodecSpec,
+                  dims: Dims | None = None) -> tuple[dict[str, bytes], ChunkKeys]:
     """Metadata documents and chunk keys (to array record and chunk index) of a snapshot."""
-    metadata = {"zarr.json": _group_metadata(manifest)}
     chunks: ChunkKeys = {}
+    names = dimension_names(manifest, dims)
+    arrays = {}
     for name, record in manifest.arrays.items():
-        metadata[f"{name}/zarr.json"] = array_metadata(record, codec)
+        arrays[name] = array_metadata(record, codec, names[name])
         for index in range(record.n_chunks):
             chunks[_chunk_key(record, index)] = (record, index)
+    metadata = {"zarr.json": _group_metadata(manifest, arrays)}
+    metadata.update((f"{name}/zarr.json", document) for name, document in arrays.items())
     return metadata, chunks
 
 
@@ -121,12 +208,13 @@ class SnapshotZarrStore(Store):
     supports_deletes = False
     supports_listing = True
 
-    def __init__(self, manifest: Manifest, objects: ChunkObjects, codec: CodecSpec) -> None:
+    def __init__(self, manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
+                 dims: Dims | None = None) -> None:
         super().__init__(read_only=True)
         self.manifest = manifest
         self._objects = objects
         self._codec = codec
-        self._metadata, self._chunks = snapshot_keys(manifest, codec)
+        self._metadata, self._chunks = snapshot_keys(manifest, codec, dims)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, SnapshotZarrStore) and other.manifest.seq == self.manifest.seq
@@ -196,12 +284,13 @@ class SnapshotZarrStore(Store):
 
 
 def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
-              seq: int | None = None) -> zarr.Group:
+              seq: int | None = None, dims: Dims | None = None) -> zarr.Group:
     """Open one snapshot of the store at `path` as a read-only zarr v3 group.
 
     Works wherever zarr takes a group or store: ``dask.array.from_zarr(group["u"])``,
-    ``xarray.open_zarr(group.store, consolidated=False)``. The group's attribute
-    ``arraysnap`` holds seq, step, time and state.
+    ``xarray.open_zarr(group.store)``. The group's attribute ``arraysnap`` holds seq, step,
+    time and state. `dims` names the dimensions of arrays, e.g. ``{"u": ("y", "x")}``,
+    for xarray (arrays not named get ``u_dim_0``, ``u_dim_1``, ...).
 
     >>> import arraysnap, numpy as np, tempfile
     >>> path = tempfile.mkdtemp() + "/s.snap"
@@ -209,6 +298,8 @@ def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
     ...     _ = snap.capture({"u": np.zeros(3)}, step=9)
     >>> arraysnap.open_zarr(path, step=9)["u"].shape
     (3,)
+    >>> arraysnap.open_zarr(path, dims={"u": ("x",)})["u"].metadata.dimension_names
+    ('x',)
     """
     from .store import Store
 
@@ -217,15 +308,27 @@ def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
         view = store.zarr_store(step, seq=seq)
     finally:
         store.close()
+    if dims is not None:
+        view = SnapshotZarrStore(view.manifest, view._objects, view._codec, dims)
     return zarr.open_group(view, mode="r", zarr_format=3)
 
 
 def export_snapshot(manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
-                    out: Path) -> Path:
-    """Write `manifest`'s snapshot to a new plain zarr v3 directory store at `out`."""
+                    out: Path, dims: Dims | None = None) -> Path:
+    """Write `manifest`'s snapshot to a new plain zarr v3 directory store at `out`.
+
+    >>> import arraysnap, numpy as np, tempfile, zarr
+    >>> tmp = tempfile.mkdtemp()
+    >>> with arraysnap.open(tmp + "/s.snap") as snap:
+    ...     manifest = snap._load(snap.capture({"u": np.arange(2.0)}).result().seq)[0]
+    ...     _ = export_snapshot(manifest, snap._objects, snap.codec, Path(tmp) / "o.zarr",
+    ...                         dims={"u": ("x",)})
+    >>> zarr.open_array(tmp + "/o.zarr", path="u", mode="r").metadata.dimension_names
+    ('x',)
+    """
     if out.exists():
         raise FileExistsError(f"{out} already exists; export writes a new store")
-    metadata, chunks = snapshot_keys(manifest, codec)
+    metadata, chunks = snapshot_keys(manifest, codec, dims)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
         for key, document in metadata.items():
