@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pytest
 
 import arraysnap
-from arraysnap.manifest import ArrayRecord, Manifest
+from arraysnap.manifest import ArrayRecord, Manifest, parse_manifest
 from arraysnap.zarr_view import dimension_names
 
 xarray = pytest.importorskip("xarray")
@@ -103,17 +104,41 @@ def test_bad_dims_are_refused_with_the_reason(store):
         arraysnap.open_zarr(path, dims=[("x", "y")])
 
 
-def test_recorded_dims_are_used_and_checked():
-    record = ArrayRecord("u", (2, 3), np.dtype("f8"), "C", 0, 2, bytes(32))
-    codec = {"name": "none", "level": 0}
-    recorded = Manifest(1, None, 0.0, None, codec, {"u": record},
-                        provenance={"dims": {"u": ["row", "col"]}})
-    assert dimension_names(recorded) == {"u": ("row", "col")}
-    assert dimension_names(recorded, {"u": ("a", "b")}) == {"u": ("a", "b")}  # caller wins
-    wrong = Manifest(1, None, 0.0, None, codec, {"u": record},
-                     provenance={"dims": {"u": ["row"]}})
-    with pytest.raises(arraysnap.CorruptSnapshotError, match="snapshot 1: array 'u' has 2"):
-        dimension_names(wrong)
+def test_dims_recorded_at_capture_reach_xarray_and_are_remembered(store_path):
+    xarray = pytest.importorskip("xarray")
+    with arraysnap.open(store_path) as snap:
+        snap.capture({"u": np.zeros((4, 3)), "t": np.arange(4.0)}, step=1,
+                     dims={"u": ("y", "x"), "t": ["y"]})
+        snap.capture({"u": np.ones((4, 3)), "t": np.arange(4.0)}, step=2)  # remembered
+        with pytest.raises(ValueError, match="has 2 dimensions but 1"):
+            snap.capture({"u": np.ones((4, 3))}, dims={"u": ("x",)})
+        with pytest.raises(ValueError, match="not captured"):
+            snap.capture({"u": np.ones((4, 3))}, dims={"w": ("x",)})
+        with pytest.raises(ValueError, match="repeat a name"):
+            snap.capture({"u": np.ones((4, 3))}, dims={"u": ("x", "x")})
+    with arraysnap.open(store_path) as snap:  # a resumed run remembers them too
+        snap.capture({"u": np.full((4, 3), 2.0), "t": np.arange(4.0)}, step=3)
+        snap.capture({"u": np.zeros(5), "t": np.arange(4.0)}, step=4)  # u lost a dimension
+    for step in (1, 2, 3):
+        dataset = xarray.open_zarr(arraysnap.open_zarr(store_path, step=step).store)
+        assert dataset["u"].dims == ("y", "x") and dataset["t"].dims == ("y",)
+        assert dataset.sizes == {"y": 4, "x": 3}
+    dataset = xarray.open_zarr(arraysnap.open_zarr(store_path, step=4).store)
+    assert dataset["u"].dims == ("u_dim_0",) and dataset["t"].dims == ("y",)
+    # Given when opening, names win over the recorded ones.
+    group = arraysnap.open_zarr(store_path, step=1, dims={"u": ("a", "b")})
+    assert group["u"].metadata.dimension_names == ("a", "b")
+
+
+def test_recorded_dims_are_validated_when_read():
+    record = ArrayRecord("u", (2, 3), np.dtype("f8"), "C", 0, 2, bytes(32), ("row",))
+    manifest = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record})
+    with pytest.raises(arraysnap.CorruptSnapshotError, match="has 2 dimensions but 1"):
+        parse_manifest(manifest.to_json(), expected_seq=1)
+    good = dataclasses.replace(record, dims=("row", "col"))
+    parsed = parse_manifest(dataclasses.replace(manifest, arrays={"u": good}).to_json())
+    assert parsed.arrays["u"].dims == ("row", "col")
+    assert dimension_names(parsed) == {"u": ("row", "col")}
 
 
 @pytest.mark.parametrize("codec", ["zstd", "blosc", "none"])

@@ -36,6 +36,7 @@ __all__ = [
     "ArrayRecord",
     "Manifest",
     "check_array_name",
+    "check_dims",
     "dtype_from_json",
     "dtype_to_json",
     "parse_manifest",
@@ -76,6 +77,28 @@ def check_array_name(name: object) -> str:
     if len(name.encode("utf-8")) > 255:
         raise ValueError(f"array name {name[:20]!r}... is longer than 255 bytes")
     return name
+
+
+def check_dims(name: str, ndim: int, dims: object) -> tuple[str, ...]:
+    """Dimension names for array `name`: one non-empty, distinct string per axis.
+
+    >>> check_dims("u", 2, ["y", "x"])
+    ('y', 'x')
+    >>> check_dims("u", 2, ["x"])
+    Traceback (most recent call last):
+    ...
+    ValueError: array 'u' has 2 dimensions but 1 dimension names were given: ['x']
+    """
+    if isinstance(dims, str) or not isinstance(dims, (list, tuple)) or not all(
+            isinstance(dim, str) and dim and len(dim) <= 256 for dim in dims):
+        raise ValueError(f"dimension names of array {name!r} must be a list of non-empty "
+                         f"strings, got {dims!r}")
+    if len(dims) != ndim:
+        raise ValueError(f"array {name!r} has {ndim} dimensions but {len(dims)} dimension "
+                         f"names were given: {list(dims)}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dimension names of array {name!r} repeat a name: {list(dims)}")
+    return tuple(dims)
 
 
 def dtype_to_json(dtype: np.dtype) -> Any:
@@ -135,6 +158,7 @@ class ArrayRecord:
     split_axis: int
     rows_per_chunk: int
     digests: bytes
+    dims: tuple[str, ...] | None = None
 
     @property
     def layout(self) -> ChunkLayout:
@@ -149,7 +173,7 @@ class ArrayRecord:
         return self.digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "shape": list(self.shape),
             "dtype": dtype_to_json(self.dtype),
             "order": self.order,
@@ -157,6 +181,9 @@ class ArrayRecord:
             "rows_per_chunk": self.rows_per_chunk,
             "chunks": base64.b64encode(self.digests).decode("ascii"),
         }
+        if self.dims is not None:  # absent unless given to capture(dims=...)
+            body["dims"] = list(self.dims)
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +280,11 @@ def parse_array_record(name: str, value: object) -> ArrayRecord:
         digests = base64.b64decode(chunks, validate=True)  # type: ignore[arg-type]
     except (binascii.Error, ValueError):
         raise ValueError("chunks is not valid base64") from None
-    record = ArrayRecord(name, tuple(shape), dtype, order, split_axis, rows, digests)  # type: ignore[arg-type]
+    dims = value.get("dims")
+    if dims is not None:
+        dims = check_dims(name, len(shape), dims)
+    record = ArrayRecord(name, tuple(shape), dtype, order, split_axis, rows, digests,  # type: ignore[arg-type]
+                         dims)
     layout = record.layout
     _require(len(digests) == layout.n_chunks * DIGEST_BYTES,
              f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "

@@ -69,6 +69,7 @@ class ArrayDelta:
     baseline: np.ndarray
     changed: np.ndarray
     fresh: bool
+    dims: tuple[str, ...] | None = None
 
 
 @dataclass(slots=True)
@@ -286,7 +287,8 @@ class Persister:
             layout = delta.layout
             job.records[delta.name] = ArrayRecord(delta.name, layout.shape, layout.dtype,
                                                   layout.order, layout.split_axis,
-                                                  layout.rows_per_chunk, bytes(digests))
+                                                  layout.rows_per_chunk, bytes(digests),
+                                                  delta.dims)
         self.tables = dict(job.records)
         job.encode_seconds = time.perf_counter() - start
 

@@ -64,7 +64,7 @@ from .fsio import TMP_PREFIX, FileIO, read_regular_file
 from .history import History
 from .journal import Journal
 from .layout import ChunkLayout, memory_order, plan_layout
-from .manifest import Manifest, check_array_name, parse_manifest
+from .manifest import Manifest, check_array_name, check_dims, parse_manifest
 from .mirror import Mirror, ReaderLease, map_private
 from .objects import ChunkObjects
 from .pipeline import (
@@ -190,6 +190,7 @@ class Store:
         self._warned: set[str] = set()
         self._buffer_bytes = buffer_bytes
         self._object_sizes: dict[bytes, int] = {}
+        self._dims: dict[str, tuple[str, ...]] = {}
         self._retry_delays = tuple(retry_delays)
         if chunk_bytes is not None and (type(chunk_bytes) is not int
                                         or not 1 <= chunk_bytes <= 1 << 31):
@@ -323,6 +324,8 @@ class Store:
         if head is None:
             self._mirror.clear_directory()
             return
+        self._dims = {name: record.dims for name, record in head.arrays.items()
+                      if record.dims is not None}
         trusted = self._mirror.trusted_seq() == head.seq
         files = (self._mirror.read_marker() or {"files": {}})["files"]
         repaired = False
@@ -455,13 +458,16 @@ class Store:
             )
 
     def capture(self, arrays: Mapping[str, np.ndarray], *, step: int | None = None,
-                state: Mapping[str, Any] | None = None, rng: Any = None) -> CaptureInfo:
+                state: Mapping[str, Any] | None = None, rng: Any = None,
+                dims: Mapping[str, Any] | None = None) -> CaptureInfo:
         """Snapshot `arrays`; return as soon as the changed chunks are set aside.
 
         Only chunks that differ from the previous capture are hashed, encoded and written,
         in the background; ``wait()`` (or the returned info's ``result()``) blocks until the
         snapshot is durable. `state` is a small JSON-serialisable dict; `rng` a
-        ``numpy.random.Generator`` or a dict of them. The caller's arrays are never modified.
+        ``numpy.random.Generator`` or a dict of them. `dims` names the dimensions of arrays
+        (``{"u": ("y", "x")}``) for xarray; they are remembered for later captures until the
+        array's number of dimensions changes. The caller's arrays are never modified.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
@@ -472,6 +478,7 @@ class Store:
         """
         self._check_writable("capture")
         prepared = _prepare_arrays(arrays, self.chunk_bytes, self._mirror)
+        names = self._check_dims(prepared, dims)
         step = _check_step(step)
         state_json = _check_state(state)
         check_rng(rng)
@@ -480,9 +487,29 @@ class Store:
             raise ArraysnapError("capture() is already running in another thread of this "
                                  "process; call it from one thread at a time")
         try:
+            self._dims = names
             return self._capture(prepared, step, state_json, rng_json)
         finally:
             self._capture_lock.release()
+
+    def _check_dims(self, prepared: Prepared, dims: object) -> dict[str, tuple[str, ...]]:
+        """The dimension names of each captured array: given now, or remembered."""
+        if dims is not None and not isinstance(dims, Mapping):
+            raise TypeError(f"dims must be a dict of array name -> dimension names, got "
+                            f"{type(dims).__name__}")
+        given = dict(dims or {})
+        shapes = {name: array.shape for name, array, _ in prepared}
+        unknown = sorted(set(given) - set(shapes), key=str)
+        if unknown:
+            raise ValueError(f"dims names arrays that are not captured: {unknown}; the "
+                             f"arrays are {sorted(shapes)}")
+        names: dict[str, tuple[str, ...]] = {}
+        for name, shape in shapes.items():
+            if name in given:
+                names[name] = check_dims(name, len(shape), given[name])
+            elif name in self._dims and len(self._dims[name]) == len(shape):
+                names[name] = self._dims[name]
+        return names
 
     def _capture(self, prepared: Prepared, step: int | None,
                  state: dict[str, Any] | None, rng: Any) -> CaptureInfo:
@@ -510,7 +537,8 @@ class Store:
                 baseline, fresh = self._mirror.baseline(name, layout, live)
                 flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
                 changed = scan_and_copy(live, baseline, layout, flags, self._pool)
-                deltas.append(ArrayDelta(name, layout, baseline, changed, fresh))
+                deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
+                                         self._dims.get(name)))
             self._mirror.retain_only({name for name, _, _ in prepared})
         except BaseException as err:
             # Baselines already updated hold changes no snapshot has; forget them so the next

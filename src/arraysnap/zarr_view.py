@@ -39,7 +39,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
 from .errors import CorruptSnapshotError
-from .manifest import ArrayRecord, Manifest, dtype_to_json
+from .manifest import ArrayRecord, Manifest, check_dims, dtype_to_json
 from .objects import ChunkObjects
 
 __all__ = ["SnapshotZarrStore", "array_metadata", "dimension_names", "export_snapshot",
@@ -52,49 +52,9 @@ def _zarr_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(f"V{dtype.itemsize}") if dtype.fields is not None else dtype
 
 
-def _check_dims(name: str, ndim: int, value: object, source: str) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(
-            isinstance(dim, str) and dim for dim in value):
-        raise ValueError(f"dimension names of array {name!r} ({source}) must be a list of "
-                         f"non-empty strings, got {value!r}")
-    if len(value) != ndim:
-        raise ValueError(f"array {name!r} has {ndim} dimensions but {len(value)} dimension "
-                         f"names were given ({source}): {list(value)}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"dimension names of array {name!r} ({source}) repeat a name: "
-                         f"{list(value)}")
-    return tuple(value)
-
-
-def recorded_dims(manifest: Manifest) -> Dims:
-    """Dimension names recorded in a snapshot, by array (arrays without any are left out).
-
-    They are read from an array record's ``dims`` (``capture(..., dims=...)``) or, for
-    stores that keep them beside the arrays, from ``manifest.provenance["dims"]``.
-
-    >>> from arraysnap.manifest import ArrayRecord
-    >>> record = ArrayRecord("u", (2,), np.dtype("u1"), "C", 0, 2, bytes(32))
-    >>> m = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record},
-    ...              provenance={"dims": {"u": ["x"]}})
-    >>> recorded_dims(m)
-    {'u': ('x',)}
-    """
-    found: Dims = {}
-    kept_aside = manifest.provenance.get("dims") if isinstance(manifest.provenance, dict) else None
-    for name, record in manifest.arrays.items():
-        value = getattr(record, "dims", None)
-        if value is None and isinstance(kept_aside, dict):
-            value = kept_aside.get(name)
-        if value is not None:
-            try:
-                found[name] = _check_dims(name, len(record.shape), value, "recorded")
-            except ValueError as err:
-                raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
-    return found
-
-
 def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
-    """The dimension names of every array: recorded ones, then `dims`, then defaults.
+    """The dimension names of every array: `dims`, then those recorded at capture, then
+    ``<array>_dim_<axis>``.
 
     >>> from arraysnap.manifest import ArrayRecord
     >>> record = ArrayRecord("u", (2, 1), np.dtype("u1"), "C", 0, 2, bytes(32))
@@ -109,14 +69,16 @@ def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
     if unknown:
         raise ValueError(f"dims names arrays that snapshot {manifest.seq} does not have: "
                          f"{unknown}; it has {sorted(manifest.arrays)}")
-    recorded = recorded_dims(manifest)
     names: Dims = {}
     for name, record in manifest.arrays.items():
         ndim = len(record.shape)
         if dims and name in dims:
-            names[name] = _check_dims(name, ndim, dims[name], "dims=")
-        elif name in recorded:
-            names[name] = recorded[name]
+            try:
+                names[name] = check_dims(name, ndim, dims[name])
+            except ValueError as err:
+                raise ValueError(f"open_zarr(dims=...): {err}") from None
+        elif record.dims is not None:
+            names[name] = record.dims
         else:
             names[name] = tuple(f"{name}_dim_{axis}" for axis in range(ndim))
     return names
