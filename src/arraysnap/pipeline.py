@@ -195,10 +195,6 @@ class Persister:
         with self._lock:
             return self._pins[digest] > 0
 
-    def run_exclusive(self, action: Callable[[], T]) -> T:
-        """Run `action` on the writer thread, between commits, and return its result."""
-        return self._writer.submit(action).result()
-
     def stop(self) -> None:
         self._read_queue.put(None)
         self._reader.join()
@@ -232,14 +228,15 @@ class Persister:
     # -- reader stage --------------------------------------------------------------------
     def _read_loop(self) -> None:
         while (job := self._read_queue.get()) is not None:
-            if self._broken:
-                # Jobs read after a failed one are failing on the writer: once they have,
-                # start again from the committed tables, with their changes uncommitted.
-                self._writer.submit(lambda: None).result()
-                with self._lock:
-                    self._broken = False
-                    self.tables = dict(self.committed)
             try:
+                if self._broken:
+                    # Jobs read after a failed one are failing on the writer: once they
+                    # have, start again from the committed tables, with their changes
+                    # uncommitted.
+                    self._writer.submit(lambda: None).result()
+                    with self._lock:
+                        self._broken = False
+                        self.tables = dict(self.committed)
                 self._read(job)
             except BaseException as err:  # noqa: BLE001 - handed to the writer, never lost
                 job.error = err
