@@ -201,10 +201,14 @@ class Persister:
         self._writer.shutdown(wait=True)
 
     # -- retrying ------------------------------------------------------------------------
-    def retrying(self, action: Callable[[], T], job: PersistJob | None = None) -> T:
-        """Run `action`, retrying transient errors with backoff and ENOSPC after pruning."""
+    def retrying(self, action: Callable[[], T], job: PersistJob | None = None, *,
+                 free_space: bool = True) -> T:
+        """Run `action`, retrying transient errors with backoff and ENOSPC after pruning.
+
+        Only the writer thread frees space (`free_space`): pruning must never race a commit.
+        """
         delays = iter(self.retry_delays)
-        pruned = False
+        pruned = not free_space
         while True:
             try:
                 return action()
@@ -301,7 +305,8 @@ class Persister:
                 self._pins[digest] += 1
                 job.pinned.append(digest)
             if claimed or self.objects.has(digest):
-                job.chunks_deduplicated += 1
+                with self._lock:  # pool threads count concurrently
+                    job.chunks_deduplicated += 1
                 self.budget.release(held)
                 return digest
             encoded = self.codec.encode(raw, delta.layout.dtype.itemsize)

@@ -405,7 +405,9 @@ class Store:
         for seq in self._seqs():
             try:
                 infos.append(SnapshotInfo.from_manifest(*self._load(seq)))
-            except (CorruptSnapshotError, SnapshotNotFoundError, FormatVersionError) as err:
+            except SnapshotNotFoundError:
+                continue  # removed by retention since the folder was listed
+            except (CorruptSnapshotError, FormatVersionError) as err:
                 log.warning("arraysnap: snapshot %d not listed: %s", seq, err)
         return infos
 
@@ -528,7 +530,7 @@ class Store:
                 # From here the baselines are ahead of every committed snapshot.
                 self._mirror_seq = None
                 self._last_captured = seq
-                persister.retrying(self._mirror.mark_dirty)
+                persister.retrying(self._mirror.mark_dirty, free_space=False)
         except OSError as err:
             return self._capture_failed(seq, step, started, err)
         self._next_seq += 1
