@@ -293,5 +293,71 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
+def allocated_bytes(path: Path) -> int:
+    """Disk space the files under `path` occupy (allocated blocks, so sparse files count less)."""
+    total = 0
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
+def fsync_file(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop the (clean) cached pages of every file under `path`, so the next read hits the disk.
+
+    posix_fadvise(DONTNEED) needs no privileges and touches only these files, unlike
+    /proc/sys/vm/drop_caches; dirty pages stay, so call os.sync() first.
+    """
+    for directory, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def process_write_bytes() -> int:
+    """Bytes this process has caused to be written, page-cache writes and mmap dirtying included."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def quiesce() -> tuple[int, float]:
+    """Write back all dirty page cache; return (dirty bytes before, seconds it took).
+
+    Every timed operation starts from here, so that none pays for the writeback another left
+    behind (the mirror's changed pages stay dirty after a capture is durable).
+    """
+    dirty = meminfo_bytes("Dirty") + meminfo_bytes("Writeback")
+    start = now()
+    os.sync()
+    return dirty, now() - start
+
+
 def now() -> float:
     return time.perf_counter()

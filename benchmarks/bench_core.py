@@ -47,8 +47,9 @@ from _common import (
     fmt_seconds,
     fmt_spread,
     machine_info,
-    meminfo_bytes,
     now,
+    process_write_bytes,
+    quiesce,
     render_table,
     source_identity,
 )
@@ -123,18 +124,6 @@ def encoded_bytes(state: np.ndarray, indices: np.ndarray) -> int:
 
 
 # -- the reference operations ----------------------------------------------------------------
-def quiesce() -> tuple[int, float]:
-    """Write back all dirty page cache; return (dirty bytes before, seconds it took).
-
-    Every timed operation starts from here, so that none pays for the writeback another left
-    behind (the mirror's changed pages stay dirty after a capture is durable).
-    """
-    dirty = meminfo_bytes("Dirty") + meminfo_bytes("Writeback")
-    start = now()
-    os.sync()
-    return dirty, now() - start
-
-
 def time_memcpy(target: np.ndarray, state: np.ndarray) -> float:
     start = now()
     np.copyto(target, state)
@@ -160,14 +149,6 @@ def time_npsave(state: np.ndarray, directory: Path) -> tuple[float, int]:
     size = final.stat().st_size
     final.unlink()
     return elapsed, size
-
-
-def process_write_bytes() -> int:
-    """Bytes this process has caused to be written, page-cache writes and mmap dirtying included."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    return 0
 
 
 def mapping_source(array: np.ndarray) -> str:
