@@ -389,14 +389,6 @@ class StoreUsage:
                 "damaged": self.damaged}
 
 
-def _object_digests(manifest: Manifest) -> set[bytes]:
-    digests: set[bytes] = set()
-    for record in manifest.arrays.values():
-        table = record.digests
-        digests.update(table[i : i + 32] for i in range(0, len(table), 32))
-    return digests
-
-
 def disk_usage(store: Store, progress: Progress | None = None) -> StoreUsage:
     """Bytes per snapshot (unique versus shared) and for the whole store.
 
@@ -421,7 +413,7 @@ def disk_usage(store: Store, progress: Progress | None = None) -> StoreUsage:
         except ArraysnapError as err:
             damaged.append(str(err))
         else:
-            used[seq] = _object_digests(manifests[seq][0])
+            used[seq] = manifests[seq][0].chunk_digests()
         if progress is not None:
             progress(position + 1, len(seqs))
     users: dict[bytes, int] = {}

@@ -225,6 +225,14 @@ class Manifest:
             body["journal"] = self.journal
         return body
 
+    def chunk_digests(self) -> set[bytes]:
+        """Every chunk object this snapshot uses, by digest."""
+        found: set[bytes] = set()
+        for record in self.arrays.values():
+            table = record.digests
+            found.update(table[i : i + DIGEST_BYTES] for i in range(0, len(table), DIGEST_BYTES))
+        return found
+
     def to_json(self) -> bytes:
         body = self.body()
         body["checksum"] = _checksum(body)

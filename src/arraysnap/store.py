@@ -932,10 +932,10 @@ class Store:
         used: set[bytes] = set()
         for seq, manifest in manifests.items():
             if seq not in gone:
-                used.update(_digests(manifest))
+                used.update(manifest.chunk_digests())
         candidates_digests: set[bytes] = set()
         for seq in gone:
-            candidates_digests.update(_digests(manifests[seq]))
+            candidates_digests.update(manifests[seq].chunk_digests())
         for seq in sorted(gone):
             self._io.unlink(manifest_path(self.path, seq))
             self._cache.pop(seq, None)
@@ -1001,9 +1001,7 @@ class Store:
                     f"gc stopped: snapshot {seq} cannot be read ({err}); without it the chunks "
                     "it uses are unknown. Remove or repair that manifest first"
                 ) from None
-            for record in manifest.arrays.values():
-                digests = record.digests
-                used.update(digests[i : i + 32] for i in range(0, len(digests), 32))
+            used.update(manifest.chunk_digests())
         unused = [d for d in self._objects.digests() if d not in used]
         removed, freed = self._delete_objects(unused)
         return PruneReport((), removed, freed)
@@ -1225,19 +1223,11 @@ def _wrap(error: BaseException, message: str) -> ArraysnapError:
 
 
 # -- retention helpers ---------------------------------------------------------------------
-def _digests(manifest: Manifest) -> set[bytes]:
-    found: set[bytes] = set()
-    for record in manifest.arrays.values():
-        digests = record.digests
-        found.update(digests[i : i + 32] for i in range(0, len(digests), 32))
-    return found
-
-
 class _Usage:
     """The store's size (chunk objects and manifests) as snapshots are taken away."""
 
     def __init__(self, store: Store, manifests: Mapping[int, Manifest]) -> None:
-        self._sets = {seq: _digests(m) for seq, m in manifests.items()}
+        self._sets = {seq: m.chunk_digests() for seq, m in manifests.items()}
         self._manifest_bytes = {seq: store._load(seq)[1] for seq in manifests}
         self._refs: dict[bytes, int] = {}
         for digests in self._sets.values():
