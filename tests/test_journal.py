@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 import arraysnap
 from arraysnap import journal as journal_module
+from arraysnap.fsio import FileIO
 from arraysnap.journal import Journal
 
 
@@ -106,3 +110,49 @@ def test_records_trimmed_away_from_under_a_position_are_reported(tmp_path, monke
     with pytest.raises(arraysnap.CorruptSnapshotError, match="missing"):
         journal.read_from(2)
     assert journal.read_from(20) == []
+
+
+class PartialWrite(FileIO):
+    """The first journal write puts half its bytes on disk, then fails."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def write(self, fd, data):
+        if not self.failed:
+            self.failed = True
+            view = memoryview(data).cast("B")
+            os.write(fd, view[: len(view) // 2])
+            raise OSError(errno.EIO, "injected after a partial write")
+        super().write(fd, data)
+
+
+def test_a_failed_write_leaves_no_partial_or_duplicate_line(tmp_path):
+    journal = Journal(tmp_path, PartialWrite())
+    for i in range(4):
+        journal.log({"i": i})
+    with pytest.raises(OSError):
+        journal.flush(durable=True)
+    journal.flush(durable=True)  # the retry writes the whole batch once
+    assert journal.read_from(0) == [{"i": i} for i in range(4)]
+    assert Journal(tmp_path, writable=False).read_from(0) == [{"i": i} for i in range(4)]
+
+
+class FailingDirSync(FileIO):
+    fail = True
+
+    def fsync_dir(self, path):
+        if self.fail:
+            self.fail = False
+            raise OSError(errno.EIO, "injected on the journal folder")
+        super().fsync_dir(path)
+
+
+def test_a_failed_segment_start_keeps_the_records_buffered(tmp_path):
+    journal = Journal(tmp_path, FailingDirSync())
+    journal.log({"i": 0})
+    with pytest.raises(OSError):
+        journal.flush(durable=True)
+    journal.log({"i": 1})
+    journal.flush(durable=True)
+    assert journal.read_from(0) == [{"i": 0}, {"i": 1}]

@@ -276,3 +276,65 @@ def test_interpreter_exit_finishes_pending_work(store_path: Path):
     with arraysnap.open(store_path, mode="r") as reader:
         assert reader.latest().step == 7
         assert_bit_exact(reader.restore().arrays["u"], np.arange(200_000.0))
+
+
+def test_retention_never_deletes_an_object_a_capture_in_flight_dedups_against(store_path):
+    import time
+
+    class SlowUnlink(FileIO):  # a slow file system: deleting a chunk object takes 0.3 s
+        def unlink(self, path):
+            if "/chunks/" in str(path):
+                time.sleep(0.3)
+            super().unlink(path)
+
+    a, b = np.full(1 << 14, 1.0), np.full(1 << 14, 2.0)  # one chunk each
+    with arraysnap.open(store_path, keep_last=1, chunk_bytes=1 << 17, _io=SlowUnlink()) as snap:
+        snap.capture({"u": a}, step=1).result()
+        snap.capture({"u": b}, step=2)  # its commit removes snapshot 1 and object(a)...
+        time.sleep(0.1)
+        snap.capture({"u": a}, step=3)  # ...while this one finds object(a) and reuses it
+        snap.wait()
+        assert snap.verify().ok
+    with arraysnap.open(store_path, mode="r") as reader:  # not from the writer's baseline
+        assert_bit_exact(reader.restore(step=3, verify=True).arrays["u"], a)
+
+
+def test_space_freed_for_a_commit_never_takes_objects_it_inherited(store_path):
+    class Faults(FileIO):
+        def __init__(self) -> None:
+            self.manifest_failures = 1
+            self.journal_full = 0
+
+        def write(self, fd, data):
+            where = _fd_path(fd)
+            if "/snapshots/.tmp-000000000002" in where and self.manifest_failures:
+                self.manifest_failures -= 1
+                self.journal_full = 1
+                time.sleep(0.5)  # let the next capture be read from this one's tables
+                raise OSError(errno.EROFS, "injected on manifest 2")
+            if "/journal/" in where and self.journal_full:
+                self.journal_full = 0
+                raise OSError(errno.ENOSPC, "injected on the journal")
+            super().write(fd, data)
+
+    import time
+
+    io = Faults()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, on_error="warn", _io=io,
+                        _retry_delays=(0.0,)) as snap:
+        u = np.zeros(2 * 512)  # two chunks
+        snap.capture({"u": u}, step=1).result()
+        u[:512] = 1.0  # chunk 0 changes in 2 (which fails) and stays so in 3
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            snap.capture({"u": u}, step=2)  # its objects are written, its manifest fails
+            u[512:] = 2.0
+            snap.capture({"u": u}, step=3)  # read from 2's tables: chunk 0 is 2's object
+            time.sleep(0.1)
+            snap.log({"after": 3})  # 3's commit has a record to flush: the disk is full
+            snap.wait()
+            assert snap.verify().ok
+            u[0] = 5.0
+            snap.capture({"u": u}, step=4).result()
+        assert snap.verify().ok
+        assert_bit_exact(arraysnap.open(store_path, mode="r").restore().arrays["u"], u)

@@ -630,3 +630,34 @@ def test_log_refuses_what_is_not_json_before_writing(snap):
         snap.log({"x": object()})
     with pytest.raises(arraysnap.ReadOnlyStoreError):
         arraysnap.open(snap.path, mode="r").log({"x": 1})
+
+
+def test_a_signal_during_a_capture_due_anyway_still_stops_the_loop(store_path):
+    import os
+    import signal
+
+    with arraysnap.open(store_path, every=10, signals=[signal.SIGUSR2]) as snap:
+        stopped = None
+        for step in range(1, 100):
+            if snap.due(step):
+                if step == 10:  # lands after due() said True for the policy's own reason
+                    os.kill(os.getpid(), signal.SIGUSR2)
+                snap.capture({"u": np.full(3, step)}, step=step)
+            if snap.preempted:
+                stopped = step
+                break
+    assert stopped == 10
+
+
+def test_two_stores_watching_signals_hand_the_default_back(store_path, tmp_path):
+    from conftest import run_python
+
+    done = run_python(f"""
+        import os, signal, arraysnap
+        a = arraysnap.open({str(tmp_path / "a.snap")!r}, signals=True)
+        b = arraysnap.open({str(tmp_path / "b.snap")!r}, signals=True)
+        a.close(); b.close()
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still alive")
+    """)
+    assert done.returncode == -15 and "still alive" not in done.stdout

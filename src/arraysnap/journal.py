@@ -20,6 +20,7 @@ malformed is a :class:`CorruptSnapshotError` naming the file and line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,8 @@ from .errors import CorruptSnapshotError
 from .fsio import FileIO, read_regular_file
 
 __all__ = ["MAX_RECORD_BYTES", "Journal"]
+
+log = logging.getLogger("arraysnap")
 
 MAX_RECORD_BYTES = 1 << 20
 _SEGMENT_BYTES = 16 << 20
@@ -186,31 +189,45 @@ class Journal:
             return number
 
     def _write_buffer(self) -> None:
+        """Append the buffered records (the caller holds the lock); all or none of them."""
         if not self._buffer or self._closed:
             return
-        lines, self._buffer = self._buffer, []
-        first = self.position - len(lines)
-        data = "".join(lines).encode("utf-8")
-        if self._fd < 0 or self._segment_bytes + len(data) > _SEGMENT_BYTES:
-            self._start_segment(first)
+        first = self.position - len(self._buffer)
+        data = "".join(self._buffer).encode("utf-8")
+        if self._fd < 0 or (self._segment_bytes
+                            and self._segment_bytes + len(data) > _SEGMENT_BYTES):
+            self._start_segment(first)  # on failure the records stay buffered
         try:
             self.io.write(self._fd, data)
         except BaseException:
-            # Keep the records; a partial line on disk is cut off by the next open.
-            self._buffer = lines + self._buffer
+            # Cut off whatever part of the batch reached the file, so that the retry, which
+            # writes the whole batch again, leaves no duplicate or torn line.
+            try:
+                os.ftruncate(self._fd, self._segment_bytes)
+            except OSError as err:
+                log.error("arraysnap: could not cut a failed write off %s: %r", self.dir, err)
+                self._fd = -1  # the next batch starts a new segment
             raise
+        self._buffer = []
         self._segment_bytes += len(data)
         self._unsynced = True
 
     def _start_segment(self, first: int) -> None:
-        if self._fd >= 0:
-            self.io.fsync(self._fd)
-            os.close(self._fd)
+        """Switch to a new segment for records from `first` on; unchanged on failure."""
         path = self.dir / f"{first:016d}.jsonl"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                           | os.O_NONBLOCK, 0o644)
-        self._segment_bytes = os.fstat(self._fd).st_size
-        self.io.fsync_dir(self.dir)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o644)
+        try:
+            os.ftruncate(fd, 0)  # anything there is stale: these records are still buffered
+            self.io.fsync_dir(self.dir)
+            if self._fd >= 0:
+                self.io.fsync(self._fd)  # the old segment's records, before leaving it
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._segment_bytes, self._unsynced = fd, 0, False
 
     def flush(self, durable: bool) -> None:
         """Write buffered records; with `durable`, fsync them."""

@@ -195,6 +195,18 @@ class Persister:
         with self._lock:
             return self._pins[digest] > 0
 
+    def delete_unless_pinned(self, digest: bytes, delete: Callable[[bytes], None]) -> bool:
+        """Delete `digest` unless an in-flight job refers to it; True if deleted.
+
+        Atomic with pinning: a job pins a digest before it checks that the object exists,
+        so either it sees the pin here, or it finds the object gone and writes it.
+        """
+        with self._lock:
+            if self._pins[digest] > 0:
+                return False
+            delete(digest)
+            return True
+
     def stop(self) -> None:
         self._read_queue.put(None)
         self._reader.join()
@@ -338,9 +350,14 @@ class Persister:
                 write.result()
             if job.error is None and self._broken:
                 # An earlier job failed after this one was read from its tables: this one
-                # holds that job's changes too, and is whole if all its objects exist.
+                # holds that job's changes too, and is whole if all its objects exist. Pinned
+                # first, so that freeing space (ENOSPC) cannot delete them before the commit.
                 digests = {record.digest(i) for record in job.records.values()
                            for i in range(record.n_chunks)}
+                with self._lock:
+                    for digest in digests:
+                        self._pins[digest] += 1
+                        job.pinned.append(digest)
                 missing = sum(not self.objects.has(d) for d in digests)
                 if missing:
                     job.error = RuntimeError(

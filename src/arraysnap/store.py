@@ -131,8 +131,8 @@ def open(  # noqa: A001 - the public name the API promises
     seconds=)``, ``arraysnap.young_daly(mtbf=)``, combined with ``|``) or a list of them;
     ``Store.due(step)`` asks it. What to keep, applied after each commit: ``keep_last`` (the
     newest N), ``keep_every`` (steps that are multiples of K, kept for good), ``keep_within``
-    (seconds, or ``"2h"``), ``max_bytes`` (a quota on chunk objects, manifests and journal,
-    pruning the oldest unprotected snapshots first); a snapshot is kept if any rule keeps it,
+    (seconds, or ``"2h"``), ``max_bytes`` (a quota on chunk objects and manifests, pruning
+    the oldest unprotected snapshots first); a snapshot is kept if any rule keeps it,
     and the newest is never removed. ``on_error="warn"`` lets the run go on when the store
     cannot be written (changes stay pending; an :class:`ArraysnapWarning` once per kind of
     failure) instead of raising from the next ``capture()``. ``signals=True`` watches
@@ -187,6 +187,7 @@ class Store:
         self._preempt_seen = False  # ... and due() has answered True for it
         self._due_asked = False
         self._old_handlers: dict[int, Any] = {}
+        self._closed_handlers: dict[int, Any] = {}
         self._warned: set[str] = set()
         self._buffer_bytes = buffer_bytes
         self._object_sizes: dict[bytes, int] = {}
@@ -568,6 +569,10 @@ class Store:
     def _captured(self, step: int | None, wall: float, blocking: float) -> None:
         if self.policy is not None:
             self.policy.captured(step, wall, blocking)
+        if self._preempt_pending:
+            # A capture followed the signal (even one due for another reason, with the
+            # signal landing during it): the loop may stop now.
+            self._preempt_seen = True
         self._preempt_pending = False
 
     def _capture_failed(self, seq: int, step: int | None, started: float,
@@ -614,7 +619,10 @@ class Store:
     def _on_commit(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
                    stat: CaptureStat) -> None:
         self._cache[manifest.seq] = (manifest, manifest_bytes)
-        self._history.append(stat)
+        try:
+            self._history.append(stat)
+        except Exception as err:  # noqa: BLE001 - informational; the commit stands
+            log.warning("arraysnap: capture history: %r", err)
         with self._state_lock:
             if self._last_captured == job.seq:  # no later capture has touched the baselines
                 self._mirror_seq = job.seq
@@ -952,13 +960,16 @@ class Store:
         removed = freed = 0
         persister = self._persister
         for digest in digests:
-            if persister is not None and persister.pinned(digest):
-                continue  # an in-flight capture refers to it
             try:
                 size = self._objects.path(digest).stat().st_size
             except FileNotFoundError:
                 continue
-            self._objects.delete(digest)
+            if persister is not None:
+                # Under the pin lock: a capture pins before it checks that an object exists.
+                if not persister.delete_unless_pinned(digest, self._objects.delete):
+                    continue
+            else:
+                self._objects.delete(digest)
             removed += 1
             freed += size
         return removed, freed
@@ -1090,9 +1101,18 @@ class Store:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         # Only flags: the loop captures at its next safe point, never from in here.
+        previous = self._old_handlers.get(signum, self._closed_handlers.get(signum))
+        if self._closed:
+            # Closed, but another store installed its handler over ours and kept ours as its
+            # "previous": act as if ours had been removed.
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         self._preempted = True
         self._preempt_pending = True
-        previous = self._old_handlers.get(signum)
         if callable(previous):
             previous(signum, frame)
 
@@ -1108,6 +1128,8 @@ class Store:
     def _unwatch_signals(self) -> None:
         while self._old_handlers:
             signum, previous = self._old_handlers.popitem()
+            # Kept for the case where another store chained to our handler (see _on_signal).
+            self._closed_handlers[signum] = previous
             try:
                 if signal.getsignal(signum) == self._on_signal:
                     signal.signal(signum, previous)
