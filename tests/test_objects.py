@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from arraysnap.fsio import FileIO
@@ -55,3 +57,23 @@ def test_get_refuses_objects_over_the_limit(tmp_path):
     assert objects.get(bytes(32), limit=1000) == b"x" * 1000
     with pytest.raises(OSError, match="more than 999"):
         objects.get(bytes(32), limit=999)
+
+
+def test_an_object_reused_by_a_new_snapshot_gets_its_folder_synced(tmp_path):
+    # Left by a writer killed before it fsynced the folder: the next snapshot that reuses the
+    # object must make its name durable before a manifest names it.
+    synced = []
+
+    class Record(FileIO):
+        def fsync_dir(self, path):
+            synced.append(Path(path))
+            super().fsync_dir(path)
+
+    objects = ChunkObjects(tmp_path, Record())
+    digest = bytes.fromhex("ab" * 32)
+    objects.put(digest, b"x")
+    objects.sync()
+    synced.clear()
+    objects.reuse(digest)
+    objects.sync()
+    assert objects.path(digest).parent in synced

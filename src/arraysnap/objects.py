@@ -55,6 +55,14 @@ class ChunkObjects:
         self._unsynced_dirs.add(path.parent)
         return len(memoryview(data).cast("B"))
 
+    def reuse(self, digest: bytes) -> None:
+        """Note that a new snapshot relies on an existing object: its name must be durable too.
+
+        An object may have been renamed into place by a writer that was killed before it
+        fsynced the folder; the next sync() makes that entry durable before a manifest names it.
+        """
+        self._unsynced_dirs.add(self.path(digest).parent)
+
     def sync(self) -> None:
         """Make every rename since the last sync durable."""
         while self._unsynced_dirs:

@@ -317,6 +317,8 @@ class Persister:
                 self._pins[digest] += 1
                 job.pinned.append(digest)
             if claimed or self.objects.has(digest):
+                if not claimed:
+                    self.objects.reuse(digest)
                 with self._lock:  # pool threads count concurrently
                     job.chunks_deduplicated += 1
                 self.budget.release(held)
