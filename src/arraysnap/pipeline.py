@@ -181,19 +181,10 @@ class Persister:
             while self._pending:
                 self._idle.wait()
 
-    @property
-    def pending(self) -> int:
-        return self._pending
-
     def take_error(self) -> BaseException | None:
         with self._lock:
             error, self._error = self._error, None
             return error
-
-    def pinned(self, digest: bytes) -> bool:
-        """True if an in-flight job refers to `digest` (so it must not be deleted)."""
-        with self._lock:
-            return self._pins[digest] > 0
 
     def delete_unless_pinned(self, digest: bytes, delete: Callable[[bytes], None]) -> bool:
         """Delete `digest` unless an in-flight job refers to it; True if deleted.

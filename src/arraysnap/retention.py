@@ -79,7 +79,6 @@ class Retention:
         """
         if not snapshots or not self.active:
             return []
-        newest = snapshots[-1]
         count_rules = (self.keep_last, self.keep_every, self.keep_within)
         doomed: list[Candidate] = []
         if any(rule is not None for rule in count_rules):
@@ -95,8 +94,7 @@ class Retention:
             for candidate in snapshots[:-1]:
                 if size_after_removing(doomed) <= self.max_bytes:
                     break
-                if candidate.seq not in chosen and candidate is not newest \
-                        and not self.protected(candidate):
+                if candidate.seq not in chosen and not self.protected(candidate):
                     doomed.append(candidate)
                     chosen.add(candidate.seq)
         doomed.sort(key=lambda c: c.seq)
