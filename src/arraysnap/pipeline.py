@@ -50,9 +50,9 @@ __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "Persis
 log = logging.getLogger("arraysnap")
 T = TypeVar("T")
 
-# 32 MiB: 32 chunks of 1 MiB queued for the disk is plenty to overlap writes with the next
+# 16 MiB: 16 chunks of 1 MiB queued for the disk is plenty to overlap writes with the next
 # captures, and keeps anonymous memory within the core target (64 MiB) even at 100 % change.
-DEFAULT_BUFFER_BYTES = 32 << 20
+DEFAULT_BUFFER_BYTES = 16 << 20
 DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
 TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
                               errno.ETIMEDOUT})

@@ -137,7 +137,7 @@ def open(  # noqa: A001 - the public name the API promises
     cannot be written (changes stay pending; an :class:`ArraysnapWarning` once per kind of
     failure) instead of raising from the next ``capture()``. ``signals=True`` watches
     SIGTERM and SIGUSR1 (or give the signals): one sets ``Store.preempted`` and makes the
-    next ``due()`` true. `buffer_bytes` (default 32 MiB) bounds the chunk data held in
+    next ``due()`` true. `buffer_bytes` (default 16 MiB) bounds the chunk data held in
     memory between hashing and writing; past it, ``capture()`` waits.
 
     >>> import arraysnap, tempfile
