@@ -211,13 +211,14 @@ def test_loop_benchmark_quick(tmp_path: Path) -> None:
     done = run_harness("bench_loop.py", "--quick", "--dir", str(tmp_path), "--json", str(output))
     assert done.returncode == 0, done.stderr
     results = json.loads(output.read_text())["results"]
-    # Both workloads at both cadences, each with its background and sync figures.
+    # Both workloads at both cadences, each with its background (tracked and untracked)
+    # and sync figures.
     assert {(r["workload"], r["cadence"]) for r in results} == {
         (workload, cadence) for workload in ("band", "full")
         for cadence in ("every 1 s", "Young/Daly 1 h")}
     for result in results:
         assert result["baseline_seconds"] > 0 and result["steps"] >= 10
-        for mode in ("background", "sync"):
+        for mode in ("background", "untracked", "sync"):
             assert math.isfinite(result[mode]["overhead_median"])
             assert result[mode]["overhead_min"] <= result[mode]["overhead_max"]
     assert "overhead bg" in done.stdout

@@ -19,7 +19,8 @@ POOL = ThreadPoolExecutor(max_workers=1)
 
 
 def reference_scan(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
-                   forced: np.ndarray) -> tuple[list[int], np.ndarray]:
+                   forced: np.ndarray, candidates: np.ndarray | None = None,
+                   ) -> tuple[list[int], np.ndarray]:
     """What the kernel must do, written the slow, obvious way."""
     live_bytes = np.ascontiguousarray(live if layout.order == "C" else live.T).reshape(-1)
     live_bytes = live_bytes.view(np.uint8)
@@ -27,6 +28,10 @@ def reference_scan(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
     changed = []
     for index in range(layout.n_chunks):
         start, stop = layout.chunk_range(index)
+        if candidates is not None and not candidates[index]:  # not compared, not copied
+            if forced[index]:
+                changed.append(index)
+            continue
         if forced[index] or not np.array_equal(live_bytes[start:stop], baseline[start:stop]):
             changed.append(index)
         result[start:stop] = live_bytes[start:stop]
@@ -74,14 +79,20 @@ def test_kernel_matches_reference(case, data):
     baseline = before.copy()
     forced = np.array(data.draw(st.lists(st.booleans(), min_size=layout.n_chunks,
                                          max_size=layout.n_chunks)), dtype=np.uint8)
-    expected_changed, expected_baseline = reference_scan(live, baseline, layout, forced)
+    # Half the examples compare only some chunks, as with write tracking.
+    candidates = None
+    if data.draw(st.booleans()):
+        candidates = np.array(data.draw(st.lists(st.booleans(), min_size=layout.n_chunks,
+                                                 max_size=layout.n_chunks)), dtype=np.uint8)
+    expected_changed, expected_baseline = reference_scan(live, baseline, layout, forced,
+                                                         candidates)
     snapshot_of_live = live.copy()
 
     # Half the examples scan in two halves on a pool (every size counts as large here).
     parallel = data.draw(st.booleans())
     pool = POOL if parallel else None
     with patch.object(delta, "PARALLEL_BYTES", 0):
-        changed = scan_and_copy(live, baseline, layout, forced.copy(), pool)
+        changed = scan_and_copy(live, baseline, layout, forced.copy(), pool, candidates)
 
     assert changed.tolist() == expected_changed
     assert baseline.tobytes() == expected_baseline.tobytes()
@@ -132,6 +143,9 @@ def test_wrapper_validates_before_the_kernel_runs():
         scan_and_copy(np.zeros(9, dtype="u1"), np.zeros(8, dtype=np.uint8), layout)
     with pytest.raises(ValueError, match="changed must be"):
         scan_and_copy(live, np.zeros(8, dtype=np.uint8), layout, np.zeros(5, dtype=np.uint8))
+    with pytest.raises(ValueError, match="candidates must be"):
+        scan_and_copy(live, np.zeros(8, dtype=np.uint8), layout,
+                      candidates=np.ones(3, dtype=np.uint8))
 
 
 def test_kernel_releases_the_gil_and_counts():
@@ -139,8 +153,16 @@ def test_kernel_releases_the_gil_and_counts():
     baseline = np.zeros(16, dtype=np.uint8)
     flags = np.zeros(4, dtype=np.uint8)
     flags[3] = 1  # preset flags stay set and are counted
-    assert _delta.scan_and_copy(live, baseline, 16, 4, flags) == 4
+    every = np.ones(4, dtype=np.uint8)
+    assert _delta.scan_and_copy(live, baseline, 16, 4, every, flags) == 4
     assert flags.tolist() == [1, 1, 1, 1]
     live2 = baseline.copy()
     flags[:] = 0
-    assert _delta.scan_and_copy(live2, baseline, 16, 4, flags) == 0
+    assert _delta.scan_and_copy(live2, baseline, 16, 4, every, flags) == 0
+    # Chunks that are not candidates are neither compared nor copied.
+    live3 = live2 + 1
+    only_second = np.array([0, 1, 0, 0], dtype=np.uint8)
+    assert _delta.scan_and_copy(live3, baseline, 16, 4, only_second, flags) == 1
+    assert flags.tolist() == [0, 1, 0, 0]
+    assert baseline[4:8].tolist() == live3[4:8].tolist()
+    assert baseline[:4].tolist() == live2[:4].tolist()

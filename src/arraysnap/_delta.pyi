@@ -1,5 +1,6 @@
 from typing import Any
 
 def scan_and_copy(
-    live: Any, baseline: Any, segment_bytes: int, chunk_bytes: int, changed: Any
+    live: Any, baseline: Any, segment_bytes: int, chunk_bytes: int, candidates: Any,
+    changed: Any
 ) -> int: ...

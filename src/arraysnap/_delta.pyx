@@ -13,10 +13,12 @@ cdef Py_ssize_t _scan_and_copy(
     unsigned char[::1] baseline,
     Py_ssize_t segment_bytes,
     Py_ssize_t chunk_bytes,
+    const unsigned char[::1] candidates,
     unsigned char[::1] changed,
 ) noexcept nogil:
     # The buffer is a run of equal segments; each segment is cut into chunks of
-    # chunk_bytes, the last one of each segment possibly shorter (a ragged edge).
+    # chunk_bytes, the last one of each segment possibly shorter (a ragged edge). Chunks
+    # whose candidate flag is 0 are known unwritten (write tracking) and not compared.
     cdef Py_ssize_t total = live.shape[0]
     cdef Py_ssize_t segment_start = 0
     cdef Py_ssize_t segment_end, start, length
@@ -29,7 +31,7 @@ cdef Py_ssize_t _scan_and_copy(
             length = segment_end - start
             if length > chunk_bytes:
                 length = chunk_bytes
-            if memcmp(&live[start], &baseline[start], length) != 0:
+            if candidates[index] and memcmp(&live[start], &baseline[start], length) != 0:
                 memcpy(&baseline[start], &live[start], length)
                 changed[index] = 1
             if changed[index]:
@@ -45,14 +47,17 @@ def scan_and_copy(
     unsigned char[::1] baseline,
     Py_ssize_t segment_bytes,
     Py_ssize_t chunk_bytes,
+    const unsigned char[::1] candidates,
     unsigned char[::1] changed,
 ):
-    """Copy every chunk of `live` that differs from `baseline` into `baseline`.
+    """Copy every candidate chunk of `live` that differs from `baseline` into `baseline`.
 
-    Sets ``changed[i] = 1`` for each such chunk (flags already set stay set) and returns
-    the number of set flags. Runs without the GIL.
+    Compares chunk ``i`` only where ``candidates[i]`` is set; sets ``changed[i] = 1`` for
+    each chunk copied (flags already set stay set) and returns the number of set flags.
+    Runs without the GIL.
     """
     cdef Py_ssize_t count
     with nogil:
-        count = _scan_and_copy(live, baseline, segment_bytes, chunk_bytes, changed)
+        count = _scan_and_copy(live, baseline, segment_bytes, chunk_bytes, candidates,
+                               changed)
     return count

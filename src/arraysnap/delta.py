@@ -50,6 +50,7 @@ def scan_and_copy(
     layout: ChunkLayout,
     changed: np.ndarray | None = None,
     pool: Executor | None = None,
+    candidates: np.ndarray | None = None,
 ) -> np.ndarray:
     """Copy the chunks of `live` that differ from `baseline` into it; return their indices.
 
@@ -58,6 +59,9 @@ def scan_and_copy(
     non-contiguous, in which case each chunk is gathered into a scratch buffer first. With a
     `pool`, a large contiguous array is scanned in two halves at once (the kernel releases
     the GIL), which on most machines takes more of the memory bandwidth than one core can.
+    `candidates` (uint8 flags, one per chunk) limits the comparison to the flagged chunks:
+    the others are known not to have been written since the baseline was taken (see
+    ``arraysnap.tracking``); without it every chunk is compared.
     """
     if live.shape != layout.shape or live.dtype != layout.dtype:
         raise ValueError(
@@ -72,25 +76,31 @@ def scan_and_copy(
         changed = np.zeros(layout.n_chunks, dtype=np.uint8)
     elif changed.dtype != np.uint8 or changed.shape != (layout.n_chunks,):
         raise ValueError(f"changed must be {layout.n_chunks} uint8 flags")
+    if candidates is None:
+        candidates = np.ones(layout.n_chunks, dtype=np.uint8)
+    elif candidates.dtype != np.uint8 or candidates.shape != (layout.n_chunks,):
+        raise ValueError(f"candidates must be {layout.n_chunks} uint8 flags")
     if layout.nbytes == 0:
         return np.flatnonzero(changed)
 
     contiguous = live.flags.c_contiguous if layout.order == "C" else live.flags.f_contiguous
     if contiguous and pool is not None and layout.nbytes >= PARALLEL_BYTES and layout.n_chunks > 1:
-        first, second = _halves(as_bytes(live), baseline, layout, changed)
+        first, second = _halves(as_bytes(live), baseline, layout, candidates, changed)
         other = pool.submit(_kernel, *second)
         try:
             _kernel(*first)
         finally:
             other.result()
     elif contiguous:
-        _kernel(as_bytes(live), baseline, layout.segment_bytes, layout.chunk_bytes, changed)
+        _kernel(as_bytes(live), baseline, layout.segment_bytes, layout.chunk_bytes,
+                candidates, changed)
     else:
-        _scan_gathered(live, baseline, layout, changed)
+        _scan_gathered(live, baseline, layout, candidates, changed)
     return np.flatnonzero(changed)
 
 
 def _halves(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
+            candidates: np.ndarray,
             changed: np.ndarray) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """Kernel arguments for two parts of the buffer, cut between whole chunks."""
     segment, chunk = layout.segment_bytes, layout.chunk_bytes
@@ -103,21 +113,23 @@ def _halves(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
         cut_chunk = layout.n_chunks // 2
         cut = cut_chunk * chunk
         first_segment, second_segment = cut, layout.nbytes - cut
-    return ((live[:cut], baseline[:cut], first_segment, chunk, changed[:cut_chunk]),
-            (live[cut:], baseline[cut:], second_segment, chunk, changed[cut_chunk:]))
+    return ((live[:cut], baseline[:cut], first_segment, chunk, candidates[:cut_chunk],
+             changed[:cut_chunk]),
+            (live[cut:], baseline[cut:], second_segment, chunk, candidates[cut_chunk:],
+             changed[cut_chunk:]))
 
 
-def _scan_gathered(
-    live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout, changed: np.ndarray
-) -> None:
+def _scan_gathered(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
+                   candidates: np.ndarray, changed: np.ndarray) -> None:
     in_memory_order = live if layout.order == "C" else live.T
     head_shape = layout.memory_shape[: layout.split_axis]
     rows = layout.rows_per_chunk
-    for index in range(layout.n_chunks):
+    for index in np.flatnonzero(candidates).tolist():
         segment, within = divmod(index, layout.chunks_per_segment)
         head = tuple(int(i) for i in np.unravel_index(segment, head_shape)) if head_shape else ()
         block = in_memory_order[(*head, slice(within * rows, (within + 1) * rows))]
         start, stop = layout.chunk_range(index)
         gathered = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         length = stop - start
-        _kernel(gathered, baseline[start:stop], length, length, changed[index : index + 1])
+        _kernel(gathered, baseline[start:stop], length, length, candidates[index : index + 1],
+                changed[index : index + 1])

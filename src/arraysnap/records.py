@@ -105,12 +105,15 @@ class CaptureInfo:
     """
 
     def __init__(self, seq: int, step: int | None, pause_seconds: float, chunks_scanned: int,
-                 chunks_changed: int) -> None:
+                 chunks_changed: int, chunks_compared: int | None = None) -> None:
         self.seq = seq
         self.step = step
         self.pause_seconds = pause_seconds
         self.chunks_scanned = chunks_scanned
         self.chunks_changed = chunks_changed
+        # Chunks the pause compared byte by byte: fewer than chunks_scanned when write
+        # tracking knew the others were not written.
+        self.chunks_compared = chunks_scanned if chunks_compared is None else chunks_compared
         self._done = threading.Event()
         self._info: SnapshotInfo | None = None
         self._error: BaseException | None = None

@@ -88,6 +88,7 @@ from .records import (
 )
 from .retention import Candidate, Retention
 from .rngstate import check_rng, rng_from_json, rng_to_json
+from .tracking import Tracking, under
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArraysnapWarning", "Store", "open"]
 
@@ -117,6 +118,7 @@ def open(  # noqa: A001 - the public name the API promises
     on_error: Literal["raise", "warn"] = "raise",
     signals: bool | Iterable[int] = (),
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    track_writes: bool | Literal["auto"] = "auto",
     _io: FileIO | None = None,
     _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
 ) -> Store:
@@ -138,7 +140,10 @@ def open(  # noqa: A001 - the public name the API promises
     failure) instead of raising from the next ``capture()``. ``signals=True`` watches
     SIGTERM and SIGUSR1 (or give the signals): one sets ``Store.preempted`` and makes the
     next ``due()`` true. `buffer_bytes` (default 16 MiB) bounds the chunk data held in
-    memory between hashing and writing; past it, ``capture()`` waits.
+    memory between hashing and writing; past it, ``capture()`` waits. `track_writes`
+    (``"auto"``) lets the pause compare only the chunks on pages written since the last
+    capture, where Linux offers write tracking (6.7+); ``False`` compares everything
+    always (see ``docs/tuning.md``, "Write tracking", for when to turn it off).
 
     >>> import arraysnap, tempfile
     >>> snap = arraysnap.open(tempfile.mkdtemp() + "/run.snap", chunk_bytes=1 << 16)
@@ -149,7 +154,8 @@ def open(  # noqa: A001 - the public name the API promises
     return Store(Path(path), mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
-                 buffer_bytes=buffer_bytes, io=_io, retry_delays=_retry_delays)
+                 buffer_bytes=buffer_bytes, track_writes=track_writes, io=_io,
+                 retry_delays=_retry_delays)
 
 
 class Store:
@@ -168,7 +174,8 @@ class Store:
                  keep_last: int | None = None, keep_every: int | None = None,
                  keep_within: float | str | None = None, max_bytes: int | None = None,
                  on_error: str = "raise", signals: bool | Iterable[int] = (),
-                 buffer_bytes: int = DEFAULT_BUFFER_BYTES, io: FileIO | None = None,
+                 buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+                 track_writes: bool | str = "auto", io: FileIO | None = None,
                  retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
@@ -178,6 +185,9 @@ class Store:
                 or buffer_bytes < 1 << 16:
             raise ValueError(f"buffer_bytes must be an integer of at least 65536, got "
                              f"{buffer_bytes!r}")
+        if track_writes not in ("auto", True, False):
+            raise ValueError(f"track_writes must be 'auto', True or False, got "
+                             f"{track_writes!r}")
         self.policy: Policy | None = parse_policy(every)
         self.retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
         self.on_error = on_error
@@ -216,9 +226,11 @@ class Store:
         self._last_captured: int | None = None
         self._history = History(path, self._io)
         self._journal: Journal | None = None
+        self._tracking: Tracking | None = None
         if mode == "a":
             try:
                 self._take_lock()
+                self._tracking = Tracking(track_writes, allowed_file=under(self._mirror.dir))
                 self._journal = Journal(path, self._io)
                 self._recover()
                 self._watch_signals(watched)
@@ -535,17 +547,29 @@ class Store:
         except OSError as err:
             return self._capture_failed(seq, step, started, err)
         self._next_seq += 1
+        tracking = self._tracking
+        assert tracking is not None
+        compared = 0
         try:
+            tracking.retain_only({name for name, _, _ in prepared})
             for name, live, layout in prepared:
                 baseline, fresh = self._mirror.baseline(name, layout, live)
                 flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
-                changed = scan_and_copy(live, baseline, layout, flags, self._pool)
+                # Before the comparison: from here on, writes count for the next capture.
+                candidates, audit = tracking.candidates(name, live, layout, fresh)
+                changed = scan_and_copy(live, baseline, layout, flags, self._pool,
+                                        None if audit else candidates)
+                if audit and candidates is not None:
+                    tracking.audit(name, candidates, changed)
+                compared += (layout.n_chunks if candidates is None or audit
+                             else int(np.count_nonzero(candidates)))
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
                                          self._dims.get(name)))
             self._mirror.retain_only({name for name, _, _ in prepared})
         except BaseException as err:
             # Baselines already updated hold changes no snapshot has; forget them so the next
             # capture writes those arrays whole (dedup keeps unchanged chunks free).
+            tracking.forget_all()
             for name, _, _ in prepared:
                 try:
                     self._mirror.forget(name)
@@ -558,7 +582,7 @@ class Store:
         now = time.perf_counter()
         pause = now - pause_start
         info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
-                           sum(len(d.changed) for d in deltas))
+                           sum(len(d.changed) for d in deltas), chunks_compared=compared)
         wall = time.time()
         job = PersistJob(seq, step, wall, deltas, state, rng, _provenance(), pause,
                          pause_start - started, started, journal_position, info)
@@ -756,6 +780,8 @@ class Store:
                     buffer, _ = self._mirror.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
                              verify=True, seq=manifest.seq, indices=bad)
+                    if self._tracking is not None:  # the baseline changed under its watch
+                        self._tracking.forget(name)
                     with self._state_lock:
                         self._mirror.mark_committed(manifest.seq)
             return self._mirror.hand_out(name)
@@ -1216,6 +1242,8 @@ class Store:
             self._persister = None
         if self._journal is not None:
             self._journal.close()
+        if self._tracking is not None:
+            self._tracking.close()
         self._mirror.close()
         self._pool.shutdown(wait=True)
         if self._lock_fd >= 0:

@@ -1,0 +1,512 @@
+"""Write tracking: which pages of a live array were written since the last capture.
+
+Without it the pause compares every byte of every array with its baseline, which costs a
+full pass over memory (about 80 ms a GiB here) however little changed. With it the pause
+compares only the chunks on pages written since the last capture.
+
+The mechanism is Linux's (6.7 and later, no privileges needed):
+
+- a ``userfaultfd`` in asynchronous write-protect mode (``UFFD_FEATURE_WP_ASYNC``): the
+  kernel write-protects the array's pages, and the first write to each afterwards is
+  resolved by the kernel itself (no handler thread, no signal), clearing the page's
+  write-protect bit;
+- the ``PAGEMAP_SCAN`` ioctl on ``/proc/self/pagemap`` lists the pages whose bit is clear
+  (written) and protects them again, atomically, in one call.
+
+Writes by the kernel on the process's behalf (``read()`` into the array, ``readinto``) are
+tracked as well: they fault like the process's own, and pages dropped with
+``madvise(MADV_DONTNEED)`` are reported as written. What is *not* seen is memory changed
+without a write through this process's page tables: a device writing into pinned pages
+(RDMA, GPUDirect, io_uring registered buffers), or a shared mapping written by another
+process or through ``write()``.
+Shared mappings and files other than the store's own baselines are therefore never
+tracked, and every few captures an *audit* compares everything anyway: if it finds a
+change the tracker missed, tracking is switched off for the run and a warning says why
+(that capture stores the change, so no snapshot after it misses anything).
+
+Anything unexpected (an older kernel, a seccomp filter, a mapping of the wrong kind, an
+overlap with another tracked array, a failed ioctl) falls back to the full comparison,
+array by array; tracking only ever decides what need not be compared.
+
+>>> tracking = Tracking("auto")
+>>> tracking.active in (True, False)
+True
+>>> tracking.close()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import platform
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArraysnapWarning
+from .layout import ChunkLayout
+
+__all__ = ["MIN_TRACKED_BYTES", "Tracking", "WriteTracker", "tracking_unavailable_reason", "under"]
+
+log = logging.getLogger("arraysnap")
+
+PAGE = mmap.PAGESIZE
+# Smaller arrays are compared whole: a watch costs an ioctl and a mapping split.
+MIN_TRACKED_BYTES = 1 << 20
+MAX_WATCHES = 4096
+# The first tracked capture of an array is audited, then every AUDIT_EVERY-th.
+AUDIT_EVERY = 32
+
+_SYSCALL_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "riscv64": 282, "loongarch64": 282,
+                        "s390x": 355, "ppc64le": 364, "ppc64": 364}
+
+
+def _ioc(direction: str, kind: int, number: int, size: int) -> int:
+    if platform.machine().startswith("ppc"):
+        bits = {"r": 2, "w": 4, "rw": 6}[direction]
+        return bits << 29 | size << 16 | kind << 8 | number
+    bits = {"r": 2, "w": 1, "rw": 3}[direction]
+    return bits << 30 | size << 16 | kind << 8 | number
+
+
+class _Api(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64),
+                ("ioctls", ctypes.c_uint64)]
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Register(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class _WriteProtect(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64)]
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _Region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("categories", ctypes.c_uint64)]
+
+
+_UFFD_API = 0xAA
+_UFFD_USER_MODE_ONLY = 1
+_UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+_UFFD_FEATURE_WP_ASYNC = 1 << 15
+_UFFDIO_REGISTER_MODE_WP = 1 << 1
+_UFFDIO_WRITEPROTECT_MODE_WP = 1
+_UFFDIO_API = _ioc("rw", 0xAA, 0x3F, ctypes.sizeof(_Api))
+_UFFDIO_REGISTER = _ioc("rw", 0xAA, 0x00, ctypes.sizeof(_Register))
+_UFFDIO_UNREGISTER = _ioc("r", 0xAA, 0x01, ctypes.sizeof(_Range))
+_UFFDIO_WRITEPROTECT = _ioc("rw", 0xAA, 0x06, ctypes.sizeof(_WriteProtect))
+_PAGEMAP_SCAN = _ioc("rw", ord("f"), 16, ctypes.sizeof(_ScanArg))
+_PM_SCAN_WP_MATCHING = 1 << 0
+_PM_SCAN_CHECK_WPASYNC = 1 << 1
+_PAGE_IS_WRITTEN = 1 << 1
+_VEC_LEN = 1024
+
+
+class WriteTracker:
+    """One userfaultfd and the pagemap of this process: protect ranges, list written pages.
+
+    Raises OSError when the kernel does not offer what it needs; see
+    ``tracking_unavailable_reason()``.
+
+    >>> try:
+    ...     tracker = WriteTracker()
+    ... except OSError:
+    ...     tracker = None  # an older kernel, or not Linux
+    >>> tracker is None or tracker.close() is None
+    True
+    """
+
+    def __init__(self) -> None:
+        number = _SYSCALL_USERFAULTFD.get(platform.machine())
+        if number is None or not hasattr(os, "O_CLOEXEC"):
+            raise OSError(errno.ENOSYS, f"no userfaultfd on {platform.system()} "
+                                        f"{platform.machine()}")
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.syscall.restype = ctypes.c_long
+        self._libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+        self.pid = os.getpid()
+        # User-mode-only faults are what vm.unprivileged_userfaultfd=0 still allows anyone.
+        fd = self._libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"userfaultfd: {os.strerror(code)}")
+        self._fd = int(fd)
+        self._pagemap = -1
+        try:
+            wanted = _UFFD_FEATURE_WP_ASYNC | _UFFD_FEATURE_WP_UNPOPULATED
+            api = _Api(_UFFD_API, wanted, 0)
+            self._ioctl(self._fd, _UFFDIO_API, api, "UFFDIO_API (WP_ASYNC needs Linux 6.7)")
+            self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._vec = (_Region * _VEC_LEN)()
+            self._self_test()
+        except BaseException:
+            self.close()
+            raise
+
+    def _ioctl(self, fd: int, request: int, argument: ctypes.Structure, what: str) -> int:
+        result = self._libc.ioctl(fd, request, ctypes.byref(argument))
+        if result < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"{what}: {os.strerror(code)}")
+        return int(result)
+
+    def _self_test(self) -> None:
+        """Track a scratch map and check that exactly the written page is reported."""
+        scratch = mmap.mmap(-1, 4 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            view = np.frombuffer(scratch, dtype=np.uint8)
+            start = view.ctypes.data
+            self.register(start, 4 * PAGE)
+            self.protect(start, 4 * PAGE)
+            view[2 * PAGE + 5] = 1
+            first = self.written(start, 4 * PAGE)
+            second = self.written(start, 4 * PAGE)
+            self.unregister(start, 4 * PAGE)
+            del view
+        finally:
+            scratch.close()
+        if first != [(2 * PAGE, 3 * PAGE)] or second != []:
+            raise OSError(errno.ENOTSUP, f"PAGEMAP_SCAN self-test failed: {first}, {second}")
+
+    def register(self, start: int, length: int) -> None:
+        """Register a page-aligned range for asynchronous write protection."""
+        self._ioctl(self._fd, _UFFDIO_REGISTER,
+                    _Register(_Range(start, length), _UFFDIO_REGISTER_MODE_WP, 0),
+                    "UFFDIO_REGISTER")
+
+    def protect(self, start: int, length: int) -> None:
+        """Write-protect a registered range: its pages count as unwritten from now on."""
+        self._ioctl(self._fd, _UFFDIO_WRITEPROTECT,
+                    _WriteProtect(_Range(start, length), _UFFDIO_WRITEPROTECT_MODE_WP),
+                    "UFFDIO_WRITEPROTECT")
+
+    def unregister(self, start: int, length: int) -> None:
+        """Stop tracking a range; quietly nothing if it is no longer mapped."""
+        result = self._libc.ioctl(self._fd, _UFFDIO_UNREGISTER,
+                                  ctypes.byref(_Range(start, length)))
+        if result < 0:
+            log.debug("arraysnap: UFFDIO_UNREGISTER: %s", os.strerror(ctypes.get_errno()))
+
+    def written(self, start: int, length: int) -> list[tuple[int, int]]:
+        """Offsets ``(first, end)`` from `start` of the runs of pages written since they were
+        last protected; protects them again. Raises OSError if any page of the range is not
+        under asynchronous write protection (then nothing can be trusted)."""
+        runs: list[tuple[int, int]] = []
+        end = start + length
+        position = start
+        while position < end:
+            argument = _ScanArg(ctypes.sizeof(_ScanArg),
+                                _PM_SCAN_WP_MATCHING | _PM_SCAN_CHECK_WPASYNC, position, end,
+                                0, ctypes.addressof(self._vec), _VEC_LEN, 0, 0,
+                                _PAGE_IS_WRITTEN, 0, _PAGE_IS_WRITTEN)
+            count = self._ioctl(self._pagemap, _PAGEMAP_SCAN, argument, "PAGEMAP_SCAN")
+            for index in range(count):
+                region = self._vec[index]
+                runs.append((region.start - start, region.end - start))
+            if argument.walk_end <= position:  # no progress: never loop for ever
+                raise OSError(errno.EIO, "PAGEMAP_SCAN made no progress")
+            position = argument.walk_end
+        return runs
+
+    def close(self) -> None:
+        """Close the descriptors; the kernel drops every registration with the last one."""
+        for name in ("_pagemap", "_fd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+_probe_lock = threading.Lock()
+_probe_result: dict[int, str | None] = {}
+
+
+def tracking_unavailable_reason() -> str | None:
+    """Why write tracking cannot work in this process, or None if it can.
+
+    >>> reason = tracking_unavailable_reason()
+    >>> reason is None or isinstance(reason, str)
+    True
+    """
+    with _probe_lock:
+        pid = os.getpid()
+        if pid not in _probe_result:
+            try:
+                WriteTracker().close()
+                _probe_result[pid] = None
+            except (OSError, AttributeError, ValueError) as err:
+                _probe_result[pid] = str(err)
+        return _probe_result[pid]
+
+
+@dataclass(slots=True, eq=False)
+class _Watch:
+    """One tracked array: its object, the page-aligned range inside its buffer, its chunks."""
+
+    array: weakref.ref[np.ndarray]
+    address: int
+    nbytes: int
+    layout: ChunkLayout
+    start: int  # first whole page inside the buffer
+    end: int  # end of the last whole page inside the buffer
+    chunk_starts: np.ndarray
+    edge_chunks: np.ndarray  # flags of chunks on partial first/last pages: always compared
+    captures: int = 0
+    registered: bool = field(default=False)
+
+    def matches(self, array: np.ndarray, layout: ChunkLayout) -> bool:
+        return (self.array() is array and array.ctypes.data == self.address
+                and array.nbytes == self.nbytes and layout == self.layout)
+
+
+def _chunk_starts(layout: ChunkLayout) -> np.ndarray:
+    index = np.arange(layout.n_chunks, dtype=np.int64)
+    segment, within = np.divmod(index, layout.chunks_per_segment)
+    return segment * layout.segment_bytes + within * layout.chunk_bytes
+
+
+def _chunks_of(starts: np.ndarray, n_chunks: int, runs: np.ndarray) -> np.ndarray:
+    """Flags of the chunks that overlap any byte run ``[first, end)`` (chunks tile the
+    buffer in index order, so each run covers a contiguous band of chunk indices)."""
+    flags = np.zeros(n_chunks + 1, dtype=np.int64)
+    if len(runs):
+        first = np.searchsorted(starts, runs[:, 0], side="right") - 1
+        last = np.searchsorted(starts, runs[:, 1] - 1, side="right") - 1
+        np.add.at(flags, first, 1)
+        np.add.at(flags, last + 1, -1)
+    return (np.cumsum(flags[:-1]) > 0).astype(np.uint8)
+
+
+class Tracking:
+    """A store's write tracking: a watch per captured array, audits, and the fallbacks.
+
+    `mode` is ``"auto"`` (track where the kernel allows), ``True`` (the same, but say why
+    when it cannot) or ``False`` (always compare everything). `allowed_file` says which
+    files a private mapping may map to be tracked (the store's own baselines).
+
+    >>> import numpy as np
+    >>> from arraysnap.layout import plan_layout
+    >>> tracking = Tracking("auto")
+    >>> u = np.zeros(1 << 18)
+    >>> layout = plan_layout(u.shape, u.dtype, "C", 1 << 16)
+    >>> tracking.candidates("u", u, layout, fresh=True)  # first sight: compare everything
+    (None, False)
+    >>> u[5] = 1.0
+    >>> flags, audit = tracking.candidates("u", u, layout, fresh=False)
+    >>> flags is None or flags.tolist()[:2] == [1, 0]  # chunk 0 was written, 1 was not
+    True
+    >>> tracking.close()
+    """
+
+    def __init__(self, mode: object = "auto",
+                 allowed_file: Callable[[str], bool] | None = None) -> None:
+        if mode not in ("auto", True, False):
+            raise ValueError(f"track_writes must be 'auto', True or False, got {mode!r}")
+        self.mode = mode
+        self._allowed_file = allowed_file or (lambda path: False)
+        self._tracker: WriteTracker | None = None
+        self._watches: dict[str, _Watch] = {}
+        self.disabled_reason: str | None = None
+        if mode is False:
+            self.disabled_reason = "track_writes=False"
+        else:
+            self.disabled_reason = tracking_unavailable_reason()
+            if self.disabled_reason is not None and mode is True:
+                log.warning("arraysnap: write tracking unavailable (%s); every capture "
+                            "compares all of its arrays", self.disabled_reason)
+
+    @property
+    def active(self) -> bool:
+        """True while captures may compare only written chunks."""
+        return self.disabled_reason is None
+
+    def _get_tracker(self) -> WriteTracker | None:
+        if self._tracker is not None and self._tracker.pid != os.getpid():
+            # A forked child: the kernel gave it none of the parent's registrations; its
+            # copies of the parent's descriptors are closed, never used.
+            self._tracker.close()
+            self._tracker = None
+            self._watches.clear()
+        if self._tracker is None and self.active:
+            try:
+                self._tracker = WriteTracker()
+            except OSError as err:
+                self.disable(str(err))
+        return self._tracker
+
+    def disable(self, reason: str) -> None:
+        """Stop tracking for the rest of this store's life; compare everything from now."""
+        if self.disabled_reason is None:
+            self.disabled_reason = reason
+        self.forget_all()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+    def candidates(self, name: str, live: np.ndarray, layout: ChunkLayout,
+                   fresh: bool) -> tuple[np.ndarray | None, bool]:
+        """The chunks of `live` to compare, as uint8 flags (None: all of them), and whether
+        this capture is an audit (compare all, then ``audit()`` what tracking said).
+
+        Must run before the comparison: it protects the pages again, so writes from here on
+        count for the next capture.
+        """
+        tracker = self._get_tracker()
+        if tracker is None:
+            return None, False
+        watch = self._watches.get(name)
+        if watch is not None and not watch.matches(live, layout):
+            self.forget(name)
+            watch = None
+        if watch is None:
+            self._watch(tracker, name, live, layout)
+            return None, False
+        try:
+            runs = tracker.written(watch.start, watch.end - watch.start)
+        except OSError as err:
+            log.info("arraysnap: write tracking of %r lost (%s); comparing it whole", name, err)
+            self.forget(name)
+            self._watch(tracker, name, live, layout)
+            return None, False
+        offset = watch.start - watch.address
+        spans = np.array(runs, dtype=np.int64).reshape(-1, 2) + offset
+        flags = _chunks_of(watch.chunk_starts, layout.n_chunks, spans)
+        flags |= watch.edge_chunks
+        watch.captures += 1
+        if fresh:
+            return None, False
+        audit = watch.captures == 1 or watch.captures % AUDIT_EVERY == 0
+        return flags, audit
+
+    def audit(self, name: str, candidates: np.ndarray, changed: np.ndarray) -> None:
+        """Check a full comparison's `changed` chunk indices against the tracker's
+        `candidates`; a change it missed switches tracking off (with a warning)."""
+        missed = [int(i) for i in changed if not candidates[i]]
+        if missed:
+            reason = (f"array {name!r} changed in {len(missed)} chunks (first: {missed[:5]}) "
+                      "that write tracking did not see written")
+            warnings.warn(
+                f"arraysnap: {reason}. Something writes to it without going through this "
+                "process's page tables (a device writing into pinned memory, such as RDMA "
+                "or GPUDirect). Tracking is off for the rest of the run and "
+                "every capture compares everything; this capture stored the change. Pass "
+                "open(..., track_writes=False) to skip tracking for this program",
+                ArraysnapWarning, stacklevel=4)
+            self.disable(reason)
+
+    def _watch(self, tracker: WriteTracker, name: str, live: np.ndarray,
+               layout: ChunkLayout) -> None:
+        if live.nbytes < MIN_TRACKED_BYTES or len(self._watches) >= MAX_WATCHES:
+            return
+        contiguous = live.flags.c_contiguous if layout.order == "C" else live.flags.f_contiguous
+        if not contiguous:
+            return
+        address = live.ctypes.data
+        start = -(-address // PAGE) * PAGE
+        end = (address + live.nbytes) // PAGE * PAGE
+        if end - start < PAGE:
+            return
+        if any(start < other.end and other.start < end for other in self._watches.values()):
+            return  # views of one buffer: scanning one would re-protect the other's pages
+        reason = _unsuitable_mapping(start, end, self._allowed_file)
+        if reason is not None:
+            log.debug("arraysnap: %r not tracked: %s", name, reason)
+            return
+        starts = _chunk_starts(layout)
+        head, tail = start - address, end - address  # bytes on pages shared with others
+        edges = np.array([(0, head), (tail, live.nbytes)], dtype=np.int64)
+        edges = edges[edges[:, 1] > edges[:, 0]]
+        watch = _Watch(weakref.ref(live), address, live.nbytes, layout, start, end, starts,
+                       _chunks_of(starts, layout.n_chunks, edges))
+        try:
+            tracker.register(start, end - start)
+            watch.registered = True
+            tracker.protect(start, end - start)
+        except OSError as err:
+            log.debug("arraysnap: %r not tracked: %s", name, err)
+            if watch.registered:
+                tracker.unregister(start, end - start)
+            return
+        self._watches[name] = watch
+
+    def forget(self, name: str) -> None:
+        """Drop `name`'s watch (its next capture compares everything)."""
+        watch = self._watches.pop(name, None)
+        if watch is not None and self._tracker is not None and watch.registered:
+            self._tracker.unregister(watch.start, watch.end - watch.start)
+
+    def forget_all(self) -> None:
+        """Drop every watch: the baselines changed other than by a capture's comparison."""
+        for name in list(self._watches):
+            self.forget(name)
+
+    def retain_only(self, names: set[str]) -> None:
+        """Drop the watches of arrays no longer captured."""
+        for name in list(self._watches):
+            if name not in names:
+                self.forget(name)
+
+    def close(self) -> None:
+        self.forget_all()
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+
+
+def _unsuitable_mapping(start: int, end: int,
+                        allowed_file: Callable[[str], bool]) -> str | None:
+    """Why ``[start, end)`` must not be tracked, or None: it must lie in private, writable
+    mappings, anonymous or of an allowed file, with no gap."""
+    position = start
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                low, high = (int(part, 16) for part in fields[0].split("-"))
+                if high <= position or low >= end:
+                    continue
+                if low > position:
+                    return "a gap in the mapping"
+                permissions = fields[1]
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if not permissions.startswith("rw") or permissions[3] != "p":
+                    return f"mapping {permissions} is not private and writable"
+                if path and not (path == "[heap]" or path.startswith("[anon:")
+                                 or allowed_file(path.removesuffix(" (deleted)"))):
+                    return f"mapping of {path}"
+                position = high
+                if position >= end:
+                    return None
+    except OSError as err:
+        return f"/proc/self/maps: {err}"
+    return "not mapped"
+
+
+def under(directory: Path) -> Callable[[str], bool]:
+    """A predicate for ``Tracking(allowed_file=)``: files directly in `directory`."""
+    resolved = str(directory.resolve())
+
+    def allowed(path: str) -> bool:
+        return os.path.dirname(path) == resolved
+
+    return allowed

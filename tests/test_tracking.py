@@ -1,0 +1,325 @@
+"""Write tracking against a full comparison: it may compare more than changed, never less."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import platform
+import re
+import warnings
+
+import numpy as np
+import pytest
+from conftest import assert_bit_exact
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import arraysnap
+from arraysnap import tracking
+from arraysnap.delta import as_bytes, scan_and_copy
+from arraysnap.layout import plan_layout
+from arraysnap.tracking import Tracking, WriteTracker, tracking_unavailable_reason
+
+REASON = tracking_unavailable_reason()
+needs_tracking = pytest.mark.skipif(REASON is not None, reason=f"no write tracking: {REASON}")
+PAGE = mmap.PAGESIZE
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    found = re.match(r"(\d+)\.(\d+)", platform.release())
+    return bool(found) and (int(found[1]), int(found[2])) >= (major, minor)
+
+
+def test_tracking_is_available_where_the_kernel_offers_it():
+    """On Linux 6.7+ (x86-64, arm64) tracking must work, unless a sandbox blocks the call."""
+    if platform.system() != "Linux" or not _kernel_at_least(6, 7) \
+            or platform.machine() not in ("x86_64", "aarch64"):
+        assert REASON is not None  # and then captures compare everything
+        return
+    try:
+        WriteTracker().close()
+    except OSError as err:
+        if err.errno in (errno.EPERM, errno.ENOSYS):  # seccomp: a container's choice
+            assert REASON is not None
+            return
+        raise
+    assert REASON is None
+
+
+def truly_changed(live: np.ndarray, baseline: np.ndarray, layout) -> set[int]:
+    live_bytes = as_bytes(live)
+    return {i for i in range(layout.n_chunks)
+            if not np.array_equal(live_bytes[slice(*layout.chunk_range(i))],
+                                  baseline[slice(*layout.chunk_range(i))])}
+
+
+WRITES = st.lists(st.tuples(st.sampled_from(["element", "slice", "kernel", "same", "first",
+                                             "last", "copyto"]),
+                            st.floats(0, 1), st.floats(0, 1)), max_size=6)
+
+
+@needs_tracking
+@settings(max_examples=40, deadline=None)
+@given(offset=st.integers(0, PAGE - 1), extra=st.integers(0, 3 * PAGE),
+       order=st.sampled_from(["C", "F"]), chunk=st.sampled_from([PAGE // 2, PAGE, 5000, 1 << 16]),
+       rounds=st.lists(WRITES, min_size=1, max_size=4))
+def test_candidates_cover_every_change(tmp_path_factory, offset, extra, order, chunk, rounds):
+    """Random writes, by the process and by the kernel, at any offset: every chunk that
+    changed is a candidate, and scanning only candidates leaves the baseline equal to live."""
+    rows = (tracking.MIN_TRACKED_BYTES + extra) // 8 // 64 + 1
+    buffer = np.zeros(rows * 64 * 8 + offset + 64, dtype=np.uint8)
+    live = np.ndarray((rows, 64), dtype="<f8", buffer=buffer.data, offset=offset,
+                      order=order)  # type: ignore[call-overload]
+    live[...] = np.arange(live.size).reshape(live.shape)
+    layout = plan_layout(live.shape, live.dtype, order, chunk)
+    baseline = as_bytes(live).copy()
+    source = tmp_path_factory.mktemp("src") / "bytes"
+    source.write_bytes(os.urandom(3 * PAGE))
+    tracker = Tracking("auto")
+    try:
+        assert tracker.candidates("u", live, layout, fresh=True) == (None, False)
+        flat = as_bytes(live)
+        for writes in rounds:
+            for kind, where, size in writes:
+                at = int(where * (flat.size - 1))
+                length = max(1, int(size * 3 * PAGE))
+                if kind == "element":
+                    flat[at] ^= 0x5A
+                elif kind == "slice":
+                    flat[at:at + length] += 1
+                elif kind == "kernel":  # read() into the array: the kernel writes
+                    with open(source, "rb", buffering=0) as handle:
+                        handle.readinto(memoryview(flat[at:at + length]))
+                elif kind == "same":  # written, unchanged: a candidate that compares equal
+                    flat[at] = flat[at]
+                elif kind == "first":  # bytes on the page shared with what lies before
+                    flat[0] ^= 1
+                elif kind == "last":
+                    flat[-1] ^= 1
+                else:
+                    np.copyto(flat[at:at + length], 7)
+            flags, _audit = tracker.candidates("u", live, layout, fresh=False)
+            changed = truly_changed(live, baseline, layout)
+            if flags is not None:
+                assert changed <= set(np.flatnonzero(flags).tolist())
+            scan_and_copy(live, baseline, layout, candidates=flags)
+            assert baseline.tobytes() == as_bytes(live).tobytes()
+    finally:
+        tracker.close()
+
+
+def capture_all(snap, arrays, step):
+    info = snap.capture(arrays, step=step)
+    snap.wait()
+    return info
+
+
+@needs_tracking
+def test_a_capture_compares_only_written_chunks(store_path):
+    u = np.zeros((256, 4096))  # 8 MiB, 64 KiB chunks: 128 of them
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        assert capture_all(snap, {"u": u}, 0).chunks_compared == 128
+        assert capture_all(snap, {"u": u}, 1).chunks_compared == 128  # the audit
+        u[100, 5] = 1.0
+        info = capture_all(snap, {"u": u}, 2)
+        # The written chunk, the chunk the written page straddles into (the buffer is not
+        # page-aligned), and the two on pages the array shares with its neighbours.
+        assert info.chunks_changed == 1
+        assert 1 <= info.chunks_compared <= 4
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@needs_tracking
+def test_restored_arrays_are_tracked_and_stay_exact(store_path):
+    rng = np.random.default_rng(0)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": rng.random((256, 4096))}, 0)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        u = snap.restore().arrays["u"]  # a private map of the store's baseline file
+        for step in range(1, 5):
+            u[rng.integers(0, 256), rng.integers(0, 4096)] = rng.random()
+            info = capture_all(snap, {"u": u}, step)
+            assert_bit_exact(snap.restore().arrays["u"], u)
+        assert info.chunks_compared <= 4
+
+
+@needs_tracking
+@pytest.mark.parametrize("kind", ["shared anonymous", "shared file"])
+def test_shared_mappings_are_compared_whole(store_path, tmp_path, kind):
+    """Another process (or a write() to the file) can change a shared mapping without
+    touching this process's page tables: such arrays are never tracked."""
+    size = 2 << 20
+    if kind == "shared anonymous":
+        region = mmap.mmap(-1, size)
+        u = np.frombuffer(region, dtype=np.uint8)
+        external = lambda: region.__setitem__(slice(5, 6), b"\x09")  # noqa: E731
+    else:
+        path = tmp_path / "data.bin"
+        path.write_bytes(bytes(size))
+        u = np.memmap(path, mode="r+", dtype=np.uint8)
+        fd = os.open(path, os.O_RDWR)
+
+        def external():
+            os.pwrite(fd, b"\x07" * 100, 1 << 20)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        for step in range(3):
+            external()
+            info = capture_all(snap, {"u": u}, step)
+            assert info.chunks_compared == 32
+            assert_bit_exact(snap.restore().arrays["u"], np.array(u))
+    if kind == "shared file":
+        os.close(fd)
+
+
+@needs_tracking
+def test_overlapping_views_are_not_both_tracked(store_path):
+    buffer = np.zeros(4 << 20, dtype=np.uint8)
+    a, b = buffer[: 3 << 20], buffer[1 << 20:]
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        for step in range(4):
+            buffer[(1 << 20) + step * 70000] = step + 1  # in both views
+            capture_all(snap, {"a": a, "b": b}, step)
+            restored = snap.restore().arrays
+            assert_bit_exact(restored["a"], a)
+            assert_bit_exact(restored["b"], b)
+
+
+@needs_tracking
+def test_a_new_array_object_is_compared_whole(store_path):
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        u = np.zeros(2 << 20, dtype=np.uint8)
+        capture_all(snap, {"u": u}, 0)
+        capture_all(snap, {"u": u}, 1)
+        u = u.copy()  # may even land at the old address once the old one is freed
+        u[12345] = 1
+        assert capture_all(snap, {"u": u}, 2).chunks_compared == 32
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@needs_tracking
+def test_the_audit_catches_changes_tracking_missed(store_path, monkeypatch):
+    """A change the kernel did not report (as a device writing into pinned memory would
+    make, injected here): the audit finds it, stores it, warns, and switches tracking off."""
+    monkeypatch.setattr(tracking, "AUDIT_EVERY", 2)
+    u = np.ones(2 << 20, dtype=np.uint8)
+    real_written = WriteTracker.written
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": u}, 0)  # watch set up
+        capture_all(snap, {"u": u}, 1)  # tracked capture 1: audited, nothing missed
+        u[1 << 20] = 0  # mid-array: not in a chunk on a partial page, always compared
+        monkeypatch.setattr(WriteTracker, "written", lambda self, start, length: (
+            real_written(self, start, length), [])[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = capture_all(snap, {"u": u}, 2)  # tracked capture 2: audited
+        assert [w.category for w in caught] == [arraysnap.ArraysnapWarning]
+        assert "did not see" in str(caught[0].message)
+        assert info.chunks_changed == 1
+        assert_bit_exact(snap.restore().arrays["u"], u)
+        monkeypatch.setattr(WriteTracker, "written", real_written)
+        u[5] = 9
+        assert capture_all(snap, {"u": u}, 3).chunks_compared == 32  # tracking is off
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@needs_tracking
+def test_pages_dropped_with_madvise_count_as_written():
+    region = mmap.mmap(-1, 64 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    u = np.frombuffer(region, dtype=np.uint8)
+    u[:] = 1
+    tracker = WriteTracker()
+    try:
+        start = u.ctypes.data
+        tracker.register(start, u.nbytes)
+        tracker.protect(start, u.nbytes)
+        region.madvise(mmap.MADV_DONTNEED, 10 * PAGE, PAGE)  # now reads as zeros
+        assert u[10 * PAGE] == 0
+        assert tracker.written(start, u.nbytes) == [(10 * PAGE, 11 * PAGE)]
+    finally:
+        tracker.close()
+        del u
+        region.close()
+
+
+@needs_tracking
+def test_a_failed_pause_makes_the_next_capture_compare_everything(store_path, monkeypatch):
+    """Invariant 3 with tracking: the failed capture consumed the written-page list, so the
+    next one must not trust it."""
+    from arraysnap import store as store_module
+
+    u = np.zeros(2 << 20, dtype=np.uint8)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": u}, 0)
+        capture_all(snap, {"u": u}, 1)
+        u[777] = 5
+        real = store_module.scan_and_copy
+
+        def failing(*args, **kwargs):
+            raise OSError(errno.EIO, "injected")
+
+        monkeypatch.setattr(store_module, "scan_and_copy", failing)
+        with pytest.raises(arraysnap.StoreWriteError):
+            snap.capture({"u": u}, step=2)
+        monkeypatch.setattr(store_module, "scan_and_copy", real)
+        info = capture_all(snap, {"u": u}, 3)
+        assert info.chunks_compared == 32
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@needs_tracking
+def test_a_forked_child_does_not_trust_the_parents_watches():
+    u = np.zeros(2 << 20, dtype=np.uint8)
+    layout = plan_layout(u.shape, u.dtype, "C", 1 << 16)
+    tracker = Tracking("auto")
+    try:
+        tracker.candidates("u", u, layout, fresh=True)
+        assert tracker.candidates("u", u, layout, fresh=False)[0] is not None
+        tracker._tracker.pid = -1  # as a child sees it: the kernel dropped the registrations
+        assert tracker.candidates("u", u, layout, fresh=False) == (None, False)
+        assert tracker.candidates("u", u, layout, fresh=False)[0] is not None
+    finally:
+        tracker.close()
+
+
+def test_track_writes_false_compares_everything(store_path):
+    u = np.zeros(2 << 20, dtype=np.uint8)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16, track_writes=False) as snap:
+        for step in range(3):
+            u[step] = 1
+            assert capture_all(snap, {"u": u}, step).chunks_compared == 32
+    with pytest.raises(ValueError, match="track_writes must be"):
+        arraysnap.open(store_path, track_writes="yes")
+    with arraysnap.open(store_path) as snap:  # the refused open left no lock behind
+        assert snap.latest().step == 2
+
+
+@needs_tracking
+def test_huge_pages_report_exactly_the_written_pages():
+    """Transparent huge pages (numpy asks for them on large arrays) split on the first
+    write: the written 4 KiB pages are reported, and only those."""
+    size = 8 << 20
+    region = mmap.mmap(-1, size + (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(region, dtype=np.uint8)
+    skip = (-raw.ctypes.data) % (2 << 20)  # 2 MiB aligned, so whole huge pages fit
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE, skip, size)
+    u = raw[skip: skip + size]
+    u[:] = 1  # populated, in huge pages where the kernel allows
+    rng = np.random.default_rng(5)
+    tracker = WriteTracker()
+    try:
+        start = u.ctypes.data
+        tracker.register(start, size)
+        tracker.protect(start, size)
+        for _ in range(3):
+            pages = set(rng.choice(size // PAGE, size=20, replace=False).tolist())
+            for page in pages:
+                u[page * PAGE + int(rng.integers(0, PAGE))] += 1
+            reported = {page for first, end in tracker.written(start, size)
+                        for page in range(first // PAGE, end // PAGE)}
+            assert reported == pages
+    finally:
+        tracker.close()
+        del u, raw
+        region.close()
