@@ -1096,6 +1096,25 @@ def test_restored_array_used_as_the_live_array(store_path: Path):
             del other
 
 
+def test_a_map_outlives_its_store_and_a_reopened_writer_leaves_it_alone(store_path: Path):
+    """A restored array kept after close(): the next writer (here, in the same process) must
+    not update its baseline file in place."""
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        snap.capture({"u": np.arange(20000.0)}, step=0)
+        kept = snap.restore().arrays["u"]
+    expected = np.array(kept)
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        for step in range(1, 4):
+            snap.capture({"u": np.full(20000, float(step))}, step=step)
+            snap.wait()
+            assert_bit_exact(kept, expected)
+        assert_bit_exact(snap.restore().arrays["u"], np.full(20000, 3.0))
+    del kept
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:  # the lock went with the map
+        snap.capture({"u": np.zeros(20000)}, step=4)
+        snap.wait()
+
+
 READER_CHILD = WORKLOAD + """
 import json, sys
 import arraysnap

@@ -323,3 +323,134 @@ def test_huge_pages_report_exactly_the_written_pages():
         tracker.close()
         del u, raw
         region.close()
+
+
+def _mmap_of(array: np.ndarray) -> mmap.mmap:
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, mmap.mmap)
+    return base
+
+
+@needs_tracking
+def test_io_landing_after_the_scan_is_caught_by_the_next_capture(store_path, monkeypatch):
+    """Direct or asynchronous I/O marks its pages written when it starts; the device may
+    fill them after the capture protected them again. Simulated: a write that lands right
+    after the scan and that the kernel never reports (as a DMA into pinned pages)."""
+    u = np.zeros(2 << 20, dtype=np.uint8)
+    real_written = WriteTracker.written
+    landing = []
+
+    def written(self, start, length):
+        while landing:  # the device writes between two captures ...
+            landing.pop()()
+            real_written(self, start, length)  # ... and the kernel never sees it
+        return real_written(self, start, length)
+
+    monkeypatch.setattr(WriteTracker, "written", written)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": u}, 0)
+        capture_all(snap, {"u": u}, 1)  # the first tracked capture is an audit
+        capture_all(snap, {"u": u}, 2)
+        u[1 << 20] = 1  # the read starts: its pages count as written ...
+        capture_all(snap, {"u": u}, 3)
+        # ... and its data lands after that capture's scan
+        landing.append(lambda: u.__setitem__(slice((1 << 20) + 8, (1 << 20) + 16), 7))
+        info = capture_all(snap, {"u": u}, 4)
+        assert info.chunks_changed == 1
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@needs_tracking
+def test_a_restored_map_is_tracked_only_while_it_maps_that_arrays_baseline(store_path):
+    """A private file map shows the file in pages it has not copied (and again after
+    MADV_DONTNEED): it is tracked only while its file is the current baseline of the same
+    name, which nothing but this array's captures changes."""
+    rng = np.random.default_rng(1)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": rng.random(1 << 18)}, 0)  # 2 MiB, 32 chunks
+        r = snap.restore().arrays["u"]
+        capture_all(snap, {"u": r}, 1)
+        capture_all(snap, {"u": r}, 2)  # the first tracked capture is an audit
+        r[100] = 1.0
+        assert capture_all(snap, {"u": r}, 3).chunks_compared <= 4  # tracked
+        # A second map of u's baseline, captured as w: it maps a file that is not w's.
+        # Someone else now holds a map of u's baseline, so this capture moves u to a copy,
+        # and r maps a file that is no longer u's baseline either.
+        r2 = snap.restore().arrays["u"]
+        for step in (4, 5, 6):
+            r[200 + step] = float(step)
+            assert capture_all(snap, {"u": r, "w": r2}, step).chunks_compared == 64
+        _mmap_of(r).madvise(mmap.MADV_DONTNEED, 0, 16 * PAGE)  # shows the old file again
+        expected = np.array(r)
+        assert capture_all(snap, {"u": r, "w": r2}, 7).chunks_compared == 64
+        assert_bit_exact(snap.restore().arrays["u"], expected)
+
+
+@needs_tracking
+def test_a_forked_child_leaves_the_parents_tracking_alone():
+    u = np.zeros(2 << 20, dtype=np.uint8)
+    layout = plan_layout(u.shape, u.dtype, "C", 1 << 16)
+    tracker = Tracking("auto")
+    try:
+        tracker.candidates("u", u, layout, fresh=True)
+        pid = os.fork()
+        if pid == 0:  # the child drops everything, as a child's store.close() would
+            try:
+                tracker.forget_all()
+                tracker.close()
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        u[1 << 20] = 1
+        flags, _ = tracker.candidates("u", u, layout, fresh=False)
+        assert flags is not None and flags[16] == 1  # still registered in the parent
+    finally:
+        tracker.close()
+
+
+@needs_tracking
+def test_tracked_arrays_can_still_be_resized(store_path):
+    u = np.zeros(2 << 20, dtype=np.uint8)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": u}, 0)
+        capture_all(snap, {"u": u}, 1)
+        u.resize(3 << 20, refcheck=False)  # NumPy refuses this if anyone holds a weakref
+        u[-1] = 3
+        capture_all(snap, {"u": u}, 2)
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@needs_tracking
+def test_the_same_memory_with_other_strides_is_compared_whole(store_path):
+    from numpy.lib.stride_tricks import as_strided
+
+    buffer = np.zeros(2 << 20, dtype=np.uint8)
+    rows = buffer.reshape(2048, 1024)
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": rows}, 0)
+        capture_all(snap, {"u": rows}, 1)
+        # Same address, shape, dtype and size; other strides: other bytes in each chunk.
+        other = as_strided(buffer, shape=(2048, 1024), strides=(1, 2048))
+        assert capture_all(snap, {"u": other}, 2).chunks_compared == 32
+
+
+@needs_tracking
+def test_a_miss_switches_tracking_off_even_when_warnings_are_errors(store_path, monkeypatch):
+    monkeypatch.setattr(tracking, "AUDIT_EVERY", 2)
+    u = np.ones(2 << 20, dtype=np.uint8)
+    real_written = WriteTracker.written
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": u}, 0)
+        capture_all(snap, {"u": u}, 1)
+        u[1 << 20] = 0
+        monkeypatch.setattr(WriteTracker, "written", lambda self, start, length: (
+            real_written(self, start, length), [])[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(arraysnap.ArraysnapWarning):
+                snap.capture({"u": u}, step=2)
+        snap.wait()
+        assert capture_all(snap, {"u": u}, 3).chunks_compared == 32
+        assert_bit_exact(snap.restore().arrays["u"], u)

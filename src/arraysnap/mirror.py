@@ -283,8 +283,20 @@ class Mirror:
                 child.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Close the baselines. Maps handed out in this process may outlive the store: their
+        files stay under a shared lock until the last map is gone, so that the next writer
+        (another store, in this process or another) detaches instead of writing in place."""
         for name in list(self.entries):
             entry = self.entries.pop(name)
+            maps = [ref() for ref in entry.handed_out]
+            live = [mapping for mapping in maps if mapping is not None]
+            if live:
+                try:
+                    fcntl.flock(entry.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # from exclusive
+                except OSError:
+                    pass  # another holder's shared lock already guards it
+                ReaderLease(entry.fd).keep(live)
+                continue
             os.close(entry.fd)
 
     def clear_directory(self) -> None:
@@ -296,6 +308,10 @@ class Mirror:
 def _safe_filename(name: object) -> bool:
     return (isinstance(name, str) and name.endswith(".bin") and "/" not in name
             and "\\" not in name and not name.startswith(".") and len(name) < 100)
+
+
+# Leases whose only other referent is a weak reference: kept alive here until released.
+_held_leases: set[ReaderLease] = set()
 
 
 class ReaderLease:
@@ -327,11 +343,17 @@ class ReaderLease:
         else:
             self.release()
 
+    def keep(self, mappings: list[Any]) -> None:
+        """Hold the lock until every one of `mappings` (mmap objects) is gone."""
+        self.refs.extend(weakref.ref(mapping, self._released) for mapping in mappings)
+        _held_leases.add(self)
+
     def _released(self, _ref: object) -> None:
         if all(ref() is None for ref in self.refs):
             self.release()
 
     def release(self) -> None:
+        _held_leases.discard(self)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -88,7 +88,7 @@ from .records import (
 )
 from .retention import Candidate, Retention
 from .rngstate import check_rng, rng_from_json, rng_to_json
-from .tracking import Tracking, under
+from .tracking import Tracking
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArraysnapWarning", "Store", "open"]
 
@@ -230,7 +230,7 @@ class Store:
         if mode == "a":
             try:
                 self._take_lock()
-                self._tracking = Tracking(track_writes, allowed_file=under(self._mirror.dir))
+                self._tracking = Tracking(track_writes, baseline_file=self._baseline_file)
                 self._journal = Journal(path, self._io)
                 self._recover()
                 self._watch_signals(watched)
@@ -506,6 +506,10 @@ class Store:
             return self._capture(prepared, step, state_json, rng_json)
         finally:
             self._capture_lock.release()
+
+    def _baseline_file(self, name: str) -> Path | None:
+        entry = self._mirror.entries.get(name)
+        return None if entry is None else entry.path
 
     def _check_dims(self, prepared: Prepared, dims: object) -> dict[str, tuple[str, ...]]:
         """The dimension names of each captured array: given now, or remembered."""

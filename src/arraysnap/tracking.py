@@ -46,7 +46,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ import numpy as np
 from .errors import ArraysnapWarning
 from .layout import ChunkLayout
 
-__all__ = ["MIN_TRACKED_BYTES", "Tracking", "WriteTracker", "tracking_unavailable_reason", "under"]
+__all__ = ["MIN_TRACKED_BYTES", "Tracking", "WriteTracker", "tracking_unavailable_reason"]
 
 log = logging.getLogger("arraysnap")
 
@@ -152,11 +152,15 @@ class WriteTracker:
             raise OSError(code, f"userfaultfd: {os.strerror(code)}")
         self._fd = int(fd)
         self._pagemap = -1
+        # Closed with the tracker even if nobody calls close() (a store never closed).
+        self._descriptors = [self._fd]
+        self._finalizer = weakref.finalize(self, _close_all, self._descriptors)
         try:
             wanted = _UFFD_FEATURE_WP_ASYNC | _UFFD_FEATURE_WP_UNPOPULATED
             api = _Api(_UFFD_API, wanted, 0)
             self._ioctl(self._fd, _UFFDIO_API, api, "UFFDIO_API (WP_ASYNC needs Linux 6.7)")
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._descriptors.append(self._pagemap)
             self._vec = (_Region * _VEC_LEN)()
             self._self_test()
         except BaseException:
@@ -230,11 +234,13 @@ class WriteTracker:
 
     def close(self) -> None:
         """Close the descriptors; the kernel drops every registration with the last one."""
-        for name in ("_pagemap", "_fd"):
-            fd = getattr(self, name, -1)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
+        self._finalizer()
+        self._fd = self._pagemap = -1
+
+
+def _close_all(descriptors: list[int]) -> None:
+    while descriptors:
+        os.close(descriptors.pop())
 
 
 _probe_lock = threading.Lock()
@@ -261,22 +267,51 @@ def tracking_unavailable_reason() -> str | None:
 
 @dataclass(slots=True, eq=False)
 class _Watch:
-    """One tracked array: its object, the page-aligned range inside its buffer, its chunks."""
+    """One tracked array: the memory it occupies, how it is laid out, and its chunks.
 
-    array: weakref.ref[np.ndarray]
+    A watch follows memory, not an object: whatever array object lies over exactly this
+    memory, laid out the same way, is fully described by the pages written in it. (No
+    weak reference either: NumPy refuses to ``resize`` an array that has one.)
+    """
+
     address: int
     nbytes: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: np.dtype
     layout: ChunkLayout
     start: int  # first whole page inside the buffer
     end: int  # end of the last whole page inside the buffer
     chunk_starts: np.ndarray
     edge_chunks: np.ndarray  # flags of chunks on partial first/last pages: always compared
+    baseline_file: Path | None  # the baseline file a private file mapping maps, if any
+    previous: np.ndarray | None = None  # the last capture's written chunks
     captures: int = 0
-    registered: bool = field(default=False)
 
     def matches(self, array: np.ndarray, layout: ChunkLayout) -> bool:
-        return (self.array() is array and array.ctypes.data == self.address
-                and array.nbytes == self.nbytes and layout == self.layout)
+        return (array.ctypes.data == self.address and array.nbytes == self.nbytes
+                and array.shape == self.shape and array.strides == self.strides
+                and array.dtype == self.dtype and layout == self.layout)
+
+
+# Every watched range in this process, whichever store watches it: PAGEMAP_SCAN is not tied
+# to a userfaultfd, so one store scanning another's range would consume its written pages.
+_ranges_lock = threading.Lock()
+_watched_ranges: dict[int, tuple[int, int]] = {}
+
+
+def _claim_range(watch: _Watch) -> bool:
+    with _ranges_lock:
+        if any(watch.start < end and start < watch.end
+               for start, end in _watched_ranges.values()):
+            return False
+        _watched_ranges[id(watch)] = (watch.start, watch.end)
+        return True
+
+
+def _release_range(watch: _Watch) -> None:
+    with _ranges_lock:
+        _watched_ranges.pop(id(watch), None)
 
 
 def _chunk_starts(layout: ChunkLayout) -> np.ndarray:
@@ -301,8 +336,9 @@ class Tracking:
     """A store's write tracking: a watch per captured array, audits, and the fallbacks.
 
     `mode` is ``"auto"`` (track where the kernel allows), ``True`` (the same, but say why
-    when it cannot) or ``False`` (always compare everything). `allowed_file` says which
-    files a private mapping may map to be tracked (the store's own baselines).
+    when it cannot) or ``False`` (always compare everything). `baseline_file(name)` is the
+    current baseline file of array `name`: an array that is a private map of exactly that
+    file (one ``restore()`` returned) may be tracked, no other file mapping.
 
     >>> import numpy as np
     >>> from arraysnap.layout import plan_layout
@@ -319,11 +355,11 @@ class Tracking:
     """
 
     def __init__(self, mode: object = "auto",
-                 allowed_file: Callable[[str], bool] | None = None) -> None:
+                 baseline_file: Callable[[str], Path | None] | None = None) -> None:
         if mode not in ("auto", True, False):
             raise ValueError(f"track_writes must be 'auto', True or False, got {mode!r}")
         self.mode = mode
-        self._allowed_file = allowed_file or (lambda path: False)
+        self._baseline_file = baseline_file or (lambda name: None)
         self._tracker: WriteTracker | None = None
         self._watches: dict[str, _Watch] = {}
         self.disabled_reason: str | None = None
@@ -340,14 +376,22 @@ class Tracking:
         """True while captures may compare only written chunks."""
         return self.disabled_reason is None
 
-    def _get_tracker(self) -> WriteTracker | None:
-        if self._tracker is not None and self._tracker.pid != os.getpid():
-            # A forked child: the kernel gave it none of the parent's registrations; its
-            # copies of the parent's descriptors are closed, never used.
-            self._tracker.close()
+    def _usable_tracker(self) -> WriteTracker | None:
+        """The tracker, unless this is a forked child: the kernel gave the child none of the
+        parent's registrations, and an ioctl on the inherited descriptor would act on the
+        *parent's* memory, so the child only closes its copies, and starts afresh."""
+        tracker = self._tracker
+        if tracker is not None and tracker.pid != os.getpid():
+            tracker.close()
             self._tracker = None
+            with _ranges_lock:  # the child's copy of the parent's registry
+                _watched_ranges.clear()
             self._watches.clear()
-        if self._tracker is None and self.active:
+            return None
+        return tracker
+
+    def _get_tracker(self) -> WriteTracker | None:
+        if self._usable_tracker() is None and self.active:
             try:
                 self._tracker = WriteTracker()
             except OSError as err:
@@ -375,7 +419,9 @@ class Tracking:
         if tracker is None:
             return None, False
         watch = self._watches.get(name)
-        if watch is not None and not watch.matches(live, layout):
+        if watch is not None and (not watch.matches(live, layout) or (
+                watch.baseline_file is not None
+                and self._baseline_file(name) != watch.baseline_file)):
             self.forget(name)
             watch = None
         if watch is None:
@@ -390,8 +436,14 @@ class Tracking:
             return None, False
         offset = watch.start - watch.address
         spans = np.array(runs, dtype=np.int64).reshape(-1, 2) + offset
-        flags = _chunks_of(watch.chunk_starts, layout.n_chunks, spans)
-        flags |= watch.edge_chunks
+        written = _chunks_of(watch.chunk_starts, layout.n_chunks, spans)
+        # The last capture's written chunks are compared once more: a read by direct or
+        # asynchronous I/O pins its pages (they count as written) when it starts, and the
+        # device may fill them after that capture protected them again.
+        flags = written | watch.edge_chunks
+        if watch.previous is not None:
+            flags |= watch.previous
+        watch.previous = written
         watch.captures += 1
         if fresh:
             return None, False
@@ -405,14 +457,15 @@ class Tracking:
         if missed:
             reason = (f"array {name!r} changed in {len(missed)} chunks (first: {missed[:5]}) "
                       "that write tracking did not see written")
+            self.disable(reason)  # first: the warning may be turned into an error
             warnings.warn(
-                f"arraysnap: {reason}. Something writes to it without going through this "
-                "process's page tables (a device writing into pinned memory, such as RDMA "
-                "or GPUDirect). Tracking is off for the rest of the run and "
+                f"arraysnap: {reason}. Something fills it without writing through this "
+                "process's page tables: a device writing into pinned memory (RDMA, "
+                "GPUDirect), or direct or asynchronous I/O (O_DIRECT, AIO, io_uring) still "
+                "in flight across two captures. Tracking is off for the rest of the run and "
                 "every capture compares everything; this capture stored the change. Pass "
                 "open(..., track_writes=False) to skip tracking for this program",
                 ArraysnapWarning, stacklevel=4)
-            self.disable(reason)
 
     def _watch(self, tracker: WriteTracker, name: str, live: np.ndarray,
                layout: ChunkLayout) -> None:
@@ -426,34 +479,45 @@ class Tracking:
         end = (address + live.nbytes) // PAGE * PAGE
         if end - start < PAGE:
             return
-        if any(start < other.end and other.start < end for other in self._watches.values()):
-            return  # views of one buffer: scanning one would re-protect the other's pages
-        reason = _unsuitable_mapping(start, end, self._allowed_file)
-        if reason is not None:
-            log.debug("arraysnap: %r not tracked: %s", name, reason)
+        baseline = self._baseline_file(name)
+        mapping = _mapping_kind(start, end, None if baseline is None else
+                                os.path.realpath(baseline))
+        if isinstance(mapping, str):
+            log.debug("arraysnap: %r not tracked: %s", name, mapping)
             return
         starts = _chunk_starts(layout)
         head, tail = start - address, end - address  # bytes on pages shared with others
         edges = np.array([(0, head), (tail, live.nbytes)], dtype=np.int64)
         edges = edges[edges[:, 1] > edges[:, 0]]
-        watch = _Watch(weakref.ref(live), address, live.nbytes, layout, start, end, starts,
-                       _chunks_of(starts, layout.n_chunks, edges))
+        watch = _Watch(address, live.nbytes, live.shape, live.strides, live.dtype, layout,
+                       start, end, starts, _chunks_of(starts, layout.n_chunks, edges),
+                       baseline if mapping else None)
+        if not _claim_range(watch):
+            return  # views of one buffer: scanning one would re-protect the other's pages
         try:
             tracker.register(start, end - start)
-            watch.registered = True
+        except OSError as err:  # EBUSY: registered by a userfaultfd outside this store
+            log.debug("arraysnap: %r not tracked: %s", name, err)
+            _release_range(watch)
+            return
+        try:
             tracker.protect(start, end - start)
         except OSError as err:
             log.debug("arraysnap: %r not tracked: %s", name, err)
-            if watch.registered:
-                tracker.unregister(start, end - start)
+            tracker.unregister(start, end - start)
+            _release_range(watch)
             return
         self._watches[name] = watch
 
     def forget(self, name: str) -> None:
         """Drop `name`'s watch (its next capture compares everything)."""
         watch = self._watches.pop(name, None)
-        if watch is not None and self._tracker is not None and watch.registered:
-            self._tracker.unregister(watch.start, watch.end - watch.start)
+        if watch is None:
+            return
+        tracker = self._usable_tracker()
+        if tracker is not None:
+            tracker.unregister(watch.start, watch.end - watch.start)
+            _release_range(watch)
 
     def forget_all(self) -> None:
         """Drop every watch: the baselines changed other than by a capture's comparison."""
@@ -473,11 +537,14 @@ class Tracking:
             self._tracker = None
 
 
-def _unsuitable_mapping(start: int, end: int,
-                        allowed_file: Callable[[str], bool]) -> str | None:
-    """Why ``[start, end)`` must not be tracked, or None: it must lie in private, writable
-    mappings, anonymous or of an allowed file, with no gap."""
+def _mapping_kind(start: int, end: int, baseline: str | None) -> bool | str:
+    """Whether ``[start, end)`` may be tracked: False if it lies in private writable
+    anonymous mappings, True if (also) in a private map of the file `baseline`, else a
+    string saying why not. Shared mappings change without writes through our page tables;
+    a private file map shows changes to the file in pages it has not copied, and only the
+    store's own current baseline file is known to change solely by captures of this array."""
     position = start
+    file_backed = False
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             for line in maps:
@@ -491,22 +558,15 @@ def _unsuitable_mapping(start: int, end: int,
                 path = fields[5].strip() if len(fields) == 6 else ""
                 if not permissions.startswith("rw") or permissions[3] != "p":
                     return f"mapping {permissions} is not private and writable"
-                if path and not (path == "[heap]" or path.startswith("[anon:")
-                                 or allowed_file(path.removesuffix(" (deleted)"))):
-                    return f"mapping of {path}"
+                if path and not (path == "[heap]" or path.startswith("[anon:")):
+                    if baseline is None or path != baseline:
+                        return f"mapping of {path}"
+                    file_backed = True
                 position = high
                 if position >= end:
-                    return None
+                    return file_backed
     except OSError as err:
         return f"/proc/self/maps: {err}"
     return "not mapped"
 
 
-def under(directory: Path) -> Callable[[str], bool]:
-    """A predicate for ``Tracking(allowed_file=)``: files directly in `directory`."""
-    resolved = str(directory.resolve())
-
-    def allowed(path: str) -> bool:
-        return os.path.dirname(path) == resolved
-
-    return allowed
