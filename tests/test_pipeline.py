@@ -338,3 +338,126 @@ def test_space_freed_for_a_commit_never_takes_objects_it_inherited(store_path):
             snap.capture({"u": u}, step=4).result()
         assert snap.verify().ok
         assert_bit_exact(arraysnap.open(store_path, mode="r").restore().arrays["u"], u)
+
+
+def test_held_chunks_live_in_mappings_the_budget_counts_and_gives_back():
+    """What waits for a writer is counted in whole pages, kept for reuse up to KEEP, and
+    unmapped when the pipeline goes idle: nothing held escapes the budget."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    budget = pipeline._Budget(64 * page)
+    held = [budget.hold(b"x" * (page + 1)) for _ in range(3)]
+    for buffer, counted in held:
+        assert isinstance(buffer.map, mmap.mmap)  # not malloc'd: unmapping returns the pages
+        assert counted == 2 * page
+        assert buffer.write_with(bytes) == b"x" * (page + 1)
+    assert budget.used == 6 * page
+    for buffer, counted in held:
+        budget.give(buffer, counted)
+    assert budget.used == 6 * page  # kept for reuse, and still counted
+    again, counted = budget.hold(b"y" * (2 * page))  # fits a kept mapping: no new one
+    assert budget.used == 6 * page and again.write_with(bytes) == b"y" * (2 * page)
+    budget.give(again, counted)
+    budget.trim()
+    assert budget.used == 0
+
+
+def test_a_held_chunk_waits_for_room_and_kept_mappings_make_way():
+    import mmap
+
+    page = mmap.PAGESIZE
+    budget = pipeline._Budget(4 * page)
+    first = budget.hold(b"a" * (2 * page))
+    second = budget.hold(b"b" * page)
+    budget.give(*second)  # kept for reuse, but a larger chunk needs the room
+    third = budget.hold(b"c" * (2 * page))
+    assert budget.used == 4 * page
+    thread, box = in_thread(budget.hold, b"d" * (3 * page))
+    thread.join(0.2)
+    assert thread.is_alive(), "held more than the budget"
+    budget.give(*first)  # a chunk waits: this mapping is unmapped, not kept
+    thread.join(0.2)
+    assert thread.is_alive() and budget.used == 2 * page
+    budget.give(*third)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert budget.used == 3 * page  # only the waiting chunk: nothing was kept meanwhile
+    budget.give(*box["value"])
+    budget.trim()
+    assert budget.used == 0
+
+
+def test_the_pipeline_unmaps_every_held_chunk_once_idle(store_path: Path, monkeypatch):
+    peaks = []
+    real_hold = pipeline._Budget.hold
+
+    def hold(self, data):
+        result = real_hold(self, data)
+        peaks.append(self.used)
+        return result
+
+    monkeypatch.setattr(pipeline._Budget, "hold", hold)
+    limit = 1 << 16
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, buffer_bytes=limit) as snap:
+        rng = np.random.default_rng(2)
+        u = rng.random(64 * 1024)
+        snap.capture({"u": u}, step=0)
+        u[:] = rng.random(u.size)
+        snap.capture({"u": u}, step=1)
+        snap.wait()
+        assert peaks and max(peaks) <= limit
+        assert snap._persister.budget.used == 0
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+def test_chunk_objects_are_written_by_more_than_one_thread(store_path: Path):
+    class CountingIO(GatedIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lock = threading.Lock()
+            self.inside = 0
+            self.most = 0
+            self.two = threading.Event()
+
+        def write(self, fd, data):
+            if "/chunks/" not in _fd_path(fd):
+                return FileIO.write(self, fd, data)
+            with self.lock:
+                self.inside += 1
+                self.most = max(self.most, self.inside)
+                if self.inside >= 2:
+                    self.two.set()
+            try:
+                super().write(fd, data)
+            finally:
+                with self.lock:
+                    self.inside -= 1
+
+    io = CountingIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+        snap.capture({"u": np.zeros(16 * 512)}, step=0).result()
+        io.gate.clear()
+        info = snap.capture({"u": np.arange(16 * 512.0)}, step=1)
+        assert io.two.wait(30), "one chunk object at a time"
+        io.gate.set()
+        assert info.result().chunks_changed == 16
+        assert snap.verify().ok
+
+
+def test_freeing_space_from_an_object_writer_excludes_commits(store_path: Path):
+    io = FlakyIO()
+    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
+        persister = snap._persister
+        owned = []
+        real_on_full = persister.on_full
+
+        def on_full():
+            owned.append(persister._commit_lock._is_owned())
+            return real_on_full() or 1
+
+        persister.on_full = on_full
+        snap.capture({"u": np.zeros(2048)}, step=0).result()
+        io.arm(errno.ENOSPC, 1)
+        assert snap.capture({"u": np.ones(2048)}, step=1).result().step == 1
+        assert owned == [True]

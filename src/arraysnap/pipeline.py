@@ -1,14 +1,26 @@
 """Background persistence: read, hash and encode changed chunks, write them, then commit.
 
-Two stages, each a thread that takes capture jobs in order:
+Capture jobs go, in order, through:
 
-* the **reader** copies each changed chunk out of the baseline, hashes it (blake3) and
-  encodes it on a small pool (both release the GIL), then sets the job's ``chunks_read``,
-  which is all the next capture waits for. Encoded chunks wait in memory for the writer,
-  at most ``buffer_bytes`` of them: past that the reader, and so the next capture, waits
+* the **reader** hashes each changed chunk of the baseline (blake3) and encodes it on a
+  small pool (both release the GIL), then sets the job's ``chunks_read``, which is all the
+  next capture waits for. Encoded chunks wait in memory for the writers, at most
+  ``buffer_bytes`` of them: past that the reader, and so the next capture, waits
   (backpressure) rather than memory growing.
-* the **writer** writes chunk objects as they come, then commits each job in order: journal
-  fsync, object and directory fsyncs, manifest. After a commit it runs the retention hook.
+* the **object writers** (a few threads, so that one object's fsync overlaps the next
+  one's write) write each chunk object (temporary file, fsync, rename) as it comes;
+* the **committer** commits each job in order once its objects are written: journal fsync,
+  directory fsyncs, manifest. After a commit it runs the retention hook.
+
+Memory. An encoded chunk waiting for a writer is copied into a private anonymous mapping
+(``mmap``) of its own, and the budget counts that mapping in whole pages: what is held is
+what is counted. Once written, the mapping is kept for the next chunk (a few of them, still
+counted) or unmapped, which hands its pages back at once; all are unmapped when the pipeline
+goes idle. Holding the codec's output (a ~1 MiB ``bytes`` from ``malloc``) instead let glibc
+keep a heap per thread (the pool threads allocate, the writer frees, out of order), each
+grown to its own high-water mark and fragmented: at 100 % change that doubled or tripled the
+resident memory the budget claims to bound. The codec's temporary output is now freed at
+once by the thread that made it, so each pool thread reuses the same block.
 
 Transient write errors (EINTR, EAGAIN, EIO, EBUSY, ETIMEDOUT) are retried with backoff;
 ENOSPC first calls the ``on_full`` hook (the retention policy's pruning) and retries once.
@@ -22,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -36,7 +49,6 @@ from typing import Any, TypeVar
 import blake3
 import numpy as np
 
-from .chunks import padded_chunk
 from .codecs import CodecSpec
 from .fsio import FileIO
 from .layout import ChunkLayout
@@ -53,6 +65,11 @@ T = TypeVar("T")
 # 16 MiB: 16 chunks of 1 MiB queued for the disk is plenty to overlap writes with the next
 # captures, and keeps anonymous memory within the core target (64 MiB) even at 100 % change.
 DEFAULT_BUFFER_BYTES = 16 << 20
+# Threads writing chunk objects: each write ends in an fsync that mostly waits for the disk,
+# so a few of them keep the disk busy (the file system commits their fsyncs together).
+OBJECT_WRITERS = 4
+PAGE_BYTES = mmap.PAGESIZE
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in with the mmap call
 DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
 TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
                               errno.ETIMEDOUT})
@@ -102,19 +119,82 @@ class PersistJob:
     retries: int = 0
 
 
+def held_bytes(size: int) -> int:
+    """What a held buffer of `size` bytes takes in memory: whole pages (at least one)."""
+    return max(PAGE_BYTES, -(-size // PAGE_BYTES) * PAGE_BYTES)
+
+
+class _Held:
+    """An encoded chunk waiting for a writer, in a private anonymous mapping (see _Budget)."""
+
+    __slots__ = ("map", "size")
+
+    def __init__(self, mapping: mmap.mmap, data: memoryview) -> None:
+        self.map: mmap.mmap | None = mapping
+        self.size = data.nbytes
+        mapping[: self.size] = data
+
+    def write_with(self, put: Callable[[memoryview], T]) -> T:
+        assert self.map is not None, "written after release"
+        with memoryview(self.map) as whole, whole[: self.size] as data:
+            return put(data)
+
+
+def _unmap(mapping: mmap.mmap) -> None:
+    try:
+        mapping.close()
+    except BufferError:  # a view is still exported (a test's FileIO kept one): GC unmaps it
+        pass
+
+
+_scratch = threading.local()
+
+
+def _chunk_of(delta: ArrayDelta, index: int) -> np.ndarray:
+    """Chunk `index` of the baseline at full chunk size: a view, or for a ragged chunk a
+    zero-padded copy in this thread's scratch buffer (reused, never freed per chunk)."""
+    layout = delta.layout
+    start, stop = layout.chunk_range(index)
+    if stop - start == layout.chunk_bytes:
+        return delta.baseline[start:stop]
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.size < layout.chunk_bytes:
+        buffer = _scratch.buffer = np.empty(layout.chunk_bytes, dtype=np.uint8)
+    padded = buffer[: layout.chunk_bytes]
+    padded[: stop - start] = delta.baseline[start:stop]
+    padded[stop - start :] = 0
+    return padded
+
+
 class _Budget:
-    """Bytes of chunk data held in memory between the reader and the writer."""
+    """Bytes of chunk data held in memory between the reader and the writers.
+
+    The encoded chunks live in private anonymous mappings (``mmap``), not in ``malloc``
+    memory: a buffer made on one thread and freed on another, out of order, leaves glibc's
+    per-thread heaps grown and fragmented (freed memory stays resident). `used` counts every
+    mapping, in use or kept for reuse, in whole pages: what is held is what is counted. A
+    few freed mappings are kept for the next chunks (no page faults, no syscalls); they are
+    unmapped when the pipeline goes idle (`trim`) or when a chunk waits for room.
+    """
+
+    KEEP = 4  # freed mappings kept for reuse
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self._cond = threading.Condition()
+        self._waiting = 0
+        self._free: list[mmap.mmap] = []
 
     def acquire(self, amount: int) -> int:
         amount = min(amount, self.limit)  # one chunk larger than the budget still passes
         with self._cond:
-            while self.used + amount > self.limit:
-                self._cond.wait()
+            self._waiting += 1
+            try:
+                while self.used + amount > self.limit:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
             self.used += amount
         return amount
 
@@ -122,6 +202,62 @@ class _Budget:
         with self._cond:
             self.used -= amount
             self._cond.notify_all()
+
+    def hold(self, data: Any) -> tuple[_Held, int]:
+        """Copy `data` into a mapping counted by the budget (waiting for room); return it and
+        the bytes counted for it, which `give` hands back."""
+        view = memoryview(data).cast("B")
+        try:
+            need = held_bytes(view.nbytes)
+            mapping = self._reuse(need)
+            if mapping is not None:
+                return _Held(mapping, view), min(len(mapping), self.limit)
+            counted = self.acquire(need)
+            try:
+                mapping = mmap.mmap(-1, need, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
+                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except BaseException:
+                self.release(counted)
+                raise
+            return _Held(mapping, view), counted
+        finally:
+            view.release()
+
+    def _reuse(self, need: int) -> mmap.mmap | None:
+        with self._cond:
+            fits = [m for m in self._free if need <= len(m) <= need + need // 4]
+            if fits:
+                best = min(fits, key=len)
+                self._free.remove(best)
+                return best
+            # Make room for a new mapping: what is kept for reuse goes first.
+            while self._free and self.used + min(need, self.limit) > self.limit:
+                self._drop(self._free.pop())
+            return None
+
+    def give(self, held: _Held, counted: int) -> None:
+        """The writer is done with `held`: keep its mapping for reuse or unmap it."""
+        mapping, held.map = held.map, None
+        if mapping is None:
+            return
+        with self._cond:
+            if self._waiting or len(self._free) >= self.KEEP or counted != len(mapping):
+                _unmap(mapping)
+                self.used -= counted
+            else:
+                self._free.append(mapping)
+            self._cond.notify_all()
+
+    def trim(self) -> None:
+        """Unmap the mappings kept for reuse (the pipeline is idle)."""
+        with self._cond:
+            while self._free:
+                self._drop(self._free.pop())
+            self._cond.notify_all()
+
+    def _drop(self, mapping: mmap.mmap) -> None:
+        self.used -= len(mapping)
+        _unmap(mapping)
 
 
 class Persister:
@@ -146,6 +282,9 @@ class Persister:
         self.on_full = on_full
         self.retry_delays = tuple(retry_delays)
         self.budget = _Budget(buffer_bytes)
+        # Held by a commit (after its objects are written) and by pruning on ENOSPC in an
+        # object writer: freeing space never races a commit.
+        self._commit_lock = threading.RLock()
         # Tables of the last committed snapshot, and of the last job read (ahead of it).
         self.committed: dict[str, ArrayRecord] = dict(head.arrays) if head else {}
         self.tables: dict[str, ArrayRecord] = dict(self.committed)
@@ -159,7 +298,9 @@ class Persister:
         self._broken = False  # a job failed: jobs read after it fail too
         self._pins: Counter[bytes] = Counter()  # digests in-flight jobs refer to
         self._read_queue: queue.Queue[PersistJob | None] = queue.Queue()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arraysnap-write")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arraysnap-commit")
+        self._object_writers = ThreadPoolExecutor(max_workers=OBJECT_WRITERS,
+                                                  thread_name_prefix="arraysnap-write")
         self._reader = threading.Thread(target=self._read_loop, name="arraysnap-read",
                                         daemon=True)
         self._reader.start()
@@ -203,14 +344,15 @@ class Persister:
     def stop(self) -> None:
         self._read_queue.put(None)
         self._reader.join()
-        self._writer.shutdown(wait=True)
+        self._writer.shutdown(wait=True)  # commits wait for their objects: writers still run
+        self._object_writers.shutdown(wait=True)
 
     # -- retrying ------------------------------------------------------------------------
     def retrying(self, action: Callable[[], T], job: PersistJob | None = None, *,
                  free_space: bool = True) -> T:
         """Run `action`, retrying transient errors with backoff and ENOSPC after pruning.
 
-        Only the writer thread frees space (`free_space`): pruning must never race a commit.
+        Freeing space holds the commit lock: pruning must never race a commit.
         """
         delays = iter(self.retry_delays)
         pruned = not free_space
@@ -220,7 +362,8 @@ class Persister:
             except OSError as err:
                 if err.errno == errno.ENOSPC and not pruned and self.retry_delays:
                     pruned = True
-                    freed = self.on_full()
+                    with self._commit_lock:
+                        freed = self.on_full()
                     log.warning("arraysnap: disk full; retention freed %d bytes, retrying",
                                 freed)
                     if freed:
@@ -299,50 +442,62 @@ class Persister:
         job.encode_seconds = time.perf_counter() - start
 
     def _read_chunk(self, job: PersistJob, delta: ArrayDelta, index: int) -> bytes:
-        held = self.budget.acquire(delta.layout.chunk_bytes)
+        # At most one chunk in flight per pool thread (a view of the baseline, or a padded
+        # copy in the thread's scratch buffer) plus the codec's output, freed right here.
+        raw = _chunk_of(delta, index)
+        digest = blake3.blake3(raw).digest()
+        with self._lock:
+            # Pinned before the existence check, so retention cannot delete it between
+            # the two. A digest another in-flight chunk pinned is written by that one.
+            claimed = self._pins[digest] > 0
+            self._pins[digest] += 1
+            job.pinned.append(digest)
+        if claimed or self.objects.has(digest):
+            if not claimed:
+                self.objects.reuse(digest)
+            with self._lock:  # pool threads count concurrently
+                job.chunks_deduplicated += 1
+            return digest
+        encoded = (raw if self.codec.name == "none"
+                   else self.codec.encode(raw, delta.layout.dtype.itemsize))
+        buffer, held = self.budget.hold(encoded)
+        del encoded, raw  # freed by the thread that allocated it, before anything else
         try:
-            raw = padded_chunk(delta.baseline, delta.layout, index)
-            digest = blake3.blake3(raw).digest()
-            with self._lock:
-                # Pinned before the existence check, so retention cannot delete it between
-                # the two. A digest another in-flight chunk pinned is written by that one.
-                claimed = self._pins[digest] > 0
-                self._pins[digest] += 1
-                job.pinned.append(digest)
-            if claimed or self.objects.has(digest):
-                if not claimed:
-                    self.objects.reuse(digest)
-                with self._lock:  # pool threads count concurrently
-                    job.chunks_deduplicated += 1
-                self.budget.release(held)
-                return digest
-            encoded = self.codec.encode(raw, delta.layout.dtype.itemsize)
-            del raw
-        except BaseException:
-            self.budget.release(held)
-            raise
-        if len(encoded) < held:
-            self.budget.release(held - len(encoded))
-            held = len(encoded)
-        job.writes.append(self._writer.submit(self._write_object, job, digest, encoded, held))
+            write = self._object_writers.submit(self._write_object, job, digest, buffer, held)
+        except RuntimeError:  # the writers were shut down (interpreter exit): never hang
+            write = Future()
+            write.set_result(self._write_object(job, digest, buffer, held))
+        job.writes.append(write)
         return digest
 
-    def _write_object(self, job: PersistJob, digest: bytes, data: bytes, held: int) -> int:
+    def _write_object(self, job: PersistJob, digest: bytes, buffer: _Held, held: int) -> int:
         try:
             if job.error is not None:
                 return 0
-            return self.retrying(lambda: self.objects.put(digest, data), job)
+            return self.retrying(
+                lambda: buffer.write_with(lambda data: self.objects.put(digest, data)), job)
         except BaseException as err:  # noqa: BLE001 - the commit of this job reports it
             job.error = job.error or err
             return 0
         finally:
-            self.budget.release(held)
+            self.budget.give(buffer, held)
 
     # -- writer stage --------------------------------------------------------------------
     def _commit(self, job: PersistJob) -> None:
         try:
-            for write in job.writes:  # all done: submitted to this thread before the commit
-                write.result()
+            # Every write was submitted before the reader handed the job over.
+            wait_for(job.writes)
+            with self._commit_lock:
+                self._commit_written(job)
+        finally:
+            with self._idle:
+                self._pending -= 1
+                if not self._pending:  # nothing in flight: the mappings kept for reuse go
+                    self.budget.trim()
+                self._idle.notify_all()
+
+    def _commit_written(self, job: PersistJob) -> None:
+        try:
             if job.error is None and self._broken:
                 # An earlier job failed after this one was read from its tables: this one
                 # holds that job's changes too, and is whole if all its objects exist. Pinned
@@ -375,10 +530,6 @@ class Persister:
                 self.on_commit(job, manifest, size, stat)
             except Exception as err:  # noqa: BLE001 - the snapshot is committed regardless
                 log.error("arraysnap: after committing snapshot %d: %r", job.seq, err)
-        finally:
-            with self._idle:
-                self._pending -= 1
-                self._idle.notify_all()
 
     def _write_manifest(self, job: PersistJob) -> tuple[Manifest, int, CaptureStat]:
         write_done = time.perf_counter()

@@ -1005,8 +1005,9 @@ class Store:
         return removed, freed
 
     def _free_space(self) -> int:
-        """The ENOSPC hook (writer thread): apply the retention policy, then delete chunk
-        objects no snapshot uses (a killed writer's leftovers); return the bytes freed."""
+        """The ENOSPC hook (a writer thread, under the commit lock): apply the retention
+        policy, then delete chunk objects no snapshot uses (a killed writer's leftovers);
+        return the bytes freed."""
         freed = 0
         try:
             if self.retention.active:
