@@ -24,6 +24,14 @@ def test_rows_round_trip_and_form_a_table(tmp_path):
     assert "2 captures" in repr(stats) and "failed" in repr(stats)
 
 
+def test_lines_from_before_write_tracking_read_as_all_compared(tmp_path):
+    history = History(tmp_path)
+    with open(history.path, "w") as handle:
+        handle.write(json.dumps({"seq": 1, "status": "committed", "chunks_scanned": 8}) + "\n")
+    history.append(CaptureStat(2, 0, 0.0, "committed", chunks_scanned=8, chunks_compared=3))
+    assert history.read().column("chunks_compared").tolist() == [8, 3]
+
+
 def test_damaged_lines_are_skipped_not_fatal(tmp_path):
     history = History(tmp_path)
     history.append(CaptureStat(1, 0, 0.0, "committed"))

@@ -123,6 +123,7 @@ def test_a_capture_compares_only_written_chunks(store_path):
         assert capture_all(snap, {"u": u}, 1).chunks_compared == 128  # the audit
         u[100, 5] = 1.0
         info = capture_all(snap, {"u": u}, 2)
+        assert snap.stats()[-1].chunks_compared == info.chunks_compared
         # The written chunk, the chunk the written page straddles into (the buffer is not
         # page-aligned), and the two on pages the array shares with its neighbours.
         assert info.chunks_changed == 1

@@ -540,6 +540,7 @@ class Persister:
             "pause_seconds": job.pause_seconds,
             "queue_seconds": job.queue_seconds,
             "chunks_scanned": sum(d.layout.n_chunks for d in job.arrays),
+            "chunks_compared": job.capture.chunks_compared,
             "chunks_changed": job.chunks_changed,
             "chunks_deduplicated": job.chunks_deduplicated,
             "bytes_written": written,
@@ -568,6 +569,7 @@ class Persister:
             encode_seconds=job.encode_seconds,
             write_seconds=max(0.0, time.perf_counter() - job.read_done) if job.read_done else 0.0,
             chunks_scanned=sum(d.layout.n_chunks for d in job.arrays),
+            chunks_compared=job.capture.chunks_compared,
             chunks_changed=job.chunks_changed, chunks_deduplicated=job.chunks_deduplicated,
             retries=job.retries, error=error)
 

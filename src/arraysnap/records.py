@@ -234,7 +234,8 @@ class CaptureStat:
     waiting for the previous capture to read the baselines, plus the ``pause_seconds``);
     ``encode_seconds`` reading, hashing and encoding changed chunks, ``write_seconds``
     writing them, ``commit_seconds`` syncing and writing the manifest; ``durable_seconds``
-    from the call to the commit.
+    from the call to the commit. ``chunks_compared`` is how many of the ``chunks_scanned``
+    the pause compared byte by byte (fewer with write tracking).
 
     >>> row = CaptureStat(seq=1, step=10, time=0.0, status="committed", chunks_scanned=8,
     ...                   chunks_changed=2)
@@ -254,6 +255,7 @@ class CaptureStat:
     commit_seconds: float = 0.0
     durable_seconds: float = 0.0
     chunks_scanned: int = 0
+    chunks_compared: int = 0
     chunks_changed: int = 0
     chunks_deduplicated: int = 0
     bytes_written: int = 0
@@ -321,8 +323,8 @@ class CaptureStats:
         return "\n".join(lines)
 
 
-_INT_COLUMNS = {"seq", "chunks_scanned", "chunks_changed", "chunks_deduplicated",
-                "bytes_written", "retries"}
+_INT_COLUMNS = {"seq", "chunks_scanned", "chunks_compared", "chunks_changed",
+                "chunks_deduplicated", "bytes_written", "retries"}
 
 
 def parse_capture_stat(value: object) -> CaptureStat | None:
@@ -353,4 +355,6 @@ def parse_capture_stat(value: object) -> CaptureStat | None:
         else:
             ok = isinstance(item, (int, float)) and not isinstance(item, bool)
             fields[name] = float(item) if ok and abs(item) < 1e300 else 0.0
+    if type(value.get("chunks_compared")) is not int:  # written before write tracking
+        fields["chunks_compared"] = fields["chunks_scanned"]
     return CaptureStat(**fields)
