@@ -7,8 +7,9 @@ passes, as in most long runs, where not every cell changes between two checkpoin
 workload, ``full``, updates every cell at every step (the worst case for deltas).
 
 Each run does the same fixed number of steps and is timed end to end (including the final
-``wait()``); the overhead is its wall time over the same loop without checkpoints. Cadences:
-one capture per second (``every(seconds=1)``), and the Young/Daly interval for MTBF = 1 h
+``wait()``), from a quiet disk (an untimed ``os.sync()`` first); the overhead is its wall
+time over the same loop without checkpoints. Cadences: one capture per second
+(``every(seconds=1)``), and the Young/Daly interval for MTBF = 1 h
 (``young_daly(mtbf="1h")``, with C measured by the run itself). Modes: ``background`` (the
 default: capture returns after the pause, which compares only the chunks on written pages
 where the kernel tracks writes), ``untracked`` (the same with ``track_writes=False``: the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import shutil
 import statistics
@@ -97,6 +99,10 @@ def run_loop(sim: Simulation, steps: int, store_dir: Path | None, policy: Any,
         # Steady state, as in a run that has been going for a while: the first capture
         # (which writes everything) is not timed. It also starts the policy's clock.
         snap.capture(sim.arrays(), step=sim.step_count).result()
+    # A quiet start for every run, with or without a store: the kernel's writeback of what
+    # the first capture (or the previous run) left dirty, 1.25 GiB of baseline pages, would
+    # otherwise land on the timed loop of whichever run comes next. Untimed.
+    os.sync()
     start = time.perf_counter()
     for _ in range(steps):
         sim.step()
@@ -153,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="band,full")
     parser.add_argument("--cadences", default="every,yd",
                         help="every (1 capture/s), yd (Young/Daly, MTBF 1 h), or both")
+    parser.add_argument("--modes", default="background,untracked,sync",
+                        help="which of background, untracked, sync to run (and always none)")
     parser.add_argument("--dir", default=None, help="where stores go (default: a temp dir)")
     parser.add_argument("--json", dest="json_out", default=None, help="write results here")
     args = parser.parse_args(argv)
+    if "background" not in args.modes.split(","):
+        parser.error("--modes must include background (the overheads are reported against it)")
     if args.quick:
         args.state_mib, args.table_mib = 16, 4
         args.seconds, args.yd_seconds, args.repeats = 2.0, 2.0, 1
@@ -173,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                 steps = calibrate(sim, seconds)
                 runs: dict[str, list[dict[str, Any]]] = {"none": [], "background": [],
                                                          "untracked": [], "sync": []}
+                modes = ["none", *(m for m in runs if m in args.modes.split(","))]
                 for repeat in range(args.repeats):
-                    order = list(runs)
+                    order = list(modes)
                     random.Random(repeat).shuffle(order)
                     for mode in order:
                         store = None if mode == "none" else root / f"{workload}-{mode}-{repeat}"
@@ -217,6 +228,9 @@ def summarize(workload: str, label: str, steps: int,
         summary["young_daly_derived"] = {"interval": interval, "blocking": cost,
                                          "overhead": max(per_capture, 0.0) / interval}
     for mode in ("background", "untracked", "sync"):
+        if not runs[mode]:
+            summary[mode] = {}
+            continue
         overheads = [r["seconds"] / base - 1 for r in runs[mode]]
         summary[mode] = {
             "overhead_median": statistics.median(overheads),
@@ -239,12 +253,14 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         bg, untracked, sync = r["background"], r["untracked"], r["sync"]
 
         def pct(m: dict[str, Any]) -> str:
+            if not m:
+                return "-"
             return (f"{m['overhead_median'] * 100:.1f} % ({m['overhead_min'] * 100:.1f} – "
                     f"{m['overhead_max'] * 100:.1f})")
 
         interval = bg.get("young_daly_interval")
         rows.append([r["workload"], r["cadence"], f"{r['baseline_seconds']:.1f} s",
-                     f"{bg['captures']:g}", pct(bg), pct(untracked), pct(sync),
+                     f"{bg.get('captures', 0):g}", pct(bg), pct(untracked), pct(sync),
                      f"{bg.get('pause_median', 0) * 1e3:.1f} ms",
                      f"{untracked.get('pause_median', 0) * 1e3:.1f} ms",
                      f"{bg.get('blocking_median', 0) * 1e3:.0f} ms",

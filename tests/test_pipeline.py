@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -461,3 +462,28 @@ def test_freeing_space_from_an_object_writer_excludes_commits(store_path: Path):
         io.arm(errno.ENOSPC, 1)
         assert snap.capture({"u": np.ones(2048)}, step=1).result().step == 1
         assert owned == [True]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness: Linux")
+def test_background_threads_yield_the_cpu_to_the_program(tmp_path):
+    """Every arraysnap thread runs nicer than the caller's, which stays as it was."""
+
+    def niceness(tid: int) -> int:
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])
+
+    def named_threads() -> dict[str, int]:
+        return {thread.name: thread.native_id for thread in threading.enumerate()
+                if thread.native_id is not None}
+
+    mine = niceness(threading.get_native_id())
+    with arraysnap.open(tmp_path / "s.snap", chunk_bytes=1 << 12) as snap:
+        for step in range(3):
+            snap.capture({"u": np.random.default_rng(step).random(50_000)}, step=step)
+        snap.wait()
+        ours = {name: tid for name, tid in named_threads().items()
+                if name.startswith("arraysnap")}
+        assert {name.split("_")[0] for name in ours} >= {
+            "arraysnap", "arraysnap-read", "arraysnap-commit", "arraysnap-write"}
+        assert all(niceness(tid) == min(19, mine + 10) for tid in ours.values()), ours
+    assert niceness(threading.get_native_id()) == mine

@@ -73,6 +73,7 @@ from .pipeline import (
     ArrayDelta,
     Persister,
     PersistJob,
+    lower_thread_priority,
     manifest_path,
 )
 from .policies import Policy, parse_policy
@@ -218,7 +219,8 @@ class Store:
         self.codec: CodecSpec = parse_codec(settings["codec"])
         self.chunk_bytes: int = chunk_bytes or settings["chunk_bytes"]
         self._objects = ChunkObjects(path, self._io)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap",
+                                        initializer=lower_thread_priority)
         self._mirror = Mirror(path, self._io)
         self._closed = False
         self._persister: Persister | None = None
