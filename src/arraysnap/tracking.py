@@ -517,7 +517,7 @@ class Tracking:
         tracker = self._usable_tracker()
         if tracker is not None:
             tracker.unregister(watch.start, watch.end - watch.start)
-            _release_range(watch)
+        _release_range(watch)
 
     def forget_all(self) -> None:
         """Drop every watch: the baselines changed other than by a capture's comparison."""
