@@ -28,13 +28,21 @@ __all__ = ["assemble", "chunk_digest", "decode_chunk", "find_bad_chunks", "load_
            "padded_chunk", "read_object"]
 
 
-def padded_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int) -> np.ndarray:
-    """Chunk `index` of a flat uint8 buffer at full chunk size (a view unless it is ragged)."""
+def padded_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int,
+                 scratch: np.ndarray | None = None) -> np.ndarray:
+    """Chunk `index` of a flat uint8 buffer at full chunk size (a view unless it is ragged).
+
+    A ragged chunk is zero-padded in `scratch` (uint8, at least a chunk long) when given,
+    so that a caller padding many chunks reuses one buffer; else in a new array.
+    """
     start, stop = layout.chunk_range(index)
     if stop - start == layout.chunk_bytes:
         return buffer[start:stop]
-    padded = np.zeros(layout.chunk_bytes, dtype=np.uint8)
+    if scratch is None:
+        scratch = np.empty(layout.chunk_bytes, dtype=np.uint8)
+    padded = scratch[: layout.chunk_bytes]
     padded[: stop - start] = buffer[start:stop]
+    padded[stop - start :] = 0
     return padded
 
 

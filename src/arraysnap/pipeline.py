@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 import blake3
 import numpy as np
 
+from .chunks import padded_chunk
 from .codecs import CodecSpec
 from .fsio import FileIO
 from .layout import ChunkLayout
@@ -180,17 +181,10 @@ _scratch = threading.local()
 def _chunk_of(delta: ArrayDelta, index: int) -> np.ndarray:
     """Chunk `index` of the baseline at full chunk size: a view, or for a ragged chunk a
     zero-padded copy in this thread's scratch buffer (reused, never freed per chunk)."""
-    layout = delta.layout
-    start, stop = layout.chunk_range(index)
-    if stop - start == layout.chunk_bytes:
-        return delta.baseline[start:stop]
     buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.size < layout.chunk_bytes:
-        buffer = _scratch.buffer = np.empty(layout.chunk_bytes, dtype=np.uint8)
-    padded = buffer[: layout.chunk_bytes]
-    padded[: stop - start] = delta.baseline[start:stop]
-    padded[stop - start :] = 0
-    return padded
+    if buffer is None or buffer.size < delta.layout.chunk_bytes:
+        buffer = _scratch.buffer = np.empty(delta.layout.chunk_bytes, dtype=np.uint8)
+    return padded_chunk(delta.baseline, delta.layout, index, buffer)
 
 
 class _Budget:

@@ -89,7 +89,7 @@ from .records import (
 )
 from .retention import Candidate, Retention
 from .rngstate import check_rng, rng_from_json, rng_to_json
-from .tracking import Tracking
+from .tracking import Tracking, check_track_writes
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArraysnapWarning", "Store", "open"]
 
@@ -186,9 +186,7 @@ class Store:
                 or buffer_bytes < 1 << 16:
             raise ValueError(f"buffer_bytes must be an integer of at least 65536, got "
                              f"{buffer_bytes!r}")
-        if track_writes not in ("auto", True, False):
-            raise ValueError(f"track_writes must be 'auto', True or False, got "
-                             f"{track_writes!r}")
+        check_track_writes(track_writes)
         self.policy: Policy | None = parse_policy(every)
         self.retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
         self.on_error = on_error

@@ -54,7 +54,8 @@ import numpy as np
 from .errors import ArraysnapWarning
 from .layout import ChunkLayout
 
-__all__ = ["MIN_TRACKED_BYTES", "Tracking", "WriteTracker", "tracking_unavailable_reason"]
+__all__ = ["MIN_TRACKED_BYTES", "Tracking", "WriteTracker", "check_track_writes",
+           "tracking_unavailable_reason"]
 
 log = logging.getLogger("arraysnap")
 
@@ -332,6 +333,15 @@ def _chunks_of(starts: np.ndarray, n_chunks: int, runs: np.ndarray) -> np.ndarra
     return (np.cumsum(flags[:-1]) > 0).astype(np.uint8)
 
 
+def check_track_writes(mode: object) -> None:
+    """Raise ValueError unless `mode` is a ``track_writes`` setting.
+
+    >>> check_track_writes("auto")
+    """
+    if mode not in ("auto", True, False):
+        raise ValueError(f"track_writes must be 'auto', True or False, got {mode!r}")
+
+
 class Tracking:
     """A store's write tracking: a watch per captured array, audits, and the fallbacks.
 
@@ -356,8 +366,7 @@ class Tracking:
 
     def __init__(self, mode: object = "auto",
                  baseline_file: Callable[[str], Path | None] | None = None) -> None:
-        if mode not in ("auto", True, False):
-            raise ValueError(f"track_writes must be 'auto', True or False, got {mode!r}")
+        check_track_writes(mode)
         self.mode = mode
         self._baseline_file = baseline_file or (lambda name: None)
         self._tracker: WriteTracker | None = None
