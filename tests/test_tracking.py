@@ -7,6 +7,7 @@ import mmap
 import os
 import platform
 import re
+import resource
 import warnings
 
 import numpy as np
@@ -20,6 +21,8 @@ from arraysnap import tracking
 from arraysnap.delta import as_bytes, scan_and_copy
 from arraysnap.layout import plan_layout
 from arraysnap.tracking import Tracking, WriteTracker, tracking_unavailable_reason
+
+RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 
 REASON = tracking_unavailable_reason()
 needs_tracking = pytest.mark.skipif(REASON is not None, reason=f"no write tracking: {REASON}")
@@ -103,8 +106,9 @@ def test_candidates_cover_every_change(tmp_path_factory, offset, extra, order, c
             changed = truly_changed(live, baseline, layout)
             if flags is not None:
                 assert changed <= set(np.flatnonzero(flags).tolist())
-            scan_and_copy(live, baseline, layout, candidates=flags)
+            found = scan_and_copy(live, baseline, layout, candidates=flags)
             assert baseline.tobytes() == as_bytes(live).tobytes()
+            tracker.unprotect_changed("u", found)  # as a capture does: they stay writable
     finally:
         tracker.close()
 
@@ -129,6 +133,54 @@ def test_a_capture_compares_only_written_chunks(store_path):
         assert info.chunks_changed == 1
         assert 1 <= info.chunks_compared <= 4
         assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+def _faults_writing(array: np.ndarray) -> int:
+    before = resource.getrusage(RUSAGE_THREAD).ru_minflt
+    array += 1.0
+    return resource.getrusage(RUSAGE_THREAD).ru_minflt - before
+
+
+@needs_tracking
+def test_chunks_found_changed_stay_writable_until_they_stop_changing():
+    # 8 MiB, page-aligned (no chunk shares a page with another), 64 KiB chunks: 128 of
+    # them, 16 pages each.
+    memory = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    u = np.frombuffer(memory, dtype=np.float64)
+    u += 1.0  # every page populated: any fault counted below is a write-protect fault
+    layout = plan_layout(u.shape, u.dtype, "C", 1 << 16)
+    baseline = as_bytes(u).copy()
+    hot, cold = u[: 1 << 17], u[1 << 18 : (1 << 18) + (1 << 17)]  # chunks 0-15, 32-47
+    tracker = Tracking("auto")
+    try:
+        def capture() -> list[int] | None:
+            flags, _audit = tracker.candidates("u", u, layout, fresh=False)
+            found = scan_and_copy(u, baseline, layout, candidates=flags)
+            tracker.unprotect_changed("u", found)
+            return sorted(np.flatnonzero(flags).tolist()) if flags is not None else None
+
+        assert capture() is None  # first sight: everything is compared, all protected
+        hot_pages = hot.nbytes // PAGE
+        assert _faults_writing(hot) >= hot_pages  # protected: a fault per page
+        assert _faults_writing(cold) >= hot_pages
+        assert capture() == list(range(16)) + list(range(32, 48))
+        # Both changed, so both are writable now: written again, neither faults.
+        assert _faults_writing(hot) < hot_pages // 8
+        assert _faults_writing(cold) < hot_pages // 8
+        assert capture() == list(range(16)) + list(range(32, 48))
+        # The cold half stops changing: compared once more (unprotected pages count as
+        # written), then once for the previous-capture rule, then no longer.
+        assert _faults_writing(hot) < hot_pages // 8
+        assert capture() == list(range(16)) + list(range(32, 48))
+        assert _faults_writing(hot) < hot_pages // 8
+        assert capture() == list(range(16)) + list(range(32, 48))
+        assert _faults_writing(hot) < hot_pages // 8
+        assert capture() == list(range(16))
+        assert _faults_writing(cold) >= hot_pages  # protected again
+        assert capture() == list(range(16)) + list(range(32, 48))
+        assert baseline.tobytes() == as_bytes(u).tobytes()
+    finally:
+        tracker.close()
 
 
 @needs_tracking

@@ -565,6 +565,8 @@ class Store:
                                         None if audit else candidates)
                 if audit and candidates is not None:
                     tracking.audit(name, candidates, changed)
+                if not fresh:
+                    tracking.unprotect_changed(name, changed)
                 compared += (layout.n_chunks if candidates is None or audit
                              else int(np.count_nonzero(candidates)))
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,

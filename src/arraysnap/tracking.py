@@ -13,6 +13,13 @@ The mechanism is Linux's (6.7 and later, no privileges needed):
 - the ``PAGEMAP_SCAN`` ioctl on ``/proc/self/pagemap`` lists the pages whose bit is clear
   (written) and protects them again, atomically, in one call.
 
+A first write to a protected page costs a fault (about 2 µs here). Most programs write the
+same memory again and again (a field updated every step), so the pages of the chunks a
+capture found changed are *unprotected* after the comparison: the next scan reports them as
+written (an unprotected page always counts as written, so nothing can be missed), protects
+them, and the next comparison decides again. Memory written at every step then costs no
+faults at all; memory that stops changing is protected again after one more comparison.
+
 Writes by the kernel on the process's behalf (``read()`` into the array, ``readinto``) are
 tracked as well: they fault like the process's own, and pages dropped with
 ``madvise(MADV_DONTNEED)`` are reported as written. What is *not* seen is memory changed
@@ -205,6 +212,12 @@ class WriteTracker:
                     _WriteProtect(_Range(start, length), _UFFDIO_WRITEPROTECT_MODE_WP),
                     "UFFDIO_WRITEPROTECT")
 
+    def unprotect(self, start: int, length: int) -> None:
+        """Lift write protection from a registered range: its pages count as written (every
+        scan reports them, and protects them again) and writes to them no longer fault."""
+        self._ioctl(self._fd, _UFFDIO_WRITEPROTECT,
+                    _WriteProtect(_Range(start, length), 0), "UFFDIO_WRITEPROTECT")
+
     def unregister(self, start: int, length: int) -> None:
         """Stop tracking a range; quietly nothing if it is no longer mapped."""
         result = self._libc.ioctl(self._fd, _UFFDIO_UNREGISTER,
@@ -331,6 +344,16 @@ def _chunks_of(starts: np.ndarray, n_chunks: int, runs: np.ndarray) -> np.ndarra
         np.add.at(flags, first, 1)
         np.add.at(flags, last + 1, -1)
     return (np.cumsum(flags[:-1]) > 0).astype(np.uint8)
+
+
+def _index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted chunk indices as runs ``(first, last)`` of consecutive ones."""
+    if not len(indices):
+        return []
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    firsts = np.concatenate(([indices[0]], indices[breaks + 1]))
+    lasts = np.concatenate((indices[breaks], [indices[-1]]))
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
 def check_track_writes(mode: object) -> None:
@@ -475,6 +498,29 @@ class Tracking:
                 "every capture compares everything; this capture stored the change. Pass "
                 "open(..., track_writes=False) to skip tracking for this program",
                 ArraysnapWarning, stacklevel=4)
+
+    def unprotect_changed(self, name: str, changed: np.ndarray) -> None:
+        """After a comparison found `changed` (chunk indices) in `name`: leave those chunks'
+        pages writable, so that writing them again before the next capture costs no faults.
+
+        Safe whatever happens: an unprotected page is reported written by the next scan.
+        """
+        watch = self._watches.get(name)
+        tracker = self._usable_tracker()
+        if watch is None or tracker is None or not len(changed):
+            return
+        try:
+            for first, last in _index_runs(np.asarray(changed, dtype=np.int64)):
+                low = watch.address + watch.layout.chunk_range(first)[0]
+                high = watch.address + watch.layout.chunk_range(last)[1]
+                # Whole pages around the run, inside the watched range: a page shared with
+                # an unchanged neighbour only makes that neighbour a candidate next time.
+                low = max(watch.start, low // PAGE * PAGE)
+                high = min(watch.end, -(-high // PAGE) * PAGE)
+                if high > low:
+                    tracker.unprotect(low, high - low)
+        except OSError as err:  # still correct: the pages stay protected, writes fault
+            log.debug("arraysnap: could not unprotect %r: %s", name, err)
 
     def _watch(self, tracker: WriteTracker, name: str, live: np.ndarray,
                layout: ChunkLayout) -> None:
