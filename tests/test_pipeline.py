@@ -6,6 +6,7 @@ import errno
 import logging
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -342,8 +343,8 @@ def test_space_freed_for_a_commit_never_takes_objects_it_inherited(store_path):
 
 
 def test_held_chunks_live_in_mappings_the_budget_counts_and_gives_back():
-    """What waits for a writer is counted in whole pages, kept for reuse up to KEEP, and
-    unmapped when the pipeline goes idle: nothing held escapes the budget."""
+    """What waits for a writer is counted in whole pages, kept for reuse, and unmapped when
+    the pipeline goes idle: nothing held escapes the budget."""
     import mmap
 
     page = mmap.PAGESIZE
@@ -487,3 +488,37 @@ def test_background_threads_yield_the_cpu_to_the_program(tmp_path):
             "arraysnap", "arraysnap-read", "arraysnap-commit", "arraysnap-write"}
         assert all(niceness(tid) == min(19, mine + 10) for tid in ours.values()), ours
     assert niceness(threading.get_native_id()) == mine
+
+
+def test_mappings_are_kept_between_captures_and_unmapped_after_idling(store_path: Path,
+                                                                      monkeypatch):
+    """Captures a second apart reuse the held mappings (no unmapping, whose TLB flush
+    interrupts the program's threads); an idle pipeline gives them back."""
+    new_mappings = []
+    real_reuse = pipeline._Budget._reuse
+
+    def reuse(self, need):
+        mapping = real_reuse(self, need)
+        if mapping is None:
+            new_mappings.append(need)
+        return mapping
+
+    monkeypatch.setattr(pipeline._Budget, "_reuse", reuse)
+    monkeypatch.setattr(pipeline, "IDLE_TRIM_SECONDS", 60.0)
+    rng = np.random.default_rng(4)
+    u = rng.random(256 * 1024)  # 2 MiB of noise: 8 chunk objects of one size
+    with arraysnap.open(store_path, chunk_bytes=256 << 10) as snap:
+        for step in range(6):
+            u[:] = rng.random(u.size)
+            snap.capture({"u": u}, step=step).result()
+            assert snap._persister.budget.used > 0  # kept after the commit
+        # At most one mapping per chunk of a capture was ever made (never one per chunk
+        # object written: 48 of them), as mappings were reused rather than unmapped.
+        assert 0 < len(new_mappings) <= 8
+        monkeypatch.setattr(pipeline, "IDLE_TRIM_SECONDS", 0.05)
+        snap.capture({"u": u}, step=6).result()  # wakes the reader: it waits 0.05 s now
+        deadline = time.monotonic() + 30
+        while snap._persister.budget.used and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert snap._persister.budget.used == 0
+        assert_bit_exact(snap.restore().arrays["u"], u)

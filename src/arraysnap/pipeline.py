@@ -14,9 +14,13 @@ Capture jobs go, in order, through:
 
 Memory. An encoded chunk waiting for a writer is copied into a private anonymous mapping
 (``mmap``) of its own, and the budget counts that mapping in whole pages: what is held is
-what is counted. Once written, the mapping is kept for the next chunk (a few of them, still
-counted) or unmapped, which hands its pages back at once; all are unmapped when the pipeline
-goes idle. Holding the codec's output (a ~1 MiB ``bytes`` from ``malloc``) instead let glibc
+what is counted. Once written, the mapping is kept for the next chunk (still counted), and
+all are unmapped when the pipeline has been idle for a few seconds, or on ``wait()``.
+Keeping them matters while captures come every second or so: unmapping a populated range
+flushes the TLB of every core running the program (an interrupt, and then page walks, in
+the middle of its loop), and a new mapping's pages must be zeroed again.
+
+Holding the codec's output (a ~1 MiB ``bytes`` from ``malloc``) instead let glibc
 keep a heap per thread (the pool threads allocate, the writer frees, out of order), each
 grown to its own high-water mark and fragmented: at 100 % change that doubled or tripled the
 resident memory the budget claims to bound. The codec's temporary output is now freed at
@@ -68,6 +72,8 @@ T = TypeVar("T")
 # 16 MiB: 16 chunks of 1 MiB queued for the disk is plenty to overlap writes with the next
 # captures, and keeps anonymous memory within the core target (64 MiB) even at 100 % change.
 DEFAULT_BUFFER_BYTES = 16 << 20
+# A pipeline idle this long unmaps the mappings it kept for reuse.
+IDLE_TRIM_SECONDS = 5.0
 # Threads writing chunk objects: each write ends in an fsync that mostly waits for the disk,
 # so a few of them keep the disk busy (the file system commits their fsyncs together).
 OBJECT_WRITERS = 4
@@ -148,8 +154,15 @@ class PersistJob:
 
 
 def held_bytes(size: int) -> int:
-    """What a held buffer of `size` bytes takes in memory: whole pages (at least one)."""
-    return max(PAGE_BYTES, -(-size // PAGE_BYTES) * PAGE_BYTES)
+    """What a held buffer of `size` bytes takes in memory: whole pages (at least one),
+    rounded up to a size class (1/32 of its power of two) so that mappings can be reused.
+
+    >>> held_bytes(1), held_bytes((1 << 20) + 33) - (1 << 20)
+    (4096, 65536)
+    """
+    pages = max(PAGE_BYTES, -(-size // PAGE_BYTES) * PAGE_BYTES)
+    granule = max(PAGE_BYTES, 1 << max(0, pages.bit_length() - 5))
+    return -(-pages // granule) * granule
 
 
 class _Held:
@@ -193,12 +206,11 @@ class _Budget:
     The encoded chunks live in private anonymous mappings (``mmap``), not in ``malloc``
     memory: a buffer made on one thread and freed on another, out of order, leaves glibc's
     per-thread heaps grown and fragmented (freed memory stays resident). `used` counts every
-    mapping, in use or kept for reuse, in whole pages: what is held is what is counted. A
-    few freed mappings are kept for the next chunks (no page faults, no syscalls); they are
-    unmapped when the pipeline goes idle (`trim`) or when a chunk waits for room.
+    mapping, in use or kept for reuse, in whole pages: what is held is what is counted.
+    Freed mappings are kept for the next chunks (no page faults, no syscalls, no TLB
+    flushes); they are unmapped when the pipeline goes idle (`trim`) or when a chunk waits
+    for room.
     """
-
-    KEEP = 4  # freed mappings kept for reuse
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -262,7 +274,7 @@ class _Budget:
         if mapping is None:
             return
         with self._cond:
-            if self._waiting or len(self._free) >= self.KEEP or counted != len(mapping):
+            if self._waiting or counted != len(mapping):
                 _unmap(mapping)
                 self.used -= counted
             else:
@@ -342,10 +354,12 @@ class Persister:
             last.chunks_read.wait()
 
     def drain(self) -> None:
-        """Block until every submitted job has committed or failed."""
+        """Block until every submitted job has committed or failed; then unmap the mappings
+        kept for reuse."""
         with self._idle:
             while self._pending:
                 self._idle.wait()
+            self.budget.trim()
 
     def take_error(self) -> BaseException | None:
         with self._lock:
@@ -403,7 +417,16 @@ class Persister:
     # -- reader stage --------------------------------------------------------------------
     def _read_loop(self) -> None:
         lower_thread_priority()
-        while (job := self._read_queue.get()) is not None:
+        while True:
+            try:
+                job = self._read_queue.get(timeout=IDLE_TRIM_SECONDS)
+            except queue.Empty:
+                with self._idle:
+                    if not self._pending:  # idle a while: the mappings kept for reuse go
+                        self.budget.trim()
+                continue
+            if job is None:
+                break
             try:
                 if self._broken:
                     # Jobs read after a failed one are failing on the writer: once they
@@ -516,8 +539,6 @@ class Persister:
         finally:
             with self._idle:
                 self._pending -= 1
-                if not self._pending:  # nothing in flight: the mappings kept for reuse go
-                    self.budget.trim()
                 self._idle.notify_all()
 
     def _commit_written(self, job: PersistJob) -> None:
