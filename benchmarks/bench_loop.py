@@ -14,9 +14,21 @@ time over the same loop without checkpoints. Cadences: one capture per second
 default: capture returns after the pause, which compares only the chunks on written pages
 where the kernel tracks writes), ``untracked`` (the same with ``track_writes=False``: the
 pause compares everything) and ``sync`` (each capture waits until durable, what a blocking
-checkpoint costs). Runs are interleaved and shuffled; medians with min-max.
+checkpoint costs).
 
-    python benchmarks/bench_loop.py            # 1 GiB + 256 MiB, ~25 min
+Measuring a few percent on a shared machine. The loop alone varies by 5-10 % from one run
+to the next here, so one repeat is one run of each mode, in a shuffled order, all in one
+process on the same arrays, and the overhead of a mode is computed *per repeat*, against
+that repeat's own loop without checkpoints; the report gives the median of those paired
+overheads (the verdict), their range, and the ratio of the summed times with a bootstrap
+90 % interval. Each mode keeps one store across its repeats, as a run that has been going
+for a while: a repeat reopens it and takes one untimed capture (what changed since its
+last repeat) before the timed loop. Its first timed capture is then the audit of write
+tracking (a full comparison), which a long run does once in 32 captures: with 15-capture
+windows that counts the audit about twice as often as a long run pays it.
+
+    python benchmarks/bench_loop.py            # 1 GiB + 256 MiB, about an hour
+    python benchmarks/bench_loop.py --workloads band --cadences every  # the 1/s target, ~20 min
     python benchmarks/bench_loop.py --quick    # 16 MiB, a few seconds: the harness runs
 """
 
@@ -97,7 +109,8 @@ def run_loop(sim: Simulation, steps: int, store_dir: Path | None, policy: Any,
     if store_dir is not None:
         snap = arraysnap.open(store_dir, every=policy, keep_last=2, track_writes=track_writes)
         # Steady state, as in a run that has been going for a while: the first capture
-        # (which writes everything) is not timed. It also starts the policy's clock.
+        # (everything for a new store, else what changed since this mode's last repeat)
+        # is not timed. It also starts the policy's clock.
         snap.capture(sim.arrays(), step=sim.step_count).result()
     # A quiet start for every run, with or without a store: the kernel's writeback of what
     # the first capture (or the previous run) left dirty, 1.25 GiB of baseline pages, would
@@ -151,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness")
     parser.add_argument("--state-mib", type=int, default=1024)
     parser.add_argument("--table-mib", type=int, default=256)
-    parser.add_argument("--seconds", type=float, default=40.0,
+    parser.add_argument("--seconds", type=float, default=15.0,
                         help="loop length for the 1 capture/s cadence")
-    parser.add_argument("--yd-seconds", type=float, default=120.0,
+    parser.add_argument("--yd-seconds", type=float, default=60.0,
                         help="loop length for the Young/Daly cadence")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=12,
+                        help="runs of each mode (the overheads are paired per repeat)")
     parser.add_argument("--workloads", default="band,full")
     parser.add_argument("--cadences", default="every,yd",
                         help="every (1 capture/s), yd (Young/Daly, MTBF 1 h), or both")
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for workload in args.workloads.split(","):
             sim = Simulation(args.state_mib * MIB, args.table_mib * MIB, workload)
-            for _, label, make_policy, seconds in cases:
+            for key, label, make_policy, seconds in cases:
                 steps = calibrate(sim, seconds)
                 runs: dict[str, list[dict[str, Any]]] = {"none": [], "background": [],
                                                          "untracked": [], "sync": []}
@@ -188,15 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                     order = list(modes)
                     random.Random(repeat).shuffle(order)
                     for mode in order:
-                        store = None if mode == "none" else root / f"{workload}-{mode}-{repeat}"
+                        store = None if mode == "none" else root / f"{workload}-{key}-{mode}"
                         runs[mode].append(run_loop(
                             sim, steps, store, make_policy(), sync=mode == "sync",
                             track_writes="auto" if mode != "untracked" else False))
-                        if store is not None:
-                            shutil.rmtree(store, ignore_errors=True)
                         print(f"  {workload:5} {label:15} {mode:10} repeat {repeat}: "
                               f"{runs[mode][-1]['seconds']:.2f} s, "
                               f"{runs[mode][-1]['captures']} captures", flush=True)
+                for mode in modes[1:]:
+                    shutil.rmtree(root / f"{workload}-{key}-{mode}", ignore_errors=True)
                 results.append(summarize(workload, label, steps, runs))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -213,15 +227,15 @@ def summarize(workload: str, label: str, steps: int,
     base = statistics.median(r["seconds"] for r in runs["none"])
     summary: dict[str, Any] = {"workload": workload, "cadence": label, "steps": steps,
                                "baseline_seconds": base}
-    captures = statistics.median(r["captures"] for r in runs["background"])
+    captures = sum(r["captures"] for r in runs["background"])
     blocking = [r["blocking_median"] for r in runs["background"] if "blocking_median" in r]
     if captures and blocking:
         # What one capture costs the loop in all (pause plus the background work competing
         # with it), and the overhead that gives at the Young/Daly interval for MTBF = 1 h,
         # whose C is the blocking cost: the formula's own model, free of run-to-run noise
         # that a loop holding one or two captures cannot average out.
-        per_capture = (statistics.median(r["seconds"] for r in runs["background"]) - base) \
-            / captures
+        per_capture = (sum(r["seconds"] for r in runs["background"])
+                       - sum(r["seconds"] for r in runs["none"])) / captures
         cost = statistics.median(blocking)
         interval = math.sqrt(2 * cost * 3600)
         summary["per_capture_seconds"] = per_capture
@@ -231,10 +245,17 @@ def summarize(workload: str, label: str, steps: int,
         if not runs[mode]:
             summary[mode] = {}
             continue
-        overheads = [r["seconds"] / base - 1 for r in runs[mode]]
+        # Paired: each repeat against the same repeat's loop without checkpoints.
+        overheads = [r["seconds"] / none["seconds"] - 1
+                     for r, none in zip(runs[mode], runs["none"], strict=True)]
+        low, high = _bootstrap_interval(runs[mode], runs["none"])
         summary[mode] = {
             "overhead_median": statistics.median(overheads),
             "overhead_min": min(overheads), "overhead_max": max(overheads),
+            "overheads": overheads,
+            "overhead_of_sums": sum(r["seconds"] for r in runs[mode])
+            / sum(r["seconds"] for r in runs["none"]) - 1,
+            "overhead_of_sums_90": [low, high],
             "captures": statistics.median(r["captures"] for r in runs[mode]),
             **{key: statistics.median(r[key] for r in runs[mode] if key in r)
                for key in ("pause_median", "blocking_median", "durable_median",
@@ -244,9 +265,23 @@ def summarize(workload: str, label: str, steps: int,
     return summary
 
 
+def _bootstrap_interval(runs: list[dict[str, Any]], baseline: list[dict[str, Any]],
+                        samples: int = 2000) -> tuple[float, float]:
+    """A 90 % interval for the overhead of summed times, resampling whole repeats."""
+    rng = random.Random(0)
+    pairs = list(zip(runs, baseline, strict=True))
+    estimates = []
+    for _ in range(samples):
+        drawn = [rng.choice(pairs) for _ in pairs]
+        estimates.append(sum(r["seconds"] for r, _ in drawn)
+                         / sum(b["seconds"] for _, b in drawn) - 1)
+    estimates.sort()
+    return estimates[samples // 20], estimates[samples - 1 - samples // 20]
+
+
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     header = ["workload", "cadence", "loop", "captures", "overhead bg (min-max)",
-              "bg untracked", "overhead sync (min-max)", "pause", "pause untracked",
+              "untracked (min-max)", "sync (min-max)", "pause", "pause untracked",
               "blocked", "durable", "changed", "Y/D interval"]
     rows = []
     for r in results:
@@ -270,6 +305,16 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(f"\nstate {args.state_mib} MiB + static table {args.table_mib} MiB, "
           f"{args.repeats} repeats, medians")
     print(render_table(header, rows))
+    print("overheads are medians of paired repeats; of summed times, with a bootstrap 90 % "
+          "interval:")
+    for r in results:
+        for mode in ("background", "untracked", "sync"):
+            m = r[mode]
+            if m:
+                low, high = m["overhead_of_sums_90"]
+                print(f"  {r['workload']} {r['cadence']} {mode}: "
+                      f"{m['overhead_of_sums'] * 100:.1f} % ({low * 100:.1f} – "
+                      f"{high * 100:.1f})")
     for r in results:
         derived = r.get("young_daly_derived")
         if derived and r["cadence"].startswith("every"):
