@@ -36,8 +36,9 @@ def test_round_trip(name):
 
 
 def _zstd_blocks(frame: bytes) -> list[tuple[int, int]]:
-    """(type, size) of each block of a single-segment zstd frame with a 4-byte size."""
-    blocks, position = [], 9
+    """(type, size) of each block of a zstd frame with a window byte and a 4-byte size."""
+    assert frame[4] & 0x20 == 0, "Single_Segment: the window would be the whole content"
+    blocks, position = [], 10
     while position < len(frame):
         header = int.from_bytes(frame[position:position + 3], "little")
         kind, size = header >> 1 & 3, header >> 3
@@ -57,7 +58,8 @@ def test_a_raw_zstd_frame_decodes_to_its_data(size):
     frame = zstd_raw_frame(data)
     assert numcodecs.Zstd().decode(frame) == data
     assert all(kind == 0 for kind, _ in _zstd_blocks(frame))
-    assert len(frame) == len(data) + 9 + 3 * max(1, -(-size // (128 << 10)))
+    assert frame[5] == 0x38  # a 128 KiB window, whatever the size
+    assert len(frame) == len(data) + 10 + 3 * max(1, -(-size // (128 << 10)))
 
 
 @pytest.mark.parametrize("kind, compressed", [
@@ -79,7 +81,7 @@ def test_zstd_stores_incompressible_chunks_as_raw_blocks(kind, compressed):
     if compressed:
         assert len(encoded) < 0.9 * raw.nbytes
     else:
-        assert kinds == {0} and len(encoded) == raw.nbytes + 9 + 3 * 8
+        assert kinds == {0} and len(encoded) == raw.nbytes + 10 + 3 * 8
 
 
 def test_small_zstd_chunks_are_always_compressed():

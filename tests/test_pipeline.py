@@ -522,3 +522,31 @@ def test_mappings_are_kept_between_captures_and_unmapped_after_idling(store_path
             time.sleep(0.02)
         assert snap._persister.budget.used == 0
         assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+def test_a_mapping_kept_while_a_chunk_makes_room_is_dropped_for_it(monkeypatch):
+    """A mapping given back (and kept for reuse) between a chunk's look for a reusable
+    mapping and its wait for room makes way for it; otherwise the chunk waits for ever,
+    as nothing trims while a job is in flight."""
+    mib = 1 << 20
+    budget = pipeline._Budget(2 * mib)
+    held = budget.hold(bytes(3 * mib // 2))
+    in_between, resume = threading.Event(), threading.Event()
+    real_reuse = pipeline._Budget._reuse
+
+    def reuse(self, need):
+        mapping = real_reuse(self, need)  # finds nothing to reuse: 1.5 + 1 MiB > 2 MiB
+        in_between.set()
+        resume.wait(10)
+        return mapping
+
+    monkeypatch.setattr(pipeline._Budget, "_reuse", reuse)
+    thread, box = in_thread(budget.hold, bytes(mib))
+    assert in_between.wait(10)
+    budget.give(*held)  # nobody waits yet: the mapping is kept, and still counted
+    resume.set()
+    thread.join(10)
+    assert not thread.is_alive(), "waited for ever on room a kept mapping held"
+    budget.give(*box["value"])
+    budget.trim()
+    assert budget.used == 0

@@ -43,14 +43,17 @@ def zstd_raw_frame(data: Any) -> bytes:
 
     >>> frame = zstd_raw_frame(b"abc")
     >>> len(frame), numcodecs.Zstd().decode(frame)
-    (15, b'abc')
+    (16, b'abc')
     """
     view = memoryview(data).cast("B")
     size = view.nbytes
-    # Frame header descriptor: Single_Segment (the window is the content), and the content
-    # size in 4 bytes (flag 2) or 8 (flag 3); no checksum, no dictionary.
+    # Frame header descriptor: the content size in 4 bytes (flag 2) or 8 (flag 3); no
+    # checksum, no dictionary, and not Single_Segment, whose window would be the whole
+    # content: streaming decoders refuse windows over 128 MiB by default. The window is
+    # 128 KiB instead (Window_Descriptor 0x38: 2**(10 + 7)), one block: raw blocks refer
+    # to nothing before them.
     wide = size >= 1 << 32
-    header = bytes([(3 if wide else 2) << 6 | 1 << 5]) + size.to_bytes(8 if wide else 4, "little")
+    header = bytes([(3 if wide else 2) << 6, 0x38]) + size.to_bytes(8 if wide else 4, "little")
     frame = bytearray(_ZSTD_MAGIC + header)
     position = 0
     while True:

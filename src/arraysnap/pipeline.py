@@ -225,6 +225,12 @@ class _Budget:
             self._waiting += 1
             try:
                 while self.used + amount > self.limit:
+                    if self._free:
+                        # Kept for reuse: they make way first. (One may have been given
+                        # back between this chunk's _reuse() and here, while nobody was
+                        # waiting; waiting for it would be waiting for ever.)
+                        self._drop(self._free.pop())
+                        continue
                     self._cond.wait()
             finally:
                 self._waiting -= 1
