@@ -120,16 +120,22 @@ def test_a_capture_waits_only_until_the_previous_one_has_read_its_chunks(store_p
         assert snap.restore(step=2).arrays["u"][0] == 2.0
 
 
+def budget_use_after(monkeypatch, method: str) -> list[int]:
+    """The budget's `used` after each call of ``_Budget.<method>``, as the calls happen."""
+    seen: list[int] = []
+    real = getattr(pipeline._Budget, method)
+
+    def spy(self, *args):
+        result = real(self, *args)
+        seen.append(self.used)
+        return result
+
+    monkeypatch.setattr(pipeline._Budget, method, spy)
+    return seen
+
+
 def test_backpressure_bounds_the_chunk_data_held_in_memory(store_path: Path, monkeypatch):
-    held = []
-    real_acquire = pipeline._Budget.acquire
-
-    def acquire(self, amount):
-        granted = real_acquire(self, amount)
-        held.append(self.used)
-        return granted
-
-    monkeypatch.setattr(pipeline._Budget, "acquire", acquire)
+    held = budget_use_after(monkeypatch, "acquire")
     io = GatedIO()
     limit = 1 << 16
     with arraysnap.open(store_path, chunk_bytes=CHUNK, buffer_bytes=limit, _io=io) as snap:
@@ -391,15 +397,7 @@ def test_a_held_chunk_waits_for_room_and_kept_mappings_make_way():
 
 
 def test_the_pipeline_unmaps_every_held_chunk_once_idle(store_path: Path, monkeypatch):
-    peaks = []
-    real_hold = pipeline._Budget.hold
-
-    def hold(self, data):
-        result = real_hold(self, data)
-        peaks.append(self.used)
-        return result
-
-    monkeypatch.setattr(pipeline._Budget, "hold", hold)
+    peaks = budget_use_after(monkeypatch, "hold")
     limit = 1 << 16
     with arraysnap.open(store_path, chunk_bytes=CHUNK, buffer_bytes=limit) as snap:
         rng = np.random.default_rng(2)

@@ -226,9 +226,9 @@ class _Budget:
             try:
                 while self.used + amount > self.limit:
                     if self._free:
-                        # Kept for reuse: they make way first. (One may have been given
-                        # back between this chunk's _reuse() and here, while nobody was
-                        # waiting; waiting for it would be waiting for ever.)
+                        # Kept for reuse: they make way first, before any wait (one given
+                        # back after this chunk's _reuse() was kept, as nobody waited yet:
+                        # waiting for it would be waiting for ever).
                         self._drop(self._free.pop())
                         continue
                     self._cond.wait()
@@ -269,10 +269,7 @@ class _Budget:
                 best = min(fits, key=len)
                 self._free.remove(best)
                 return best
-            # Make room for a new mapping: what is kept for reuse goes first.
-            while self._free and self.used + min(need, self.limit) > self.limit:
-                self._drop(self._free.pop())
-            return None
+            return None  # acquire() makes room for a new one: kept mappings go first
 
     def give(self, held: _Held, counted: int) -> None:
         """The writer is done with `held`: keep its mapping for reuse or unmap it."""
