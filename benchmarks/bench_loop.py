@@ -23,9 +23,8 @@ that repeat's own loop without checkpoints; the report gives the median of those
 overheads (the verdict), their range, and the ratio of the summed times with a bootstrap
 90 % interval. Each mode keeps one store across its repeats, as a run that has been going
 for a while: a repeat reopens it and takes one untimed capture (what changed since its
-last repeat) before the timed loop. Its first timed capture is then the audit of write
-tracking (a full comparison), which a long run does once in 32 captures: with 15-capture
-windows that counts the audit about twice as often as a long run pays it.
+last repeat) before the timed loop. The audit of write tracking compares 1/32 of the
+chunks at every capture, so short windows pay it at the rate a long run does.
 
     python benchmarks/bench_loop.py            # 1 GiB + 256 MiB, about an hour
     python benchmarks/bench_loop.py --workloads band --cadences every  # the 1/s target, ~20 min

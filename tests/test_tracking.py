@@ -81,7 +81,7 @@ def test_candidates_cover_every_change(tmp_path_factory, offset, extra, order, c
     source.write_bytes(os.urandom(3 * PAGE))
     tracker = Tracking("auto")
     try:
-        assert tracker.candidates("u", live, layout, fresh=True) == (None, False)
+        assert tracker.candidates("u", live, layout, fresh=True) == (None, None)
         flat = as_bytes(live)
         for writes in rounds:
             for kind, where, size in writes:
@@ -124,14 +124,16 @@ def test_a_capture_compares_only_written_chunks(store_path):
     u = np.zeros((256, 4096))  # 8 MiB, 64 KiB chunks: 128 of them
     with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
         assert capture_all(snap, {"u": u}, 0).chunks_compared == 128
-        assert capture_all(snap, {"u": u}, 1).chunks_compared == 128  # the audit
-        u[100, 5] = 1.0
+        # Nothing written: the two chunks on pages the array shares with its neighbours,
+        # and the audit's slice (128 / 32 chunks, 0-3).
+        assert capture_all(snap, {"u": u}, 1).chunks_compared <= 6
+        u[100, 5] = 1.0  # chunk 50
         info = capture_all(snap, {"u": u}, 2)
         assert snap.stats()[-1].chunks_compared == info.chunks_compared
         # The written chunk, the chunk the written page straddles into (the buffer is not
-        # page-aligned), and the two on pages the array shares with its neighbours.
+        # page-aligned), the two shared with the neighbours, the audit's slice (4-7).
         assert info.chunks_changed == 1
-        assert 1 <= info.chunks_compared <= 4
+        assert 5 <= info.chunks_compared <= 8
         assert_bit_exact(snap.restore().arrays["u"], u)
 
 
@@ -154,10 +156,11 @@ def test_chunks_found_changed_stay_writable_until_they_stop_changing():
     tracker = Tracking("auto")
     try:
         def capture() -> list[int] | None:
-            flags, _audit = tracker.candidates("u", u, layout, fresh=False)
+            """The chunks tracking flagged (without the audit's slice, also compared)."""
+            flags, audit = tracker.candidates("u", u, layout, fresh=False)
             found = scan_and_copy(u, baseline, layout, candidates=flags)
             tracker.unprotect_changed("u", found)
-            return sorted(np.flatnonzero(flags).tolist()) if flags is not None else None
+            return None if audit is None else np.flatnonzero(audit.tracked).tolist()
 
         assert capture() is None  # first sight: everything is compared, all protected
         hot_pages = hot.nbytes // PAGE
@@ -194,7 +197,7 @@ def test_restored_arrays_are_tracked_and_stay_exact(store_path):
             u[rng.integers(0, 256), rng.integers(0, 4096)] = rng.random()
             info = capture_all(snap, {"u": u}, step)
             assert_bit_exact(snap.restore().arrays["u"], u)
-        assert info.chunks_compared <= 4
+        assert info.chunks_compared <= 4 + 128 // tracking.AUDIT_EVERY  # and the audit's
 
 
 @needs_tracking
@@ -259,13 +262,13 @@ def test_the_audit_catches_changes_tracking_missed(store_path, monkeypatch):
     real_written = WriteTracker.written
     with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
         capture_all(snap, {"u": u}, 0)  # watch set up
-        capture_all(snap, {"u": u}, 1)  # tracked capture 1: audited, nothing missed
-        u[1 << 20] = 0  # mid-array: not in a chunk on a partial page, always compared
+        capture_all(snap, {"u": u}, 1)  # tracked capture 1: audits chunks 0-15
+        u[1 << 20] = 0  # chunk 16, mid-array: not on a partial page, always compared
         monkeypatch.setattr(WriteTracker, "written", lambda self, start, length: (
             real_written(self, start, length), [])[1])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            info = capture_all(snap, {"u": u}, 2)  # tracked capture 2: audited
+            info = capture_all(snap, {"u": u}, 2)  # tracked capture 2: audits 16-31
         assert [w.category for w in caught] == [arraysnap.ArraysnapWarning]
         assert "did not see" in str(caught[0].message)
         assert info.chunks_changed == 1
@@ -273,6 +276,49 @@ def test_the_audit_catches_changes_tracking_missed(store_path, monkeypatch):
         monkeypatch.setattr(WriteTracker, "written", real_written)
         u[5] = 9
         assert capture_all(snap, {"u": u}, 3).chunks_compared == 32  # tracking is off
+        assert_bit_exact(snap.restore().arrays["u"], u)
+
+
+@given(n_chunks=st.integers(1, 5000), first=st.integers(0, 1000))
+def test_the_audit_slices_of_any_consecutive_captures_tile_the_chunks(n_chunks, first):
+    slices = [tracking.audit_slice(c, n_chunks)
+              for c in range(first, first + tracking.AUDIT_EVERY)]
+    covered = sorted(i for low, high in slices for i in range(low, high))
+    assert covered == list(range(n_chunks))  # each chunk once
+    assert max(high - low for low, high in slices) <= -(-n_chunks // tracking.AUDIT_EVERY)
+
+
+def test_an_audit_reports_only_unflagged_changes_inside_its_slice():
+    tracked = np.zeros(10, dtype=np.uint8)
+    tracked[[3, 7]] = 1
+    audit = tracking.Audit(tracked, 2, 6)
+    assert audit.missed(np.array([1, 3, 4, 5, 7, 8])) == [4, 5]
+    assert audit.missed(np.array([], dtype=np.int64)) == []
+
+
+@needs_tracking
+def test_a_missed_change_is_caught_when_the_rolling_audit_reaches_it(store_path,
+                                                                     monkeypatch):
+    """No capture compares everything, yet a change tracking never reports (a device
+    writing into pinned memory) is found by the capture whose audit slice holds it."""
+    assert tracking.AUDIT_EVERY == 32
+    u = np.ones(2 << 20, dtype=np.uint8)  # 32 chunks: the audit takes one a capture
+    real_written = WriteTracker.written
+    with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
+        capture_all(snap, {"u": u}, 0)  # watch set up
+        capture_all(snap, {"u": u}, 1)  # tracked capture 0: audits chunk 0
+        u[20 << 16] = 0  # chunk 20
+        monkeypatch.setattr(WriteTracker, "written", lambda self, start, length: (
+            real_written(self, start, length), [])[1])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2, 21):  # tracked captures 1-19 audit chunks 1-19
+                info = capture_all(snap, {"u": u}, step)
+                assert info.chunks_changed == 0 and info.chunks_compared <= 3
+            assert caught == []
+            info = capture_all(snap, {"u": u}, 21)  # audits chunk 20
+        assert [w.category for w in caught] == [arraysnap.ArraysnapWarning]
+        assert info.chunks_changed == 1
         assert_bit_exact(snap.restore().arrays["u"], u)
 
 
@@ -389,8 +435,8 @@ def test_io_landing_after_the_scan_is_caught_by_the_next_capture(store_path, mon
     monkeypatch.setattr(WriteTracker, "written", written)
     with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:
         capture_all(snap, {"u": u}, 0)
-        capture_all(snap, {"u": u}, 1)  # the first tracked capture is an audit
-        capture_all(snap, {"u": u}, 2)
+        capture_all(snap, {"u": u}, 1)
+        capture_all(snap, {"u": u}, 2)  # no audit slice below reaches chunk 16
         u[1 << 20] = 1  # the read starts: its pages count as written ...
         capture_all(snap, {"u": u}, 3)
         # ... and its data lands after that capture's scan
@@ -410,7 +456,7 @@ def test_a_restored_map_is_tracked_only_while_it_maps_that_arrays_baseline(store
         capture_all(snap, {"u": rng.random(1 << 18)}, 0)  # 2 MiB, 32 chunks
         r = snap.restore().arrays["u"]
         capture_all(snap, {"u": r}, 1)
-        capture_all(snap, {"u": r}, 2)  # the first tracked capture is an audit
+        capture_all(snap, {"u": r}, 2)  # the first tracked capture
         r[100] = 1.0
         assert capture_all(snap, {"u": r}, 3).chunks_compared <= 4  # tracked
         # A second map of u's baseline, captured as w: it maps a file that is not w's.
@@ -440,7 +486,7 @@ def test_a_forked_child_starts_afresh_and_leaves_the_parents_tracking_alone():
             # child's store.close() would.
             ok = False
             try:
-                ok = (tracker.candidates("u", u, layout, fresh=False) == (None, False)
+                ok = (tracker.candidates("u", u, layout, fresh=False) == (None, None)
                       and tracker.candidates("u", u, layout, fresh=False)[0] is not None)
                 tracker.close()
             finally:

@@ -562,12 +562,12 @@ class Store:
                 # Before the comparison: from here on, writes count for the next capture.
                 candidates, audit = tracking.candidates(name, live, layout, fresh)
                 changed = scan_and_copy(live, baseline, layout, flags, self._pool,
-                                        None if audit else candidates)
-                if audit and candidates is not None:
-                    tracking.audit(name, candidates, changed)
+                                        candidates)
+                if audit is not None:
+                    tracking.audit(name, audit, changed)
                 if not fresh:
                     tracking.unprotect_changed(name, changed)
-                compared += (layout.n_chunks if candidates is None or audit
+                compared += (layout.n_chunks if candidates is None
                              else int(np.count_nonzero(candidates)))
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
                                          self._dims.get(name)))

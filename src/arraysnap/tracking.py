@@ -27,9 +27,11 @@ without a write through this process's page tables: a device writing into pinned
 (RDMA, GPUDirect, io_uring registered buffers), or a shared mapping written by another
 process or through ``write()``.
 Shared mappings and files other than the store's own baselines are therefore never
-tracked, and every few captures an *audit* compares everything anyway: if it finds a
+tracked, and each capture also *audits* a slice of the chunks (a different 1/32 each time,
+so all of them every 32 captures), comparing it whether written or not: if that finds a
 change the tracker missed, tracking is switched off for the run and a warning says why
-(that capture stores the change, so no snapshot after it misses anything).
+(that capture stores the change, so no snapshot after it misses anything). A rolling slice
+costs what a full comparison every 32 captures would, without a long pause every 32nd.
 
 Anything unexpected (an older kernel, a seccomp filter, a mapping of the wrong kind, an
 overlap with another tracked array, a failed ioctl) falls back to the full comparison,
@@ -61,8 +63,8 @@ import numpy as np
 from .errors import ArraysnapWarning
 from .layout import ChunkLayout
 
-__all__ = ["MIN_TRACKED_BYTES", "Tracking", "WriteTracker", "check_track_writes",
-           "tracking_unavailable_reason"]
+__all__ = ["AUDIT_EVERY", "MIN_TRACKED_BYTES", "Audit", "Tracking", "WriteTracker",
+           "audit_slice", "check_track_writes", "tracking_unavailable_reason"]
 
 log = logging.getLogger("arraysnap")
 
@@ -70,7 +72,7 @@ PAGE = mmap.PAGESIZE
 # Smaller arrays are compared whole: a watch costs an ioctl and a mapping split.
 MIN_TRACKED_BYTES = 1 << 20
 MAX_WATCHES = 4096
-# The first tracked capture of an array is audited, then every AUDIT_EVERY-th.
+# Each tracked capture of an array audits a different 1/AUDIT_EVERY of its chunks.
 AUDIT_EVERY = 32
 
 _SYSCALL_USERFAULTFD = {"x86_64": 323, "aarch64": 282, "riscv64": 282, "loongarch64": 282,
@@ -346,6 +348,34 @@ def _chunks_of(starts: np.ndarray, n_chunks: int, runs: np.ndarray) -> np.ndarra
     return (np.cumsum(flags[:-1]) > 0).astype(np.uint8)
 
 
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """The chunks ``[low, high)`` a capture compares whatever tracking says, and the flags
+    tracking gave (`tracked`): a chunk in the slice that changed but was not flagged is a
+    write tracking missed."""
+
+    tracked: np.ndarray
+    low: int
+    high: int
+
+    def missed(self, changed: np.ndarray) -> list[int]:
+        """The chunk indices in `changed` that tracking should have flagged and did not."""
+        indices = np.asarray(changed, dtype=np.int64)
+        inside = indices[(indices >= self.low) & (indices < self.high)]
+        return inside[self.tracked[inside] == 0].tolist()
+
+
+def audit_slice(capture: int, n_chunks: int) -> tuple[int, int]:
+    """The chunks ``[low, high)`` that tracked capture number `capture` audits: the slices of
+    AUDIT_EVERY consecutive captures tile ``range(n_chunks)``.
+
+    >>> [audit_slice(c, 64)[0] for c in range(3)], audit_slice(31, 64)
+    ([0, 2, 4], (62, 64))
+    """
+    part = capture % AUDIT_EVERY
+    return part * n_chunks // AUDIT_EVERY, (part + 1) * n_chunks // AUDIT_EVERY
+
+
 def _index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
     """Sorted chunk indices as runs ``(first, last)`` of consecutive ones."""
     if not len(indices):
@@ -379,10 +409,10 @@ class Tracking:
     >>> u = np.zeros(1 << 18)
     >>> layout = plan_layout(u.shape, u.dtype, "C", 1 << 16)
     >>> tracking.candidates("u", u, layout, fresh=True)  # first sight: compare everything
-    (None, False)
+    (None, None)
     >>> u[5] = 1.0
     >>> flags, audit = tracking.candidates("u", u, layout, fresh=False)
-    >>> flags is None or flags.tolist()[:2] == [1, 0]  # chunk 0 was written, 1 was not
+    >>> flags is None or flags.tolist()[:3] == [1, 0, 0]  # chunk 0 was written, 2 was not
     True
     >>> tracking.close()
     """
@@ -440,16 +470,17 @@ class Tracking:
             self._tracker = None
 
     def candidates(self, name: str, live: np.ndarray, layout: ChunkLayout,
-                   fresh: bool) -> tuple[np.ndarray | None, bool]:
-        """The chunks of `live` to compare, as uint8 flags (None: all of them), and whether
-        this capture is an audit (compare all, then ``audit()`` what tracking said).
+                   fresh: bool) -> tuple[np.ndarray | None, Audit | None]:
+        """The chunks of `live` to compare, as uint8 flags (None: all of them), and the
+        audit to check the comparison's result with (``audit()``), if any: the flags include
+        the audit's slice of chunks, written or not.
 
         Must run before the comparison: it protects the pages again, so writes from here on
         count for the next capture.
         """
         tracker = self._get_tracker()
         if tracker is None:
-            return None, False
+            return None, None
         watch = self._watches.get(name)
         if watch is not None and (not watch.matches(live, layout) or (
                 watch.baseline_file is not None
@@ -458,14 +489,14 @@ class Tracking:
             watch = None
         if watch is None:
             self._watch(tracker, name, live, layout)
-            return None, False
+            return None, None
         try:
             runs = tracker.written(watch.start, watch.end - watch.start)
         except OSError as err:
             log.info("arraysnap: write tracking of %r lost (%s); comparing it whole", name, err)
             self.forget(name)
             self._watch(tracker, name, live, layout)
-            return None, False
+            return None, None
         offset = watch.start - watch.address
         spans = np.array(runs, dtype=np.int64).reshape(-1, 2) + offset
         written = _chunks_of(watch.chunk_starts, layout.n_chunks, spans)
@@ -478,14 +509,17 @@ class Tracking:
         watch.previous = written
         watch.captures += 1
         if fresh:
-            return None, False
-        audit = watch.captures == 1 or watch.captures % AUDIT_EVERY == 0
+            return None, None
+        low, high = audit_slice(watch.captures - 1, layout.n_chunks)
+        audit = Audit(flags, low, high)
+        flags = flags.copy()
+        flags[low:high] = 1
         return flags, audit
 
-    def audit(self, name: str, candidates: np.ndarray, changed: np.ndarray) -> None:
-        """Check a full comparison's `changed` chunk indices against the tracker's
-        `candidates`; a change it missed switches tracking off (with a warning)."""
-        missed = [int(i) for i in changed if not candidates[i]]
+    def audit(self, name: str, audit: Audit, changed: np.ndarray) -> None:
+        """Check a comparison's `changed` chunk indices against what tracking said in the
+        audited slice; a change it missed switches tracking off (with a warning)."""
+        missed = audit.missed(changed)
         if missed:
             reason = (f"array {name!r} changed in {len(missed)} chunks (first: {missed[:5]}) "
                       "that write tracking did not see written")
