@@ -828,9 +828,9 @@ def test_failed_chunk_task_never_names_an_object_by_other_bytes(store_path: Path
     b_bytes = live[5].tobytes()
     b_encoding = threading.Event()
     gate = threading.Event()
-    original = CodecSpec.encode
+    original = CodecSpec.encode_lazily
 
-    def slow_encode(self: CodecSpec, raw: Any, itemsize: int) -> bytes:
+    def slow_encode(self: CodecSpec, raw: Any, itemsize: int) -> Any:
         if bytes(raw) == b_bytes and not gate.is_set():
             b_encoding.set()
             gate.wait(1.0)  # the next capture runs meanwhile, unless the pipeline waits for us
@@ -847,7 +847,7 @@ def test_failed_chunk_task_never_names_an_object_by_other_bytes(store_path: Path
                 raise self.failed
             super().write(fd, data)
 
-    monkeypatch.setattr(CodecSpec, "encode", slow_encode)
+    monkeypatch.setattr(CodecSpec, "encode_lazily", slow_encode)
     io = FailOtherChunk()
     with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=()) as snap:
         snap.capture({"u": np.zeros((8, 512))}, step=0)

@@ -22,7 +22,8 @@ from typing import Any
 
 import numcodecs
 
-__all__ = ["CODEC_NAMES", "RAW_FRAME_RATIO", "CodecSpec", "parse_codec", "zstd_raw_frame"]
+__all__ = ["CODEC_NAMES", "RAW_FRAME_RATIO", "CodecSpec", "RawFrame", "parse_codec",
+           "raw_frame_bytes", "write_raw_frame", "zstd_raw_frame"]
 
 CODEC_NAMES = ("zstd", "blosc", "none")
 _DEFAULT_LEVELS = {"zstd": 1, "blosc": 5, "none": 0}
@@ -38,6 +39,51 @@ _ZSTD_MAGIC = (0xFD2FB528).to_bytes(4, "little")
 _ZSTD_MAX_BLOCK = 128 << 10
 
 
+def raw_frame_bytes(size: int) -> int:
+    """The size of a zstd frame of raw blocks holding `size` bytes (see zstd_raw_frame).
+
+    >>> raw_frame_bytes(3), raw_frame_bytes(1 << 20) - (1 << 20)
+    (16, 34)
+    """
+    blocks = max(1, -(-size // _ZSTD_MAX_BLOCK))
+    return len(_ZSTD_MAGIC) + len(_raw_frame_header(size)) + 3 * blocks + size
+
+
+def _raw_frame_header(size: int) -> bytes:
+    # Frame header descriptor: the content size in 4 bytes (flag 2) or 8 (flag 3); no
+    # checksum, no dictionary, and not Single_Segment, whose window would be the whole
+    # content: streaming decoders refuse windows over 128 MiB by default. The window is
+    # 128 KiB instead (Window_Descriptor 0x38: 2**(10 + 7)), one block: raw blocks refer
+    # to nothing before them.
+    wide = size >= 1 << 32
+    return bytes([(3 if wide else 2) << 6, 0x38]) + size.to_bytes(8 if wide else 4, "little")
+
+
+def write_raw_frame(out: memoryview, data: Any) -> int:
+    """Write `data` as one zstd frame of raw blocks into the start of `out` (at least
+    ``raw_frame_bytes(len(data))`` bytes); return the frame's size. One copy of the data.
+
+    >>> out = bytearray(32)
+    >>> size = write_raw_frame(memoryview(out), b"abc")
+    >>> size, numcodecs.Zstd().decode(bytes(out[:size]))
+    (16, b'abc')
+    """
+    with memoryview(data) as given, given.cast("B") as view:
+        size = view.nbytes
+        head = _ZSTD_MAGIC + _raw_frame_header(size)
+        out[: len(head)] = head
+        at, position = len(head), 0
+        while True:
+            block = min(_ZSTD_MAX_BLOCK, size - position)
+            last = position + block == size
+            # Block header: Last_Block (bit 0), Block_Type 0 = Raw (bits 1-2), Block_Size.
+            out[at : at + 3] = (block << 3 | last).to_bytes(3, "little")
+            out[at + 3 : at + 3 + block] = view[position : position + block]
+            at, position = at + 3 + block, position + block
+            if last:
+                return at
+
+
 def zstd_raw_frame(data: Any) -> bytes:
     """`data` as one zstd frame of raw (uncompressed) blocks, with its content size.
 
@@ -45,26 +91,33 @@ def zstd_raw_frame(data: Any) -> bytes:
     >>> len(frame), numcodecs.Zstd().decode(frame)
     (16, b'abc')
     """
-    view = memoryview(data).cast("B")
-    size = view.nbytes
-    # Frame header descriptor: the content size in 4 bytes (flag 2) or 8 (flag 3); no
-    # checksum, no dictionary, and not Single_Segment, whose window would be the whole
-    # content: streaming decoders refuse windows over 128 MiB by default. The window is
-    # 128 KiB instead (Window_Descriptor 0x38: 2**(10 + 7)), one block: raw blocks refer
-    # to nothing before them.
-    wide = size >= 1 << 32
-    header = bytes([(3 if wide else 2) << 6, 0x38]) + size.to_bytes(8 if wide else 4, "little")
-    frame = bytearray(_ZSTD_MAGIC + header)
-    position = 0
-    while True:
-        block = min(_ZSTD_MAX_BLOCK, size - position)
-        last = position + block == size
-        # Block header: Last_Block (bit 0), Block_Type 0 = Raw (bits 1-2), Block_Size.
-        frame += (block << 3 | last).to_bytes(3, "little")
-        frame += view[position : position + block]
-        position += block
-        if last:
-            return bytes(frame)
+    with memoryview(data) as view:
+        frame = bytearray(raw_frame_bytes(view.nbytes))
+        write_raw_frame(memoryview(frame), view)
+    return bytes(frame)
+
+
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """A chunk that is to be stored as a zstd frame of raw blocks, not yet copied: its
+    destination (the pipeline's held buffer) receives it in one copy (`write_into`).
+
+    >>> frame = RawFrame(memoryview(b"abc"))
+    >>> frame.nbytes, bytes(frame) == zstd_raw_frame(b"abc")
+    (16, True)
+    """
+
+    data: memoryview
+
+    @property
+    def nbytes(self) -> int:
+        return raw_frame_bytes(self.data.nbytes)
+
+    def write_into(self, out: memoryview) -> int:
+        return write_raw_frame(out, self.data)
+
+    def __bytes__(self) -> bytes:
+        return zstd_raw_frame(self.data)
 
 
 def _worth_compressing(codec: numcodecs.abc.Codec, view: memoryview) -> bool:
@@ -104,14 +157,21 @@ class CodecSpec:
         A large zstd chunk that would hardly shrink is stored as raw blocks of a zstd frame
         (see the module's docstring): still zstd, read by any zstd decoder.
         """
+        return bytes(self.encode_lazily(raw, itemsize))
+
+    def encode_lazily(self, raw: Any, itemsize: int) -> Any:
+        """Like `encode`, but a chunk stored as raw blocks comes back as a `RawFrame` over
+        `raw` (valid while `raw` is), for its destination to copy in once; compressed data
+        comes back as a bytes-like object, and with no codec `raw` itself."""
         codec = self.encoder(itemsize)
         if codec is None:
-            return bytes(raw)
+            return raw
         if self.name == "zstd":
-            with memoryview(raw) as buffer, buffer.cast("B") as view:
-                if not _worth_compressing(codec, view):
-                    return zstd_raw_frame(view)
-        return bytes(codec.encode(raw))
+            view = memoryview(raw).cast("B")
+            if not _worth_compressing(codec, view):
+                return RawFrame(view)
+            view.release()
+        return codec.encode(raw)
 
     def decode(self, data: bytes) -> bytes:
         """Decode one chunk object back to raw bytes."""

@@ -56,7 +56,7 @@ import blake3
 import numpy as np
 
 from .chunks import padded_chunk
-from .codecs import CodecSpec
+from .codecs import CodecSpec, RawFrame
 from .fsio import FileIO
 from .layout import ChunkLayout
 from .manifest import ArrayRecord, Manifest
@@ -170,10 +170,14 @@ class _Held:
 
     __slots__ = ("map", "size")
 
-    def __init__(self, mapping: mmap.mmap, data: memoryview) -> None:
+    def __init__(self, mapping: mmap.mmap, data: memoryview | RawFrame) -> None:
         self.map: mmap.mmap | None = mapping
-        self.size = data.nbytes
-        mapping[: self.size] = data
+        if isinstance(data, RawFrame):  # framed as it is copied: one copy, not three
+            with memoryview(mapping) as whole:
+                self.size = data.write_into(whole)
+        else:
+            self.size = data.nbytes
+            mapping[: self.size] = data
 
     def write_with(self, put: Callable[[memoryview], T]) -> T:
         assert self.map is not None, "written after release"
@@ -243,9 +247,9 @@ class _Budget:
             self._cond.notify_all()
 
     def hold(self, data: Any) -> tuple[_Held, int]:
-        """Copy `data` into a mapping counted by the budget (waiting for room); return it and
-        the bytes counted for it, which `give` hands back."""
-        view = memoryview(data).cast("B")
+        """Copy `data` (bytes-like, or a `RawFrame`) into a mapping counted by the budget
+        (waiting for room); return it and the bytes counted for it, which `give` hands back."""
+        view = data if isinstance(data, RawFrame) else memoryview(data).cast("B")
         try:
             need = held_bytes(view.nbytes)
             mapping = self._reuse(need)
@@ -260,7 +264,8 @@ class _Budget:
                 raise
             return _Held(mapping, view), counted
         finally:
-            view.release()
+            if isinstance(view, memoryview):
+                view.release()
 
     def _reuse(self, need: int) -> mmap.mmap | None:
         with self._cond:
@@ -508,8 +513,7 @@ class Persister:
             with self._lock:  # pool threads count concurrently
                 job.chunks_deduplicated += 1
             return digest
-        encoded = (raw if self.codec.name == "none"
-                   else self.codec.encode(raw, delta.layout.dtype.itemsize))
+        encoded = self.codec.encode_lazily(raw, delta.layout.dtype.itemsize)
         buffer, held = self.budget.hold(encoded)
         del encoded, raw  # freed by the thread that allocated it, before anything else
         try:
