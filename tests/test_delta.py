@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from unittest.mock import patch
 
 import numpy as np
@@ -98,6 +98,58 @@ def test_kernel_matches_reference(case, data):
     assert baseline.tobytes() == expected_baseline.tobytes()
     # The caller's array is never modified.
     assert live.tobytes() == snapshot_of_live.tobytes()
+
+
+class RecordingPool:
+    """An executor that runs each task at once and keeps its arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def submit(self, fn, *args):
+        self.calls.append(args)
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+@pytest.mark.parametrize("shape, order", [((4096, 64), "C"), ((64, 4096), "C"),
+                                          ((64, 4096), "F")])
+def test_two_threads_share_the_chunks_to_compare_not_the_bytes(shape, order):
+    """Candidates bunched at one end (a band being solved, the audit's slice): each part
+    gets about half of them, cut between whole chunks (and segments, where there are
+    several), and the result is the one-thread result."""
+    live = np.asarray(np.random.default_rng(3).random(shape), order=order)
+    layout = plan_layout(live.shape, live.dtype, order, 1 << 12)  # 512 elements a chunk
+    candidates = np.zeros(layout.n_chunks, dtype=np.uint8)
+    candidates[: layout.n_chunks // 8] = 1  # the first eighth only
+    baseline = np.zeros(layout.nbytes, dtype=np.uint8)
+    pool = RecordingPool()
+    with patch.object(delta, "PARALLEL_BYTES", 0):
+        changed = scan_and_copy(live, baseline, layout, pool=pool, candidates=candidates)
+    assert changed.tolist() == np.flatnonzero(candidates).tolist()
+    ((_live, part, _segment, _chunk, submitted, _changed),) = pool.calls
+    given = int(submitted.sum())
+    per_cut = layout.chunks_per_segment if layout.nbytes > layout.segment_bytes else 1
+    assert abs(given - candidates.sum() / 2) <= per_cut  # was 0 with a cut in the middle
+    assert part.size % layout.chunk_bytes == 0 or part.size % layout.segment_bytes == 0
+
+
+def test_little_to_compare_stays_on_one_thread():
+    live = np.zeros(1 << 22, dtype=np.uint8)  # 4 MiB, 64 chunks
+    layout = plan_layout(live.shape, live.dtype, "C", 1 << 16)
+    candidates = np.zeros(layout.n_chunks, dtype=np.uint8)
+    candidates[[3, 40]] = 1
+    pool = RecordingPool()
+    with patch.object(delta, "PARALLEL_BYTES", 2 << 16):
+        scan_and_copy(live, np.zeros(layout.nbytes, np.uint8), layout, pool=pool,
+                      candidates=candidates)
+        assert pool.calls != []  # two chunks of 64 KiB: enough
+        pool.calls.clear()
+        candidates[40] = 0
+        scan_and_copy(live, np.zeros(layout.nbytes, np.uint8), layout, pool=pool,
+                      candidates=candidates)
+    assert pool.calls == []  # one chunk to compare: nothing to share
 
 
 def test_chunk_boundaries_exactly():

@@ -25,7 +25,7 @@ from .layout import ChunkLayout
 
 __all__ = ["PARALLEL_BYTES", "as_bytes", "scan_and_copy"]
 
-# Below this a second thread costs more than it saves.
+# Below this much to compare, a second thread costs more than it saves.
 PARALLEL_BYTES = 16 << 20
 
 
@@ -57,8 +57,10 @@ def scan_and_copy(
     `baseline` is a flat, writable uint8 buffer of ``layout.nbytes``. `changed` (uint8 flags,
     one per chunk) may mark chunks to report whatever their content. `live` may be
     non-contiguous, in which case each chunk is gathered into a scratch buffer first. With a
-    `pool`, a large contiguous array is scanned in two halves at once (the kernel releases
-    the GIL), which on most machines takes more of the memory bandwidth than one core can.
+    `pool`, a contiguous array with PARALLEL_BYTES or more to compare is scanned in two
+    parts at once (the kernel releases the GIL), which on most machines takes more of the
+    memory bandwidth than one core can; the cut gives each part about half of the chunks to
+    compare.
     `candidates` (uint8 flags, one per chunk) limits the comparison to the flagged chunks:
     the others are known not to have been written since the baseline was taken (see
     ``arraysnap.tracking``); without it every chunk is compared.
@@ -84,7 +86,9 @@ def scan_and_copy(
         return np.flatnonzero(changed)
 
     contiguous = live.flags.c_contiguous if layout.order == "C" else live.flags.f_contiguous
-    if contiguous and pool is not None and layout.nbytes >= PARALLEL_BYTES and layout.n_chunks > 1:
+    compared = int(np.count_nonzero(candidates))
+    if contiguous and pool is not None and compared > 1 \
+            and compared * layout.chunk_bytes >= PARALLEL_BYTES:
         first, second = _halves(as_bytes(live), baseline, layout, candidates, changed)
         other = pool.submit(_kernel, *second)
         try:
@@ -102,15 +106,24 @@ def scan_and_copy(
 def _halves(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
             candidates: np.ndarray,
             changed: np.ndarray) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """Kernel arguments for two parts of the buffer, cut between whole chunks."""
+    """Kernel arguments for two parts of the buffer, cut between whole chunks where each part
+    has about half the chunks to compare (written memory is often in one place: a front, a
+    band, the audit's slice, and a cut in the middle of the bytes would leave one thread
+    all of it)."""
     segment, chunk = layout.segment_bytes, layout.chunk_bytes
     segments = layout.nbytes // segment
+    # work[i]: the chunks to compare among chunks 0..i.
+    work = np.cumsum(candidates, dtype=np.int64)
+    half = work[-1] / 2
     if segments >= 2:  # cut between segments: each part is a run of whole segments
-        cut_chunk = (segments // 2) * layout.chunks_per_segment
-        cut = (segments // 2) * segment
+        per = layout.chunks_per_segment
+        before_cuts = work[np.arange(1, segments) * per - 1]
+        cut_segment = 1 + int(np.argmin(np.abs(before_cuts - half)))
+        cut_chunk = cut_segment * per
+        cut = cut_segment * segment
         first_segment = second_segment = segment
     else:  # one segment: cut between chunks; each part is then one segment of its own
-        cut_chunk = layout.n_chunks // 2
+        cut_chunk = 1 + int(np.argmin(np.abs(work[:-1] - half)))
         cut = cut_chunk * chunk
         first_segment, second_segment = cut, layout.nbytes - cut
     return ((live[:cut], baseline[:cut], first_segment, chunk, candidates[:cut_chunk],
