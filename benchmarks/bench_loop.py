@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     report(results, args)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(
-            {"machine": machine_info(Path(tempfile.gettempdir())), "results": results},
+            {"machine": machine_info(root.parent), "results": results},
             indent=1, default=str))
     return 0
 
