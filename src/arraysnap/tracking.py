@@ -412,7 +412,7 @@ class Tracking:
     (None, None)
     >>> u[5] = 1.0
     >>> flags, audit = tracking.candidates("u", u, layout, fresh=False)
-    >>> flags is None or flags.tolist()[:3] == [1, 0, 0]  # chunk 0 was written, 2 was not
+    >>> flags is None or flags.tolist()[:3] == [1, 0, 0]  # chunk 0 was written, 1 and 2 not
     True
     >>> tracking.close()
     """
