@@ -252,8 +252,7 @@ def summarize(workload: str, label: str, steps: int,
             "overhead_median": statistics.median(overheads),
             "overhead_min": min(overheads), "overhead_max": max(overheads),
             "overheads": overheads,
-            "overhead_of_sums": sum(r["seconds"] for r in runs[mode])
-            / sum(r["seconds"] for r in runs["none"]) - 1,
+            "overhead_of_sums": _overhead_of_sums(runs[mode], runs["none"]),
             "overhead_of_sums_90": [low, high],
             "captures": statistics.median(r["captures"] for r in runs[mode]),
             **{key: statistics.median(r[key] for r in runs[mode] if key in r)
@@ -264,6 +263,11 @@ def summarize(workload: str, label: str, steps: int,
     return summary
 
 
+def _overhead_of_sums(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> float:
+    """The overhead of the summed times of `runs` over those of `baseline`."""
+    return sum(r["seconds"] for r in runs) / sum(b["seconds"] for b in baseline) - 1
+
+
 def _bootstrap_interval(runs: list[dict[str, Any]], baseline: list[dict[str, Any]],
                         samples: int = 2000) -> tuple[float, float]:
     """A 90 % interval for the overhead of summed times, resampling whole repeats."""
@@ -272,8 +276,7 @@ def _bootstrap_interval(runs: list[dict[str, Any]], baseline: list[dict[str, Any
     estimates = []
     for _ in range(samples):
         drawn = [rng.choice(pairs) for _ in pairs]
-        estimates.append(sum(r["seconds"] for r, _ in drawn)
-                         / sum(b["seconds"] for _, b in drawn) - 1)
+        estimates.append(_overhead_of_sums([r for r, _ in drawn], [b for _, b in drawn]))
     estimates.sort()
     return estimates[samples // 20], estimates[samples - 1 - samples // 20]
 
