@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from conftest import REPO, assert_bit_exact
 
 import arraysnap
-from arraysnap._inspect import verify_snapshots
 from arraysnap.cli import cli
+from arraysnap.inspection import verify_snapshots
 
 COMMANDS = ["ls", "show", "diff", "verify", "prune", "gc", "du", "export", "restore", "stats"]
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from arraysnap import history as history_module
 from arraysnap.history import History
-from arraysnap.records import CaptureStat, CaptureStats
+from arraysnap.results import CaptureStat, CaptureStats
 
 
 def test_rows_round_trip_and_form_a_table(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import arraysnap
-from arraysnap.manifest import ArrayRecord, Manifest, parse_manifest
+from arraysnap.manifest import ArrayEntry, Manifest, parse_manifest
 from arraysnap.zarr_view import dimension_names
 
 xarray = pytest.importorskip("xarray")
@@ -131,7 +131,7 @@ def test_dims_recorded_at_capture_reach_xarray_and_are_remembered(store_path):
 
 
 def test_recorded_dims_are_validated_when_read():
-    record = ArrayRecord("u", (2, 3), np.dtype("f8"), "C", 0, 2, bytes(32), ("row",))
+    record = ArrayEntry("u", (2, 3), np.dtype("f8"), "C", 0, 2, bytes(32), ("row",))
     manifest = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record})
     with pytest.raises(arraysnap.CorruptSnapshotError, match="has 2 dimensions but 1"):
         parse_manifest(manifest.to_json(), expected_seq=1)

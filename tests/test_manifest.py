@@ -9,7 +9,7 @@ import pytest
 
 from arraysnap.errors import CorruptSnapshotError, FormatVersionError
 from arraysnap.manifest import (
-    ArrayRecord,
+    ArrayEntry,
     Manifest,
     _checksum,
     check_array_name,
@@ -20,7 +20,7 @@ from arraysnap.manifest import (
 
 
 def sample() -> Manifest:
-    record = ArrayRecord("u", (3, 4), np.dtype(">f8"), "F", 0, 2, bytes(range(32)) * 2)
+    record = ArrayEntry("u", (3, 4), np.dtype(">f8"), "F", 0, 2, bytes(range(32)) * 2)
     return Manifest(seq=7, step=70, time=12.5, parent=6, codec={"name": "zstd", "level": 1},
                     arrays={"u": record}, state={"t": 1.5}, rng=None,
                     stats={"pause_seconds": 0.1}, provenance={"host": "x"})
@@ -34,7 +34,7 @@ def test_round_trip():
 
 def test_compact_chunk_table():
     digests = bytes(32) * 10_000
-    record = ArrayRecord("u", (10_000, 128), np.dtype("f8"), "C", 0, 1, digests)
+    record = ArrayEntry("u", (10_000, 128), np.dtype("f8"), "C", 0, 1, digests)
     manifest = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record})
     # 32-byte digests in base64: under 44 bytes of JSON per chunk, not a list of hex strings.
     assert len(manifest.to_json()) < 44 * 10_000 + 2048

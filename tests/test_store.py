@@ -592,7 +592,7 @@ def test_logged_records_survive_a_kill_after_wait_and_keep_their_order(store_pat
 
 
 def test_retention_trims_the_replay_log(store_path, monkeypatch):
-    from arraysnap import journal
+    from arraysnap import replaylog as journal
 
     monkeypatch.setattr(journal, "_SEGMENT_BYTES", 100)
     with arraysnap.open(store_path, keep_last=2) as snap:

@@ -12,9 +12,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     ArraysnapError,
     CorruptSnapshotError,
     FormatVersionError,
@@ -23,8 +22,8 @@ from .errors import (  # noqa: E402
     StoreLockedError,
     StoreWriteError,
 )
-from .policies import every, young_daly  # noqa: E402
-from .records import (  # noqa: E402
+from .policies import every, young_daly
+from .results import (
     ArrayInfo,
     CaptureInfo,
     CaptureStat,
@@ -35,8 +34,8 @@ from .records import (  # noqa: E402
     SnapshotInfo,
     VerifyReport,
 )
-from .store import FORMAT_VERSION, ArraysnapWarning, Store, open  # noqa: E402
-from .zarr_view import open_zarr  # noqa: E402
+from .store import FORMAT_VERSION, ArraysnapWarning, Store, open
+from .zarr_view import open_zarr
 
 __all__ = [
     "FORMAT_VERSION",

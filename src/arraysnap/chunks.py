@@ -21,7 +21,7 @@ import numpy as np
 from .codecs import CodecSpec
 from .errors import CorruptSnapshotError
 from .layout import ChunkLayout
-from .manifest import ArrayRecord
+from .manifest import ArrayEntry
 from .objects import ChunkObjects
 
 __all__ = ["assemble", "chunk_digest", "decode_chunk", "find_bad_chunks", "load_chunk",
@@ -56,7 +56,7 @@ def chunk_digest(buffer: np.ndarray, layout: ChunkLayout, index: int) -> bytes:
 
 
 def find_bad_chunks(
-    buffer: np.ndarray, record: ArrayRecord, pool: ThreadPoolExecutor
+    buffer: np.ndarray, record: ArrayEntry, pool: ThreadPoolExecutor
 ) -> list[int]:
     """Indices of chunks of `buffer` whose digest differs from the record's."""
     layout = record.layout
@@ -65,12 +65,12 @@ def find_bad_chunks(
     return [index for index, ok in enumerate(checks) if not ok]
 
 
-def _corrupt(record: ArrayRecord, index: int, seq: int, reason: str) -> CorruptSnapshotError:
+def _corrupt(record: ArrayEntry, index: int, seq: int, reason: str) -> CorruptSnapshotError:
     detail = f" (object {record.digest(index).hex()[:16]})"
     return CorruptSnapshotError(reason, seq=seq, array=record.name, chunk=index, detail=detail)
 
 
-def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayRecord, index: int, *,
+def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayEntry, index: int, *,
                  verify: bool, seq: int) -> bytes:
     """Decode a chunk object of `record` and (optionally) check it against its digest."""
     try:
@@ -85,7 +85,7 @@ def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayRecord, index: int,
     return raw
 
 
-def read_object(objects: ChunkObjects, record: ArrayRecord, index: int, seq: int) -> bytes:
+def read_object(objects: ChunkObjects, record: ArrayEntry, index: int, seq: int) -> bytes:
     """The stored (encoded) bytes of chunk `index`; CorruptSnapshotError if unreadable."""
     try:
         # Compressed data never grows much; a bound per chunk keeps a hostile object small.
@@ -97,7 +97,7 @@ def read_object(objects: ChunkObjects, record: ArrayRecord, index: int, seq: int
 
 
 def load_chunk(
-    objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord, index: int, *,
+    objects: ChunkObjects, codec: CodecSpec, record: ArrayEntry, index: int, *,
     verify: bool, seq: int,
 ) -> bytes:
     """Read, decode and optionally verify chunk `index`; raise CorruptSnapshotError if bad."""
@@ -106,7 +106,7 @@ def load_chunk(
 
 
 def assemble(
-    buffer: np.ndarray, objects: ChunkObjects, codec: CodecSpec, record: ArrayRecord,
+    buffer: np.ndarray, objects: ChunkObjects, codec: CodecSpec, record: ArrayEntry,
     pool: ThreadPoolExecutor, *, verify: bool, seq: int, indices: Iterable[int] | None = None,
 ) -> None:
     """Write chunks (all, or `indices`) of `record` from chunk objects into a flat buffer."""

@@ -41,8 +41,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import __version__
-from ._inspect import (
+from ._version import __version__
+from .errors import ArraysnapError
+from .inspection import (
     SNAPSHOT_SPEC_HELP,
     diff_snapshots,
     disk_usage,
@@ -50,9 +51,8 @@ from ._inspect import (
     resolve_snapshot,
     verify_snapshots,
 )
-from .errors import ArraysnapError
 from .manifest import dtype_to_json
-from .records import SnapshotInfo
+from .results import SnapshotInfo
 from .store import Store
 
 __all__ = ["cli"]

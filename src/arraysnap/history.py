@@ -5,7 +5,7 @@ Only informational: it is appended after each commit or failure without an fsync
 the file passes 32 MiB its older half is dropped.
 
 >>> import tempfile, pathlib
->>> from arraysnap.records import CaptureStat
+>>> from arraysnap.results import CaptureStat
 >>> history = History(pathlib.Path(tempfile.mkdtemp()))
 >>> history.append(CaptureStat(1, 0, 0.0, "committed", bytes_written=10))
 >>> [row.bytes_written for row in history.read()]
@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from .fsio import FileIO, read_regular_file
-from .records import CaptureStat, CaptureStats, parse_capture_stat
+from .results import CaptureStat, CaptureStats, parse_capture_stat
 
 __all__ = ["History"]
 

@@ -5,7 +5,7 @@ every array's layout and the blake3 digest of every chunk (a base64 string of 32
 digests, 43 characters per chunk), the user's state and RNG state, the capture's statistics
 and its own checksum. Anything read from disk is validated before it is used.
 
->>> record = ArrayRecord("u", (4,), np.dtype("f8"), "C", 0, 4, bytes(32))
+>>> record = ArrayEntry("u", (4,), np.dtype("f8"), "C", 0, 4, bytes(32))
 >>> m = Manifest(seq=1, step=10, time=0.0, parent=None, codec={"name": "none", "level": 0},
 ...              arrays={"u": record})
 >>> parse_manifest(m.to_json(), expected_seq=1).arrays["u"].shape
@@ -33,7 +33,7 @@ from .objects import DIGEST_BYTES
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
-    "ArrayRecord",
+    "ArrayEntry",
     "Manifest",
     "check_array_name",
     "check_dims",
@@ -144,10 +144,10 @@ def dtype_from_json(value: Any) -> np.dtype:
 
 
 @dataclass(frozen=True, slots=True)
-class ArrayRecord:
+class ArrayEntry:
     """One array of a snapshot: its layout and the digest of each chunk.
 
-    >>> ArrayRecord("u", (2,), np.dtype("u1"), "C", 0, 2, bytes(32)).digest(0) == bytes(32)
+    >>> ArrayEntry("u", (2,), np.dtype("u1"), "C", 0, 2, bytes(32)).digest(0) == bytes(32)
     True
     """
 
@@ -199,7 +199,7 @@ class Manifest:
     time: float
     parent: int | None
     codec: Mapping[str, Any]
-    arrays: Mapping[str, ArrayRecord] = field(default_factory=dict)
+    arrays: Mapping[str, ArrayEntry] = field(default_factory=dict)
     state: Mapping[str, Any] | None = None
     rng: Any = None
     stats: Mapping[str, Any] = field(default_factory=dict)
@@ -263,7 +263,7 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
-def parse_array_record(name: str, value: object) -> ArrayRecord:
+def parse_array_entry(name: str, value: object) -> ArrayEntry:
     """Validate one array entry of a manifest."""
     _require(isinstance(value, dict), "array entry must be an object")
     assert isinstance(value, dict)
@@ -291,7 +291,7 @@ def parse_array_record(name: str, value: object) -> ArrayRecord:
     dims = value.get("dims")
     if dims is not None:
         dims = check_dims(name, len(shape), dims)
-    record = ArrayRecord(name, tuple(shape), dtype, order, split_axis, rows, digests,  # type: ignore[arg-type]
+    record = ArrayEntry(name, tuple(shape), dtype, order, split_axis, rows, digests,  # type: ignore[arg-type]
                          dims)
     layout = record.layout
     _require(len(digests) == layout.n_chunks * DIGEST_BYTES,
@@ -342,7 +342,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
         time = float(time)  # OverflowError for a huge int: caught below
         arrays_json = body.get("arrays")
         _require(isinstance(arrays_json, dict), "arrays must be an object")
-        arrays = {name: parse_array_record(name, value) for name, value in arrays_json.items()}
+        arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
         state = body.get("state")
         _require(state is None or isinstance(state, dict), "state must be an object or null")
         codec = body.get("codec")

@@ -59,9 +59,9 @@ from .chunks import padded_chunk
 from .codecs import CodecSpec, RawFrame
 from .fsio import FileIO
 from .layout import ChunkLayout
-from .manifest import ArrayRecord, Manifest
+from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
-from .records import CaptureInfo, CaptureStat
+from .results import CaptureInfo, CaptureStat
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "PersistJob",
            "Persister", "manifest_path"]
@@ -141,7 +141,7 @@ class PersistJob:
     capture: CaptureInfo
     chunks_read: threading.Event = field(default_factory=threading.Event)
     # Filled in by the reader for the writer.
-    records: dict[str, ArrayRecord] = field(default_factory=dict)
+    records: dict[str, ArrayEntry] = field(default_factory=dict)
     changed: dict[str, np.ndarray] = field(default_factory=dict)
     writes: list[Future[int]] = field(default_factory=list)
     pinned: list[bytes] = field(default_factory=list)
@@ -327,8 +327,8 @@ class Persister:
         # object writer: freeing space never races a commit.
         self._commit_lock = threading.RLock()
         # Tables of the last committed snapshot, and of the last job read (ahead of it).
-        self.committed: dict[str, ArrayRecord] = dict(head.arrays) if head else {}
-        self.tables: dict[str, ArrayRecord] = dict(self.committed)
+        self.committed: dict[str, ArrayEntry] = dict(head.arrays) if head else {}
+        self.tables: dict[str, ArrayEntry] = dict(self.committed)
         self.parent = head.seq if head else None
         self.uncommitted: dict[str, set[int]] = {}
         self._lock = threading.Lock()
@@ -489,7 +489,7 @@ class Persister:
                 digest = future.result()
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
             layout = delta.layout
-            job.records[delta.name] = ArrayRecord(delta.name, layout.shape, layout.dtype,
+            job.records[delta.name] = ArrayEntry(delta.name, layout.shape, layout.dtype,
                                                   layout.order, layout.split_axis,
                                                   layout.rows_per_chunk, bytes(digests),
                                                   delta.dims)

@@ -46,7 +46,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import __version__
+from ._version import __version__
+from .baselines import Baselines, ReaderLease, map_private
 from .chunks import assemble, find_bad_chunks, load_chunk
 from .codecs import CodecSpec, parse_codec
 from .delta import as_bytes, scan_and_copy
@@ -62,10 +63,8 @@ from .errors import (
 )
 from .fsio import TMP_PREFIX, FileIO, read_regular_file
 from .history import History
-from .journal import Journal
 from .layout import ChunkLayout, memory_order, plan_layout
 from .manifest import Manifest, check_array_name, check_dims, parse_manifest
-from .mirror import Mirror, ReaderLease, map_private
 from .objects import ChunkObjects
 from .pipeline import (
     DEFAULT_BUFFER_BYTES,
@@ -77,7 +76,8 @@ from .pipeline import (
     manifest_path,
 )
 from .policies import Policy, parse_policy
-from .records import (
+from .replaylog import ReplayLog
+from .results import (
     CaptureInfo,
     CaptureStat,
     CaptureStats,
@@ -219,19 +219,19 @@ class Store:
         self._objects = ChunkObjects(path, self._io)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap",
                                         initializer=lower_thread_priority)
-        self._mirror = Mirror(path, self._io)
+        self._baselines = Baselines(path, self._io)
         self._closed = False
         self._persister: Persister | None = None
-        self._mirror_seq: int | None = None
+        self._baseline_seq: int | None = None
         self._last_captured: int | None = None
         self._history = History(path, self._io)
-        self._journal: Journal | None = None
+        self._replay_log: ReplayLog | None = None
         self._tracking: Tracking | None = None
         if mode == "a":
             try:
                 self._take_lock()
                 self._tracking = Tracking(track_writes, baseline_file=self._baseline_file)
-                self._journal = Journal(path, self._io)
+                self._replay_log = ReplayLog(path, self._io)
                 self._recover()
                 self._watch_signals(watched)
             except BaseException:
@@ -319,9 +319,9 @@ class Store:
 
     def _recover(self) -> None:
         """Clean up after a killed writer and make the mirror equal the latest snapshot."""
-        if self._mirror.dir.is_symlink():
+        if self._baselines.dir.is_symlink():
             # Baselines are created, and stray ones deleted, in there: never somewhere else.
-            self._mirror.dir.unlink()
+            self._baselines.dir.unlink()
         self._objects.remove_temporaries()
         for directory in (self.path / "snapshots", self.path):
             for leftover in directory.glob(f"{TMP_PREFIX}*"):
@@ -332,33 +332,33 @@ class Store:
         self._persister = Persister(
             self.path, self._objects, self.codec, self._io, self._pool, head,
             on_commit=self._on_commit, on_failure=self._on_failure,
-            before_commit=self._sync_journal, on_full=self._free_space,
+            before_commit=self._sync_replay_log, on_full=self._free_space,
             buffer_bytes=self._buffer_bytes, retry_delays=self._retry_delays)
         if head is None:
-            self._mirror.clear_directory()
+            self._baselines.clear_directory()
             return
         self._dims = {name: record.dims for name, record in head.arrays.items()
                       if record.dims is not None}
-        trusted = self._mirror.trusted_seq() == head.seq
-        files = (self._mirror.read_marker() or {"files": {}})["files"]
+        trusted = self._baselines.trusted_seq() == head.seq
+        files = (self._baselines.read_marker() or {"files": {}})["files"]
         repaired = False
         for name, record in head.arrays.items():
             filename = files.get(name)
-            adopted = isinstance(filename, str) and self._mirror.adopt(name, filename,
+            adopted = isinstance(filename, str) and self._baselines.adopt(name, filename,
                                                                        record.layout)
             try:
                 if not adopted:
                     if record.n_chunks:  # one real chunk vouches for the size before allocating
                         load_chunk(self._objects, self.codec, record, 0, verify=True,
                                    seq=head.seq)
-                    buffer, _ = self._mirror.baseline(name, record.layout)
+                    buffer, _ = self._baselines.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
                              verify=True, seq=head.seq)
                     repaired = True
                 elif not trusted:
-                    bad = find_bad_chunks(self._mirror.entries[name].buffer, record, self._pool)
+                    bad = find_bad_chunks(self._baselines.entries[name].buffer, record, self._pool)
                     if bad:
-                        buffer, _ = self._mirror.baseline(name, record.layout)
+                        buffer, _ = self._baselines.baseline(name, record.layout)
                         assemble(buffer, self._objects, self.codec, record, self._pool,
                                  verify=True, seq=head.seq, indices=bad)
                         log.warning("arraysnap: repaired %d chunks of the %r baseline",
@@ -368,13 +368,13 @@ class Store:
                 # The newest snapshot itself is damaged: the next capture of this array
                 # is written whole, and verify() reports the damage.
                 log.error("arraysnap: cannot rebuild the baseline of %r: %s", name, err)
-                self._mirror.retain_only(set(self._mirror.entries) - {name})
+                self._baselines.retain_only(set(self._baselines.entries) - {name})
                 self._persister.tables.pop(name, None)
                 self._persister.committed.pop(name, None)
-        self._mirror.remove_strays()
+        self._baselines.remove_strays()
         if repaired or not trusted:
-            self._mirror.mark_clean(head.seq)
-        self._mirror_seq = head.seq
+            self._baselines.mark_clean(head.seq)
+        self._baseline_seq = head.seq
 
     # -- snapshots on disk ---------------------------------------------------------------
     def _seqs(self) -> list[int]:
@@ -492,7 +492,7 @@ class Store:
         1
         """
         self._check_writable("capture")
-        prepared = _prepare_arrays(arrays, self.chunk_bytes, self._mirror)
+        prepared = _prepare_arrays(arrays, self.chunk_bytes, self._baselines)
         names = self._check_dims(prepared, dims)
         step = _check_step(step)
         state_json = _check_state(state)
@@ -508,7 +508,7 @@ class Store:
             self._capture_lock.release()
 
     def _baseline_file(self, name: str) -> Path | None:
-        entry = self._mirror.entries.get(name)
+        entry = self._baselines.entries.get(name)
         return None if entry is None else entry.path
 
     def _check_dims(self, prepared: Prepared, dims: object) -> dict[str, tuple[str, ...]]:
@@ -541,13 +541,13 @@ class Store:
         pause_start = time.perf_counter()
         deltas = []
         seq = self._next_seq
-        journal_position = self._journal.position if self._journal is not None else 0
+        journal_position = self._replay_log.position if self._replay_log is not None else 0
         try:
             with self._state_lock:
                 # From here the baselines are ahead of every committed snapshot.
-                self._mirror_seq = None
+                self._baseline_seq = None
                 self._last_captured = seq
-                persister.retrying(self._mirror.mark_dirty, free_space=False)
+                persister.retrying(self._baselines.mark_dirty, free_space=False)
         except OSError as err:
             return self._capture_failed(seq, step, started, err)
         self._next_seq += 1
@@ -557,7 +557,7 @@ class Store:
         try:
             tracking.retain_only({name for name, _, _ in prepared})
             for name, live, layout in prepared:
-                baseline, fresh = self._mirror.baseline(name, layout, live)
+                baseline, fresh = self._baselines.baseline(name, layout, live)
                 flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
                 # Before the comparison: from here on, writes count for the next capture.
                 candidates, audit = tracking.candidates(name, live, layout, fresh)
@@ -571,14 +571,14 @@ class Store:
                              else int(np.count_nonzero(candidates)))
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
                                          self._dims.get(name)))
-            self._mirror.retain_only({name for name, _, _ in prepared})
+            self._baselines.retain_only({name for name, _, _ in prepared})
         except BaseException as err:
             # Baselines already updated hold changes no snapshot has; forget them so the next
             # capture writes those arrays whole (dedup keeps unchanged chunks free).
             tracking.forget_all()
             for name, _, _ in prepared:
                 try:
-                    self._mirror.forget(name)
+                    self._baselines.forget(name)
                 except OSError as forget_error:
                     log.error("arraysnap: could not drop the %r baseline: %r", name,
                               forget_error)
@@ -655,9 +655,9 @@ class Store:
             log.warning("arraysnap: capture history: %r", err)
         with self._state_lock:
             if self._last_captured == job.seq:  # no later capture has touched the baselines
-                self._mirror_seq = job.seq
+                self._baseline_seq = job.seq
                 try:
-                    self._mirror.mark_committed(job.seq)
+                    self._baselines.mark_committed(job.seq)
                 except OSError as err:  # the snapshot is committed; the marker only helps
                     log.warning("arraysnap: could not mark the baselines clean: %r", err)
         job.capture._finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
@@ -681,7 +681,7 @@ class Store:
             return
         self._persister.drain()
         try:
-            self._sync_journal()
+            self._sync_replay_log()
         except OSError as err:
             if self.on_error != "warn":
                 raise ArraysnapError(f"the replay log cannot be synced: {err}") from err
@@ -760,7 +760,7 @@ class Store:
         info = SnapshotInfo.from_manifest(*self._load(manifest.seq))
         events: tuple[Any, ...] = ()
         if manifest.journal is not None:
-            journal = self._journal or Journal(self.path, writable=False)
+            journal = self._replay_log or ReplayLog(self.path, writable=False)
             try:
                 events = tuple(journal.read_from(manifest.journal))
             except CorruptSnapshotError as err:
@@ -773,9 +773,9 @@ class Store:
         """Map the baseline of `name` if it holds exactly this snapshot; None otherwise."""
         record = manifest.arrays[name]
         if self.mode == "a":
-            entry = self._mirror.entries.get(name)
+            entry = self._baselines.entries.get(name)
             with self._state_lock:
-                current = self._mirror_seq == manifest.seq
+                current = self._baseline_seq == manifest.seq
             if not current or entry is None or entry.layout != record.layout:
                 return None
             if verify:
@@ -783,14 +783,14 @@ class Store:
                 if bad:
                     log.warning("arraysnap: baseline of %r had %d damaged chunks; repairing",
                                 name, len(bad))
-                    buffer, _ = self._mirror.baseline(name, record.layout)
+                    buffer, _ = self._baselines.baseline(name, record.layout)
                     assemble(buffer, self._objects, self.codec, record, self._pool,
                              verify=True, seq=manifest.seq, indices=bad)
                     if self._tracking is not None:  # the baseline changed under its watch
                         self._tracking.forget(name)
                     with self._state_lock:
-                        self._mirror.mark_committed(manifest.seq)
-            return self._mirror.hand_out(name)
+                        self._baselines.mark_committed(manifest.seq)
+            return self._baselines.hand_out(name)
         return self._map_baseline_shared(manifest, name, verify)
 
     def _map_baseline_shared(self, manifest: Manifest, name: str,
@@ -798,21 +798,21 @@ class Store:
         record = manifest.arrays[name]
         if record.layout.nbytes == 0:
             return None
-        marker = self._mirror.read_marker()
+        marker = self._baselines.read_marker()
         filename = (marker or {}).get("files", {}).get(name)
         if not isinstance(filename, str) or "/" in filename or not filename.endswith(".bin"):
             return None
-        lease = ReaderLease.acquire(self._mirror.dir / filename)
+        lease = ReaderLease.acquire(self._baselines.dir / filename)
         if lease is None:
             return None
         # Under the lease no writer changes the file; only now is the marker to be trusted.
-        marker = self._mirror.read_marker()
-        if (marker is None or self._mirror.trusted_seq(marker) != manifest.seq
+        marker = self._baselines.read_marker()
+        if (marker is None or self._baselines.trusted_seq(marker) != manifest.seq
                 or marker["files"].get(name) != filename
                 or os.fstat(lease.fd).st_size != record.layout.nbytes):
             lease.release()
             return None
-        array = map_private(self._mirror.dir / filename, record.layout, lease.fd)
+        array = map_private(self._baselines.dir / filename, record.layout, lease.fd)
         if verify:
             flat = as_bytes(array)
             if find_bad_chunks(flat, record, self._pool):
@@ -982,8 +982,8 @@ class Store:
         self._io.fsync_dir(self.path / "snapshots")
         removed, freed = self._delete_objects(candidates_digests - used)
         positions = [m.journal for seq, m in manifests.items() if seq not in gone]
-        if self._journal is not None and positions and None not in positions:
-            self._journal.trim(min(p for p in positions if p is not None))
+        if self._replay_log is not None and positions and None not in positions:
+            self._replay_log.trim(min(p for p in positions if p is not None))
         log.info("arraysnap: retention removed snapshots %s (%d chunks, %d bytes)",
                  sorted(gone), removed, freed)
         return PruneReport(tuple(sorted(gone)), removed, freed)
@@ -1019,9 +1019,9 @@ class Store:
             log.error("arraysnap: pruning to free space failed: %r", err)
         return freed
 
-    def _sync_journal(self) -> None:
-        if self._journal is not None:
-            self._journal.flush(durable=True)
+    def _sync_replay_log(self) -> None:
+        if self._replay_log is not None:
+            self._replay_log.flush(durable=True)
 
     def gc(self) -> PruneReport:
         """Delete chunk objects that no snapshot uses (left by prune or a killed writer).
@@ -1186,8 +1186,8 @@ class Store:
         ({'sent': 'mail 1'}, {'offset': 42})
         """
         self._check_writable("log")
-        assert self._journal is not None
-        return self._journal.log(record)
+        assert self._replay_log is not None
+        return self._replay_log.log(record)
 
     def stats(self) -> CaptureStats:
         """The history of this store's captures (committed and failed), oldest first.
@@ -1224,14 +1224,14 @@ class Store:
                 self._persister.drain()
                 error = self._persister.take_error()
                 try:
-                    self._sync_journal()
+                    self._sync_replay_log()
                 except OSError as err:
                     error = error or err
                 self._history.sync()
                 with self._state_lock:
-                    mirror_seq = self._mirror_seq
-                if error is None and mirror_seq is not None:
-                    self._mirror.mark_clean(mirror_seq)
+                    baseline_seq = self._baseline_seq
+                if error is None and baseline_seq is not None:
+                    self._baselines.mark_clean(baseline_seq)
         finally:
             self._release()
         if error is not None and self.on_error == "warn":
@@ -1247,11 +1247,11 @@ class Store:
         if self._persister is not None:
             self._persister.stop()
             self._persister = None
-        if self._journal is not None:
-            self._journal.close()
+        if self._replay_log is not None:
+            self._replay_log.close()
         if self._tracking is not None:
             self._tracking.close()
-        self._mirror.close()
+        self._baselines.close()
         self._pool.shutdown(wait=True)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -1336,7 +1336,7 @@ def _parse_signals(signals: object) -> tuple[int, ...]:
 
 # -- input checking ------------------------------------------------------------------------
 def _prepare_arrays(arrays: object, chunk_bytes: int,
-                    mirror: Mirror) -> Prepared:
+                    mirror: Baselines) -> Prepared:
     if not isinstance(arrays, Mapping):
         raise TypeError(f"capture() takes a dict of name -> numpy array, got "
                         f"{type(arrays).__name__}")

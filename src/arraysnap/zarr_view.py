@@ -39,7 +39,7 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
 from .errors import CorruptSnapshotError
-from .manifest import ArrayRecord, Manifest, check_dims, dtype_to_json
+from .manifest import ArrayEntry, Manifest, check_dims, dtype_to_json
 from .objects import ChunkObjects
 
 __all__ = ["SnapshotZarrStore", "array_metadata", "dimension_names", "export_snapshot",
@@ -56,8 +56,8 @@ def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
     """The dimension names of every array: `dims`, then those recorded at capture, then
     ``<array>_dim_<axis>``.
 
-    >>> from arraysnap.manifest import ArrayRecord
-    >>> record = ArrayRecord("u", (2, 1), np.dtype("u1"), "C", 0, 2, bytes(32))
+    >>> from arraysnap.manifest import ArrayEntry
+    >>> record = ArrayEntry("u", (2, 1), np.dtype("u1"), "C", 0, 2, bytes(32))
     >>> m = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record})
     >>> dimension_names(m), dimension_names(m, {"u": ("y", "x")})
     ({'u': ('u_dim_0', 'u_dim_1')}, {'u': ('y', 'x')})
@@ -84,7 +84,7 @@ def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
     return names
 
 
-def array_metadata(record: ArrayRecord, codec: CodecSpec,
+def array_metadata(record: ArrayEntry, codec: CodecSpec,
                    dims: tuple[str, ...] | None = None) -> bytes:
     """The ``zarr.json`` document of one array of a snapshot (`dims`: its dimension names)."""
     from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec, ZstdCodec
@@ -131,12 +131,12 @@ def _group_metadata(manifest: Manifest, arrays: dict[str, bytes]) -> bytes:
                        "consolidated_metadata": consolidated}).encode()
 
 
-def _chunk_key(record: ArrayRecord, index: int) -> str:
+def _chunk_key(record: ArrayEntry, index: int) -> str:
     coords = record.layout.chunk_coords(index)
     return f"{record.name}/c" + "".join(f"/{c}" for c in coords)
 
 
-ChunkKeys = dict[str, tuple[ArrayRecord, int]]
+ChunkKeys = dict[str, tuple[ArrayEntry, int]]
 
 
 def snapshot_keys(manifest: Manifest, codec: CodecSpec,

@@ -10,7 +10,7 @@ records) and on ``wait()``. A line torn by a crash at the very end is dropped; a
 malformed is a :class:`CorruptSnapshotError` naming the file and line.
 
 >>> import tempfile, pathlib
->>> journal = Journal(pathlib.Path(tempfile.mkdtemp()))
+>>> journal = ReplayLog(pathlib.Path(tempfile.mkdtemp()))
 >>> _ = journal.log({"sent": 1}); position = journal.position; _ = journal.log({"sent": 2})
 >>> journal.flush(durable=True)
 >>> [record for record in journal.read_from(position)]
@@ -33,7 +33,7 @@ import blake3
 from .errors import CorruptSnapshotError
 from .fsio import FileIO, read_regular_file
 
-__all__ = ["MAX_RECORD_BYTES", "Journal"]
+__all__ = ["MAX_RECORD_BYTES", "ReplayLog"]
 
 log = logging.getLogger("arraysnap")
 
@@ -67,7 +67,7 @@ def encode_record(record: object) -> str:
     return text
 
 
-class Journal:
+class ReplayLog:
     """Append-only, segmented replay log under ``<root>/journal``."""
 
     def __init__(self, root: Path, io: FileIO | None = None, *, writable: bool = True) -> None:

@@ -8,25 +8,25 @@ import os
 import pytest
 
 import arraysnap
-from arraysnap import journal as journal_module
+from arraysnap import replaylog as journal_module
 from arraysnap.fsio import FileIO
-from arraysnap.journal import Journal
+from arraysnap.replaylog import ReplayLog
 
 
 def test_records_come_back_in_order_from_a_position(tmp_path):
-    journal = Journal(tmp_path)
+    journal = ReplayLog(tmp_path)
     numbers = [journal.log({"i": i}) for i in range(5)]
     assert numbers == [0, 1, 2, 3, 4]
     assert journal.read_from(3) == [{"i": 3}, {"i": 4}]  # buffered records are written first
     journal.flush(durable=True)
     journal.close()
-    again = Journal(tmp_path)
+    again = ReplayLog(tmp_path)
     assert again.position == 5 and again.read_from(0) == [{"i": i} for i in range(5)]
     assert again.log("next") == 5
 
 
 def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
-    journal = Journal(tmp_path)
+    journal = ReplayLog(tmp_path)
     journal.log({"a": 1})
     journal.log({"b": 2})
     journal.flush(durable=True)
@@ -34,8 +34,8 @@ def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
     (segment,) = (tmp_path / "journal").iterdir()
     data = segment.read_bytes()
     segment.write_bytes(data[:-7])  # a crash in the middle of the second line
-    assert Journal(tmp_path, writable=False).read_from(0) == [{"a": 1}]
-    reopened = Journal(tmp_path)
+    assert ReplayLog(tmp_path, writable=False).read_from(0) == [{"a": 1}]
+    reopened = ReplayLog(tmp_path)
     assert reopened.position == 1
     reopened.log({"c": 3})
     reopened.flush(durable=True)
@@ -44,7 +44,7 @@ def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "renumber", "garbage"])
 def test_a_damaged_line_is_named(tmp_path, damage):
-    journal = Journal(tmp_path)
+    journal = ReplayLog(tmp_path)
     for i in range(3):
         journal.log({"value": i * 11})
     journal.flush(durable=True)
@@ -58,12 +58,12 @@ def test_a_damaged_line_is_named(tmp_path, damage):
         lines[1] = b"\x00\xff not json"
     segment.write_bytes(b"\n".join(lines))
     with pytest.raises(arraysnap.CorruptSnapshotError, match=r"line 2 \(record 1\)"):
-        Journal(tmp_path, writable=False).read_from(0)
+        ReplayLog(tmp_path, writable=False).read_from(0)
 
 
 def test_segments_rotate_and_trim_keeps_what_a_position_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 200)
-    journal = Journal(tmp_path)
+    journal = ReplayLog(tmp_path)
     for i in range(30):
         journal.log({"i": i, "pad": "x" * 20})
         journal.flush(durable=False)
@@ -79,7 +79,7 @@ def test_segments_rotate_and_trim_keeps_what_a_position_needs(tmp_path, monkeypa
 
 
 def test_records_must_be_json(tmp_path):
-    journal = Journal(tmp_path)
+    journal = ReplayLog(tmp_path)
     for bad in (object(), {"x": float("nan")}, {1j: 2}):
         with pytest.raises(ValueError, match="JSON"):
             journal.log(bad)
@@ -93,7 +93,7 @@ def test_a_symlink_as_the_journal_folder_is_not_followed(tmp_path):
     elsewhere.mkdir()
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "journal").symlink_to(elsewhere)
-    journal = Journal(tmp_path / "store")
+    journal = ReplayLog(tmp_path / "store")
     journal.log({"a": 1})
     journal.flush(durable=True)
     assert not any(elsewhere.iterdir())
@@ -102,7 +102,7 @@ def test_a_symlink_as_the_journal_folder_is_not_followed(tmp_path):
 
 def test_records_trimmed_away_from_under_a_position_are_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 100)
-    journal = Journal(tmp_path)
+    journal = ReplayLog(tmp_path)
     for i in range(20):
         journal.log({"i": i})
         journal.flush(durable=False)
@@ -128,14 +128,14 @@ class PartialWrite(FileIO):
 
 
 def test_a_failed_write_leaves_no_partial_or_duplicate_line(tmp_path):
-    journal = Journal(tmp_path, PartialWrite())
+    journal = ReplayLog(tmp_path, PartialWrite())
     for i in range(4):
         journal.log({"i": i})
     with pytest.raises(OSError):
         journal.flush(durable=True)
     journal.flush(durable=True)  # the retry writes the whole batch once
     assert journal.read_from(0) == [{"i": i} for i in range(4)]
-    assert Journal(tmp_path, writable=False).read_from(0) == [{"i": i} for i in range(4)]
+    assert ReplayLog(tmp_path, writable=False).read_from(0) == [{"i": i} for i in range(4)]
 
 
 class FailingDirSync(FileIO):
@@ -149,7 +149,7 @@ class FailingDirSync(FileIO):
 
 
 def test_a_failed_segment_start_keeps_the_records_buffered(tmp_path):
-    journal = Journal(tmp_path, FailingDirSync())
+    journal = ReplayLog(tmp_path, FailingDirSync())
     journal.log({"i": 0})
     with pytest.raises(OSError):
         journal.flush(durable=True)

@@ -29,8 +29,8 @@ import numpy as np
 
 from .chunks import load_chunk
 from .errors import ArraysnapError, CorruptSnapshotError, SnapshotNotFoundError
-from .manifest import ArrayRecord, Manifest, dtype_to_json
-from .records import Problem, VerifyReport
+from .manifest import ArrayEntry, Manifest, dtype_to_json
+from .results import Problem, VerifyReport
 
 if TYPE_CHECKING:
     from .store import Store
@@ -172,12 +172,12 @@ class SnapshotDiff:
         return {"a": self.a, "b": self.b, "arrays": [d.to_json() for d in self.arrays]}
 
 
-def _array_order_chunk_shape(record: ArrayRecord) -> tuple[int, ...]:
+def _array_order_chunk_shape(record: ArrayEntry) -> tuple[int, ...]:
     shape = record.layout.chunk_shape
     return shape if record.order == "C" else shape[::-1]
 
 
-def _row_range(record: ArrayRecord, index: int) -> tuple[int, int] | None:
+def _row_range(record: ArrayEntry, index: int) -> tuple[int, int] | None:
     """The range along axis 0 that chunk `index` covers (None for a 0-d array)."""
     if not record.shape:
         return None
@@ -230,7 +230,7 @@ def _is_nan(value: object) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _read_array(store: Store, record: ArrayRecord, seq: int) -> np.ndarray:
+def _read_array(store: Store, record: ArrayEntry, seq: int) -> np.ndarray:
     """A whole array read from its chunk objects (verified)."""
     layout = record.layout
     buffer = np.empty(layout.nbytes, dtype=np.uint8)
@@ -243,7 +243,7 @@ def _read_array(store: Store, record: ArrayRecord, seq: int) -> np.ndarray:
         record.shape)
 
 
-def _describe(record: ArrayRecord) -> str:
+def _describe(record: ArrayEntry) -> str:
     return f"{record.shape} {record.dtype} {record.order}"
 
 
@@ -265,7 +265,7 @@ def diff_snapshots(store: Store, a: int, b: int, *, values: bool = True,
     """
     old, new = store._load(a)[0], store._load(b)[0]
     diffs: list[ArrayDiff] = []
-    to_read: list[tuple[int, ArrayRecord, ArrayRecord, list[int]]] = []
+    to_read: list[tuple[int, ArrayEntry, ArrayEntry, list[int]]] = []
     for name in sorted(set(old.arrays) | set(new.arrays)):
         first, second = old.arrays.get(name), new.arrays.get(name)
         if first is None or second is None:
@@ -317,7 +317,7 @@ def diff_snapshots(store: Store, a: int, b: int, *, values: bool = True,
     return SnapshotDiff(a, b, diffs)
 
 
-def _diff_relaid(store: Store, a: int, b: int, first: ArrayRecord, second: ArrayRecord,
+def _diff_relaid(store: Store, a: int, b: int, first: ArrayEntry, second: ArrayEntry,
                  values: bool) -> ArrayDiff:
     old, new = _read_array(store, first, a), _read_array(store, second, b)
     note = "chunk layouts differ (memory order or chunk size changed); compared elements"
@@ -495,10 +495,10 @@ def verify_snapshots(store: Store, seqs: list[int] | None = None,
     return VerifyReport(len(seqs), total, tuple(problems))
 
 
-def dtype_text(record: ArrayRecord) -> str:
+def dtype_text(record: ArrayEntry) -> str:
     """A dtype as users read it (``float64``, ``>i4``, or the .npy description).
 
-    >>> dtype_text(ArrayRecord("u", (2,), np.dtype(">i4"), "C", 0, 2, bytes(32)))
+    >>> dtype_text(ArrayEntry("u", (2,), np.dtype(">i4"), "C", 0, 2, bytes(32)))
     '>i4'
     """
     dtype = record.dtype

@@ -16,7 +16,7 @@ updates a file in place while someone may hold a map of it:
   new one, switches to that, and unlinks the old one, which lives on for its holders.
 
 >>> import tempfile, pathlib
->>> mirror = Mirror(pathlib.Path(tempfile.mkdtemp()))
+>>> mirror = Baselines(pathlib.Path(tempfile.mkdtemp()))
 >>> from arraysnap.layout import plan_layout
 >>> baseline, fresh = mirror.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
 >>> baseline.size, fresh
@@ -42,7 +42,7 @@ import numpy as np
 from .fsio import TMP_PREFIX, FileIO, read_regular_file
 from .layout import ChunkLayout
 
-__all__ = ["Mirror", "ReaderLease", "map_private"]
+__all__ = ["Baselines", "ReaderLease", "map_private"]
 
 MARKER = "state.json"
 
@@ -99,7 +99,7 @@ def map_private(path: Path, layout: ChunkLayout, fd: int | None = None) -> np.nd
     return np.ndarray(layout.shape, dtype=layout.dtype, buffer=mm, order=layout.order)
 
 
-class Mirror:
+class Baselines:
     """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
 
     def __init__(self, root: Path, io: FileIO | None = None) -> None:

@@ -12,8 +12,8 @@ import pytest
 from conftest import run_python
 
 import arraysnap
+from arraysnap.baselines import Baselines
 from arraysnap.layout import plan_layout
-from arraysnap.mirror import Mirror
 
 
 def test_held_restore_never_changes_when_the_writer_updates_the_baseline(store_path):
@@ -34,7 +34,7 @@ def test_held_restore_never_changes_when_the_writer_updates_the_baseline(store_p
 
 
 def test_detach_happens_only_while_maps_are_alive(tmp_path):
-    mirror = Mirror(tmp_path)
+    mirror = Baselines(tmp_path)
     layout = plan_layout((1024,), np.dtype("u1"), "C", 256)
     mirror.baseline("u", layout)
     first = mirror.entries["u"].path
@@ -98,14 +98,14 @@ def test_restored_map_used_as_live_state_needs_no_detach(store_path):
         snap.capture({"u": np.zeros(10_000)}, step=1)
     with arraysnap.open(store_path, chunk_bytes=4096) as snap:
         live = snap.restore().arrays["u"]
-        path = snap._mirror.entries["u"].path
+        path = snap._baselines.entries["u"].path
         live[5000] = 3.0
         assert snap.capture({"u": live}, step=2).result().chunks_changed == 1
-        assert snap._mirror.entries["u"].path == path  # updated in place, no copy
+        assert snap._baselines.entries["u"].path == path  # updated in place, no copy
         other = snap.restore().arrays["u"]  # a second holder: now a copy is required
         live[0] = 1.0
         snap.capture({"u": live}, step=3)
-        assert snap._mirror.entries["u"].path != path
+        assert snap._baselines.entries["u"].path != path
         assert other[0] == 0.0 and other[5000] == 3.0
 
 
@@ -115,17 +115,17 @@ def test_failure_inside_the_pause_loses_no_change(store_path, monkeypatch):
     with arraysnap.open(store_path, chunk_bytes=4096) as snap:
         snap.capture({"a": a, "b": b}, step=1)
         a[0] = 1.0  # changes only in the capture that fails
-        real = Mirror.baseline
+        real = Baselines.baseline
 
         def fail_for_b(self, name, layout, live=None):
             if name == "b":
                 raise OSError(28, "No space left on device")
             return real(self, name, layout, live)
 
-        monkeypatch.setattr(Mirror, "baseline", fail_for_b)
+        monkeypatch.setattr(Baselines, "baseline", fail_for_b)
         with pytest.raises(OSError):
             snap.capture({"a": a, "b": b}, step=2)
-        monkeypatch.setattr(Mirror, "baseline", real)
+        monkeypatch.setattr(Baselines, "baseline", real)
         snap.capture({"a": a, "b": b}, step=3)  # a has not changed since the failed capture
         restored = snap.restore()
         assert restored.step == 3 and restored.arrays["a"][0] == 1.0
@@ -171,7 +171,7 @@ def test_kill_between_captures_needs_no_rehash(store_path):
     """
     result = run_python(code)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    mirror = Mirror(store_path)
+    mirror = Baselines(store_path)
     assert mirror.trusted_seq() == 1  # clean for this boot, though never fsynced
     with arraysnap.open(store_path, mode="r") as reader:
         assert np.array_equal(reader.restore(verify=False).arrays["u"], np.arange(40_000.0))
@@ -190,6 +190,6 @@ def test_unsynced_marker_from_another_boot_is_not_trusted(store_path):
     raw = bytearray(target.read_bytes())
     raw[8:16] = b"\x00" * 8
     target.write_bytes(bytes(raw))
-    assert Mirror(store_path).trusted_seq() is None
+    assert Baselines(store_path).trusted_seq() is None
     with arraysnap.open(store_path) as snap:
         assert np.array_equal(snap.restore(verify=False).arrays["u"], np.arange(40_000.0))
