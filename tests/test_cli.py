@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import REPO, assert_bit_exact
+from conftest import REPO, assert_bit_exact, object_path
 
 import arraysnap
 from arraysnap.cli import cli
@@ -61,7 +61,7 @@ def history(tmp_path: Path) -> tuple[Path, dict[int, dict[str, np.ndarray]]]:
 
 def flip_a_byte_of(store: Path, seq: int, name: str, chunk: int) -> Path:
     with arraysnap.open(store, mode="r") as snap:
-        victim = snap._objects.path(snap._load(seq)[0].arrays[name].digest(chunk))
+        victim = object_path(snap, snap._load(seq)[0].arrays[name].digest(chunk))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x40
     victim.write_bytes(bytes(data))

@@ -9,10 +9,11 @@ import numpy as np
 from arraysnap import history as history_module
 from arraysnap.history import History
 from arraysnap.results import CaptureStat, CaptureStats
+from arraysnap.storage import LocalStorage
 
 
 def test_rows_round_trip_and_form_a_table(tmp_path):
-    history = History(tmp_path)
+    history = History(LocalStorage(tmp_path))
     history.append(CaptureStat(1, 0, 10.0, "committed", pause_seconds=0.5, chunks_scanned=4,
                                chunks_changed=1, bytes_written=100))
     history.append(CaptureStat(2, 5, 11.0, "failed", error="OSError(28)"))
@@ -25,17 +26,17 @@ def test_rows_round_trip_and_form_a_table(tmp_path):
 
 
 def test_lines_from_before_write_tracking_read_as_all_compared(tmp_path):
-    history = History(tmp_path)
-    with open(history.path, "w") as handle:
+    history = History(LocalStorage(tmp_path))
+    with open((tmp_path / history_module.KEY), "w") as handle:
         handle.write(json.dumps({"seq": 1, "status": "committed", "chunks_scanned": 8}) + "\n")
     history.append(CaptureStat(2, 0, 0.0, "committed", chunks_scanned=8, chunks_compared=3))
     assert history.read().column("chunks_compared").tolist() == [8, 3]
 
 
 def test_damaged_lines_are_skipped_not_fatal(tmp_path):
-    history = History(tmp_path)
+    history = History(LocalStorage(tmp_path))
     history.append(CaptureStat(1, 0, 0.0, "committed"))
-    with open(history.path, "a") as handle:
+    with open((tmp_path / history_module.KEY), "a") as handle:
         handle.write("not json\n" + json.dumps({"seq": "1"}) + "\n"
                      + json.dumps({"seq": 3, "status": "committed", "pause_seconds": "x",
                                    "bytes_written": 1e400}) + "\n")
@@ -46,16 +47,16 @@ def test_damaged_lines_are_skipped_not_fatal(tmp_path):
 
 def test_history_drops_its_older_half_when_large(tmp_path, monkeypatch):
     monkeypatch.setattr(history_module, "_MAX_BYTES", 2000)
-    history = History(tmp_path)
+    history = History(LocalStorage(tmp_path))
     for seq in range(1, 60):
         history.append(CaptureStat(seq, seq, 0.0, "committed"))
     seqs = [row.seq for row in history.read()]
     assert seqs[-1] == 59 and seqs[0] > 1
     assert seqs == list(range(seqs[0], 60))  # whole lines, no gap
-    assert history.path.stat().st_size < 4000
+    assert (tmp_path / history_module.KEY).stat().st_size < 4000
 
 
 def test_empty_or_missing_history_is_an_empty_table(tmp_path):
-    stats = History(tmp_path).read()
+    stats = History(LocalStorage(tmp_path)).read()
     assert len(stats) == 0 and isinstance(stats, CaptureStats)
     assert stats.column("pause_seconds").dtype == np.float64

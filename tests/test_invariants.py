@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 import arraysnap
 from arraysnap.codecs import parse_codec
-from arraysnap.fsio import FileIO
+from arraysnap.fsio import FileOps
 
 TORTURE = os.environ.get("ARRAYSNAP_TORTURE") == "1"
 SCALE = 10 if TORTURE else 1
@@ -244,12 +244,12 @@ def test_sigkill_at_random_moments_leaves_a_store_that_opens_verifies_and_goes_o
 KILL_AT_OPERATION = WORKLOAD + '''
 import json, os, signal, sys, threading
 import arraysnap
-from arraysnap.fsio import FileIO
+from arraysnap.fsio import FileOps
 
 root = os.path.abspath(sys.argv[1])
 
 
-class KillIO(FileIO):
+class KillIO(FileOps):
     """SIGKILLs this process just before (or just after) its n-th durable file operation."""
 
     def __init__(self, target, after):
@@ -270,20 +270,20 @@ class KillIO(FileIO):
 
     def write(self, fd, data):
         where = os.readlink(f"/proc/self/fd/{fd}")
-        return self._do("write", where, lambda: FileIO.write(self, fd, data))
+        return self._do("write", where, lambda: FileOps.write(self, fd, data))
 
     def fsync(self, fd):
         where = os.readlink(f"/proc/self/fd/{fd}")
-        return self._do("fsync", where, lambda: FileIO.fsync(self, fd))
+        return self._do("fsync", where, lambda: FileOps.fsync(self, fd))
 
     def replace(self, source, target):
-        return self._do("replace", target, lambda: FileIO.replace(self, source, target))
+        return self._do("replace", target, lambda: FileOps.replace(self, source, target))
 
     def unlink(self, path):
-        return self._do("unlink", path, lambda: FileIO.unlink(self, path))
+        return self._do("unlink", path, lambda: FileOps.unlink(self, path))
 
     def fsync_dir(self, path):
-        return self._do("fsync_dir", path, lambda: FileIO.fsync_dir(self, path))
+        return self._do("fsync_dir", path, lambda: FileOps.fsync_dir(self, path))
 
 
 io = KillIO(int(sys.argv[2]), sys.argv[3] == "after")
@@ -370,7 +370,7 @@ def test_sigkill_at_every_kind_of_file_operation(tmp_path: Path):
 def test_store_whose_creation_died_can_be_opened(store_path: Path):
     # A writer killed while creating the store (here: its arraysnap.json write fails) must not
     # leave a directory that no later open() accepts.
-    class FailConfig(FileIO):
+    class FailConfig(FileOps):
         def write(self, fd: int, data: memoryview | bytes) -> None:
             if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".tmp-arraysnap"):
                 raise OSError(errno.EIO, "injected: the machine died here")
@@ -388,9 +388,9 @@ def test_store_whose_creation_was_sigkilled_can_be_opened(tmp_path: Path):
     code = """
         import os, signal, sys
         import arraysnap
-        from arraysnap.fsio import FileIO
+        from arraysnap.fsio import FileOps
 
-        class Die(FileIO):
+        class Die(FileOps):
             def replace(self, source, target):
                 if target.name == "arraysnap.json":
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -527,7 +527,7 @@ def fd_path(fd: int) -> str:
         return f"fd {fd}"
 
 
-class FaultIO(FileIO):
+class FaultIO(FileOps):
     """Raises OSError(err) at the index-th call (from 0) of one operation, once, when armed;
     with `where`, only calls on paths containing it count."""
 
@@ -729,7 +729,7 @@ def test_failure_of_a_capture_while_the_next_one_is_queued(store_path: Path):
     # it must carry the failed one's changes.
     queued = threading.Event()
 
-    class FailFirstCommit(FileIO):
+    class FailFirstCommit(FileOps):
         failed: OSError | None = None
 
         def write(self, fd: int, data: memoryview | bytes) -> None:
@@ -763,7 +763,7 @@ def test_commit_landing_during_the_next_pause_does_not_vouch_for_the_baseline(st
     # Snapshot N commits while capture N+1 is copying changed chunks into the baseline, and N+1
     # then fails. The baseline now holds N+1's bytes: nothing may record it as equal to N, or
     # the next run (after close and reopen) sees "no change" and silently loses N+1's change.
-    class Interleave(FileIO):
+    class Interleave(FileOps):
         def __init__(self) -> None:
             self.in_pause = threading.Event()
             self.pending: arraysnap.CaptureInfo | None = None
@@ -836,7 +836,7 @@ def test_failed_chunk_task_never_names_an_object_by_other_bytes(store_path: Path
             gate.wait(1.0)  # the next capture runs meanwhile, unless the pipeline waits for us
         return original(self, raw, itemsize)
 
-    class FailOtherChunk(FileIO):
+    class FailOtherChunk(FileOps):
         armed = False
         failed: OSError | None = None
 
@@ -1809,7 +1809,7 @@ def test_capture_from_two_threads_is_serialised_or_refused(store_path: Path):
     inside = threading.Event()
     release = threading.Event()
 
-    class Hold(FileIO):
+    class Hold(FileOps):
         def write(self, fd: int, data: memoryview | bytes) -> None:
             if "/mirror/.tmp-state.json" in fd_path(fd) and not release.is_set():
                 inside.set()

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from arraysnap.fsio import FileIO
-from arraysnap.objects import ChunkObjects
+from arraysnap.fsio import FileOps
+from arraysnap.objects import ChunkObjects, object_key
+from arraysnap.storage import LocalStorage
 
 
 def test_put_get_has_delete(tmp_path):
-    objects = ChunkObjects(tmp_path)
+    objects = ChunkObjects(LocalStorage(tmp_path))
     digest = bytes(range(32))
     assert not objects.has(digest)
     assert objects.put(digest, b"payload") == 7
@@ -19,7 +20,7 @@ def test_put_get_has_delete(tmp_path):
     objects.sync()
     assert objects.get(digest) == b"payload"
     assert list(objects.digests()) == [digest]
-    assert objects.path(digest).parent.name == digest.hex()[:2]
+    assert (tmp_path / object_key(digest)).parent.name == digest.hex()[:2]
     objects.delete(digest)
     objects.delete(digest)  # absent is fine
     assert not objects.has(digest)
@@ -27,13 +28,13 @@ def test_put_get_has_delete(tmp_path):
         objects.get(digest)
 
 
-class FailingRename(FileIO):
+class FailingRename(FileOps):
     def replace(self, source, target):
         raise OSError(28, "No space left on device")
 
 
 def test_failed_put_leaves_no_object_and_no_temporary(tmp_path):
-    objects = ChunkObjects(tmp_path, FailingRename())
+    objects = ChunkObjects(LocalStorage(tmp_path, FailingRename()))
     digest = bytes(32)
     with pytest.raises(OSError):
         objects.put(digest, b"x" * 100)
@@ -42,17 +43,17 @@ def test_failed_put_leaves_no_object_and_no_temporary(tmp_path):
 
 
 def test_stray_temporaries_are_removed_and_strange_names_ignored(tmp_path):
-    objects = ChunkObjects(tmp_path)
+    objects = ChunkObjects(LocalStorage(tmp_path))
     objects.put(bytes(32), b"a")
-    folder = objects.path(bytes(32)).parent
+    folder = (tmp_path / object_key(bytes(32))).parent
     (folder / ".tmp-leftover").write_bytes(b"half")
     (folder / "not-hex-name").write_bytes(b"?")
-    assert objects.remove_temporaries() == 1
+    assert objects.storage.remove_temporaries() == 1
     assert list(objects.digests()) == [bytes(32)]
 
 
 def test_get_refuses_objects_over_the_limit(tmp_path):
-    objects = ChunkObjects(tmp_path)
+    objects = ChunkObjects(LocalStorage(tmp_path))
     objects.put(bytes(32), b"x" * 1000)
     assert objects.get(bytes(32), limit=1000) == b"x" * 1000
     with pytest.raises(OSError, match="more than 999"):
@@ -64,16 +65,16 @@ def test_an_object_reused_by_a_new_snapshot_gets_its_folder_synced(tmp_path):
     # object must make its name durable before a manifest names it.
     synced = []
 
-    class Record(FileIO):
+    class Record(FileOps):
         def fsync_dir(self, path):
             synced.append(Path(path))
             super().fsync_dir(path)
 
-    objects = ChunkObjects(tmp_path, Record())
+    objects = ChunkObjects(LocalStorage(tmp_path, Record()))
     digest = bytes.fromhex("ab" * 32)
     objects.put(digest, b"x")
     objects.sync()
     synced.clear()
     objects.reuse(digest)
     objects.sync()
-    assert objects.path(digest).parent in synced
+    assert (tmp_path / object_key(digest)).parent in synced

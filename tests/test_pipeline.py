@@ -16,12 +16,12 @@ from conftest import assert_bit_exact
 
 import arraysnap
 from arraysnap import pipeline
-from arraysnap.fsio import FileIO
+from arraysnap.fsio import FileOps
 
 CHUNK = 4096
 
 
-class GatedIO(FileIO):
+class GatedIO(FileOps):
     """Chunk-object writes wait for `gate` (so tests control when the disk 'finishes')."""
 
     def __init__(self) -> None:
@@ -36,7 +36,7 @@ class GatedIO(FileIO):
         super().write(fd, data)
 
 
-class FlakyIO(FileIO):
+class FlakyIO(FileOps):
     """Chunk-object writes fail with `err` `times` times (then succeed), while armed."""
 
     def __init__(self) -> None:
@@ -289,7 +289,7 @@ def test_interpreter_exit_finishes_pending_work(store_path: Path):
 def test_retention_never_deletes_an_object_a_capture_in_flight_dedups_against(store_path):
     import time
 
-    class SlowUnlink(FileIO):  # a slow file system: deleting a chunk object takes 0.3 s
+    class SlowUnlink(FileOps):  # a slow file system: deleting a chunk object takes 0.3 s
         def unlink(self, path):
             if "/chunks/" in str(path):
                 time.sleep(0.3)
@@ -308,7 +308,7 @@ def test_retention_never_deletes_an_object_a_capture_in_flight_dedups_against(st
 
 
 def test_space_freed_for_a_commit_never_takes_objects_it_inherited(store_path):
-    class Faults(FileIO):
+    class Faults(FileOps):
         def __init__(self) -> None:
             self.manifest_failures = 1
             self.journal_full = 0
@@ -422,7 +422,7 @@ def test_chunk_objects_are_written_by_more_than_one_thread(store_path: Path):
 
         def write(self, fd, data):
             if "/chunks/" not in _fd_path(fd):
-                return FileIO.write(self, fd, data)
+                return FileOps.write(self, fd, data)
             with self.lock:
                 self.inside += 1
                 self.most = max(self.most, self.inside)

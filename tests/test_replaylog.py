@@ -9,24 +9,25 @@ import pytest
 
 import arraysnap
 from arraysnap import replaylog as journal_module
-from arraysnap.fsio import FileIO
+from arraysnap.fsio import FileOps
 from arraysnap.replaylog import ReplayLog
+from arraysnap.storage import LocalStorage
 
 
 def test_records_come_back_in_order_from_a_position(tmp_path):
-    journal = ReplayLog(tmp_path)
+    journal = ReplayLog(LocalStorage(tmp_path))
     numbers = [journal.log({"i": i}) for i in range(5)]
     assert numbers == [0, 1, 2, 3, 4]
     assert journal.read_from(3) == [{"i": 3}, {"i": 4}]  # buffered records are written first
     journal.flush(durable=True)
     journal.close()
-    again = ReplayLog(tmp_path)
+    again = ReplayLog(LocalStorage(tmp_path))
     assert again.position == 5 and again.read_from(0) == [{"i": i} for i in range(5)]
     assert again.log("next") == 5
 
 
 def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
-    journal = ReplayLog(tmp_path)
+    journal = ReplayLog(LocalStorage(tmp_path))
     journal.log({"a": 1})
     journal.log({"b": 2})
     journal.flush(durable=True)
@@ -34,8 +35,8 @@ def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
     (segment,) = (tmp_path / "journal").iterdir()
     data = segment.read_bytes()
     segment.write_bytes(data[:-7])  # a crash in the middle of the second line
-    assert ReplayLog(tmp_path, writable=False).read_from(0) == [{"a": 1}]
-    reopened = ReplayLog(tmp_path)
+    assert ReplayLog(LocalStorage(tmp_path), writable=False).read_from(0) == [{"a": 1}]
+    reopened = ReplayLog(LocalStorage(tmp_path))
     assert reopened.position == 1
     reopened.log({"c": 3})
     reopened.flush(durable=True)
@@ -44,7 +45,7 @@ def test_a_torn_last_line_is_dropped_and_cut_off_on_reopen(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "renumber", "garbage"])
 def test_a_damaged_line_is_named(tmp_path, damage):
-    journal = ReplayLog(tmp_path)
+    journal = ReplayLog(LocalStorage(tmp_path))
     for i in range(3):
         journal.log({"value": i * 11})
     journal.flush(durable=True)
@@ -58,12 +59,12 @@ def test_a_damaged_line_is_named(tmp_path, damage):
         lines[1] = b"\x00\xff not json"
     segment.write_bytes(b"\n".join(lines))
     with pytest.raises(arraysnap.CorruptSnapshotError, match=r"line 2 \(record 1\)"):
-        ReplayLog(tmp_path, writable=False).read_from(0)
+        ReplayLog(LocalStorage(tmp_path), writable=False).read_from(0)
 
 
 def test_segments_rotate_and_trim_keeps_what_a_position_needs(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 200)
-    journal = ReplayLog(tmp_path)
+    journal = ReplayLog(LocalStorage(tmp_path))
     for i in range(30):
         journal.log({"i": i, "pad": "x" * 20})
         journal.flush(durable=False)
@@ -73,13 +74,13 @@ def test_segments_rotate_and_trim_keeps_what_a_position_needs(tmp_path, monkeypa
     assert journal.segments()[0][0] <= 17 < journal.segments()[1][0]
     assert [r["i"] for r in journal.read_from(17)] == list(range(17, 30))
     # A missing segment in the middle is a gap, reported as such.
-    journal.segments()[1][1].unlink()
+    (tmp_path / journal.segments()[1][1]).unlink()
     with pytest.raises(arraysnap.CorruptSnapshotError, match="missing"):
         journal.read_from(0)
 
 
 def test_records_must_be_json(tmp_path):
-    journal = ReplayLog(tmp_path)
+    journal = ReplayLog(LocalStorage(tmp_path))
     for bad in (object(), {"x": float("nan")}, {1j: 2}):
         with pytest.raises(ValueError, match="JSON"):
             journal.log(bad)
@@ -93,7 +94,7 @@ def test_a_symlink_as_the_journal_folder_is_not_followed(tmp_path):
     elsewhere.mkdir()
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "journal").symlink_to(elsewhere)
-    journal = ReplayLog(tmp_path / "store")
+    journal = ReplayLog(LocalStorage(tmp_path / "store"))
     journal.log({"a": 1})
     journal.flush(durable=True)
     assert not any(elsewhere.iterdir())
@@ -102,7 +103,7 @@ def test_a_symlink_as_the_journal_folder_is_not_followed(tmp_path):
 
 def test_records_trimmed_away_from_under_a_position_are_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_module, "_SEGMENT_BYTES", 100)
-    journal = ReplayLog(tmp_path)
+    journal = ReplayLog(LocalStorage(tmp_path))
     for i in range(20):
         journal.log({"i": i})
         journal.flush(durable=False)
@@ -112,7 +113,7 @@ def test_records_trimmed_away_from_under_a_position_are_reported(tmp_path, monke
     assert journal.read_from(20) == []
 
 
-class PartialWrite(FileIO):
+class PartialWrite(FileOps):
     """The first journal write puts half its bytes on disk, then fails."""
 
     def __init__(self) -> None:
@@ -128,17 +129,18 @@ class PartialWrite(FileIO):
 
 
 def test_a_failed_write_leaves_no_partial_or_duplicate_line(tmp_path):
-    journal = ReplayLog(tmp_path, PartialWrite())
+    journal = ReplayLog(LocalStorage(tmp_path, PartialWrite()))
     for i in range(4):
         journal.log({"i": i})
     with pytest.raises(OSError):
         journal.flush(durable=True)
     journal.flush(durable=True)  # the retry writes the whole batch once
     assert journal.read_from(0) == [{"i": i} for i in range(4)]
-    assert ReplayLog(tmp_path, writable=False).read_from(0) == [{"i": i} for i in range(4)]
+    reader = ReplayLog(LocalStorage(tmp_path), writable=False)
+    assert reader.read_from(0) == [{"i": i} for i in range(4)]
 
 
-class FailingDirSync(FileIO):
+class FailingDirSync(FileOps):
     fail = True
 
     def fsync_dir(self, path):
@@ -149,7 +151,7 @@ class FailingDirSync(FileIO):
 
 
 def test_a_failed_segment_start_keeps_the_records_buffered(tmp_path):
-    journal = ReplayLog(tmp_path, FailingDirSync())
+    journal = ReplayLog(LocalStorage(tmp_path, FailingDirSync()))
     journal.log({"i": 0})
     with pytest.raises(OSError):
         journal.flush(durable=True)

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .fsio import TMP_PREFIX, FileIO, read_regular_file
+from .fsio import TMP_PREFIX, FileOps, read_regular_file
 from .layout import ChunkLayout
 
 __all__ = ["Baselines", "ReaderLease", "map_private"]
@@ -102,9 +102,9 @@ def map_private(path: Path, layout: ChunkLayout, fd: int | None = None) -> np.nd
 class Baselines:
     """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
 
-    def __init__(self, root: Path, io: FileIO | None = None) -> None:
+    def __init__(self, root: Path, io: FileOps | None = None) -> None:
         self.dir = root / "mirror"
-        self.io = io or FileIO()
+        self.io = io or FileOps()
         self.entries: dict[str, _Entry] = {}
         self._marked_dirty = False
         # Whether the marker on disk is a fsynced "clean", trusted even after a reboot.

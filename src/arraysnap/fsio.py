@@ -1,11 +1,11 @@
 """The file-system seam: every write, fsync, rename and delete arraysnap does goes through here.
 
-Tests inject faults (EIO, ENOSPC) by subclassing :class:`FileIO` and passing it to
+Tests inject faults (EIO, ENOSPC) by subclassing :class:`FileOps` and passing it to
 ``arraysnap.open(..., _io=...)``; nothing else needs patching.
 
 >>> import tempfile, pathlib
 >>> root = pathlib.Path(tempfile.mkdtemp())
->>> FileIO().write_atomic(root / "a.json", b"{}")
+>>> FileOps().write_atomic(root / "a.json", b"{}")
 >>> (root / "a.json").read_bytes()
 b'{}'
 """
@@ -18,7 +18,7 @@ import stat
 import uuid
 from pathlib import Path
 
-__all__ = ["FileIO", "TMP_PREFIX", "read_regular_file"]
+__all__ = ["FileOps", "TMP_PREFIX", "read_regular_file"]
 
 TMP_PREFIX = ".tmp-"
 
@@ -47,7 +47,7 @@ def read_regular_file(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
-class FileIO:
+class FileOps:
     """Durable file operations. Override single methods to inject faults."""
 
     def write(self, fd: int, data: memoryview | bytes) -> None:

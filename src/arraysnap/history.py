@@ -4,9 +4,10 @@ Only informational: it is appended after each commit or failure without an fsync
 (it is synced at close), and a damaged line is skipped rather than failing anything. When
 the file passes 32 MiB its older half is dropped.
 
->>> import tempfile, pathlib
+>>> import tempfile
 >>> from arraysnap.results import CaptureStat
->>> history = History(pathlib.Path(tempfile.mkdtemp()))
+>>> from arraysnap.storage import LocalStorage
+>>> history = History(LocalStorage(tempfile.mkdtemp()))
 >>> history.append(CaptureStat(1, 0, 0.0, "committed", bytes_written=10))
 >>> [row.bytes_written for row in history.read()]
 [10]
@@ -17,69 +18,68 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
-from pathlib import Path
 
-from .fsio import FileIO, read_regular_file
 from .results import CaptureStat, CaptureStats, parse_capture_stat
+from .storage import Storage
 
 __all__ = ["History"]
 
 log = logging.getLogger("arraysnap")
+KEY = "history.jsonl"
 _MAX_BYTES = 32 << 20
 
 
 class History:
-    """Append and read ``<root>/history.jsonl``."""
+    """Append and read the storage key ``history.jsonl``."""
 
-    def __init__(self, root: Path, io: FileIO | None = None) -> None:
-        self.path = root / "history.jsonl"
-        self.io = io or FileIO()
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
         self._lock = threading.Lock()
+        self._size: int | None = None  # of the file, once this writer has looked
 
     def append(self, row: CaptureStat) -> None:
         line = json.dumps(dataclasses.asdict(row), separators=(",", ":"), allow_nan=False)
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                             | os.O_NONBLOCK, 0o644)
-                try:
-                    size = os.fstat(fd).st_size
-                    self.io.write(fd, (line + "\n").encode())
-                finally:
-                    os.close(fd)
-                if size > _MAX_BYTES:
+                if self._size is None:
+                    try:
+                        self._size = self.storage.size(KEY)
+                    except FileNotFoundError:
+                        self._size = 0
+                data = (line + "\n").encode()
+                self.storage.append(KEY, data, at=self._size, durable=False)
+                self._size += len(data)
+                if self._size > _MAX_BYTES:
                     self._shrink()
             except OSError as err:  # the history only informs: never fail a capture for it
-                log.warning("arraysnap: could not append to %s: %r", self.path, err)
+                self._size = None
+                log.warning("arraysnap: could not append to %s/%s: %r",
+                            self.storage.describe(), KEY, err)
 
     def _shrink(self) -> None:
-        data = read_regular_file(self.path, 4 * _MAX_BYTES)
+        data = self.storage.get(KEY, limit=4 * _MAX_BYTES)
         keep = data[len(data) // 2 :]
         keep = keep[keep.find(b"\n") + 1 :]
-        self.io.write_atomic(self.path, keep, durable=False)
+        self.storage.put_atomic(KEY, keep, durable=False)
+        self._size = len(keep)
 
     def sync(self) -> None:
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
-                return
-            try:
-                self.io.fsync(fd)
+                if self.storage.exists(KEY):
+                    self.storage.barrier([KEY])
             except OSError as err:
-                log.warning("arraysnap: could not sync %s: %r", self.path, err)
-            finally:
-                os.close(fd)
+                log.warning("arraysnap: could not sync %s/%s: %r", self.storage.describe(),
+                            KEY, err)
 
     def read(self) -> CaptureStats:
         try:
-            data = read_regular_file(self.path, 4 * _MAX_BYTES)
+            data = self.storage.get(KEY, limit=4 * _MAX_BYTES)
         except FileNotFoundError:
             return CaptureStats([])
         except OSError as err:
-            log.warning("arraysnap: %s cannot be read: %r", self.path, err)
+            log.warning("arraysnap: %s/%s cannot be read: %r", self.storage.describe(), KEY, err)
             return CaptureStats([])
         rows = []
         skipped = 0
@@ -93,5 +93,6 @@ class History:
             else:
                 rows.append(row)
         if skipped:
-            log.warning("arraysnap: skipped %d damaged lines of %s", skipped, self.path)
+            log.warning("arraysnap: skipped %d damaged lines of %s/%s", skipped,
+                        self.storage.describe(), KEY)
         return CaptureStats(rows)

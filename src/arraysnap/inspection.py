@@ -423,7 +423,7 @@ def disk_usage(store: Store, progress: Progress | None = None) -> StoreUsage:
     sizes: dict[bytes, int] = {}
     for digest in store._objects.digests():
         try:
-            sizes[digest] = store._objects.path(digest).stat().st_size
+            sizes[digest] = store._objects.size(digest)
         except FileNotFoundError:
             continue  # removed by a concurrent gc
     seen: set[bytes] = set()

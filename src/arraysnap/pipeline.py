@@ -49,7 +49,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import blake3
@@ -57,14 +56,14 @@ import numpy as np
 
 from .chunks import padded_chunk
 from .codecs import CodecSpec, RawFrame
-from .fsio import FileIO
 from .layout import ChunkLayout
 from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
 from .results import CaptureInfo, CaptureStat
+from .storage import Storage
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "PersistJob",
-           "Persister", "manifest_path"]
+           "Persister", "manifest_key", "put_manifest"]
 
 log = logging.getLogger("arraysnap")
 T = TypeVar("T")
@@ -86,8 +85,26 @@ TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
                               errno.ETIMEDOUT})
 
 
-def manifest_path(root: Path, seq: int) -> Path:
-    return root / "snapshots" / f"{seq:012d}.json"
+def manifest_key(seq: int) -> str:
+    """The storage key of snapshot `seq`'s manifest.
+
+    >>> manifest_key(7)
+    'snapshots/000000000007.json'
+    """
+    return f"snapshots/{seq:012d}.json"
+
+
+def put_manifest(storage: Storage, seq: int, data: bytes) -> None:
+    """Write snapshot `seq`'s manifest create-only (the commit point) and make it durable.
+
+    A key that exists already is fine only if it holds these very bytes: an earlier attempt
+    of this commit that landed although its reply was lost.
+    """
+    key = manifest_key(seq)
+    if not storage.put_if_absent(key, data) and storage.get(key) != data:
+        raise FileExistsError(errno.EEXIST, f"snapshot {seq} exists already in "
+                              f"{storage.describe()}: is another writer at work?", key)
+    storage.barrier()
 
 
 @dataclass(slots=True)
@@ -188,7 +205,7 @@ class _Held:
 def _unmap(mapping: mmap.mmap) -> None:
     try:
         mapping.close()
-    except BufferError:  # a view is still exported (a test's FileIO kept one): GC unmaps it
+    except BufferError:  # a view is still exported (a test's storage kept one): GC unmaps it
         pass
 
 
@@ -304,7 +321,7 @@ class _Budget:
 class Persister:
     """Runs capture jobs in the background, in order, and commits their manifests."""
 
-    def __init__(self, root: Path, objects: ChunkObjects, codec: CodecSpec, io: FileIO,
+    def __init__(self, objects: ChunkObjects, codec: CodecSpec,
                  pool: ThreadPoolExecutor, head: Manifest | None, *,
                  on_commit: Callable[[PersistJob, Manifest, int, CaptureStat], None],
                  on_failure: Callable[[PersistJob, BaseException, CaptureStat], None],
@@ -312,10 +329,8 @@ class Persister:
                  on_full: Callable[[], int] = lambda: 0,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS) -> None:
-        self.root = root
         self.objects = objects
         self.codec = codec
-        self.io = io
         self.pool = pool
         self.on_commit = on_commit
         self.on_failure = on_failure
@@ -605,7 +620,7 @@ class Persister:
                             job.records, job.state, job.rng, stats, job.provenance,
                             journal=job.journal_position)
         data = manifest.to_json()
-        self.retrying(lambda: self.io.write_atomic(manifest_path(self.root, job.seq), data), job)
+        self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)
         now = time.perf_counter()
         stat = dataclasses.replace(self._stat(job, "committed", None),
                                    bytes_written=written + len(data),

@@ -3,14 +3,15 @@
 Records are numbered from 0 for the life of the store. Each manifest notes how many records
 had been logged when its capture started (its *journal position*); a restore returns the
 records from that position on, in order: what happened after the snapshot, to replay its
-external effects. Records live in segment files ``journal/<first number>.jsonl``, one JSON
+external effects. Records live in segments ``journal/<first number>.jsonl``, one JSON
 line each with its number and a short blake3 check. They are buffered, written in batches,
 and fsynced at each commit (before the manifest, so a snapshot never points past durable
 records) and on ``wait()``. A line torn by a crash at the very end is dropped; anything else
 malformed is a :class:`CorruptSnapshotError` naming the file and line.
 
->>> import tempfile, pathlib
->>> journal = ReplayLog(pathlib.Path(tempfile.mkdtemp()))
+>>> import tempfile
+>>> from arraysnap.storage import LocalStorage
+>>> journal = ReplayLog(LocalStorage(tempfile.mkdtemp()))
 >>> _ = journal.log({"sent": 1}); position = journal.position; _ = journal.log({"sent": 2})
 >>> journal.flush(durable=True)
 >>> [record for record in journal.read_from(position)]
@@ -21,17 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import blake3
 
 from .errors import CorruptSnapshotError
-from .fsio import FileIO, read_regular_file
+from .storage import Storage
 
 __all__ = ["MAX_RECORD_BYTES", "ReplayLog"]
 
@@ -40,6 +39,7 @@ log = logging.getLogger("arraysnap")
 MAX_RECORD_BYTES = 1 << 20
 _SEGMENT_BYTES = 16 << 20
 _MAX_SEGMENT_BYTES = 1 << 30
+PREFIX = "journal/"
 _SEGMENT_NAME = re.compile(r"^(\d{16})\.jsonl$")
 _LINE = re.compile(rb'^\{"n":(\d{1,18}),"c":"([0-9a-f]{16})","r":(.*)\}$', re.DOTALL)
 
@@ -68,14 +68,13 @@ def encode_record(record: object) -> str:
 
 
 class ReplayLog:
-    """Append-only, segmented replay log under ``<root>/journal``."""
+    """Append-only, segmented replay log under the storage keys ``journal/``."""
 
-    def __init__(self, root: Path, io: FileIO | None = None, *, writable: bool = True) -> None:
-        self.dir = root / "journal"
-        self.io = io or FileIO()
+    def __init__(self, storage: Storage, *, writable: bool = True) -> None:
+        self.storage = storage
         self._lock = threading.Lock()
         self._buffer: list[str] = []
-        self._fd = -1
+        self._key: str | None = None  # the segment being appended to
         self._segment_bytes = 0
         self._unsynced = False
         self._closed = False
@@ -84,26 +83,29 @@ class ReplayLog:
             self._open_for_append()
 
     # -- reading ---------------------------------------------------------------------------
-    def segments(self) -> list[tuple[int, Path]]:
-        """(first record number, path) of each segment, in order."""
-        try:
-            names = os.listdir(self.dir)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        found = [(int(m.group(1)), self.dir / name) for name in names
-                 if (m := _SEGMENT_NAME.match(name))]
+    def segments(self) -> list[tuple[int, str]]:
+        """(first record number, key) of each segment, in order."""
+        found = []
+        for key in self.storage.list_prefix(PREFIX):
+            match = _SEGMENT_NAME.match(key[len(PREFIX):])
+            if match:
+                found.append((int(match.group(1)), key))
         return sorted(found)
 
-    def _lines(self, first: int, path: Path, last_segment: bool) -> Iterator[tuple[int, Any]]:
+    def _read_segment(self, key: str) -> bytes:
+        return self.storage.get(key, limit=_MAX_SEGMENT_BYTES)
+
+    def _lines(self, first: int, key: str, last_segment: bool) -> Iterator[tuple[int, Any]]:
+        name = key[len(PREFIX):]
         try:
-            data = read_regular_file(path, _MAX_SEGMENT_BYTES)
+            data = self._read_segment(key)
         except OSError as err:
-            raise CorruptSnapshotError(f"journal segment {path.name} cannot be read: {err}") \
+            raise CorruptSnapshotError(f"journal segment {name} cannot be read: {err}") \
                 from None
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the segment ends with a newline
         if torn and not last_segment:
-            raise CorruptSnapshotError(f"journal segment {path.name} ends in a partial line")
+            raise CorruptSnapshotError(f"journal segment {name} ends in a partial line")
         for offset, line in enumerate(lines):
             number = first + offset
             match = _LINE.match(line)
@@ -117,7 +119,7 @@ class ReplayLog:
                     ok = False
             if not ok:
                 raise CorruptSnapshotError(
-                    f"journal segment {path.name}, line {offset + 1} (record {number}) is "
+                    f"journal segment {name}, line {offset + 1} (record {number}) is "
                     "damaged; restore an older snapshot, or remove the segment to give up its "
                     "records")
             yield number, record
@@ -129,7 +131,7 @@ class ReplayLog:
             segments = self.segments()
         records: list[Any] = []
         expected: int | None = None
-        for index, (first, path) in enumerate(segments):
+        for index, (first, key) in enumerate(segments):
             following = segments[index + 1][0] if index + 1 < len(segments) else None
             if following is not None and following <= position:
                 continue
@@ -138,44 +140,38 @@ class ReplayLog:
             if expected is not None and first != expected:
                 raise CorruptSnapshotError(
                     f"journal records {expected}..{first - 1} are missing (before segment "
-                    f"{path.name})")
-            for number, record in self._lines(first, path, following is None):
+                    f"{key[len(PREFIX):]})")
+            for number, record in self._lines(first, key, following is None):
                 expected = number + 1
                 if number >= position:
                     records.append(record)
             expected = expected if expected is not None else first
         return records
 
-    def _scan_end(self) -> tuple[int, Path | None, int]:
-        """(next record number, last segment, its length up to the last whole line)."""
+    def _scan_end(self) -> tuple[int, str | None, int, int]:
+        """(next record number, last segment, its length up to the last whole line, its
+        length)."""
         segments = self.segments()
         if not segments:
-            return 0, None, 0
-        first, path = segments[-1]
-        data = read_regular_file(path, _MAX_SEGMENT_BYTES)
+            return 0, None, 0, 0
+        first, key = segments[-1]
+        data = self._read_segment(key)
         whole = data.rfind(b"\n") + 1
-        return first + data[:whole].count(b"\n"), path, whole
+        return first + data[:whole].count(b"\n"), key, whole, len(data)
 
     # -- writing ---------------------------------------------------------------------------
     def _open_for_append(self) -> None:
-        if self.dir.is_symlink():
-            self.dir.unlink()
         try:
-            self.dir.mkdir(exist_ok=True)
-            self.position, path, whole = self._scan_end()
-            if path is not None:
-                # A crash may have torn the last line: it was never durable, so drop it.
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK)
-                try:
-                    os.ftruncate(fd, whole)
-                except OSError:
-                    os.close(fd)
-                    raise
-                self._fd, self._segment_bytes = fd, whole
+            self.position, key, whole, size = self._scan_end()
+            if key is not None:
+                if size != whole:
+                    # A crash tore the last line: it was never durable, so drop it.
+                    self.storage.append(key, b"", at=whole)
+                self._key, self._segment_bytes = key, whole
         except OSError as err:
             raise CorruptSnapshotError(
-                f"the replay log {self.dir} cannot be opened ({err}); it must be a folder of "
-                "regular .jsonl files: move the odd file away") from None
+                f"the replay log {self.storage.describe()}/journal cannot be opened ({err}); it "
+                "must be a folder of regular .jsonl files: move the odd file away") from None
 
     def log(self, record: object) -> int:
         """Buffer one record; return its number."""
@@ -194,47 +190,24 @@ class ReplayLog:
             return
         first = self.position - len(self._buffer)
         data = "".join(self._buffer).encode("utf-8")
-        if self._fd < 0 or (self._segment_bytes
-                            and self._segment_bytes + len(data) > _SEGMENT_BYTES):
-            self._start_segment(first)  # on failure the records stay buffered
-        try:
-            self.io.write(self._fd, data)
-        except BaseException:
-            # Cut off whatever part of the batch reached the file, so that the retry, which
-            # writes the whole batch again, leaves no duplicate or torn line.
-            try:
-                os.ftruncate(self._fd, self._segment_bytes)
-            except OSError as err:
-                log.error("arraysnap: could not cut a failed write off %s: %r", self.dir, err)
-                self._fd = -1  # the next batch starts a new segment
-            raise
+        key, at = self._key, self._segment_bytes
+        if key is None or (at and at + len(data) > _SEGMENT_BYTES):
+            # A new segment; anything already under its key is stale: these records are
+            # still buffered.
+            key, at = f"{PREFIX}{first:016d}.jsonl", 0
+        # All or nothing: on failure the records stay buffered and the retry, which writes
+        # the whole batch again, leaves no duplicate or torn line.
+        self.storage.append(key, data, at=at)
         self._buffer = []
-        self._segment_bytes += len(data)
+        self._key, self._segment_bytes = key, at + len(data)
         self._unsynced = True
 
-    def _start_segment(self, first: int) -> None:
-        """Switch to a new segment for records from `first` on; unchanged on failure."""
-        path = self.dir / f"{first:016d}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                     | os.O_NONBLOCK, 0o644)
-        try:
-            os.ftruncate(fd, 0)  # anything there is stale: these records are still buffered
-            self.io.fsync_dir(self.dir)
-            if self._fd >= 0:
-                self.io.fsync(self._fd)  # the old segment's records, before leaving it
-        except BaseException:
-            os.close(fd)
-            raise
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._segment_bytes, self._unsynced = fd, 0, False
-
     def flush(self, durable: bool) -> None:
-        """Write buffered records; with `durable`, fsync them."""
+        """Write buffered records; with `durable`, make them durable (a storage barrier)."""
         with self._lock:
             self._write_buffer()
-            if durable and self._unsynced and self._fd >= 0:
-                self.io.fsync(self._fd)
+            if durable and self._unsynced:
+                self.storage.barrier()
                 self._unsynced = False
 
     def trim(self, position: int) -> int:
@@ -242,17 +215,15 @@ class ReplayLog:
         with self._lock:
             segments = self.segments()
             removed = 0
-            for (_, path), (following, _) in zip(segments, segments[1:], strict=False):
+            for (_, key), (following, _) in zip(segments, segments[1:], strict=False):
                 if following <= position:
-                    self.io.unlink(path)
+                    self.storage.delete(key)
                     removed += 1
             if removed:
-                self.io.fsync_dir(self.dir)
+                self.storage.barrier()
             return removed
 
     def close(self) -> None:
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd = -1
+            self._key = None
             self._closed = True

@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import errno
-import fcntl
 import json
 import logging
 import mmap
@@ -58,10 +57,9 @@ from .errors import (
     FormatVersionError,
     ReadOnlyStoreError,
     SnapshotNotFoundError,
-    StoreLockedError,
     StoreWriteError,
 )
-from .fsio import TMP_PREFIX, FileIO, read_regular_file
+from .fsio import FileOps
 from .history import History
 from .layout import ChunkLayout, memory_order, plan_layout
 from .manifest import Manifest, check_array_name, check_dims, parse_manifest
@@ -73,7 +71,7 @@ from .pipeline import (
     Persister,
     PersistJob,
     lower_thread_priority,
-    manifest_path,
+    manifest_key,
 )
 from .policies import Policy, parse_policy
 from .replaylog import ReplayLog
@@ -89,6 +87,7 @@ from .results import (
 )
 from .retention import Candidate, Retention
 from .rngstate import check_rng, rng_from_json, rng_to_json
+from .storage import LocalStorage, Storage, WriterLock
 from .tracking import Tracking, check_track_writes
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArraysnapWarning", "Store", "open"]
@@ -99,6 +98,7 @@ FORMAT_NAME = "arraysnap"
 FORMAT_VERSION = 1
 DEFAULT_CHUNK_BYTES = 1 << 20
 _MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
+SETTINGS_KEY = "arraysnap.json"
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 # Store.list shadows the builtin inside the class body; annotations there use this alias.
 Prepared = list[tuple[str, np.ndarray, ChunkLayout]]
@@ -120,7 +120,7 @@ def open(  # noqa: A001 - the public name the API promises
     signals: bool | Iterable[int] = (),
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     track_writes: bool | Literal["auto"] = "auto",
-    _io: FileIO | None = None,
+    _io: FileOps | None = None,
     _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
 ) -> Store:
     """Open (or, with ``mode="a"``, create) the store at `path`.
@@ -176,7 +176,7 @@ class Store:
                  keep_within: float | str | None = None, max_bytes: int | None = None,
                  on_error: str = "raise", signals: bool | Iterable[int] = (),
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 track_writes: bool | str = "auto", io: FileIO | None = None,
+                 track_writes: bool | str = "auto", io: FileOps | None = None,
                  retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
@@ -207,16 +207,17 @@ class Store:
             raise ValueError(f"chunk_bytes must be an integer from 1 to 2**31, got {chunk_bytes!r}")
         self.path = path
         self.mode = mode
-        self._io = io or FileIO()
+        self._io = io or FileOps()
+        self._storage: Storage = LocalStorage(path, self._io)
         self._closed = True
-        self._lock_fd = -1
+        self._writer_lock: WriterLock | None = None
         self._cache: dict[int, tuple[Manifest, int]] = {}
         self._capture_lock = threading.Lock()
         self._state_lock = threading.Lock()
         settings = self._open_settings(codec)
         self.codec: CodecSpec = parse_codec(settings["codec"])
         self.chunk_bytes: int = chunk_bytes or settings["chunk_bytes"]
-        self._objects = ChunkObjects(path, self._io)
+        self._objects = ChunkObjects(self._storage)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap",
                                         initializer=lower_thread_priority)
         self._baselines = Baselines(path, self._io)
@@ -224,14 +225,14 @@ class Store:
         self._persister: Persister | None = None
         self._baseline_seq: int | None = None
         self._last_captured: int | None = None
-        self._history = History(path, self._io)
+        self._history = History(self._storage)
         self._replay_log: ReplayLog | None = None
         self._tracking: Tracking | None = None
         if mode == "a":
             try:
                 self._take_lock()
                 self._tracking = Tracking(track_writes, baseline_file=self._baseline_file)
-                self._replay_log = ReplayLog(path, self._io)
+                self._replay_log = ReplayLog(self._storage)
                 self._recover()
                 self._watch_signals(watched)
             except BaseException:
@@ -243,15 +244,21 @@ class Store:
 
     # -- opening -------------------------------------------------------------------------
     def _open_settings(self, codec: str | None) -> dict[str, Any]:
-        config = self.path / "arraysnap.json"
-        if not config.exists():
+        config = self.path / SETTINGS_KEY
+        try:
+            data = self._storage.get(SETTINGS_KEY, limit=1 << 20)
+        except FileNotFoundError:
+            data = None
+        except OSError as err:
+            raise CorruptSnapshotError(f"{config} cannot be read: {err}") from None
+        if data is None:
             if self.mode == "r":
                 raise FileNotFoundError(
                     f"{self.path} is not an arraysnap store (no arraysnap.json)")
             return self._create(parse_codec(codec or "zstd"))
         try:
-            settings = json.loads(read_regular_file(config, 1 << 20))
-        except (OSError, ValueError, RecursionError) as err:
+            settings = json.loads(data)
+        except (ValueError, RecursionError) as err:
             raise CorruptSnapshotError(f"{config} cannot be read: {err}") from None
         if not isinstance(settings, dict) or settings.get("format") != FORMAT_NAME:
             raise CorruptSnapshotError(f"{config} is not an arraysnap format file")
@@ -277,60 +284,29 @@ class Store:
         return {"codec": stored_codec, "chunk_bytes": chunk_bytes}
 
     def _create(self, codec: CodecSpec) -> dict[str, Any]:
-        if self.path.exists():
-            if not self.path.is_dir():
-                raise FileExistsError(f"{self.path} exists and is not a directory")
-            # A creation that died leaves `lock`, temporaries and empty store folders.
-            leftovers = [p.name for p in self.path.iterdir()
-                         if p.name != "lock" and not p.name.startswith(TMP_PREFIX)
-                         and not (p.name in ("chunks", "snapshots", "mirror")
-                                  and p.is_dir() and not p.is_symlink()
-                                  and not any(p.iterdir()))]
-            if leftovers:
-                raise FileExistsError(
-                    f"{self.path} is not empty and not an arraysnap store (no arraysnap.json); "
-                    "choose a new path"
-                )
-        self.path.mkdir(parents=True, exist_ok=True)
+        self._storage.create()
         settings = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                     "chunk_bytes": DEFAULT_CHUNK_BYTES, "codec": codec.to_json(),
                     "created": time.time(), "created_by": f"arraysnap {__version__}"}
-        for sub in ("chunks", "snapshots", "mirror"):
-            (self.path / sub).mkdir(exist_ok=True)
-        self._io.write_atomic(self.path / "arraysnap.json", json.dumps(settings).encode())
-        self._io.fsync_dir(self.path.parent)
+        self._storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
+        self._storage.barrier()  # the store's own name, in the folder that holds it
         return {"codec": codec, "chunk_bytes": DEFAULT_CHUNK_BYTES}
 
     def _take_lock(self) -> None:
-        lock_path = self.path / "lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLockedError(
-                f"{self.path} is being written by another process ({holder}); only one writer "
-                "at a time: stop it, or open this store with mode='r' to read"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._lock_fd = fd
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        self._writer_lock = self._storage.lock_writer(holder)
 
     def _recover(self) -> None:
         """Clean up after a killed writer and make the mirror equal the latest snapshot."""
         if self._baselines.dir.is_symlink():
             # Baselines are created, and stray ones deleted, in there: never somewhere else.
             self._baselines.dir.unlink()
-        self._objects.remove_temporaries()
-        for directory in (self.path / "snapshots", self.path):
-            for leftover in directory.glob(f"{TMP_PREFIX}*"):
-                leftover.unlink(missing_ok=True)
+        self._storage.remove_temporaries()
         head = self._newest_valid()
         seqs = self._seqs()
         self._next_seq = (seqs[-1] + 1) if seqs else 1
         self._persister = Persister(
-            self.path, self._objects, self.codec, self._io, self._pool, head,
+            self._objects, self.codec, self._pool, head,
             on_commit=self._on_commit, on_failure=self._on_failure,
             before_commit=self._sync_replay_log, on_full=self._free_space,
             buffer_bytes=self._buffer_bytes, retry_delays=self._retry_delays)
@@ -378,19 +354,15 @@ class Store:
 
     # -- snapshots on disk ---------------------------------------------------------------
     def _seqs(self) -> list[int]:
-        try:
-            names = os.listdir(self.path / "snapshots")
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for name in names if (m := _MANIFEST_NAME.match(name)))
+        return sorted(int(m.group(1)) for key in self._storage.list_prefix("snapshots/")
+                      if (m := _MANIFEST_NAME.match(key[len("snapshots/"):])))
 
     def _load(self, seq: int, *, from_disk: bool = False) -> tuple[Manifest, int]:
         cached = None if from_disk else self._cache.get(seq)
         if cached is not None:
             return cached
-        path = manifest_path(self.path, seq)
         try:
-            data = read_regular_file(path, 1 << 28)
+            data = self._storage.get(manifest_key(seq), limit=1 << 28)
         except FileNotFoundError:
             raise SnapshotNotFoundError(f"snapshot {seq} does not exist in {self.path}") from None
         except OSError as err:
@@ -760,7 +732,7 @@ class Store:
         info = SnapshotInfo.from_manifest(*self._load(manifest.seq))
         events: tuple[Any, ...] = ()
         if manifest.journal is not None:
-            journal = self._replay_log or ReplayLog(self.path, writable=False)
+            journal = self._replay_log or ReplayLog(self._storage, writable=False)
             try:
                 events = tuple(journal.read_from(manifest.journal))
             except CorruptSnapshotError as err:
@@ -977,9 +949,10 @@ class Store:
         for seq in gone:
             candidates_digests.update(manifests[seq].chunk_digests())
         for seq in sorted(gone):
-            self._io.unlink(manifest_path(self.path, seq))
+            self._storage.delete(manifest_key(seq))
             self._cache.pop(seq, None)
-        self._io.fsync_dir(self.path / "snapshots")
+        # The manifests are gone for good before any object they used goes.
+        self._storage.barrier()
         removed, freed = self._delete_objects(candidates_digests - used)
         positions = [m.journal for seq, m in manifests.items() if seq not in gone]
         if self._replay_log is not None and positions and None not in positions:
@@ -993,7 +966,7 @@ class Store:
         persister = self._persister
         for digest in digests:
             try:
-                size = self._objects.path(digest).stat().st_size
+                size = self._objects.size(digest)
             except FileNotFoundError:
                 continue
             if persister is not None:
@@ -1253,9 +1226,9 @@ class Store:
             self._tracking.close()
         self._baselines.close()
         self._pool.shutdown(wait=True)
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        if self._writer_lock is not None:
+            self._writer_lock.release()
+            self._writer_lock = None
         _open_stores.discard(self)
 
     def __enter__(self) -> Store:
@@ -1294,7 +1267,7 @@ class _Usage:
         for digest in self._refs:
             if digest not in sizes:
                 try:
-                    sizes[digest] = store._objects.path(digest).stat().st_size
+                    sizes[digest] = store._objects.size(digest)
                 except OSError:
                     sizes[digest] = 0
         self._sizes = sizes

@@ -9,13 +9,13 @@ Runs three families of events in rotation until the time is up (default 10 minut
 kills
     A child process captures a deterministic workload in a loop (with prune and gc now and
     then) and is SIGKILLed at a random moment, or kills itself just before or just after its
-    n-th durable file operation (a :class:`~arraysnap.fsio.FileIO` installed with ``_io=``),
+    n-th durable file operation (a :class:`~arraysnap.fsio.FileOps` installed with ``_io=``),
     sometimes twice in a row so that the second death lands in the first one's recovery.
     Then: the store opens, every listed snapshot verifies and restores to exactly the arrays
     of its step, no committed snapshot is missing (beyond what ``prune`` removed), the latest
     is at least the last one the child reported durable, and a further capture works.
 faults
-    Captures (or a prune) in this process with a FileIO that raises ``OSError`` EIO or ENOSPC
+    Captures (or a prune) in this process with a FileOps that raises ``OSError`` EIO or ENOSPC
     at a random call. Then: the failure was reported, committed snapshots are unchanged,
     and once the fault is gone the next capture stores every change since the last commit.
 corruptions
@@ -71,7 +71,7 @@ from arraysnap.errors import (
     FormatVersionError,
     SnapshotNotFoundError,
 )
-from arraysnap.fsio import FileIO
+from arraysnap.fsio import FileOps
 
 __all__ = [
     "FaultIO",
@@ -319,7 +319,7 @@ def _cause_chain(error: BaseException | None) -> list[BaseException]:
 # --------------------------------------------------------------------------------------------
 # File-operation seams
 # --------------------------------------------------------------------------------------------
-class KillIO(FileIO):
+class KillIO(FileOps):
     """SIGKILLs this process just before (or just after) its `target`-th file operation."""
 
     def __init__(self, target: int, after: bool) -> None:
@@ -340,26 +340,26 @@ class KillIO(FileIO):
 
     def write(self, fd: int, data: memoryview | bytes) -> None:
         """Write, counted."""
-        self._do(lambda: FileIO.write(self, fd, data))
+        self._do(lambda: FileOps.write(self, fd, data))
 
     def fsync(self, fd: int) -> None:
         """Fsync, counted."""
-        self._do(lambda: FileIO.fsync(self, fd))
+        self._do(lambda: FileOps.fsync(self, fd))
 
     def replace(self, source: Path, target: Path) -> None:
         """Rename, counted."""
-        self._do(lambda: FileIO.replace(self, source, target))
+        self._do(lambda: FileOps.replace(self, source, target))
 
     def unlink(self, path: Path) -> None:
         """Unlink, counted."""
-        self._do(lambda: FileIO.unlink(self, path))
+        self._do(lambda: FileOps.unlink(self, path))
 
     def fsync_dir(self, path: Path) -> None:
         """Fsync of a directory, counted (its inner fsync counts too)."""
-        self._do(lambda: FileIO.fsync_dir(self, path))
+        self._do(lambda: FileOps.fsync_dir(self, path))
 
 
-class FaultIO(FileIO):
+class FaultIO(FileOps):
     """Counts calls per (operation, store area) and, when armed, raises ``OSError(err)`` at the
     `index`-th call (from 0) of one (operation, area) after arming, once.
 

@@ -38,9 +38,10 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
-from .errors import CorruptSnapshotError
+from .fsio import FileOps
 from .manifest import ArrayEntry, Manifest, check_dims, dtype_to_json
 from .objects import ChunkObjects
+from .storage import LocalStorage
 
 __all__ = ["SnapshotZarrStore", "array_metadata", "dimension_names", "export_snapshot",
            "open_zarr"]
@@ -180,10 +181,10 @@ class SnapshotZarrStore(Store):
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, SnapshotZarrStore) and other.manifest.seq == self.manifest.seq
-                and other._objects.root == self._objects.root)
+                and other._objects.storage.describe() == self._objects.storage.describe())
 
     def __hash__(self) -> int:
-        return hash((self.manifest.seq, str(self._objects.root)))
+        return hash((self.manifest.seq, self._objects.storage.describe()))
 
     def _read(self, key: str) -> bytes | None:
         if key in self._metadata:
@@ -292,21 +293,15 @@ def export_snapshot(manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
         raise FileExistsError(f"{out} already exists; export writes a new store")
     metadata, chunks = snapshot_keys(manifest, codec, dims)
     staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    target = LocalStorage(staging)
     try:
         for key, document in metadata.items():
-            target = staging / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(document)
+            target.put_if_absent(key, document)
         for key, (record, index) in chunks.items():
-            target = staging / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = objects.path(record.digest(index))
-            if not source.is_file():
-                raise CorruptSnapshotError(
-                    f"snapshot {manifest.seq}, array {record.name!r}, chunk {index}: "
-                    "chunk object is missing; nothing exported")
-            shutil.copyfile(source, target)
+            target.put_if_absent(key, read_object(objects, record, index, manifest.seq))
+        target.barrier()  # every file and folder of the copy, before its name appears
         staging.rename(out)
+        FileOps().fsync_dir(out.parent)  # the copy's name survives a power cut too
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
