@@ -54,6 +54,7 @@ from .inspection import (
 from .manifest import dtype_to_json
 from .results import SnapshotInfo
 from .store import Store
+from .store import open as arraysnap_open
 
 __all__ = ["cli"]
 
@@ -149,7 +150,7 @@ def _open(path: Path, mode: str = "r") -> Iterator[Store]:
     if not (path / "arraysnap.json").is_file():
         raise CommandError(f"{path} is not an arraysnap store (no arraysnap.json in it); give "
                            "the directory that arraysnap.open() created")
-    store = Store(path, mode)
+    store = arraysnap_open(path, mode)
     try:
         yield store
     finally:

@@ -106,7 +106,7 @@ DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def open(  # noqa: A001 - the public name the API promises
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | Storage,
     mode: Literal["a", "r"] = "a",
     *,
     chunk_bytes: int | None = None,
@@ -121,9 +121,11 @@ def open(  # noqa: A001 - the public name the API promises
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     track_writes: bool | Literal["auto"] = "auto",
     _io: FileOps | None = None,
+    _baseline_ops: FileOps | None = None,
     _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
 ) -> Store:
-    """Open (or, with ``mode="a"``, create) the store at `path`.
+    """Open (or, with ``mode="a"``, create) the store at `path` (a folder, or a
+    :class:`arraysnap.storage.Storage`).
 
     ``mode="a"`` takes the store's writer lock (:class:`StoreLockedError` if another writer
     has it); ``mode="r"`` never writes. `chunk_bytes` (default 1 MiB) is the target chunk
@@ -152,10 +154,15 @@ def open(  # noqa: A001 - the public name the API promises
     True
     >>> snap.close()
     """
-    return Store(Path(path), mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
+    if isinstance(path, Storage):
+        storage = path
+    else:
+        storage = LocalStorage(path, _io)
+    return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
-                 buffer_bytes=buffer_bytes, track_writes=track_writes, io=_io,
+                 buffer_bytes=buffer_bytes, track_writes=track_writes,
+                 baseline_ops=_baseline_ops or _io,
                  retry_delays=_retry_delays)
 
 
@@ -170,13 +177,13 @@ class Store:
     [5]
     """
 
-    def __init__(self, path: Path, mode: str = "a", *, chunk_bytes: int | None = None,
+    def __init__(self, storage: Storage, mode: str = "a", *, chunk_bytes: int | None = None,
                  codec: str | None = None, every: object = None,
                  keep_last: int | None = None, keep_every: int | None = None,
                  keep_within: float | str | None = None, max_bytes: int | None = None,
                  on_error: str = "raise", signals: bool | Iterable[int] = (),
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 track_writes: bool | str = "auto", io: FileOps | None = None,
+                 track_writes: bool | str = "auto", baseline_ops: FileOps | None = None,
                  retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
@@ -205,10 +212,13 @@ class Store:
         if chunk_bytes is not None and (type(chunk_bytes) is not int
                                         or not 1 <= chunk_bytes <= 1 << 31):
             raise ValueError(f"chunk_bytes must be an integer from 1 to 2**31, got {chunk_bytes!r}")
+        path = storage.local_path
+        if path is None:
+            raise ValueError(f"{storage.describe()} is not a local folder; arraysnap keeps "
+                             "its baselines beside the store and needs one")
         self.path = path
         self.mode = mode
-        self._io = io or FileOps()
-        self._storage: Storage = LocalStorage(path, self._io)
+        self._storage = storage
         self._closed = True
         self._writer_lock: WriterLock | None = None
         self._cache: dict[int, tuple[Manifest, int]] = {}
@@ -220,7 +230,7 @@ class Store:
         self._objects = ChunkObjects(self._storage)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap",
                                         initializer=lower_thread_priority)
-        self._baselines = Baselines(path, self._io)
+        self._baselines = Baselines(path, baseline_ops)
         self._closed = False
         self._persister: Persister | None = None
         self._baseline_seq: int | None = None

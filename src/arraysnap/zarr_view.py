@@ -264,9 +264,9 @@ def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
     >>> arraysnap.open_zarr(path, dims={"u": ("x",)})["u"].metadata.dimension_names
     ('x',)
     """
-    from .store import Store
+    from .store import open as open_store
 
-    store = Store(Path(path), "r")
+    store = open_store(path, "r")
     try:
         view = store.zarr_store(step, seq=seq)
     finally:
