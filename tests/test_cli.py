@@ -20,7 +20,6 @@ from conftest import REPO, assert_bit_exact, object_path
 
 import arraysnap
 from arraysnap.cli import cli
-from arraysnap.inspection import verify_snapshots
 
 COMMANDS = ["ls", "show", "diff", "verify", "prune", "gc", "du", "export", "restore", "stats"]
 
@@ -61,7 +60,7 @@ def history(tmp_path: Path) -> tuple[Path, dict[int, dict[str, np.ndarray]]]:
 
 def flip_a_byte_of(store: Path, seq: int, name: str, chunk: int) -> Path:
     with arraysnap.open(store, mode="r") as snap:
-        victim = object_path(snap, snap._load(seq)[0].arrays[name].digest(chunk))
+        victim = object_path(snap, snap._catalog.load(seq)[0].arrays[name].digest(chunk))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x40
     victim.write_bytes(bytes(data))
@@ -219,7 +218,7 @@ def test_verify_with_progress_agrees_with_store_verify(history):
     (path / "snapshots" / "000000000001.json").write_text("{}")
     seen = []
     with arraysnap.open(path, mode="r") as snap:
-        ours = verify_snapshots(snap, progress=lambda done, total: seen.append((done, total)))
+        ours = snap.verify(progress=lambda done, total: seen.append((done, total)))
         theirs = snap.verify()
     assert ours == theirs and not ours.ok
     assert seen[-1] == (ours.chunks_checked, ours.chunks_checked)

@@ -15,6 +15,7 @@ import pytest
 from conftest import assert_bit_exact
 
 import arraysnap
+from arraysnap import budget as budget_module
 from arraysnap import pipeline
 from arraysnap.fsio import FileOps
 
@@ -121,16 +122,16 @@ def test_a_capture_waits_only_until_the_previous_one_has_read_its_chunks(store_p
 
 
 def budget_use_after(monkeypatch, method: str) -> list[int]:
-    """The budget's `used` after each call of ``_Budget.<method>``, as the calls happen."""
+    """The budget's `used` after each call of ``Budget.<method>``, as the calls happen."""
     seen: list[int] = []
-    real = getattr(pipeline._Budget, method)
+    real = getattr(budget_module.Budget, method)
 
     def spy(self, *args):
         result = real(self, *args)
         seen.append(self.used)
         return result
 
-    monkeypatch.setattr(pipeline._Budget, method, spy)
+    monkeypatch.setattr(budget_module.Budget, method, spy)
     return seen
 
 
@@ -354,7 +355,7 @@ def test_held_chunks_live_in_mappings_the_budget_counts_and_gives_back():
     import mmap
 
     page = mmap.PAGESIZE
-    budget = pipeline._Budget(64 * page)
+    budget = budget_module.Budget(64 * page)
     held = [budget.hold(b"x" * (page + 1)) for _ in range(3)]
     for buffer, counted in held:
         assert isinstance(buffer.map, mmap.mmap)  # not malloc'd: unmapping returns the pages
@@ -375,7 +376,7 @@ def test_a_held_chunk_waits_for_room_and_kept_mappings_make_way():
     import mmap
 
     page = mmap.PAGESIZE
-    budget = pipeline._Budget(4 * page)
+    budget = budget_module.Budget(4 * page)
     first = budget.hold(b"a" * (2 * page))
     second = budget.hold(b"b" * page)
     budget.give(*second)  # kept for reuse, but a larger chunk needs the room
@@ -450,13 +451,13 @@ def test_freeing_space_from_an_object_writer_excludes_commits(store_path: Path):
     with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
         persister = snap._persister
         owned = []
-        real_on_full = persister.on_full
+        real_free_space = persister.listener.free_space
 
-        def on_full():
+        def free_space():
             owned.append(persister._commit_lock._is_owned())
-            return real_on_full() or 1
+            return real_free_space() or 1
 
-        persister.on_full = on_full
+        persister.listener.free_space = free_space
         snap.capture({"u": np.zeros(2048)}, step=0).result()
         io.arm(errno.ENOSPC, 1)
         assert snap.capture({"u": np.ones(2048)}, step=1).result().step == 1
@@ -493,7 +494,7 @@ def test_mappings_are_kept_between_captures_and_unmapped_after_idling(store_path
     """Captures a second apart reuse the held mappings (no unmapping, whose TLB flush
     interrupts the program's threads); an idle pipeline gives them back."""
     new_mappings = []
-    real_reuse = pipeline._Budget._reuse
+    real_reuse = budget_module.Budget._reuse
 
     def reuse(self, need):
         mapping = real_reuse(self, need)
@@ -501,7 +502,7 @@ def test_mappings_are_kept_between_captures_and_unmapped_after_idling(store_path
             new_mappings.append(need)
         return mapping
 
-    monkeypatch.setattr(pipeline._Budget, "_reuse", reuse)
+    monkeypatch.setattr(budget_module.Budget, "_reuse", reuse)
     monkeypatch.setattr(pipeline, "IDLE_TRIM_SECONDS", 60.0)
     rng = np.random.default_rng(4)
     u = rng.random(256 * 1024)  # 2 MiB of noise: 8 chunk objects of one size
@@ -527,10 +528,10 @@ def test_a_mapping_kept_while_a_chunk_makes_room_is_dropped_for_it(monkeypatch):
     mapping and its wait for room makes way for it; otherwise the chunk waits for ever,
     as nothing trims while a job is in flight."""
     mib = 1 << 20
-    budget = pipeline._Budget(2 * mib)
+    budget = budget_module.Budget(2 * mib)
     held = budget.hold(bytes(3 * mib // 2))
     in_between, resume = threading.Event(), threading.Event()
-    real_reuse = pipeline._Budget._reuse
+    real_reuse = budget_module.Budget._reuse
 
     def reuse(self, need):
         mapping = real_reuse(self, need)  # finds nothing to reuse: 1.5 + 1 MiB > 2 MiB
@@ -538,7 +539,7 @@ def test_a_mapping_kept_while_a_chunk_makes_room_is_dropped_for_it(monkeypatch):
         resume.wait(10)
         return mapping
 
-    monkeypatch.setattr(pipeline._Budget, "_reuse", reuse)
+    monkeypatch.setattr(budget_module.Budget, "_reuse", reuse)
     thread, box = in_thread(budget.hold, bytes(mib))
     assert in_between.wait(10)
     budget.give(*held)  # nobody waits yet: the mapping is kept, and still counted

@@ -258,7 +258,7 @@ def test_prune_and_gc(snap, store_path):
     assert [s.step for s in snap.list()] == [3, 4]
     assert snap.verify().ok
     assert_bit_exact(snap.restore(step=3).arrays["u"], _expected_after(3))
-    used = {d for s in (4, 5) for r in snap._load(s)[0].arrays.values()
+    used = {d for s in (4, 5) for r in snap._catalog.load(s)[0].arrays.values()
             for d in (r.digest(i) for i in range(r.n_chunks))}
     assert set(snap._objects.digests()) == used
     assert report.chunks_removed > 0 and report.bytes_freed > 0
@@ -334,7 +334,8 @@ def test_restore_fallback_skips_damaged_snapshots_and_says_why(snap, store_path)
     for step in range(4):
         snap.capture({"u": np.full(4096, step, dtype="u1"), "w": np.arange(10) + step}, step=step)
     snap.wait()
-    object_path(snap, snap._load(3)[0].arrays["u"].digest(0)).unlink()  # seq 3 loses a chunk
+    # seq 3 loses a chunk
+    object_path(snap, snap._catalog.load(3)[0].arrays["u"].digest(0)).unlink()
     newest = store_path / "snapshots" / f"{4:012d}.json"
     newest.write_bytes(newest.read_bytes()[:-5])  # seq 4 is torn
     snap.close()
@@ -362,7 +363,7 @@ def test_restore_fallback_skips_damaged_snapshots_and_says_why(snap, store_path)
 def test_verify_names_snapshot_array_and_chunk(snap):
     snap.capture({"u": np.arange(4096, dtype="u1"), "v": np.zeros(100)}, step=1)
     snap.wait()
-    digest = snap._load(1)[0].arrays["u"].digest(0)
+    digest = snap._catalog.load(1)[0].arrays["u"].digest(0)
     path = object_path(snap, digest)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01

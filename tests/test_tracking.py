@@ -345,7 +345,7 @@ def test_pages_dropped_with_madvise_count_as_written():
 def test_a_failed_pause_makes_the_next_capture_compare_everything(store_path, monkeypatch):
     """Invariant 3 with tracking: the failed capture consumed the written-page list, so the
     next one must not trust it."""
-    from arraysnap import store as store_module
+    from arraysnap._store import capture as store_module
 
     u = np.zeros(2 << 20, dtype=np.uint8)
     with arraysnap.open(store_path, chunk_bytes=1 << 16) as snap:

@@ -208,6 +208,20 @@ class Baselines:
         self.entries[name] = _Entry(layout, path, fd, _map_shared(fd, layout.nbytes))
         return True
 
+    def layout_of(self, name: str) -> ChunkLayout | None:
+        """The layout of `name`'s baseline, if it has one."""
+        entry = self.entries.get(name)
+        return None if entry is None else entry.layout
+
+    def flat(self, name: str) -> np.ndarray:
+        """The flat bytes of `name`'s baseline (to check them, not to write)."""
+        return self.entries[name].buffer
+
+    def file_of(self, name: str) -> Path | None:
+        """The file of `name`'s baseline, if it has one."""
+        entry = self.entries.get(name)
+        return None if entry is None else entry.path
+
     def baseline(self, name: str, layout: ChunkLayout,
                  live: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
         """The writable flat baseline of array `name` for `layout`, safe to update in place.
@@ -281,6 +295,12 @@ class Baselines:
             if child.name not in used and (child.suffix == ".bin"
                                            or child.name.startswith(TMP_PREFIX)):
                 child.unlink(missing_ok=True)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the baseline files on disk (for ``disk_usage``)."""
+        if not self.dir.is_dir() or self.dir.is_symlink():
+            return 0
+        return sum(f.stat().st_size for f in self.dir.glob("*.bin") if f.is_file())
 
     def close(self) -> None:
         """Close the baselines. Maps handed out in this process may outlive the store: their

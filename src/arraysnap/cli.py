@@ -43,17 +43,9 @@ from rich.table import Table
 
 from ._version import __version__
 from .errors import ArraysnapError
-from .inspection import (
-    SNAPSHOT_SPEC_HELP,
-    diff_snapshots,
-    disk_usage,
-    dtype_text,
-    resolve_snapshot,
-    verify_snapshots,
-)
 from .manifest import dtype_to_json
 from .results import SnapshotInfo
-from .store import Store
+from .store import SNAPSHOT_SPEC_HELP, Store
 from .store import open as arraysnap_open
 
 __all__ = ["cli"]
@@ -159,9 +151,20 @@ def _open(path: Path, mode: str = "r") -> Iterator[Store]:
 
 def _select(store: Store, spec: str | None) -> int:
     try:
-        return resolve_snapshot(store, spec)
+        return store.snapshot(spec).seq
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="SNAP") from None
+
+
+def dtype_text(dtype: np.dtype) -> str:
+    """A dtype as users read it (``float64``, ``>i4``, or the .npy description).
+
+    >>> dtype_text(np.dtype(">i4")), dtype_text(np.dtype("f8"))
+    ('>i4', 'float64')
+    """
+    if dtype.fields is not None:
+        return str(dtype_to_json(dtype))
+    return dtype.str if dtype.byteorder == ">" else str(dtype)
 
 
 def _size(count: float) -> str:
@@ -285,7 +288,7 @@ def ls_command(store: Path, as_json: bool) -> None:
     """
     with _open(store) as snap:
         infos = snap.list()
-        damaged = sorted(set(snap._seqs()) - {info.seq for info in infos})
+        damaged = snap.damaged()
     if as_json:
         _echo_json([_snapshot_json(info) for info in infos])
     else:
@@ -320,29 +323,26 @@ def show_command(store: Path, snap: str | None, as_json: bool) -> None:
     """
     with _open(store) as opened:
         seq = _select(opened, snap)
-        manifest, manifest_bytes = opened._load(seq)
-        info = SnapshotInfo.from_manifest(manifest, manifest_bytes)
-    arrays = {name: {"shape": list(r.shape), "dtype": dtype_to_json(r.dtype), "order": r.order,
-                     "n_chunks": r.n_chunks, "chunk_shape": list(r.layout.chunk_shape
-                                                                 if r.order == "C" else
-                                                                 r.layout.chunk_shape[::-1]),
-                     "nbytes": r.layout.nbytes}
-              for name, r in manifest.arrays.items()}
+        info = opened.snapshot(seq)
+    arrays = {name: {"shape": list(a.shape), "dtype": dtype_to_json(a.dtype), "order": a.order,
+                     "n_chunks": a.n_chunks, "chunk_shape": list(a.chunk_shape),
+                     "nbytes": a.nbytes}
+              for name, a in info.arrays.items()}
     if as_json:
-        _echo_json({"seq": manifest.seq, "step": manifest.step, "time": manifest.time,
-                    "parent": manifest.parent, "codec": dict(manifest.codec), "arrays": arrays,
-                    "state": manifest.state, "rng": manifest.rng,
-                    "provenance": dict(manifest.provenance), "stats": dict(manifest.stats),
-                    "manifest_bytes": manifest_bytes})
+        _echo_json({"seq": info.seq, "step": info.step, "time": info.time,
+                    "parent": info.parent, "codec": dict(info.codec), "arrays": arrays,
+                    "state": info.state, "rng": info.rng_state,
+                    "provenance": dict(info.provenance), "stats": dict(info.stats),
+                    "manifest_bytes": info.manifest_bytes})
         return
     console = _stdout()
-    console.print(f"snapshot {manifest.seq} of {store}: step "
-                  f"{'-' if manifest.step is None else manifest.step}, captured "
-                  f"{_when(manifest.time)}, parent {manifest.parent or '-'}, codec "
-                  f"{manifest.codec.get('name')}:{manifest.codec.get('level')}")
+    console.print(f"snapshot {info.seq} of {store}: step "
+                  f"{'-' if info.step is None else info.step}, captured "
+                  f"{_when(info.time)}, parent {info.parent or '-'}, codec "
+                  f"{info.codec.get('name')}:{info.codec.get('level')}")
     table = _table("array", "shape", "dtype", "order", "chunks", "chunk shape", "size")
     for name, entry in arrays.items():
-        table.add_row(name, str(tuple(entry["shape"])), dtype_text(manifest.arrays[name]),
+        table.add_row(name, str(tuple(entry["shape"])), dtype_text(info.arrays[name].dtype),
                       entry["order"],
                       str(entry["n_chunks"]), str(tuple(entry["chunk_shape"])),
                       _size(entry["nbytes"]))
@@ -351,9 +351,9 @@ def show_command(store: Path, snap: str | None, as_json: bool) -> None:
                   f"{_ms(info.durable_seconds)}, {info.chunks_changed} of {info.chunks_scanned} "
                   f"chunks changed ({info.chunks_deduplicated} deduplicated), "
                   f"{_size(info.bytes_written)} written")
-    console.print("state: " + json.dumps(manifest.state))
-    console.print("rng: " + _rng_summary(manifest.rng))
-    provenance = ", ".join(f"{key} {value}" for key, value in manifest.provenance.items())
+    console.print("state: " + json.dumps(info.state))
+    console.print("rng: " + _rng_summary(info.rng_state))
+    provenance = ", ".join(f"{key} {value}" for key, value in info.provenance.items())
     console.print(f"provenance: {provenance or '-'}")
 
 
@@ -393,8 +393,7 @@ def diff_command(store: Path, a: str, b: str, no_values: bool, exit_code: bool,
     with _open(store) as opened:
         first, second = _select(opened, a), _select(opened, b)
         with _progress("reading changed chunks") as update:
-            result = diff_snapshots(opened, first, second, values=not no_values,
-                                    progress=update)
+            result = opened.diff(first, second, values=not no_values, progress=update)
     if as_json:
         _echo_json(result.to_json())
     else:
@@ -432,9 +431,9 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
     if check_all and snap is not None:
         raise click.UsageError("give SNAP or --all, not both")
     with _open(store) as opened:
-        seqs = None if check_all else [_select(opened, snap)]
+        seq = None if check_all else _select(opened, snap)
         with _progress("verifying chunks") as update:
-            report = verify_snapshots(opened, seqs, update)
+            report = opened.verify(seq, progress=update)
     if as_json:
         _echo_json({"ok": report.ok, "snapshots_checked": report.snapshots_checked,
                     "chunks_checked": report.chunks_checked,
@@ -575,7 +574,7 @@ def du_command(store: Path, as_json: bool) -> None:
       arraysnap du run.snap --json
     """
     with _open(store) as opened, _progress("reading manifests") as update:
-        usage = disk_usage(opened, update)
+        usage = opened.disk_usage(progress=update)
     if as_json:
         _echo_json(usage.to_json())
         return
@@ -669,8 +668,8 @@ def restore_command(store: Path, snap: str | None, directory: Path, force: bool)
     """
     with _open(store) as opened:
         seq = _select(opened, snap)
-        manifest = opened._load(seq)[0]
-        targets = [directory / f"{name}.npy" for name in manifest.arrays]
+        info = opened.snapshot(seq)
+        targets = [directory / f"{name}.npy" for name in info.arrays]
         targets.append(directory / "snapshot.json")
         existing = [str(path) for path in targets if path.exists()]
         if existing and not force:
@@ -683,14 +682,14 @@ def restore_command(store: Path, snap: str | None, directory: Path, force: bool)
             for done, (name, array) in enumerate(restored.arrays.items(), 1):
                 np.save(directory / f"{name}.npy", array)
                 update(done, len(restored.arrays))
-        document = {"store": str(store), "seq": seq, "step": manifest.step,
-                    "time": manifest.time, "state": manifest.state, "rng": manifest.rng,
-                    "provenance": dict(manifest.provenance),
-                    "arrays": {name: f"{name}.npy" for name in manifest.arrays}}
+        document = {"store": str(store), "seq": seq, "step": info.step,
+                    "time": info.time, "state": info.state, "rng": info.rng_state,
+                    "provenance": dict(info.provenance),
+                    "arrays": {name: f"{name}.npy" for name in info.arrays}}
         (directory / "snapshot.json").write_text(json.dumps(document, indent=2) + "\n")
         del restored
-    click.echo(f"restored snapshot {seq} (step {manifest.step}) of {store}: "
-               f"{len(manifest.arrays)} arrays in {directory}")
+    click.echo(f"restored snapshot {seq} (step {info.step}) of {store}: "
+               f"{len(info.arrays)} arrays in {directory}")
 
 
 STATS_COLUMNS = ("seq", "step", "time", "status", "pause_seconds", "durable_seconds",

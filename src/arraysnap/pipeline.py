@@ -9,25 +9,19 @@ Capture jobs go, in order, through:
   (backpressure) rather than memory growing.
 * the **object writers** (a few threads, so that one object's fsync overlaps the next
   one's write) write each chunk object (temporary file, fsync, rename) as it comes;
-* the **committer** commits each job in order once its objects are written: journal fsync,
-  directory fsyncs, manifest. After a commit it runs the retention hook.
+* the **committer** commits each job in order once its objects are written: the replay
+  log's records and the objects made durable (one storage barrier), then the manifest,
+  written create-only. Then it tells the listener, which applies retention.
 
-Memory. An encoded chunk waiting for a writer is copied into a private anonymous mapping
-(``mmap``) of its own, and the budget counts that mapping in whole pages: what is held is
-what is counted. Once written, the mapping is kept for the next chunk (still counted), and
-all are unmapped when the pipeline has been idle for a few seconds, or on ``wait()``.
-Keeping them matters while captures come every second or so: unmapping a populated range
-flushes the TLB of every core running the program (an interrupt, and then page walks, in
-the middle of its loop), and a new mapping's pages must be zeroed again.
+Memory: encoded chunks wait in the buffer budget (``budget.py``); the codec's temporary
+output is freed at once by the thread that made it, so each pool thread reuses the same block.
 
-Holding the codec's output (a ~1 MiB ``bytes`` from ``malloc``) instead let glibc
-keep a heap per thread (the pool threads allocate, the writer frees, out of order), each
-grown to its own high-water mark and fragmented: at 100 % change that doubled or tripled the
-resident memory the budget claims to bound. The codec's temporary output is now freed at
-once by the thread that made it, so each pool thread reuses the same block.
+The engine tells the store what happened through one :class:`Listener` (committed, failed,
+and the two questions it asks before a commit and on a full disk); which chunk objects an
+in-flight job relies on is kept in :class:`Pins`, shared with retention and gc.
 
 Transient write errors (EINTR, EAGAIN, EIO, EBUSY, ETIMEDOUT) are retried with backoff;
-ENOSPC first calls the ``on_full`` hook (the retention policy's pruning) and retries once.
+ENOSPC first asks the listener to free space (the retention policy's pruning) and retries once.
 A job that still fails fails every job read after it (they may share its chunk objects);
 their chunks are remembered as *uncommitted* and go into the next job, so no change is
 lost (invariant 3), and the reader starts again from the last committed tables.
@@ -38,14 +32,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import mmap
 import os
 import queue
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
@@ -54,16 +48,17 @@ from typing import Any, TypeVar
 import blake3
 import numpy as np
 
+from .budget import Budget, Held
 from .chunks import padded_chunk
-from .codecs import CodecSpec, RawFrame
+from .codecs import CodecSpec
 from .layout import ChunkLayout
 from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
 from .results import CaptureInfo, CaptureStat
 from .storage import Storage
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "PersistJob",
-           "Persister", "manifest_key", "put_manifest"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "Listener",
+           "PersistJob", "Persister", "Pins", "manifest_key", "put_manifest"]
 
 log = logging.getLogger("arraysnap")
 T = TypeVar("T")
@@ -76,8 +71,6 @@ IDLE_TRIM_SECONDS = 5.0
 # Threads writing chunk objects: each write ends in an fsync that mostly waits for the disk,
 # so a few of them keep the disk busy (the file system commits their fsyncs together).
 OBJECT_WRITERS = 4
-PAGE_BYTES = mmap.PAGESIZE
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in with the mmap call
 DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
 # How much nicer than the program's own threads arraysnap's threads run (Linux).
 BACKGROUND_NICENESS = 10
@@ -170,45 +163,6 @@ class PersistJob:
     retries: int = 0
 
 
-def held_bytes(size: int) -> int:
-    """What a held buffer of `size` bytes takes in memory: whole pages (at least one),
-    rounded up to a size class (1/32 of its power of two) so that mappings can be reused.
-
-    >>> held_bytes(1), held_bytes((1 << 20) + 33) - (1 << 20)
-    (4096, 65536)
-    """
-    pages = max(PAGE_BYTES, -(-size // PAGE_BYTES) * PAGE_BYTES)
-    granule = max(PAGE_BYTES, 1 << max(0, pages.bit_length() - 5))
-    return -(-pages // granule) * granule
-
-
-class _Held:
-    """An encoded chunk waiting for a writer, in a private anonymous mapping (see _Budget)."""
-
-    __slots__ = ("map", "size")
-
-    def __init__(self, mapping: mmap.mmap, data: memoryview | RawFrame) -> None:
-        self.map: mmap.mmap | None = mapping
-        if isinstance(data, RawFrame):  # framed as it is copied: one copy, not three
-            with memoryview(mapping) as whole:
-                self.size = data.write_into(whole)
-        else:
-            self.size = data.nbytes
-            mapping[: self.size] = data
-
-    def write_with(self, put: Callable[[memoryview], T]) -> T:
-        assert self.map is not None, "written after release"
-        with memoryview(self.map) as whole, whole[: self.size] as data:
-            return put(data)
-
-
-def _unmap(mapping: mmap.mmap) -> None:
-    try:
-        mapping.close()
-    except BufferError:  # a view is still exported (a test's storage kept one): GC unmaps it
-        pass
-
-
 _scratch = threading.local()
 
 
@@ -221,138 +175,108 @@ def _chunk_of(delta: ArrayDelta, index: int) -> np.ndarray:
     return padded_chunk(delta.baseline, delta.layout, index, buffer)
 
 
-class _Budget:
-    """Bytes of chunk data held in memory between the reader and the writers.
+class Listener(ABC):
+    """What the engine tells its store, and asks it; called on the committer's thread.
 
-    The encoded chunks live in private anonymous mappings (``mmap``), not in ``malloc``
-    memory: a buffer made on one thread and freed on another, out of order, leaves glibc's
-    per-thread heaps grown and fragmented (freed memory stays resident). `used` counts every
-    mapping, in use or kept for reuse, in whole pages: what is held is what is counted.
-    Freed mappings are kept for the next chunks (no page faults, no syscalls, no TLB
-    flushes); they are unmapped when the pipeline goes idle (`trim`) or when a chunk waits
-    for room.
+    >>> class Quiet(Listener):
+    ...     def committed(self, job, manifest, manifest_bytes, stat): pass
+    ...     def failed(self, job, error, stat): pass
+    >>> Quiet().free_space(), Quiet().before_commit()
+    (0, None)
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = threading.Condition()
-        self._waiting = 0
-        self._free: list[mmap.mmap] = []
+    @abstractmethod
+    def committed(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
+                  stat: CaptureStat) -> None:
+        """Snapshot `job.seq` is durable: its manifest is written and synced."""
 
-    def acquire(self, amount: int) -> int:
-        amount = min(amount, self.limit)  # one chunk larger than the budget still passes
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self.used + amount > self.limit:
-                    if self._free:
-                        # Kept for reuse: they make way first, before any wait (one given
-                        # back after this chunk's _reuse() was kept, as nobody waited yet:
-                        # waiting for it would be waiting for ever).
-                        self._drop(self._free.pop())
-                        continue
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self.used += amount
-        return amount
+    @abstractmethod
+    def failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
+        """Snapshot `job.seq` will never commit; its changes go into the next job."""
 
-    def release(self, amount: int) -> None:
-        with self._cond:
-            self.used -= amount
-            self._cond.notify_all()
+    def before_commit(self) -> None:  # noqa: B027 - most stores have nothing to add
+        """Write what the manifest will point to (the replay log's records); the barrier
+        that follows makes it durable with the chunk objects."""
 
-    def hold(self, data: Any) -> tuple[_Held, int]:
-        """Copy `data` (bytes-like, or a `RawFrame`) into a mapping counted by the budget
-        (waiting for room); return it and the bytes counted for it, which `give` hands back."""
-        view = data if isinstance(data, RawFrame) else memoryview(data).cast("B")
-        try:
-            need = held_bytes(view.nbytes)
-            mapping = self._reuse(need)
-            if mapping is not None:
-                return _Held(mapping, view), min(len(mapping), self.limit)
-            counted = self.acquire(need)
-            try:
-                mapping = mmap.mmap(-1, need, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
-                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except BaseException:
-                self.release(counted)
-                raise
-            return _Held(mapping, view), counted
-        finally:
-            if isinstance(view, memoryview):
-                view.release()
+    def free_space(self) -> int:
+        """The disk is full: free what the store's policy allows; return the bytes freed."""
+        return 0
 
-    def _reuse(self, need: int) -> mmap.mmap | None:
-        with self._cond:
-            fits = [m for m in self._free if need <= len(m) <= need + need // 4]
-            if fits:
-                best = min(fits, key=len)
-                self._free.remove(best)
-                return best
-            return None  # acquire() makes room for a new one: kept mappings go first
 
-    def give(self, held: _Held, counted: int) -> None:
-        """The writer is done with `held`: keep its mapping for reuse or unmap it."""
-        mapping, held.map = held.map, None
-        if mapping is None:
-            return
-        with self._cond:
-            if self._waiting or counted != len(mapping):
-                _unmap(mapping)
-                self.used -= counted
-            else:
-                self._free.append(mapping)
-            self._cond.notify_all()
+class Pins:
+    """Digests that in-flight jobs rely on; deleting an object goes through here.
 
-    def trim(self) -> None:
-        """Unmap the mappings kept for reuse (the pipeline is idle)."""
-        with self._cond:
-            while self._free:
-                self._drop(self._free.pop())
-            self._cond.notify_all()
+    A job pins a digest before it checks that the object exists, and a deletion checks the
+    pin under the same lock, so either the job sees the object gone (and writes it) or the
+    deletion sees the pin (and keeps it).
 
-    def _drop(self, mapping: mmap.mmap) -> None:
-        self.used -= len(mapping)
-        _unmap(mapping)
+    >>> pins = Pins(); pins.pin([b"a"])
+    >>> pins.delete_unless_pinned(b"a", print), pins.unpin([b"a"])
+    (False, None)
+    >>> pins.delete_unless_pinned(b"a", lambda digest: None)
+    True
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[bytes] = Counter()
+
+    def pin(self, digests: Iterable[bytes]) -> None:
+        with self._lock:
+            for digest in digests:
+                self._counts[digest] += 1
+
+    def claim(self, digest: bytes) -> bool:
+        """Pin `digest`; True if another in-flight chunk had pinned it already."""
+        with self._lock:
+            claimed = self._counts[digest] > 0
+            self._counts[digest] += 1
+            return claimed
+
+    def unpin(self, digests: Iterable[bytes]) -> None:
+        with self._lock:
+            for digest in digests:
+                self._counts[digest] -= 1
+                if self._counts[digest] <= 0:
+                    del self._counts[digest]
+
+    def delete_unless_pinned(self, digest: bytes, delete: Callable[[bytes], None]) -> bool:
+        """Delete `digest` unless an in-flight job relies on it; True if deleted."""
+        with self._lock:
+            if self._counts[digest] > 0:
+                return False
+            delete(digest)
+            return True
 
 
 class Persister:
     """Runs capture jobs in the background, in order, and commits their manifests."""
 
-    def __init__(self, objects: ChunkObjects, codec: CodecSpec,
-                 pool: ThreadPoolExecutor, head: Manifest | None, *,
-                 on_commit: Callable[[PersistJob, Manifest, int, CaptureStat], None],
-                 on_failure: Callable[[PersistJob, BaseException, CaptureStat], None],
-                 before_commit: Callable[[], None] = lambda: None,
-                 on_full: Callable[[], int] = lambda: 0,
-                 buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    def __init__(self, objects: ChunkObjects, codec: CodecSpec, pool: ThreadPoolExecutor,
+                 listener: Listener, pins: Pins, committed: Mapping[str, ArrayEntry],
+                 parent: int | None, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS) -> None:
         self.objects = objects
         self.codec = codec
         self.pool = pool
-        self.on_commit = on_commit
-        self.on_failure = on_failure
-        self.before_commit = before_commit
-        self.on_full = on_full
+        self.listener = listener
+        self.pins = pins
         self.retry_delays = tuple(retry_delays)
-        self.budget = _Budget(buffer_bytes)
+        self.budget = Budget(buffer_bytes)
         # Held by a commit (after its objects are written) and by pruning on ENOSPC in an
         # object writer: freeing space never races a commit.
         self._commit_lock = threading.RLock()
         # Tables of the last committed snapshot, and of the last job read (ahead of it).
-        self.committed: dict[str, ArrayEntry] = dict(head.arrays) if head else {}
-        self.tables: dict[str, ArrayEntry] = dict(self.committed)
-        self.parent = head.seq if head else None
-        self.uncommitted: dict[str, set[int]] = {}
+        self._committed: dict[str, ArrayEntry] = dict(committed)
+        self._tables: dict[str, ArrayEntry] = dict(self._committed)
+        self._parent = parent
+        self._uncommitted: dict[str, set[int]] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0
         self._last: PersistJob | None = None
         self._error: BaseException | None = None
         self._broken = False  # a job failed: jobs read after it fail too
-        self._pins: Counter[bytes] = Counter()  # digests in-flight jobs refer to
         self._read_queue: queue.Queue[PersistJob | None] = queue.Queue()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arraysnap-commit",
                                           initializer=lower_thread_priority)
@@ -389,18 +313,6 @@ class Persister:
             error, self._error = self._error, None
             return error
 
-    def delete_unless_pinned(self, digest: bytes, delete: Callable[[bytes], None]) -> bool:
-        """Delete `digest` unless an in-flight job refers to it; True if deleted.
-
-        Atomic with pinning: a job pins a digest before it checks that the object exists,
-        so either it sees the pin here, or it finds the object gone and writes it.
-        """
-        with self._lock:
-            if self._pins[digest] > 0:
-                return False
-            delete(digest)
-            return True
-
     def stop(self) -> None:
         self._read_queue.put(None)
         self._reader.join()
@@ -423,7 +335,7 @@ class Persister:
                 if err.errno == errno.ENOSPC and not pruned and self.retry_delays:
                     pruned = True
                     with self._commit_lock:
-                        freed = self.on_full()
+                        freed = self.listener.free_space()
                     log.warning("arraysnap: disk full; retention freed %d bytes, retrying",
                                 freed)
                     if freed:
@@ -458,7 +370,7 @@ class Persister:
                     self._writer.submit(lambda: None).result()
                     with self._lock:
                         self._broken = False
-                        self.tables = dict(self.committed)
+                        self._tables = dict(self._committed)
                 self._read(job)
             except BaseException as err:  # noqa: BLE001 - handed to the writer, never lost
                 job.error = err
@@ -474,11 +386,11 @@ class Persister:
                 self._commit(job)
 
     def _indices(self, delta: ArrayDelta) -> tuple[np.ndarray, bytearray]:
-        previous = self.tables.get(delta.name)
+        previous = self._tables.get(delta.name)
         if delta.fresh or previous is None or previous.layout != delta.layout:
             return np.arange(delta.layout.n_chunks), bytearray(delta.layout.n_chunks * DIGEST_BYTES)
         with self._lock:
-            extra = self.uncommitted.get(delta.name)
+            extra = self._uncommitted.get(delta.name)
             extra = set(extra) if extra else None
         indices = delta.changed
         if extra:
@@ -508,7 +420,7 @@ class Persister:
                                                   layout.order, layout.split_axis,
                                                   layout.rows_per_chunk, bytes(digests),
                                                   delta.dims)
-        self.tables = dict(job.records)
+        self._tables = dict(job.records)
         job.encode_seconds = time.perf_counter() - start
 
     def _read_chunk(self, job: PersistJob, delta: ArrayDelta, index: int) -> bytes:
@@ -516,11 +428,10 @@ class Persister:
         # copy in the thread's scratch buffer) plus the codec's output, freed right here.
         raw = _chunk_of(delta, index)
         digest = blake3.blake3(raw).digest()
+        # Pinned before the existence check, so retention cannot delete it between the
+        # two. A digest another in-flight chunk pinned is written by that one.
+        claimed = self.pins.claim(digest)
         with self._lock:
-            # Pinned before the existence check, so retention cannot delete it between
-            # the two. A digest another in-flight chunk pinned is written by that one.
-            claimed = self._pins[digest] > 0
-            self._pins[digest] += 1
             job.pinned.append(digest)
         if claimed or self.objects.has(digest):
             if not claimed:
@@ -539,7 +450,7 @@ class Persister:
         job.writes.append(write)
         return digest
 
-    def _write_object(self, job: PersistJob, digest: bytes, buffer: _Held, held: int) -> int:
+    def _write_object(self, job: PersistJob, digest: bytes, buffer: Held, held: int) -> int:
         try:
             if job.error is not None:
                 return 0
@@ -571,10 +482,9 @@ class Persister:
                 # first, so that freeing space (ENOSPC) cannot delete them before the commit.
                 digests = {record.digest(i) for record in job.records.values()
                            for i in range(record.n_chunks)}
+                self.pins.pin(digests)
                 with self._lock:
-                    for digest in digests:
-                        self._pins[digest] += 1
-                        job.pinned.append(digest)
+                    job.pinned.extend(digests)
                 missing = sum(not self.objects.has(d) for d in digests)
                 if missing:
                     job.error = RuntimeError(
@@ -586,21 +496,23 @@ class Persister:
         except BaseException as err:  # noqa: BLE001 - handed to the caller, never lost
             self._fail(job, err)
         else:
-            self.committed = dict(job.records)
-            self.parent = job.seq
+            self._committed = dict(job.records)
+            self._parent = job.seq
             self._unpin(job)
             with self._lock:
                 # Every failed job before this one is covered by it: either read from its
                 # tables, or (after a restart of the reader) through `uncommitted`.
-                self.uncommitted.clear()
+                self._uncommitted.clear()
             try:
-                self.on_commit(job, manifest, size, stat)
+                self.listener.committed(job, manifest, size, stat)
             except Exception as err:  # noqa: BLE001 - the snapshot is committed regardless
                 log.error("arraysnap: after committing snapshot %d: %r", job.seq, err)
 
     def _write_manifest(self, job: PersistJob) -> tuple[Manifest, int, CaptureStat]:
         write_done = time.perf_counter()
-        self.retrying(self.before_commit, job)  # the journal, before the manifest points to it
+        # What the manifest points to (the replay log's records), then one barrier for it
+        # and the chunk objects, before the manifest.
+        self.retrying(self.listener.before_commit, job)
         self.retrying(self.objects.sync, job)
         written = sum(write.result() for write in job.writes)
         stats = {
@@ -616,7 +528,7 @@ class Persister:
             # From the start of capture() to the manifest write, which cannot time itself.
             "durable_seconds": time.perf_counter() - job.started,
         }
-        manifest = Manifest(job.seq, job.step, job.wall_time, self.parent, self.codec.to_json(),
+        manifest = Manifest(job.seq, job.step, job.wall_time, self._parent, self.codec.to_json(),
                             job.records, job.state, job.rng, stats, job.provenance,
                             journal=job.journal_position)
         data = manifest.to_json()
@@ -645,21 +557,17 @@ class Persister:
         with self._lock:
             self._broken = True
             for delta in job.arrays:
-                target = self.uncommitted.setdefault(delta.name, set())
+                target = self._uncommitted.setdefault(delta.name, set())
                 target.update(int(i) for i in delta.changed)
                 target.update(int(i) for i in job.changed.get(delta.name, ()))
             self._error = self._error or err
         self._unpin(job)
         try:
-            self.on_failure(job, err, self._stat(job, "failed", repr(err)))
+            self.listener.failed(job, err, self._stat(job, "failed", repr(err)))
         except Exception as hook_error:  # noqa: BLE001 - the failure itself is what matters
             log.error("arraysnap: after failing snapshot %d: %r", job.seq, hook_error)
 
     def _unpin(self, job: PersistJob) -> None:
         with self._lock:
-            for digest in job.pinned:
-                self._pins[digest] -= 1
-                if self._pins[digest] <= 0:
-                    del self._pins[digest]
-            job.pinned.clear()
-
+            pinned, job.pinned = job.pinned, []
+        self.pins.unpin(pinned)

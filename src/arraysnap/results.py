@@ -17,13 +17,15 @@ import numpy as np
 from .manifest import Manifest
 
 __all__ = ["ArrayInfo", "CaptureInfo", "CaptureStat", "CaptureStats", "Problem", "PruneReport",
-           "Restored", "SnapshotInfo",
-           "VerifyReport"]
+           "Restored", "SnapshotInfo", "SnapshotUsage", "StoreUsage", "VerifyReport"]
 
 
 @dataclass(frozen=True, slots=True)
 class ArrayInfo:
     """Shape, dtype, memory order and chunking of one captured array.
+
+    ``chunk_shape`` is in the array's own index order (for an F-ordered array too), and
+    ``dims`` are its dimension names if it has them.
 
     >>> ArrayInfo((2, 3), np.dtype("f8"), "C", 1).nbytes
     48
@@ -33,6 +35,8 @@ class ArrayInfo:
     dtype: np.dtype
     order: str
     n_chunks: int
+    chunk_shape: tuple[int, ...] = ()
+    dims: tuple[str, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -43,7 +47,9 @@ class ArrayInfo:
 class SnapshotInfo:
     """One committed snapshot: identity, arrays, and the statistics of its capture.
 
-    ``bytes_written`` counts the chunk objects this capture added plus its manifest.
+    ``bytes_written`` counts the chunk objects this capture added plus its manifest;
+    ``state`` and ``rng_state`` are the JSON the capture stored (``restore()`` turns the
+    latter back into generators); ``parent`` is the seq of the snapshot before it.
 
     >>> import arraysnap, numpy as np, tempfile
     >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
@@ -65,6 +71,12 @@ class SnapshotInfo:
     bytes_written: int
     durable_seconds: float
     stats: Mapping[str, Any] = field(default_factory=dict)
+    parent: int | None = None
+    codec: Mapping[str, Any] = field(default_factory=dict)
+    state: Any = None
+    rng_state: Any = None
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    manifest_bytes: int = 0
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, manifest_bytes: int) -> SnapshotInfo:
@@ -78,7 +90,9 @@ class SnapshotInfo:
                 return kind(0)
 
         arrays = {
-            name: ArrayInfo(record.shape, record.dtype, record.order, record.n_chunks)
+            name: ArrayInfo(record.shape, record.dtype, record.order, record.n_chunks,
+                            record.layout.chunk_shape if record.order == "C"
+                            else record.layout.chunk_shape[::-1], record.dims)
             for name, record in manifest.arrays.items()
         }
         return cls(
@@ -89,7 +103,9 @@ class SnapshotInfo:
             chunks_deduplicated=number("chunks_deduplicated", int),
             bytes_written=number("bytes_written", int) + manifest_bytes,
             durable_seconds=number("durable_seconds", float),
-            stats=stats,
+            stats=stats, parent=manifest.parent, codec=dict(manifest.codec),
+            state=manifest.state, rng_state=manifest.rng,
+            provenance=dict(manifest.provenance), manifest_bytes=manifest_bytes,
         )
 
 
@@ -118,7 +134,13 @@ class CaptureInfo:
         self._info: SnapshotInfo | None = None
         self._error: BaseException | None = None
 
-    def _finish(self, info: SnapshotInfo | None, error: BaseException | None) -> None:
+    def finish(self, info: SnapshotInfo | None, error: BaseException | None) -> None:
+        """Settle the capture: durable as `info`, or failed with `error` (the store calls it).
+
+        >>> pending = CaptureInfo(1, 0, 0.001, 1, 1)
+        >>> pending.finish(None, OSError(5, "EIO")); pending.done()
+        True
+        """
         self._info, self._error = info, error
         self._done.set()
 
@@ -358,3 +380,54 @@ def parse_capture_stat(value: object) -> CaptureStat | None:
     if type(value.get("chunks_compared")) is not int:  # written before write tracking
         fields["chunks_compared"] = fields["chunks_scanned"]
     return CaptureStat(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotUsage:
+    """Bytes of one snapshot's chunk objects: all it uses, only it uses, shared, first added.
+
+    ``unique_bytes`` is what pruning this snapshot alone would free; ``new_bytes`` counts
+    the objects no older snapshot uses (about what its capture wrote).
+
+    >>> SnapshotUsage(1, 0, 4, 100, 60, 40, 100, 500).shared_bytes
+    40
+    """
+
+    seq: int
+    step: int | None
+    chunks: int
+    referenced_bytes: int
+    unique_bytes: int
+    shared_bytes: int
+    new_bytes: int
+    manifest_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUsage:
+    """Disk use of a whole store: what ``Store.disk_usage()`` returns.
+
+    >>> StoreUsage([], 0, 0, 0, 0, 0, 0, 0).to_json()["objects"]
+    0
+    """
+
+    snapshots: list[SnapshotUsage]
+    objects: int
+    object_bytes: int
+    referenced_bytes: int
+    unreferenced_objects: int
+    unreferenced_bytes: int
+    manifest_bytes: int
+    baseline_bytes: int
+    damaged: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshots": [s.to_json() for s in self.snapshots], "objects": self.objects,
+                "object_bytes": self.object_bytes, "referenced_bytes": self.referenced_bytes,
+                "unreferenced_objects": self.unreferenced_objects,
+                "unreferenced_bytes": self.unreferenced_bytes,
+                "manifest_bytes": self.manifest_bytes, "baseline_bytes": self.baseline_bytes,
+                "damaged": self.damaged}

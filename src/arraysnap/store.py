@@ -1,11 +1,19 @@
 """The store: open, capture, restore, list, verify, prune, export, close.
 
-A store is a directory::
+This module is the facade: :func:`open` and the :class:`Store` methods check their
+arguments and wire the parts together. Each job lives in a part that owns its state
+(``arraysnap._store``): the catalog of committed snapshots, opening and recovery, the
+capture pause, restore, maintenance (verify, retention, gc, sizes), cadence and signals,
+and the failure policy; the engine (``pipeline``) reports to the store through one
+listener. Every persisted byte goes through the store's :class:`~arraysnap.storage.Storage`.
+
+A store in a local folder::
 
     arraysnap.json          format name and version, creation settings
     lock                    flock-ed by the one writer
     chunks/ab/cdef...       content-addressed chunk objects (zarr v3 chunk encoding)
     snapshots/<seq>.json    one manifest per committed snapshot (the commit point)
+    journal/<n>.jsonl       the replay log
     mirror/                 baseline files of the latest capture, and their marker
 
 >>> import arraysnap, numpy as np, tempfile
@@ -22,21 +30,11 @@ A store is a directory::
 from __future__ import annotations
 
 import atexit
-import dataclasses
-import errno
-import json
 import logging
-import mmap
 import os
-import platform
-import re
-import signal
 import socket
-import sys
-import tempfile
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -45,64 +43,60 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._version import __version__
-from .baselines import Baselines, ReaderLease, map_private
-from .chunks import assemble, find_bad_chunks, load_chunk
-from .codecs import CodecSpec, parse_codec
-from .delta import as_bytes, scan_and_copy
-from .errors import (
-    ArraysnapError,
-    ArraysnapWarning,
-    CorruptSnapshotError,
-    FormatVersionError,
-    ReadOnlyStoreError,
-    SnapshotNotFoundError,
-    StoreWriteError,
+from ._store.capture import Capturer, check_state, check_step, prepare_arrays
+from ._store.catalog import SNAPSHOT_SPEC_HELP, Catalog
+from ._store.failures import FailurePolicy, parse_on_error, wrap
+from ._store.maintenance import Maintenance, Progress
+from ._store.opening import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    create_store,
+    read_settings,
+    recover_baselines,
 )
+from ._store.restore import Restorer
+from ._store.signals import Cadence, parse_signals
+from .baselines import Baselines
+from .codecs import CodecSpec, parse_codec
+from .diff import SnapshotDiff, diff_snapshots
+from .errors import ArraysnapError, ArraysnapWarning, ReadOnlyStoreError
 from .fsio import FileOps
 from .history import History
-from .layout import ChunkLayout, memory_order, plan_layout
-from .manifest import Manifest, check_array_name, check_dims, parse_manifest
+from .manifest import Manifest
 from .objects import ChunkObjects
 from .pipeline import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_RETRY_DELAYS,
-    ArrayDelta,
+    Listener,
     Persister,
     PersistJob,
+    Pins,
     lower_thread_priority,
-    manifest_key,
 )
-from .policies import Policy, parse_policy
+from .policies import parse_policy
 from .replaylog import ReplayLog
 from .results import (
     CaptureInfo,
     CaptureStat,
     CaptureStats,
-    Problem,
     PruneReport,
     Restored,
     SnapshotInfo,
+    StoreUsage,
     VerifyReport,
 )
-from .retention import Candidate, Retention
-from .rngstate import check_rng, rng_from_json, rng_to_json
+from .retention import Retention
+from .rngstate import check_rng, rng_to_json
 from .storage import LocalStorage, Storage, WriterLock
 from .tracking import Tracking, check_track_writes
+from .zarr_view import SnapshotZarrStore, export_snapshot
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ArraysnapWarning", "Store", "open"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SNAPSHOT_SPEC_HELP", "ArraysnapWarning", "Store",
+           "open"]
 
 log = logging.getLogger("arraysnap")
 
-FORMAT_NAME = "arraysnap"
-FORMAT_VERSION = 1
-DEFAULT_CHUNK_BYTES = 1 << 20
-_MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
-SETTINGS_KEY = "arraysnap.json"
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-# Store.list shadows the builtin inside the class body; annotations there use this alias.
-Prepared = list[tuple[str, np.ndarray, ChunkLayout]]
-DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -154,16 +148,39 @@ def open(  # noqa: A001 - the public name the API promises
     True
     >>> snap.close()
     """
-    if isinstance(path, Storage):
-        storage = path
-    else:
-        storage = LocalStorage(path, _io)
+    storage = path if isinstance(path, Storage) else LocalStorage(path, _io)
     return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
                  buffer_bytes=buffer_bytes, track_writes=track_writes,
-                 baseline_ops=_baseline_ops or _io,
-                 retry_delays=_retry_delays)
+                 baseline_ops=_baseline_ops or _io, retry_delays=_retry_delays)
+
+
+class _Events(Listener):
+    """The engine's listener: what a commit or a failure changes in the store's parts."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = weakref.ref(store)  # the engine must not keep a dropped store alive
+
+    def committed(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
+                  stat: CaptureStat) -> None:
+        store = self._store()
+        if store is not None:
+            store._committed(job, manifest, manifest_bytes, stat)
+
+    def failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
+        store = self._store()
+        if store is not None:
+            store._failed(job, error, stat)
+
+    def before_commit(self) -> None:
+        store = self._store()
+        if store is not None and store._replay_log is not None:
+            store._replay_log.flush(durable=False)  # the commit's barrier makes it durable
+
+    def free_space(self) -> int:
+        store = self._store()
+        return store._maintenance.free_space() if store is not None else 0
 
 
 class Store:
@@ -187,208 +204,107 @@ class Store:
                  retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        parse_on_error(on_error)
         if isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int) \
                 or buffer_bytes < 1 << 16:
             raise ValueError(f"buffer_bytes must be an integer of at least 65536, got "
                              f"{buffer_bytes!r}")
         check_track_writes(track_writes)
-        self.policy: Policy | None = parse_policy(every)
-        self.retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
-        self.on_error = on_error
-        watched = _parse_signals(signals)
-        self._preempted = False  # a watched signal arrived
-        self._preempt_pending = False  # ... and no capture has followed it yet
-        self._preempt_seen = False  # ... and due() has answered True for it
-        self._due_asked = False
-        self._old_handlers: dict[int, Any] = {}
-        self._closed_handlers: dict[int, Any] = {}
-        self._warned: set[str] = set()
-        self._buffer_bytes = buffer_bytes
-        self._object_sizes: dict[bytes, int] = {}
-        self._dims: dict[str, tuple[str, ...]] = {}
-        self._retry_delays = tuple(retry_delays)
+        policy = parse_policy(every)
+        retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
+        watched = parse_signals(signals)
         if chunk_bytes is not None and (type(chunk_bytes) is not int
                                         or not 1 <= chunk_bytes <= 1 << 31):
             raise ValueError(f"chunk_bytes must be an integer from 1 to 2**31, got {chunk_bytes!r}")
+        if mode == "r" and watched:
+            raise ValueError("signals= is for a writer (mode='a'): a reader never captures")
         path = storage.local_path
         if path is None:
             raise ValueError(f"{storage.describe()} is not a local folder; arraysnap keeps "
                              "its baselines beside the store and needs one")
         self.path = path
         self.mode = mode
+        self.on_error = on_error
         self._storage = storage
         self._closed = True
-        self._writer_lock: WriterLock | None = None
-        self._cache: dict[int, tuple[Manifest, int]] = {}
-        self._capture_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        settings = self._open_settings(codec)
-        self.codec: CodecSpec = parse_codec(settings["codec"])
-        self.chunk_bytes: int = chunk_bytes or settings["chunk_bytes"]
-        self._objects = ChunkObjects(self._storage)
+        self._failures = FailurePolicy(on_error, str(path))
+        settings = read_settings(storage, codec)
+        if settings is None:
+            if mode == "r":
+                raise FileNotFoundError(f"{path} is not an arraysnap store (no arraysnap.json)")
+            settings = create_store(storage, parse_codec(codec or "zstd"))
+        self.codec: CodecSpec = settings.codec
+        self.chunk_bytes: int = chunk_bytes or settings.chunk_bytes
+        self._catalog = Catalog(storage)
+        self._objects = ChunkObjects(storage)
+        self._history = History(storage)
+        self._baselines = Baselines(path, baseline_ops)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap",
                                         initializer=lower_thread_priority)
-        self._baselines = Baselines(path, baseline_ops)
-        self._closed = False
-        self._persister: Persister | None = None
-        self._baseline_seq: int | None = None
-        self._last_captured: int | None = None
-        self._history = History(self._storage)
+        self._writer_lock: WriterLock | None = None
         self._replay_log: ReplayLog | None = None
         self._tracking: Tracking | None = None
-        if mode == "a":
-            try:
-                self._take_lock()
-                self._tracking = Tracking(track_writes, baseline_file=self._baseline_file)
-                self._replay_log = ReplayLog(self._storage)
-                self._recover()
-                self._watch_signals(watched)
-            except BaseException:
-                self._release()
-                raise
-        elif watched:
-            raise ValueError("signals= is for a writer (mode='a'): a reader never captures")
+        self._persister: Persister | None = None
+        self._capturer: Capturer | None = None
+        self._cadence = Cadence(policy, ())
+        pins = Pins()
+        self._closed = False
+        try:
+            if mode == "a":
+                self._writer_lock = storage.lock_writer(
+                    f"pid {os.getpid()} on {socket.gethostname()}")
+                self._tracking = Tracking(track_writes, baseline_file=self._baselines.file_of)
+                self._replay_log = ReplayLog(storage)
+                self._recover(pins, buffer_bytes, retry_delays)
+                self._cadence = Cadence(policy, watched)
+        except BaseException:
+            self._release()
+            raise
+        self._maintenance = Maintenance(self._catalog, self._objects, self.codec,
+                                        self._baselines, pins=pins,
+                                        replay_log=self._replay_log, retention=retention)
+        self._restorer = Restorer(self._catalog, self._objects, self.codec, self._baselines,
+                                  self._pool, self._capturer, self._reading_replay_log,
+                                  path / "tmp" if mode == "a" else None)
         _open_stores.add(self)
 
-    # -- opening -------------------------------------------------------------------------
-    def _open_settings(self, codec: str | None) -> dict[str, Any]:
-        config = self.path / SETTINGS_KEY
-        try:
-            data = self._storage.get(SETTINGS_KEY, limit=1 << 20)
-        except FileNotFoundError:
-            data = None
-        except OSError as err:
-            raise CorruptSnapshotError(f"{config} cannot be read: {err}") from None
-        if data is None:
-            if self.mode == "r":
-                raise FileNotFoundError(
-                    f"{self.path} is not an arraysnap store (no arraysnap.json)")
-            return self._create(parse_codec(codec or "zstd"))
-        try:
-            settings = json.loads(data)
-        except (ValueError, RecursionError) as err:
-            raise CorruptSnapshotError(f"{config} cannot be read: {err}") from None
-        if not isinstance(settings, dict) or settings.get("format") != FORMAT_NAME:
-            raise CorruptSnapshotError(f"{config} is not an arraysnap format file")
-        version = settings.get("version")
-        if type(version) is not int or version > FORMAT_VERSION or version < 1:
-            raise FormatVersionError(
-                f"{self.path} has store format version {version!r}; this arraysnap "
-                f"{__version__} reads format version {FORMAT_VERSION} and older; upgrade arraysnap"
-            )
-        stored = settings.get("codec")
-        chunk_bytes = settings.get("chunk_bytes")
-        try:
-            stored_codec = parse_codec(stored)
-        except (TypeError, ValueError) as err:
-            raise CorruptSnapshotError(f"{config}: bad codec: {err}") from None
-        if type(chunk_bytes) is not int or chunk_bytes < 1:
-            raise CorruptSnapshotError(f"{config}: bad chunk_bytes {chunk_bytes!r}")
-        if codec is not None and parse_codec(codec) != stored_codec:
-            raise ValueError(
-                f"{self.path} was created with codec {stored_codec.name}:{stored_codec.level}; "
-                f"open it without codec= (or with that codec), or start a new store for {codec!r}"
-            )
-        return {"codec": stored_codec, "chunk_bytes": chunk_bytes}
-
-    def _create(self, codec: CodecSpec) -> dict[str, Any]:
-        self._storage.create()
-        settings = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                    "chunk_bytes": DEFAULT_CHUNK_BYTES, "codec": codec.to_json(),
-                    "created": time.time(), "created_by": f"arraysnap {__version__}"}
-        self._storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
-        self._storage.barrier()  # the store's own name, in the folder that holds it
-        return {"codec": codec, "chunk_bytes": DEFAULT_CHUNK_BYTES}
-
-    def _take_lock(self) -> None:
-        holder = f"pid {os.getpid()} on {socket.gethostname()}"
-        self._writer_lock = self._storage.lock_writer(holder)
-
-    def _recover(self) -> None:
-        """Clean up after a killed writer and make the mirror equal the latest snapshot."""
+    def _recover(self, pins: Pins, buffer_bytes: int,
+                 retry_delays: tuple[float, ...]) -> None:
+        """Clean up after a killed writer and make the baselines equal the latest snapshot."""
         if self._baselines.dir.is_symlink():
             # Baselines are created, and stray ones deleted, in there: never somewhere else.
             self._baselines.dir.unlink()
         self._storage.remove_temporaries()
-        head = self._newest_valid()
-        seqs = self._seqs()
-        self._next_seq = (seqs[-1] + 1) if seqs else 1
-        self._persister = Persister(
-            self._objects, self.codec, self._pool, head,
-            on_commit=self._on_commit, on_failure=self._on_failure,
-            before_commit=self._sync_replay_log, on_full=self._free_space,
-            buffer_bytes=self._buffer_bytes, retry_delays=self._retry_delays)
-        if head is None:
-            self._baselines.clear_directory()
-            return
-        self._dims = {name: record.dims for name, record in head.arrays.items()
-                      if record.dims is not None}
-        trusted = self._baselines.trusted_seq() == head.seq
-        files = (self._baselines.read_marker() or {"files": {}})["files"]
-        repaired = False
-        for name, record in head.arrays.items():
-            filename = files.get(name)
-            adopted = isinstance(filename, str) and self._baselines.adopt(name, filename,
-                                                                       record.layout)
-            try:
-                if not adopted:
-                    if record.n_chunks:  # one real chunk vouches for the size before allocating
-                        load_chunk(self._objects, self.codec, record, 0, verify=True,
-                                   seq=head.seq)
-                    buffer, _ = self._baselines.baseline(name, record.layout)
-                    assemble(buffer, self._objects, self.codec, record, self._pool,
-                             verify=True, seq=head.seq)
-                    repaired = True
-                elif not trusted:
-                    bad = find_bad_chunks(self._baselines.entries[name].buffer, record, self._pool)
-                    if bad:
-                        buffer, _ = self._baselines.baseline(name, record.layout)
-                        assemble(buffer, self._objects, self.codec, record, self._pool,
-                                 verify=True, seq=head.seq, indices=bad)
-                        log.warning("arraysnap: repaired %d chunks of the %r baseline",
-                                    len(bad), name)
-                    repaired = True
-            except CorruptSnapshotError as err:
-                # The newest snapshot itself is damaged: the next capture of this array
-                # is written whole, and verify() reports the damage.
-                log.error("arraysnap: cannot rebuild the baseline of %r: %s", name, err)
-                self._baselines.retain_only(set(self._baselines.entries) - {name})
-                self._persister.tables.pop(name, None)
-                self._persister.committed.pop(name, None)
-        self._baselines.remove_strays()
-        if repaired or not trusted:
-            self._baselines.mark_clean(head.seq)
-        self._baseline_seq = head.seq
+        head = self._catalog.newest_valid()
+        seqs = self._catalog.seqs()
+        recovered = recover_baselines(head, self._baselines, self._objects, self.codec,
+                                      self._pool)
+        assert self._tracking is not None
+        self._capturer = Capturer(self._baselines, self._tracking, self._pool, self._history,
+                                  self._failures, self._replay_log, head,
+                                  (seqs[-1] + 1) if seqs else 1)
+        self._persister = Persister(self._objects, self.codec, self._pool, _Events(self), pins,
+                                    recovered.tables, head.seq if head else None,
+                                    buffer_bytes=buffer_bytes, retry_delays=retry_delays)
 
-    # -- snapshots on disk ---------------------------------------------------------------
-    def _seqs(self) -> list[int]:
-        return sorted(int(m.group(1)) for key in self._storage.list_prefix("snapshots/")
-                      if (m := _MANIFEST_NAME.match(key[len("snapshots/"):])))
+    @property
+    def retention(self) -> Retention:
+        """What the store keeps (``keep_last=`` ... at open); settable.
 
-    def _load(self, seq: int, *, from_disk: bool = False) -> tuple[Manifest, int]:
-        cached = None if from_disk else self._cache.get(seq)
-        if cached is not None:
-            return cached
-        try:
-            data = self._storage.get(manifest_key(seq), limit=1 << 28)
-        except FileNotFoundError:
-            raise SnapshotNotFoundError(f"snapshot {seq} does not exist in {self.path}") from None
-        except OSError as err:
-            raise CorruptSnapshotError(f"snapshot {seq}: manifest cannot be read: {err}") from None
-        manifest = parse_manifest(data, expected_seq=seq)
-        self._cache[seq] = (manifest, len(data))
-        return manifest, len(data)
+        >>> import arraysnap, tempfile
+        >>> arraysnap.open(tempfile.mkdtemp() + "/s.snap", keep_last=3).retention.keep_last
+        3
+        """
+        return self._maintenance.retention
 
-    def _newest_valid(self) -> Manifest | None:
-        for seq in reversed(self._seqs()):
-            try:
-                return self._load(seq)[0]
-            except CorruptSnapshotError as err:
-                log.error("arraysnap: skipping damaged snapshot %d: %s", seq, err)
-        return None
+    @retention.setter
+    def retention(self, retention: Retention) -> None:
+        self._maintenance.retention = retention
 
+    def _reading_replay_log(self) -> ReplayLog:
+        return self._replay_log or ReplayLog(self._storage, writable=False)
+
+    # -- snapshots -------------------------------------------------------------------------
     def list(self) -> list[SnapshotInfo]:
         """Committed snapshots, oldest first (damaged manifests are left out; see verify()).
 
@@ -396,15 +312,7 @@ class Store:
         >>> arraysnap.open(tempfile.mkdtemp() + "/s.snap").list()
         []
         """
-        infos = []
-        for seq in self._seqs():
-            try:
-                infos.append(SnapshotInfo.from_manifest(*self._load(seq)))
-            except SnapshotNotFoundError:
-                continue  # removed by retention since the folder was listed
-            except (CorruptSnapshotError, FormatVersionError) as err:
-                log.warning("arraysnap: snapshot %d not listed: %s", seq, err)
-        return infos
+        return self._catalog.list()
 
     def latest(self) -> SnapshotInfo | None:
         """The newest committed snapshot, or None if there is none.
@@ -413,36 +321,38 @@ class Store:
         >>> print(arraysnap.open(tempfile.mkdtemp() + "/s.snap").latest())
         None
         """
-        for seq in reversed(self._seqs()):
-            try:
-                return SnapshotInfo.from_manifest(*self._load(seq))
-            except (CorruptSnapshotError, SnapshotNotFoundError, FormatVersionError) as err:
-                # The same rule as list(): latest() is always list()[-1].
-                log.warning("arraysnap: snapshot %d skipped: %s", seq, err)
-        return None
+        return self._catalog.latest()
 
-    def _select(self, step: int | None, seq: int | None) -> Manifest:
-        seqs = self._seqs()
-        if not seqs:
-            raise SnapshotNotFoundError(f"{self.path} holds no snapshot yet; capture one first")
-        if seq is not None:
-            if seq not in seqs:
-                raise SnapshotNotFoundError(
-                    f"no snapshot with seq {seq} in {self.path}; seqs are {seqs[0]}..{seqs[-1]}"
-                )
-            return self._load(seq)[0]
-        if step is None:
-            return self._load(seqs[-1])[0]
-        for candidate in reversed(seqs):
-            manifest = self._load(candidate)[0]
-            if manifest.step == step:
-                return manifest
-        steps = sorted({s for s in (self._load(q)[0].step for q in seqs) if s is not None})
-        shown = ", ".join(map(str, steps[-10:]))
-        raise SnapshotNotFoundError(f"no snapshot of step {step} in {self.path}; "
-                                    f"latest steps are {shown or 'none'}")
+    def snapshot(self, spec: str | int | None = None) -> SnapshotInfo:
+        """The committed snapshot that `spec` names: a seq (``12`` or ``"12"``),
+        ``"step:N"`` (the newest of step N), ``"latest"`` (the default), ``"~K"`` (K before
+        the latest) or ``"-K"`` (-1 is the latest), as the command line's SNAP.
 
-    # -- capture -------------------------------------------------------------------------
+        SnapshotNotFoundError if there is none such; ValueError if `spec` is no such form.
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
+        ...     for step in (10, 20, 30):
+        ...         _ = snap.capture({"u": np.full(3, step)}, step=step)
+        ...     snap.wait()
+        ...     [snap.snapshot(s).seq for s in ("latest", "2", "step:10", "~1", "-3")]
+        [3, 2, 1, 2, 1]
+        """
+        self._check_open()
+        return self._catalog.info(self._catalog.resolve(spec))
+
+    def damaged(self) -> list[int]:
+        """Seqs of the snapshots whose manifest is present but cannot be read (``list()``
+        leaves them out; ``verify()`` says what is wrong).
+
+        >>> import arraysnap, tempfile
+        >>> arraysnap.open(tempfile.mkdtemp() + "/s.snap").damaged()
+        []
+        """
+        self._check_open()
+        return self._catalog.damaged()
+
+    # -- capture ---------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise ArraysnapError(f"store {self.path} is closed; open it again")
@@ -474,180 +384,56 @@ class Store:
         1
         """
         self._check_writable("capture")
-        prepared = _prepare_arrays(arrays, self.chunk_bytes, self._baselines)
-        names = self._check_dims(prepared, dims)
-        step = _check_step(step)
-        state_json = _check_state(state)
+        capturer, persister = self._capturer, self._persister
+        assert capturer is not None and persister is not None
+        prepared = prepare_arrays(arrays, self.chunk_bytes, self._baselines)
+        names = capturer.dims_for(prepared, dims)
+        step = check_step(step)
+        state_json = check_state(state)
         check_rng(rng)
         rng_json = rng_to_json(rng)
-        if not self._capture_lock.acquire(blocking=False):
+        if not capturer.try_lock():
             raise ArraysnapError("capture() is already running in another thread of this "
                                  "process; call it from one thread at a time")
         try:
-            self._dims = names
-            return self._capture(prepared, step, state_json, rng_json)
+            self._raise_background_error("an earlier capture failed to persist; its changes "
+                                         "are kept and go into the next capture")
+            info, blocked = capturer.capture(persister, prepared, names, step, state_json,
+                                             rng_json)
+            if blocked is not None:  # None: it failed in its pause (and on_error="warn")
+                self._cadence.captured(step, time.time(), blocked)
+            return info
         finally:
-            self._capture_lock.release()
-
-    def _baseline_file(self, name: str) -> Path | None:
-        entry = self._baselines.entries.get(name)
-        return None if entry is None else entry.path
-
-    def _check_dims(self, prepared: Prepared, dims: object) -> dict[str, tuple[str, ...]]:
-        """The dimension names of each captured array: given now, or remembered."""
-        if dims is not None and not isinstance(dims, Mapping):
-            raise TypeError(f"dims must be a dict of array name -> dimension names, got "
-                            f"{type(dims).__name__}")
-        given = dict(dims or {})
-        shapes = {name: array.shape for name, array, _ in prepared}
-        unknown = sorted(set(given) - set(shapes), key=str)
-        if unknown:
-            raise ValueError(f"dims names arrays that are not captured: {unknown}; the "
-                             f"arrays are {sorted(shapes)}")
-        names: dict[str, tuple[str, ...]] = {}
-        for name, shape in shapes.items():
-            if name in given:
-                names[name] = check_dims(name, len(shape), given[name])
-            elif name in self._dims and len(self._dims[name]) == len(shape):
-                names[name] = self._dims[name]
-        return names
-
-    def _capture(self, prepared: Prepared, step: int | None,
-                 state: dict[str, Any] | None, rng: Any) -> CaptureInfo:
-        persister = self._persister
-        assert persister is not None
-        self._raise_background_error("an earlier capture failed to persist; its changes are "
-                                     "kept and go into the next capture")
-        started = time.perf_counter()
-        persister.wait_chunks_read()
-        pause_start = time.perf_counter()
-        deltas = []
-        seq = self._next_seq
-        journal_position = self._replay_log.position if self._replay_log is not None else 0
-        try:
-            with self._state_lock:
-                # From here the baselines are ahead of every committed snapshot.
-                self._baseline_seq = None
-                self._last_captured = seq
-                persister.retrying(self._baselines.mark_dirty, free_space=False)
-        except OSError as err:
-            return self._capture_failed(seq, step, started, err)
-        self._next_seq += 1
-        tracking = self._tracking
-        assert tracking is not None
-        compared = 0
-        try:
-            tracking.retain_only({name for name, _, _ in prepared})
-            for name, live, layout in prepared:
-                baseline, fresh = self._baselines.baseline(name, layout, live)
-                flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
-                # Before the comparison: from here on, writes count for the next capture.
-                candidates, audit = tracking.candidates(name, live, layout, fresh)
-                changed = scan_and_copy(live, baseline, layout, flags, self._pool,
-                                        candidates)
-                if audit is not None:
-                    tracking.audit(name, audit, changed)
-                if not fresh:
-                    tracking.unprotect_changed(name, changed)
-                compared += (layout.n_chunks if candidates is None
-                             else int(np.count_nonzero(candidates)))
-                deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
-                                         self._dims.get(name)))
-            self._baselines.retain_only({name for name, _, _ in prepared})
-        except BaseException as err:
-            # Baselines already updated hold changes no snapshot has; forget them so the next
-            # capture writes those arrays whole (dedup keeps unchanged chunks free).
-            tracking.forget_all()
-            for name, _, _ in prepared:
-                try:
-                    self._baselines.forget(name)
-                except OSError as forget_error:
-                    log.error("arraysnap: could not drop the %r baseline: %r", name,
-                              forget_error)
-            if isinstance(err, OSError):
-                return self._capture_failed(seq, step, started, err)
-            raise
-        now = time.perf_counter()
-        pause = now - pause_start
-        info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
-                           sum(len(d.changed) for d in deltas), chunks_compared=compared)
-        wall = time.time()
-        job = PersistJob(seq, step, wall, deltas, state, rng, _provenance(), pause,
-                         pause_start - started, started, journal_position, info)
-        persister.submit(job)
-        self._captured(step, wall, now - started)
-        return info
-
-    def _captured(self, step: int | None, wall: float, blocking: float) -> None:
-        if self.policy is not None:
-            self.policy.captured(step, wall, blocking)
-        if self._preempt_pending:
-            # A capture followed the signal (even one due for another reason, with the
-            # signal landing during it): the loop may stop now.
-            self._preempt_seen = True
-        self._preempt_pending = False
-
-    def _capture_failed(self, seq: int, step: int | None, started: float,
-                        err: OSError) -> CaptureInfo:
-        """A capture that failed in its pause (the disk, writing the baselines' marker)."""
-        wrapped = _wrap(err, "capture failed before anything was committed")
-        log.error("arraysnap: capture at step %s failed in its pause: %r", step, err)
-        self._history.append(CaptureStat(seq, step, time.time(), "failed", error=repr(err)))
-        if self.on_error != "warn":
-            raise wrapped
-        self._warn_once(err)
-        info = CaptureInfo(seq, step, time.perf_counter() - started, 0, 0)
-        info._finish(None, wrapped)
-        return info
-
-    def _warn_once(self, err: BaseException) -> None:
-        cause = err
-        while not isinstance(cause, OSError) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        kind = (f"{type(cause).__name__}:{errno.errorcode.get(cause.errno, cause.errno)}"
-                if isinstance(cause, OSError) else type(cause).__name__)
-        if kind in self._warned:
-            return
-        self._warned.add(kind)
-        warnings.warn(
-            f"arraysnap: {self.path} cannot be written ({cause}); the run goes on and the "
-            "changes stay pending for the next capture (on_error='warn'). Further failures "
-            "of this kind are logged, not warned", ArraysnapWarning, stacklevel=4)
+            capturer.unlock()
 
     def _raise_background_error(self, message: str) -> None:
-        persister = self._persister
-        error = persister.take_error() if persister is not None else None
-        if error is None:
-            return
-        if self.on_error == "warn":
-            self._warn_once(error)
-            return
-        raise _wrap(error, message)
+        error = self._persister.take_error() if self._persister is not None else None
+        if error is not None:
+            self._failures.handle(error, message)
 
-    def _on_failure(self, job: PersistJob, err: BaseException, stat: CaptureStat) -> None:
-        self._history.append(stat)
-        job.capture._finish(None, _wrap(err, f"snapshot {job.seq} failed to persist"))
-
-    def _on_commit(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
+    def _committed(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
                    stat: CaptureStat) -> None:
-        self._cache[manifest.seq] = (manifest, manifest_bytes)
+        self._catalog.remember(manifest, manifest_bytes)
         try:
             self._history.append(stat)
         except Exception as err:  # noqa: BLE001 - informational; the commit stands
             log.warning("arraysnap: capture history: %r", err)
-        with self._state_lock:
-            if self._last_captured == job.seq:  # no later capture has touched the baselines
-                self._baseline_seq = job.seq
-                try:
-                    self._baselines.mark_committed(job.seq)
-                except OSError as err:  # the snapshot is committed; the marker only helps
-                    log.warning("arraysnap: could not mark the baselines clean: %r", err)
-        job.capture._finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
+        if self._capturer is not None:
+            self._capturer.committed(job.seq)
+        job.capture.finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
         if self.retention.active:
             try:
-                self._apply_retention(self.retention)
+                self._maintenance.prune(self.retention)
             except (OSError, ArraysnapError) as err:  # retention only frees space
                 log.error("arraysnap: retention after snapshot %d failed: %r", job.seq, err)
+
+    def _failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
+        self._history.append(stat)
+        job.capture.finish(None, wrap(error, f"snapshot {job.seq} failed to persist"))
+
+    def _sync_replay_log(self) -> None:
+        if self._replay_log is not None:
+            self._replay_log.flush(durable=True)
 
     def wait(self) -> None:
         """Block until every capture so far is durable; raise the first background error.
@@ -665,13 +451,19 @@ class Store:
         try:
             self._sync_replay_log()
         except OSError as err:
-            if self.on_error != "warn":
+            if not self._failures.warns:
                 raise ArraysnapError(f"the replay log cannot be synced: {err}") from err
-            self._warn_once(err)
+            self._failures.warn_once(err)
         self._raise_background_error("a capture failed to persist; its changes are kept and "
                                      "go into the next capture")
 
-    # -- restore -------------------------------------------------------------------------
+    # -- restore ---------------------------------------------------------------------------
+    def _settled(self) -> None:
+        """Open, and every capture so far committed or failed: what readers of it see."""
+        self._check_open()
+        if self._persister is not None:
+            self._persister.drain()
+
     def restore(self, step: int | None = None, *, seq: int | None = None,
                 verify: bool = True, fallback: bool = False) -> Restored:
         """Restore the latest snapshot (or the newest one of `step`, or the one with `seq`).
@@ -690,139 +482,8 @@ class Store:
         ...     snap.restore(step=1).arrays["u"].tolist()
         [0, 1, 2, 3]
         """
-        self._check_open()
-        if self._persister is not None:
-            self._persister.drain()
-        if not fallback:
-            return self._restore(self._select(step, seq), verify)
-        skipped: list[Problem] = []
-        for candidate in self._fallback_candidates(step, seq):
-            try:
-                restored = self._restore(self._load(candidate)[0], verify)
-            except (CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError) as err:
-                log.warning("arraysnap: restore skipped snapshot %d: %s", candidate, err)
-                skipped.append(Problem(candidate, getattr(err, "array", None),
-                                       getattr(err, "chunk", None),
-                                       getattr(err, "reason", str(err))))
-                continue
-            return dataclasses.replace(restored, skipped=tuple(skipped))
-        raise SnapshotNotFoundError(
-            f"no snapshot of {self.path} could be restored: "
-            + "; ".join(str(problem) for problem in skipped)
-        )
-
-    def _fallback_candidates(self, step: int | None, seq: int | None) -> list[int]:
-        """Seqs to try, newest first, from the selected snapshot down to the oldest."""
-        seqs = self._seqs()
-        if not seqs:
-            raise SnapshotNotFoundError(f"{self.path} holds no snapshot yet; capture one first")
-        if seq is not None:
-            return [self._select(None, seq).seq, *reversed([s for s in seqs if s < seq])]
-        if step is None:
-            return seqs[::-1]
-        for candidate in reversed(seqs):
-            try:
-                if self._load(candidate)[0].step == step:
-                    return [s for s in reversed(seqs) if s <= candidate]
-            except ArraysnapError:
-                continue
-        return [self._select(step, None).seq]  # raises SnapshotNotFoundError, naming steps
-
-    def _restore(self, manifest: Manifest, verify: bool) -> Restored:
-        arrays: dict[str, np.ndarray] = {}
-        for name, record in manifest.arrays.items():
-            array = self._map_baseline(manifest, name, verify)
-            if array is None:
-                array = self._materialize(record, verify=verify, seq=manifest.seq)
-            arrays[name] = array
-        try:
-            rng = rng_from_json(manifest.rng)
-        except (ValueError, TypeError) as err:
-            raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
-        info = SnapshotInfo.from_manifest(*self._load(manifest.seq))
-        events: tuple[Any, ...] = ()
-        if manifest.journal is not None:
-            journal = self._replay_log or ReplayLog(self._storage, writable=False)
-            try:
-                events = tuple(journal.read_from(manifest.journal))
-            except CorruptSnapshotError as err:
-                raise CorruptSnapshotError(f"replay log: {err}", seq=manifest.seq) from None
-        return Restored(arrays, manifest.step, manifest.seq, manifest.time,
-                        None if manifest.state is None else dict(manifest.state), rng, info,
-                        events=events)
-
-    def _map_baseline(self, manifest: Manifest, name: str, verify: bool) -> np.ndarray | None:
-        """Map the baseline of `name` if it holds exactly this snapshot; None otherwise."""
-        record = manifest.arrays[name]
-        if self.mode == "a":
-            entry = self._baselines.entries.get(name)
-            with self._state_lock:
-                current = self._baseline_seq == manifest.seq
-            if not current or entry is None or entry.layout != record.layout:
-                return None
-            if verify:
-                bad = find_bad_chunks(entry.buffer, record, self._pool)
-                if bad:
-                    log.warning("arraysnap: baseline of %r had %d damaged chunks; repairing",
-                                name, len(bad))
-                    buffer, _ = self._baselines.baseline(name, record.layout)
-                    assemble(buffer, self._objects, self.codec, record, self._pool,
-                             verify=True, seq=manifest.seq, indices=bad)
-                    if self._tracking is not None:  # the baseline changed under its watch
-                        self._tracking.forget(name)
-                    with self._state_lock:
-                        self._baselines.mark_committed(manifest.seq)
-            return self._baselines.hand_out(name)
-        return self._map_baseline_shared(manifest, name, verify)
-
-    def _map_baseline_shared(self, manifest: Manifest, name: str,
-                             verify: bool) -> np.ndarray | None:
-        record = manifest.arrays[name]
-        if record.layout.nbytes == 0:
-            return None
-        marker = self._baselines.read_marker()
-        filename = (marker or {}).get("files", {}).get(name)
-        if not isinstance(filename, str) or "/" in filename or not filename.endswith(".bin"):
-            return None
-        lease = ReaderLease.acquire(self._baselines.dir / filename)
-        if lease is None:
-            return None
-        # Under the lease no writer changes the file; only now is the marker to be trusted.
-        marker = self._baselines.read_marker()
-        if (marker is None or self._baselines.trusted_seq(marker) != manifest.seq
-                or marker["files"].get(name) != filename
-                or os.fstat(lease.fd).st_size != record.layout.nbytes):
-            lease.release()
-            return None
-        array = map_private(self._baselines.dir / filename, record.layout, lease.fd)
-        if verify:
-            flat = as_bytes(array)
-            if find_bad_chunks(flat, record, self._pool):
-                lease.release()
-                return None
-        lease.track(array)
-        return array
-
-    def _materialize(self, record: Any, *, verify: bool, seq: int) -> np.ndarray:
-        layout = record.layout
-        if layout.nbytes == 0:
-            return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
-        # A manifest may claim any size: one real chunk (decoded to the full chunk size)
-        # vouches for it before anything of that size is allocated.
-        load_chunk(self._objects, self.codec, record, 0, verify=verify, seq=seq)
-        directory = self.path / "tmp" if self.mode == "a" else None
-        if directory is not None:
-            directory.mkdir(exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory, prefix="restore-") as handle:
-            # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
-            os.posix_fallocate(handle.fileno(), 0, layout.nbytes)
-            shared = mmap.mmap(handle.fileno(), layout.nbytes, mmap.MAP_SHARED)
-            # No `with`: on failure the traceback still refers to views of the map, and
-            # closing it then would raise BufferError over the CorruptSnapshotError.
-            assemble(np.frombuffer(shared, dtype=np.uint8), self._objects, self.codec, record,
-                     self._pool, verify=verify, seq=seq)
-            shared.close()
-            return map_private(Path(), layout, handle.fileno())
+        self._settled()
+        return self._restorer.restore(step, seq, verify=verify, fallback=fallback)
 
     def restore_into(self, arrays: Mapping[str, np.ndarray], step: int | None = None, *,
                      seq: int | None = None, verify: bool = True) -> Restored:
@@ -839,33 +500,12 @@ class Store:
         >>> out.tolist()
         [0.0, 1.0, 2.0]
         """
-        self._check_open()
-        manifest = self._select(step, seq) if self._persister is None else None
-        if manifest is None:
-            self._persister.drain()  # type: ignore[union-attr]
-            manifest = self._select(step, seq)
-        for name, target in arrays.items():
-            if name not in manifest.arrays:
-                raise KeyError(f"snapshot {manifest.seq} has no array {name!r}; it has "
-                               f"{sorted(manifest.arrays)}")
-            record = manifest.arrays[name]
-            if not isinstance(target, np.ndarray):
-                raise TypeError(f"restore_into needs numpy arrays, got {type(target).__name__}")
-            if target.shape != record.shape or target.dtype != record.dtype:
-                raise ValueError(
-                    f"array {name!r}: snapshot holds {record.shape} {record.dtype}, the target "
-                    f"is {target.shape} {target.dtype}; allocate a matching array"
-                )
-            if not target.flags.writeable:
-                raise ValueError(f"array {name!r}: the target is read-only")
-        restored = self.restore(seq=manifest.seq, verify=verify)
-        for name, target in arrays.items():
-            np.copyto(target, restored.arrays[name])
-        return Restored(dict(arrays), restored.step, restored.seq, restored.time,
-                        restored.state, restored.rng, restored.info, events=restored.events)
+        self._settled()
+        return self._restorer.restore_into(arrays, self._catalog.select(step, seq), verify)
 
-    # -- verify, prune, gc ---------------------------------------------------------------
-    def verify(self, seq: int | None = None) -> VerifyReport:
+    # -- verify, prune, gc, sizes ----------------------------------------------------------
+    def verify(self, seq: int | None = None, *,
+               progress: Progress | None = None) -> VerifyReport:
         """Check snapshots (all, or the one with `seq`): manifests, and every chunk's digest.
 
         >>> import arraysnap, numpy as np, tempfile
@@ -875,35 +515,8 @@ class Store:
         ...     snap.verify().ok
         True
         """
-        self._check_open()
-        if self._persister is not None:
-            self._persister.drain()
-        seqs = self._seqs() if seq is None else [seq]
-        problems: list[Problem] = []
-        checked: dict[bytes, str | None] = {}
-        chunks = 0
-        for current in seqs:
-            try:
-                # From disk, not the cache: verify checks what a restarted job would read.
-                manifest = self._load(current, from_disk=True)[0]
-            except ArraysnapError as err:
-                problems.append(Problem(current, None, None, getattr(err, "reason", str(err))))
-                continue
-            for name, record in manifest.arrays.items():
-                for index in range(record.n_chunks):
-                    digest = record.digest(index)
-                    chunks += 1
-                    if digest not in checked:
-                        try:
-                            load_chunk(self._objects, self.codec, record, index, verify=True,
-                                       seq=current)
-                            checked[digest] = None
-                        except CorruptSnapshotError as err:
-                            checked[digest] = err.reason
-                    reason = checked[digest]
-                    if reason is not None:
-                        problems.append(Problem(current, name, index, reason))
-        return VerifyReport(len(seqs), chunks, tuple(problems))
+        self._settled()
+        return self._maintenance.verify(None if seq is None else [seq], progress)
 
     def prune(self, keep_last: int | None = None, *, keep_every: int | None = None,
               keep_within: float | str | None = None,
@@ -928,83 +541,10 @@ class Store:
         if not retention.active:
             raise ValueError("prune() needs a rule: keep_last=, keep_every=, keep_within= or "
                              "max_bytes= (or open the store with one)")
-        with self._capture_lock:
+        assert self._capturer is not None
+        with self._capturer.lock:
             self.wait()
-            return self._apply_retention(retention)
-
-    def _apply_retention(self, retention: Retention) -> PruneReport:
-        """Remove what `retention` does not keep; runs on the writer thread or after wait()."""
-        seqs = self._seqs()
-        manifests: dict[int, Manifest] = {}
-        for seq in seqs:
-            try:
-                manifests[seq] = self._load(seq)[0]
-            except ArraysnapError as err:
-                # What a damaged manifest uses is unknown: keep everything it might use.
-                raise CorruptSnapshotError(
-                    f"retention stopped: snapshot {seq} cannot be read ({err}); remove or "
-                    "repair that manifest first") from None
-        candidates = [Candidate(seq, m.step, m.time) for seq, m in manifests.items()]
-        usage = _Usage(self, manifests) if retention.max_bytes is not None else None
-        doomed = retention.doomed(candidates, time.time(),
-                                  usage.size_without if usage is not None else None)
-        if not doomed:
-            return PruneReport((), 0, 0)
-        gone = {c.seq for c in doomed}
-        used: set[bytes] = set()
-        for seq, manifest in manifests.items():
-            if seq not in gone:
-                used.update(manifest.chunk_digests())
-        candidates_digests: set[bytes] = set()
-        for seq in gone:
-            candidates_digests.update(manifests[seq].chunk_digests())
-        for seq in sorted(gone):
-            self._storage.delete(manifest_key(seq))
-            self._cache.pop(seq, None)
-        # The manifests are gone for good before any object they used goes.
-        self._storage.barrier()
-        removed, freed = self._delete_objects(candidates_digests - used)
-        positions = [m.journal for seq, m in manifests.items() if seq not in gone]
-        if self._replay_log is not None and positions and None not in positions:
-            self._replay_log.trim(min(p for p in positions if p is not None))
-        log.info("arraysnap: retention removed snapshots %s (%d chunks, %d bytes)",
-                 sorted(gone), removed, freed)
-        return PruneReport(tuple(sorted(gone)), removed, freed)
-
-    def _delete_objects(self, digests: Iterable[bytes]) -> tuple[int, int]:
-        removed = freed = 0
-        persister = self._persister
-        for digest in digests:
-            try:
-                size = self._objects.size(digest)
-            except FileNotFoundError:
-                continue
-            if persister is not None:
-                # Under the pin lock: a capture pins before it checks that an object exists.
-                if not persister.delete_unless_pinned(digest, self._objects.delete):
-                    continue
-            else:
-                self._objects.delete(digest)
-            removed += 1
-            freed += size
-        return removed, freed
-
-    def _free_space(self) -> int:
-        """The ENOSPC hook (a writer thread, under the commit lock): apply the retention
-        policy, then delete chunk objects no snapshot uses (a killed writer's leftovers);
-        return the bytes freed."""
-        freed = 0
-        try:
-            if self.retention.active:
-                freed += self._apply_retention(self.retention).bytes_freed
-            freed += self._gc().bytes_freed
-        except (OSError, ArraysnapError) as err:
-            log.error("arraysnap: pruning to free space failed: %r", err)
-        return freed
-
-    def _sync_replay_log(self) -> None:
-        if self._replay_log is not None:
-            self._replay_log.flush(durable=True)
+            return self._maintenance.prune(retention)
 
     def gc(self) -> PruneReport:
         """Delete chunk objects that no snapshot uses (left by prune or a killed writer).
@@ -1014,26 +554,51 @@ class Store:
         0
         """
         self._check_writable("collect garbage")
-        with self._capture_lock:
+        assert self._capturer is not None
+        with self._capturer.lock:
             self.wait()
-            return self._gc()
+            return self._maintenance.gc()
 
-    def _gc(self) -> PruneReport:
-        used: set[bytes] = set()
-        for seq in self._seqs():
-            try:
-                manifest = self._load(seq)[0]
-            except ArraysnapError as err:
-                raise CorruptSnapshotError(
-                    f"gc stopped: snapshot {seq} cannot be read ({err}); without it the chunks "
-                    "it uses are unknown. Remove or repair that manifest first"
-                ) from None
-            used.update(manifest.chunk_digests())
-        unused = [d for d in self._objects.digests() if d not in used]
-        removed, freed = self._delete_objects(unused)
-        return PruneReport((), removed, freed)
+    def disk_usage(self, *, progress: Progress | None = None) -> StoreUsage:
+        """Bytes per snapshot (what it uses, alone and shared) and for the whole store.
 
-    # -- zarr ----------------------------------------------------------------------------
+        Chunk objects count their stored (encoded) size; a missing one counts 0 bytes
+        (``verify()`` reports it); damaged manifests are named in ``damaged``.
+        `progress(done, total)` is called as manifests are read.
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap", codec="none") as snap:
+        ...     _ = snap.capture({"u": np.zeros(4), "v": np.ones(4)})
+        ...     _ = snap.capture({"u": np.zeros(4), "v": np.full(4, 2.0)})
+        ...     usage = snap.disk_usage()
+        >>> [(s.unique_bytes, s.shared_bytes) for s in usage.snapshots], usage.object_bytes
+        ([(32, 32), (32, 32)], 96)
+        """
+        self._settled()
+        return self._maintenance.disk_usage(progress)
+
+    def diff(self, a: str | int, b: str | int, *, values: bool = True,
+             progress: Progress | None = None) -> SnapshotDiff:
+        """Which chunks and rows of each array differ between snapshots `a` and `b` (any
+        form ``snapshot()`` takes), and with `values` by how much (chunks are read and
+        verified only where their digests differ).
+
+        >>> import arraysnap, numpy as np, tempfile
+        >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap", chunk_bytes=64) as snap:
+        ...     u = np.zeros(32)                       # 8 float64 rows per chunk
+        ...     _ = snap.capture({"u": u}, step=0)
+        ...     u[20] = 3.0
+        ...     _ = snap.capture({"u": u}, step=1)
+        ...     d = snap.diff("step:0", "latest").arrays[0]
+        >>> d.chunks_differing, d.row_ranges, d.max_abs_difference
+        ([2], [(16, 24)], 3.0)
+        """
+        self._settled()
+        first, second = self._catalog.resolve(a), self._catalog.resolve(b)
+        return diff_snapshots(self._catalog, self._objects, self.codec, first, second,
+                              values=values, progress=progress)
+
+    # -- zarr ------------------------------------------------------------------------------
     def export(self, out_path: str | os.PathLike[str], step: int | None = None, *,
                seq: int | None = None) -> Path:
         """Write one snapshot as a plain zarr v3 store at `out_path` (which must not exist).
@@ -1046,13 +611,9 @@ class Store:
         >>> zarr.open_group(tmp + "/out.zarr", mode="r")["u"][:].tolist()
         [0.0, 1.0, 2.0, 3.0, 4.0]
         """
-        from .zarr_view import export_snapshot
-
-        self._check_open()
-        if self._persister is not None:
-            self._persister.drain()
-        manifest = self._select(step, seq)
-        return export_snapshot(manifest, self._objects, self.codec, Path(out_path))
+        self._settled()
+        return export_snapshot(self._catalog.select(step, seq), self._objects, self.codec,
+                               Path(out_path))
 
     def zarr_store(self, step: int | None = None, *, seq: int | None = None) -> Any:
         """A read-only zarr Store presenting one snapshot (see :func:`arraysnap.open_zarr`).
@@ -1063,12 +624,8 @@ class Store:
         ...     zarr.open_group(snap.zarr_store(), mode="r")["u"][:].tolist()
         [0, 1, 2]
         """
-        from .zarr_view import SnapshotZarrStore
-
-        self._check_open()
-        if self._persister is not None:
-            self._persister.drain()
-        return SnapshotZarrStore(self._select(step, seq), self._objects, self.codec)
+        self._settled()
+        return SnapshotZarrStore(self._catalog.select(step, seq), self._objects, self.codec)
 
     # -- cadence, preemption, replay log, stats --------------------------------------------
     def due(self, step: int | None = None) -> bool:
@@ -1089,11 +646,17 @@ class Store:
         [10, 20]
         """
         self._check_open()
-        self._due_asked = True
-        if self._preempt_pending:
-            self._preempt_seen = True
-            return True
-        return self.policy is not None and self.policy.due(step)
+        return self._cadence.due(step)
+
+    @property
+    def policy(self) -> Any:
+        """The ``every=`` policy that ``due()`` asks, or None.
+
+        >>> import arraysnap, tempfile
+        >>> arraysnap.open(tempfile.mkdtemp() + "/s.snap", every=10).policy is not None
+        True
+        """
+        return self._cadence.policy
 
     @property
     def preempted(self) -> bool:
@@ -1113,44 +676,7 @@ class Store:
         (True, True)
         >>> snap.close()
         """
-        return self._preempted and (self._preempt_seen or not self._due_asked)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # Only flags: the loop captures at its next safe point, never from in here.
-        previous = self._old_handlers.get(signum, self._closed_handlers.get(signum))
-        if self._closed:
-            # Closed, but another store installed its handler over ours and kept ours as its
-            # "previous": act as if ours had been removed.
-            if callable(previous):
-                previous(signum, frame)
-            elif previous == signal.SIG_DFL:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            return
-        self._preempted = True
-        self._preempt_pending = True
-        if callable(previous):
-            previous(signum, frame)
-
-    def _watch_signals(self, signums: tuple[int, ...]) -> None:
-        if not signums:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            raise ValueError("signals= must be set by a store opened in the main thread "
-                             "(Python delivers signals there)")
-        for signum in signums:
-            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def _unwatch_signals(self) -> None:
-        while self._old_handlers:
-            signum, previous = self._old_handlers.popitem()
-            # Kept for the case where another store chained to our handler (see _on_signal).
-            self._closed_handlers[signum] = previous
-            try:
-                if signal.getsignal(signum) == self._on_signal:
-                    signal.signal(signum, previous)
-            except ValueError:  # not the main thread (close at exit from another thread)
-                log.warning("arraysnap: could not restore the handler of signal %d", signum)
+        return self._cadence.preempted
 
     def log(self, record: Any) -> int:
         """Append a JSON record to the replay log; return its number.
@@ -1186,7 +712,7 @@ class Store:
         self._check_open()
         return self._history.read()
 
-    # -- lifecycle -----------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
         """Finish pending captures, mark the baselines clean and release the lock.
 
@@ -1211,22 +737,17 @@ class Store:
                 except OSError as err:
                     error = error or err
                 self._history.sync()
-                with self._state_lock:
-                    baseline_seq = self._baseline_seq
-                if error is None and baseline_seq is not None:
-                    self._baselines.mark_clean(baseline_seq)
+                if error is None and self._capturer is not None:
+                    self._capturer.mark_clean()
         finally:
             self._release()
-        if error is not None and self.on_error == "warn":
-            self._warn_once(error)
-            return
         if error is not None:
-            raise _wrap(error, "a capture failed to persist before close(); the store holds "
-                               "every snapshot committed before it")
+            self._failures.handle(error, "a capture failed to persist before close(); the "
+                                         "store holds every snapshot committed before it")
 
     def _release(self) -> None:
         self._closed = True
-        self._unwatch_signals()
+        self._cadence.close()
         if self._persister is not None:
             self._persister.stop()
             self._persister = None
@@ -1250,142 +771,6 @@ class Store:
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.mode
         return f"<arraysnap.Store {str(self.path)!r} ({state})>"
-
-
-def _wrap(error: BaseException, message: str) -> ArraysnapError:
-    """`error` chained under an ArraysnapError (a StoreWriteError for an OSError)."""
-    if isinstance(error, OSError):
-        wrapped: ArraysnapError = StoreWriteError(error.errno, f"{message}: {error}")
-    else:
-        wrapped = ArraysnapError(f"{message}: {error!r}")
-    wrapped.__cause__ = error
-    return wrapped
-
-
-# -- retention helpers ---------------------------------------------------------------------
-class _Usage:
-    """The store's size (chunk objects and manifests) as snapshots are taken away."""
-
-    def __init__(self, store: Store, manifests: Mapping[int, Manifest]) -> None:
-        self._sets = {seq: m.chunk_digests() for seq, m in manifests.items()}
-        self._manifest_bytes = {seq: store._load(seq)[1] for seq in manifests}
-        self._refs: dict[bytes, int] = {}
-        for digests in self._sets.values():
-            for digest in digests:
-                self._refs[digest] = self._refs.get(digest, 0) + 1
-        sizes = store._object_sizes
-        for digest in self._refs:
-            if digest not in sizes:
-                try:
-                    sizes[digest] = store._objects.size(digest)
-                except OSError:
-                    sizes[digest] = 0
-        self._sizes = sizes
-        self.total = sum(sizes[d] for d in self._refs) + sum(self._manifest_bytes.values())
-        self._removed: set[int] = set()
-
-    def size_without(self, doomed: Iterable[Candidate]) -> int:
-        for candidate in doomed:
-            if candidate.seq in self._removed:
-                continue
-            self._removed.add(candidate.seq)
-            self.total -= self._manifest_bytes[candidate.seq]
-            for digest in self._sets[candidate.seq]:
-                self._refs[digest] -= 1
-                if self._refs[digest] == 0:
-                    self.total -= self._sizes[digest]
-        return self.total
-
-
-def _parse_signals(signals: object) -> tuple[int, ...]:
-    if signals is True:
-        return DEFAULT_SIGNALS
-    if signals is False or signals is None:
-        return ()
-    if isinstance(signals, int):
-        signals = (signals,)
-    if not isinstance(signals, Iterable):
-        raise TypeError(f"signals= takes True (SIGTERM and SIGUSR1) or a list of signals, got "
-                        f"{signals!r}")
-    parsed = []
-    for item in signals:
-        try:
-            parsed.append(signal.Signals(item))
-        except (ValueError, TypeError):
-            raise ValueError(f"signals=: {item!r} is not a signal number; use e.g. "
-                             "signal.SIGTERM") from None
-    return tuple(parsed)
-
-
-# -- input checking ------------------------------------------------------------------------
-def _prepare_arrays(arrays: object, chunk_bytes: int,
-                    mirror: Baselines) -> Prepared:
-    if not isinstance(arrays, Mapping):
-        raise TypeError(f"capture() takes a dict of name -> numpy array, got "
-                        f"{type(arrays).__name__}")
-    prepared = []
-    for name, array in arrays.items():
-        check_array_name(name)
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy array; "
-                            "pass np.asarray(value)")
-        if array.dtype.hasobject:
-            raise TypeError(f"array {name!r} has dtype {array.dtype}, which holds Python "
-                            "objects; arraysnap stores raw bytes only (use a fixed-size dtype)")
-        order = memory_order(array)
-        entry = mirror.entries.get(name)
-        # Keep the array's existing chunking when it is unchanged, so that a new chunk_bytes
-        # does not force a whole re-capture.
-        if (entry is not None and entry.layout.shape == array.shape
-                and entry.layout.dtype == array.dtype and entry.layout.order == order):
-            layout = entry.layout
-        else:
-            layout = plan_layout(array.shape, array.dtype, order, chunk_bytes)
-        prepared.append((name, array, layout))
-    return prepared
-
-
-def _check_step(step: object) -> int | None:
-    if step is None:
-        return None
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
-        raise TypeError(f"step must be an integer or None, got {type(step).__name__} {step!r}")
-    return int(step)
-
-
-def _json_default(value: object) -> Any:
-    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
-        return value.item()
-    raise TypeError(f"{type(value).__name__} {value!r:.60} is not JSON-serialisable")
-
-
-def _check_state(state: object) -> dict[str, Any] | None:
-    if state is None:
-        return None
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a dict of JSON values, got {type(state).__name__}")
-    if any(not isinstance(key, str) for key in state):
-        raise TypeError("state keys must be strings")
-    try:
-        text = json.dumps(dict(state), default=_json_default, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"state must be JSON-serialisable (dicts with str keys, lists, str, int, finite "
-            f"float, bool, None): {err}; store arrays in `arrays`, not in `state`"
-        ) from None
-    except RecursionError:
-        raise ValueError("state is nested too deeply (or refers to itself)") from None
-    if len(text) > 16 << 20:
-        raise ValueError(f"state is {len(text)} bytes of JSON; keep it small (< 16 MiB) and "
-                         "put bulk data in `arrays`")
-    value = json.loads(text)
-    return value  # type: ignore[no-any-return]
-
-
-def _provenance() -> dict[str, Any]:
-    return {"arraysnap": __version__, "numpy": np.__version__,
-            "python": platform.python_version(), "host": socket.gethostname(),
-            "pid": os.getpid(), "argv0": os.path.basename(sys.argv[0]) if sys.argv else ""}
 
 
 def _close_open_stores() -> None:

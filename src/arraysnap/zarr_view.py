@@ -36,6 +36,8 @@ import zarr
 from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
+from ._store.catalog import Catalog
+from ._store.opening import read_settings
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
 from .fsio import FileOps
@@ -111,14 +113,15 @@ def array_metadata(record: ArrayEntry, codec: CodecSpec,
     attributes: dict[str, Any] = {"arraysnap_order": layout.order}
     if dtype != record.dtype:
         attributes["arraysnap_dtype"] = dtype_to_json(record.dtype)
-    store = MemoryStore()
+    documents: dict[str, Any] = {}  # what zarr writes into the store, read back below
+    store = MemoryStore(documents)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that some NumPy dtypes are not in the spec
         zarr.create_array(store=store, shape=record.shape, chunks=chunk_shape, dtype=dtype,
                           filters=filters, serializer=serializer, compressors=compressors,
                           fill_value=None, attributes=attributes, zarr_format=3,
                           dimension_names=dims, write_data=False)
-    return store._store_dict["zarr.json"].to_bytes()
+    return bytes(documents["zarr.json"].to_bytes())
 
 
 def _group_metadata(manifest: Manifest, arrays: dict[str, bytes]) -> bytes:
@@ -264,15 +267,12 @@ def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
     >>> arraysnap.open_zarr(path, dims={"u": ("x",)})["u"].metadata.dimension_names
     ('x',)
     """
-    from .store import open as open_store
-
-    store = open_store(path, "r")
-    try:
-        view = store.zarr_store(step, seq=seq)
-    finally:
-        store.close()
-    if dims is not None:
-        view = SnapshotZarrStore(view.manifest, view._objects, view._codec, dims)
+    storage = LocalStorage(path)
+    settings = read_settings(storage, codec=None)
+    if settings is None:
+        raise FileNotFoundError(f"{path} is not an arraysnap store (no arraysnap.json)")
+    manifest = Catalog(storage).select(step, seq)
+    view = SnapshotZarrStore(manifest, ChunkObjects(storage), settings.codec, dims)
     return zarr.open_group(view, mode="r", zarr_format=3)
 
 
@@ -282,10 +282,15 @@ def export_snapshot(manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
 
     >>> import arraysnap, numpy as np, tempfile, zarr
     >>> tmp = tempfile.mkdtemp()
+    >>> from arraysnap._store.catalog import Catalog
+    >>> from arraysnap.objects import ChunkObjects
+    >>> from arraysnap.storage import LocalStorage
     >>> with arraysnap.open(tmp + "/s.snap") as snap:
-    ...     manifest = snap._load(snap.capture({"u": np.arange(2.0)}).result().seq)[0]
-    ...     _ = export_snapshot(manifest, snap._objects, snap.codec, Path(tmp) / "o.zarr",
-    ...                         dims={"u": ("x",)})
+    ...     _ = snap.capture({"u": np.arange(2.0)}).result()
+    >>> storage = LocalStorage(tmp + "/s.snap")
+    >>> manifest = Catalog(storage).select(None, None)
+    >>> _ = export_snapshot(manifest, ChunkObjects(storage), snap.codec, Path(tmp) / "o.zarr",
+    ...                     dims={"u": ("x",)})
     >>> zarr.open_array(tmp + "/o.zarr", path="u", mode="r").metadata.dimension_names
     ('x',)
     """

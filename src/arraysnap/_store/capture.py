@@ -1,0 +1,284 @@
+"""Capture: the input checks, and the pause that finds and sets aside what changed.
+
+The pause compares each live array with its baseline (only the chunks write tracking
+flags, where it can), copies changed chunks into the baseline and hands a job to the
+engine. It owns the answer to "which committed snapshot do the baselines equal?": none while
+a capture is ahead of every commit, the job's seq once that job commits and no later capture
+has touched them.
+
+>>> import numpy as np
+>>> check_step(np.int64(5)), check_state({"t": np.float64(0.5)})
+(5, {'t': 0.5})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..baselines import Baselines
+from ..delta import scan_and_copy
+from ..history import History
+from ..layout import ChunkLayout, memory_order, plan_layout
+from ..manifest import Manifest, check_array_name, check_dims
+from ..pipeline import ArrayDelta, Persister, PersistJob
+from ..replaylog import ReplayLog
+from ..results import CaptureInfo, CaptureStat
+from ..tracking import Tracking
+from .failures import FailurePolicy, wrap
+
+__all__ = ["Capturer", "Prepared", "check_state", "check_step", "prepare_arrays", "provenance"]
+
+log = logging.getLogger("arraysnap")
+
+Prepared = list[tuple[str, np.ndarray, ChunkLayout]]
+
+
+# -- input checks --------------------------------------------------------------------------
+def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Prepared:
+    """Each array with the chunk layout it is captured in; TypeError/ValueError if unfit."""
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"capture() takes a dict of name -> numpy array, got "
+                        f"{type(arrays).__name__}")
+    prepared = []
+    for name, array in arrays.items():
+        check_array_name(name)
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy array; "
+                            "pass np.asarray(value)")
+        if array.dtype.hasobject:
+            raise TypeError(f"array {name!r} has dtype {array.dtype}, which holds Python "
+                            "objects; arraysnap stores raw bytes only (use a fixed-size dtype)")
+        order = memory_order(array)
+        layout = baselines.layout_of(name)
+        # Keep the array's existing chunking when it is unchanged, so that a new chunk_bytes
+        # does not force a whole re-capture.
+        if (layout is None or layout.shape != array.shape or layout.dtype != array.dtype
+                or layout.order != order):
+            layout = plan_layout(array.shape, array.dtype, order, chunk_bytes)
+        prepared.append((name, array, layout))
+    return prepared
+
+
+def check_step(step: object) -> int | None:
+    if step is None:
+        return None
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an integer or None, got {type(step).__name__} {step!r}")
+    return int(step)
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r:.60} is not JSON-serialisable")
+
+
+def check_state(state: object) -> dict[str, Any] | None:
+    """`state` as the JSON it will be stored as; TypeError/ValueError naming the problem."""
+    if state is None:
+        return None
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of JSON values, got {type(state).__name__}")
+    if any(not isinstance(key, str) for key in state):
+        raise TypeError("state keys must be strings")
+    try:
+        text = json.dumps(dict(state), default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"state must be JSON-serialisable (dicts with str keys, lists, str, int, finite "
+            f"float, bool, None): {err}; store arrays in `arrays`, not in `state`"
+        ) from None
+    except RecursionError:
+        raise ValueError("state is nested too deeply (or refers to itself)") from None
+    if len(text) > 16 << 20:
+        raise ValueError(f"state is {len(text)} bytes of JSON; keep it small (< 16 MiB) and "
+                         "put bulk data in `arrays`")
+    value = json.loads(text)
+    return value  # type: ignore[no-any-return]
+
+
+def provenance() -> dict[str, Any]:
+    """Where and by what a snapshot was made.
+
+    >>> sorted(provenance())
+    ['argv0', 'arraysnap', 'host', 'numpy', 'pid', 'python']
+    """
+    return {"arraysnap": __version__, "numpy": np.__version__,
+            "python": platform.python_version(), "host": socket.gethostname(),
+            "pid": os.getpid(), "argv0": os.path.basename(sys.argv[0]) if sys.argv else ""}
+
+
+# -- the pause -----------------------------------------------------------------------------
+class Capturer:
+    """The pause of one writer, and what the baselines equal; see the module doc."""
+
+    def __init__(self, baselines: Baselines, tracking: Tracking, pool: ThreadPoolExecutor,
+                 history: History, policy: FailurePolicy, replay_log: ReplayLog | None,
+                 head: Manifest | None, next_seq: int) -> None:
+        self.baselines = baselines
+        self.tracking = tracking
+        self.pool = pool
+        self.history = history
+        self.policy = policy
+        self.replay_log = replay_log
+        self.next_seq = next_seq
+        self._lock = threading.Lock()  # one capture at a time
+        self._state_lock = threading.Lock()
+        self._baseline_seq = head.seq if head is not None else None
+        self._last_captured: int | None = None
+        self._dims: dict[str, tuple[str, ...]] = {} if head is None else {
+            name: record.dims for name, record in head.arrays.items() if record.dims is not None}
+
+    # -- what the baselines equal ----------------------------------------------------------
+    @property
+    def baseline_seq(self) -> int | None:
+        """The committed snapshot the baselines equal, or None while a capture is ahead."""
+        with self._state_lock:
+            return self._baseline_seq
+
+    def committed(self, seq: int) -> None:
+        """Snapshot `seq` committed: the baselines equal it unless a later capture began."""
+        with self._state_lock:
+            if self._last_captured == seq:
+                self._baseline_seq = seq
+                try:
+                    self.baselines.mark_committed(seq)
+                except OSError as err:  # the snapshot is committed; the marker only helps
+                    log.warning("arraysnap: could not mark the baselines clean: %r", err)
+
+    def repaired(self, name: str, seq: int) -> None:
+        """The baseline of `name` was repaired to equal snapshot `seq` (a restore found
+        damage): tracking must look at it afresh."""
+        self.tracking.forget(name)
+        with self._state_lock:
+            self.baselines.mark_committed(seq)
+
+    # -- capturing -------------------------------------------------------------------------
+    def dims_for(self, prepared: Prepared, dims: object) -> dict[str, tuple[str, ...]]:
+        """The dimension names of each captured array: given now, or remembered."""
+        if dims is not None and not isinstance(dims, Mapping):
+            raise TypeError(f"dims must be a dict of array name -> dimension names, got "
+                            f"{type(dims).__name__}")
+        given = dict(dims or {})
+        shapes = {name: array.shape for name, array, _ in prepared}
+        unknown = sorted(set(given) - set(shapes), key=str)
+        if unknown:
+            raise ValueError(f"dims names arrays that are not captured: {unknown}; the "
+                             f"arrays are {sorted(shapes)}")
+        names: dict[str, tuple[str, ...]] = {}
+        for name, shape in shapes.items():
+            if name in given:
+                names[name] = check_dims(name, len(shape), given[name])
+            elif name in self._dims and len(self._dims[name]) == len(shape):
+                names[name] = self._dims[name]
+        return names
+
+    def try_lock(self) -> bool:
+        """Take the one-capture-at-a-time lock without waiting; True if taken."""
+        return self._lock.acquire(blocking=False)
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held for a capture; prune and gc hold it too, so they never run during one."""
+        return self._lock
+
+    def capture(self, persister: Persister, prepared: Prepared,
+                dims: dict[str, tuple[str, ...]], step: int | None,
+                state: dict[str, Any] | None, rng: Any) -> tuple[CaptureInfo, float | None]:
+        """Run the pause (the caller holds the lock); return the info and the seconds the
+        caller was blocked in all (None if the pause failed and the policy only warns)."""
+        self._dims = dims
+        started = time.perf_counter()
+        persister.wait_chunks_read()
+        pause_start = time.perf_counter()
+        seq = self.next_seq
+        replay_position = self.replay_log.position if self.replay_log is not None else 0
+        try:
+            with self._state_lock:
+                # From here the baselines are ahead of every committed snapshot.
+                self._baseline_seq = None
+                self._last_captured = seq
+                persister.retrying(self.baselines.mark_dirty, free_space=False)
+        except OSError as err:
+            return self._failed(seq, step, started, err), None
+        self.next_seq += 1
+        try:
+            deltas, compared = self._compare(prepared)
+        except OSError as err:
+            return self._failed(seq, step, started, err), None
+        now = time.perf_counter()
+        pause = now - pause_start
+        info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
+                           sum(len(d.changed) for d in deltas), chunks_compared=compared)
+        job = PersistJob(seq, step, time.time(), deltas, state, rng, provenance(), pause,
+                         pause_start - started, started, replay_position, info)
+        persister.submit(job)
+        return info, now - started
+
+    def _compare(self, prepared: Prepared) -> tuple[list[ArrayDelta], int]:
+        tracking = self.tracking
+        deltas = []
+        compared = 0
+        try:
+            tracking.retain_only({name for name, _, _ in prepared})
+            for name, live, layout in prepared:
+                baseline, fresh = self.baselines.baseline(name, layout, live)
+                flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
+                # Before the comparison: from here on, writes count for the next capture.
+                candidates, audit = tracking.candidates(name, live, layout, fresh)
+                changed = scan_and_copy(live, baseline, layout, flags, self.pool, candidates)
+                if audit is not None:
+                    tracking.audit(name, audit, changed)
+                if not fresh:
+                    tracking.unprotect_changed(name, changed)
+                compared += (layout.n_chunks if candidates is None
+                             else int(np.count_nonzero(candidates)))
+                deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
+                                         self._dims.get(name)))
+            self.baselines.retain_only({name for name, _, _ in prepared})
+        except BaseException:
+            # Baselines already updated hold changes no snapshot has; forget them so the next
+            # capture writes those arrays whole (dedup keeps unchanged chunks free).
+            tracking.forget_all()
+            for name, _, _ in prepared:
+                try:
+                    self.baselines.forget(name)
+                except OSError as forget_error:
+                    log.error("arraysnap: could not drop the %r baseline: %r", name,
+                              forget_error)
+            raise
+        return deltas, compared
+
+    def _failed(self, seq: int, step: int | None, started: float,
+                err: OSError) -> CaptureInfo:
+        """A capture that failed in its pause (the disk, writing the baselines' marker)."""
+        message = "capture failed before anything was committed"
+        log.error("arraysnap: capture at step %s failed in its pause: %r", step, err)
+        self.history.append(CaptureStat(seq, step, time.time(), "failed", error=repr(err)))
+        self.policy.handle(err, message)  # raises unless on_error="warn"
+        info = CaptureInfo(seq, step, time.perf_counter() - started, 0, 0)
+        info.finish(None, wrap(err, message))
+        return info
+
+    def mark_clean(self) -> None:
+        """At close: record durably which snapshot the baselines equal, if they equal one."""
+        with self._state_lock:
+            seq = self._baseline_seq
+        if seq is not None:
+            self.baselines.mark_clean(seq)

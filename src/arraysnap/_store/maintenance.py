@@ -1,0 +1,276 @@
+"""Maintenance: verify, retention (prune), gc, and the one model of a store's size.
+
+Everything that reads every snapshot or deletes anything lives here. Deleting a chunk
+object goes through the engine's :class:`~arraysnap.pipeline.Pins`, so an object an
+in-flight capture relies on is never deleted from under it.
+
+>>> import arraysnap, numpy as np, tempfile
+>>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap", codec="none") as snap:
+...     _ = snap.capture({"u": np.zeros(4), "v": np.ones(4)})
+...     _ = snap.capture({"u": np.zeros(4), "v": np.full(4, 2.0)})
+...     snap.wait()
+...     [(s.unique_bytes, s.shared_bytes) for s in snap.disk_usage().snapshots]
+[(32, 32), (32, 32)]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+
+from ..baselines import Baselines
+from ..chunks import load_chunk
+from ..codecs import CodecSpec
+from ..errors import ArraysnapError, CorruptSnapshotError
+from ..manifest import Manifest
+from ..objects import ChunkObjects
+from ..pipeline import Pins, manifest_key
+from ..replaylog import ReplayLog
+from ..results import Problem, PruneReport, SnapshotUsage, StoreUsage, VerifyReport
+from ..retention import Candidate, Retention
+from .catalog import Catalog
+
+__all__ = ["Maintenance", "Progress", "Usage"]
+
+log = logging.getLogger("arraysnap")
+
+Progress = Callable[[int, int], None]
+
+
+class Usage:
+    """The size of a set of snapshots (their chunk objects and manifests), as some are taken
+    away: what retention's ``max_bytes`` weighs and what ``disk_usage()`` reports.
+
+    >>> class M:  # a stand-in manifest: two snapshots sharing object b"a"
+    ...     def __init__(self, digests): self.digests = digests
+    ...     def chunk_digests(self): return self.digests
+    >>> usage = Usage({1: (M({b"a", b"b"}), 10), 2: (M({b"a"}), 10)}, lambda d: 100)
+    >>> usage.total, usage.size_without([1])
+    (220, 110)
+    """
+
+    def __init__(self, manifests: Mapping[int, tuple[Manifest, int]],
+                 size_of: Callable[[bytes], int]) -> None:
+        self._sets = {seq: manifest.chunk_digests() for seq, (manifest, _) in manifests.items()}
+        self._manifest_bytes = {seq: size for seq, (_, size) in manifests.items()}
+        self.refs: Counter[bytes] = Counter()
+        for digests in self._sets.values():
+            self.refs.update(digests)
+        self.sizes = {digest: size_of(digest) for digest in self.refs}
+        self.total = sum(self.sizes.values()) + sum(self._manifest_bytes.values())
+        self._removed: set[int] = set()
+
+    def size_without(self, doomed: Iterable[int]) -> int:
+        """The size once the snapshots `doomed` (seqs) are gone, with those before."""
+        for seq in doomed:
+            if seq in self._removed:
+                continue
+            self._removed.add(seq)
+            self.total -= self._manifest_bytes[seq]
+            for digest in self._sets[seq]:
+                self.refs[digest] -= 1
+                if self.refs[digest] == 0:
+                    self.total -= self.sizes[digest]
+        return self.total
+
+    def snapshots(self, steps: Mapping[int, int | None],
+                  chunks: Mapping[int, int]) -> list[SnapshotUsage]:
+        """One row a snapshot, oldest first: what it uses, alone, shared and first added."""
+        seen: set[bytes] = set()
+        rows = []
+        for seq in sorted(self._sets):
+            digests = self._sets[seq]
+            total = sum(self.sizes[d] for d in digests)
+            unique = sum(self.sizes[d] for d in digests if self.refs[d] == 1)
+            new = sum(self.sizes[d] for d in digests - seen)
+            seen |= digests
+            rows.append(SnapshotUsage(seq, steps[seq], chunks[seq], total, unique,
+                                      total - unique, new, self._manifest_bytes[seq]))
+        return rows
+
+
+class Maintenance:
+    """Verify, prune and collect garbage in one store (a writer's, for anything that deletes)."""
+
+    def __init__(self, catalog: Catalog, objects: ChunkObjects, codec: CodecSpec,
+                 baselines: Baselines, *, pins: Pins | None = None,
+                 replay_log: ReplayLog | None = None,
+                 retention: Retention | None = None) -> None:
+        self.catalog = catalog
+        self.objects = objects
+        self.codec = codec
+        self.baselines = baselines
+        self.pins = pins
+        self.replay_log = replay_log
+        self.retention = retention or Retention()
+        self._object_sizes: dict[bytes, int] = {}  # content-addressed: a size never changes
+
+    # -- verify ----------------------------------------------------------------------------
+    def verify(self, seqs: list[int] | None = None,
+               progress: Progress | None = None) -> VerifyReport:
+        """Check the manifests `seqs` (all if None) and every chunk's digest.
+
+        Manifests are read again from the storage (what a restarted job would read); each
+        distinct chunk object is decoded and checked once, and every chunk that uses a bad
+        object is reported. `progress(done, total)` is called as chunks are checked.
+        """
+        seqs = self.catalog.seqs() if seqs is None else seqs
+        problems: list[Problem] = []
+        loaded: list[Manifest] = []
+        for seq in seqs:
+            try:
+                loaded.append(self.catalog.load(seq, from_disk=True)[0])
+            except ArraysnapError as err:
+                problems.append(Problem(seq, None, None, getattr(err, "reason", str(err))))
+        total = sum(record.n_chunks for m in loaded for record in m.arrays.values())
+        checked: dict[bytes, str | None] = {}
+        done = 0
+        for manifest in loaded:
+            for name, record in manifest.arrays.items():
+                for index in range(record.n_chunks):
+                    digest = record.digest(index)
+                    if digest not in checked:
+                        try:
+                            load_chunk(self.objects, self.codec, record, index, verify=True,
+                                       seq=manifest.seq)
+                            checked[digest] = None
+                        except CorruptSnapshotError as err:
+                            checked[digest] = err.reason
+                    reason = checked[digest]
+                    if reason is not None:
+                        problems.append(Problem(manifest.seq, name, index, reason))
+                    done += 1
+                    if progress is not None and (done % 64 == 0 or done == total):
+                        progress(done, total)
+        problems.sort(key=lambda p: (p.seq if p.seq is not None else -1))
+        return VerifyReport(len(seqs), total, tuple(problems))
+
+    # -- size ------------------------------------------------------------------------------
+    def _size_of(self, digest: bytes) -> int:
+        size = self._object_sizes.get(digest)
+        if size is None:
+            try:
+                size = self._object_sizes[digest] = self.objects.size(digest)
+            except OSError:
+                return 0  # missing: verify reports it; it takes no room
+        return size
+
+    def disk_usage(self, progress: Progress | None = None) -> StoreUsage:
+        """Bytes per snapshot (unique versus shared) and for the whole store.
+
+        Objects count their stored (encoded) size; a missing object counts 0 bytes.
+        Damaged manifests are listed in ``damaged`` and left out.
+        """
+        seqs = self.catalog.seqs()
+        manifests: dict[int, tuple[Manifest, int]] = {}
+        damaged: list[str] = []
+        for position, seq in enumerate(seqs):
+            try:
+                manifests[seq] = self.catalog.load(seq)
+            except ArraysnapError as err:
+                damaged.append(str(err))
+            if progress is not None:
+                progress(position + 1, len(seqs))
+        stored = {}
+        for digest in self.objects.digests():
+            try:
+                stored[digest] = self.objects.size(digest)
+            except FileNotFoundError:
+                continue  # removed by a concurrent gc
+        usage = Usage(manifests, lambda digest: stored.get(digest, 0))
+        rows = usage.snapshots({seq: m.step for seq, (m, _) in manifests.items()},
+                               {seq: sum(r.n_chunks for r in m.arrays.values())
+                                for seq, (m, _) in manifests.items()})
+        referenced = sum(size for digest, size in stored.items() if digest in usage.refs)
+        unreferenced = [size for digest, size in stored.items() if digest not in usage.refs]
+        return StoreUsage(rows, len(stored), sum(stored.values()), referenced,
+                          len(unreferenced), sum(unreferenced),
+                          sum(size for _, size in manifests.values()),
+                          self.baselines.stored_bytes(), damaged)
+
+    # -- deleting --------------------------------------------------------------------------
+    def _all_manifests(self, action: str) -> dict[int, tuple[Manifest, int]]:
+        manifests = {}
+        for seq in self.catalog.seqs():
+            try:
+                manifests[seq] = self.catalog.load(seq)
+            except ArraysnapError as err:
+                # What a damaged manifest uses is unknown: keep everything it might use.
+                raise CorruptSnapshotError(
+                    f"{action} stopped: snapshot {seq} cannot be read ({err}); without it the "
+                    "chunks it uses are unknown. Remove or repair that manifest first"
+                ) from None
+        return manifests
+
+    def prune(self, retention: Retention) -> PruneReport:
+        """Remove what `retention` does not keep: manifests first (durably), then the chunk
+        objects no kept snapshot uses, then replay-log records older than every kept one."""
+        manifests = self._all_manifests("retention")
+        candidates = [Candidate(seq, m.step, m.time) for seq, (m, _) in manifests.items()]
+        usage = Usage(manifests, self._size_of) if retention.max_bytes is not None else None
+        doomed = retention.doomed(
+            candidates, time.time(),
+            (lambda gone: usage.size_without(c.seq for c in gone)) if usage else None)
+        if not doomed:
+            return PruneReport((), 0, 0)
+        gone = {c.seq for c in doomed}
+        used: set[bytes] = set()
+        for seq, (manifest, _) in manifests.items():
+            if seq not in gone:
+                used.update(manifest.chunk_digests())
+        dropped: set[bytes] = set()
+        for seq in gone:
+            dropped.update(manifests[seq][0].chunk_digests())
+        storage = self.objects.storage
+        for seq in sorted(gone):
+            storage.delete(manifest_key(seq))
+            self.catalog.forget(seq)
+        # The manifests are gone for good before any object they used goes.
+        storage.barrier()
+        removed, freed = self._delete_objects(dropped - used)
+        positions = [m.journal for seq, (m, _) in manifests.items() if seq not in gone]
+        if self.replay_log is not None and positions and None not in positions:
+            self.replay_log.trim(min(p for p in positions if p is not None))
+        log.info("arraysnap: retention removed snapshots %s (%d chunks, %d bytes)",
+                 sorted(gone), removed, freed)
+        return PruneReport(tuple(sorted(gone)), removed, freed)
+
+    def gc(self) -> PruneReport:
+        """Delete the chunk objects no snapshot uses (left by prune or a killed writer)."""
+        used: set[bytes] = set()
+        for manifest, _ in self._all_manifests("gc").values():
+            used.update(manifest.chunk_digests())
+        unused = [d for d in self.objects.digests() if d not in used]
+        removed, freed = self._delete_objects(unused)
+        return PruneReport((), removed, freed)
+
+    def free_space(self) -> int:
+        """The disk is full (an object writer's ENOSPC): apply the retention policy, then
+        collect garbage; return the bytes freed."""
+        freed = 0
+        try:
+            if self.retention.active:
+                freed += self.prune(self.retention).bytes_freed
+            freed += self.gc().bytes_freed
+        except (OSError, ArraysnapError) as err:
+            log.error("arraysnap: pruning to free space failed: %r", err)
+        return freed
+
+    def _delete_objects(self, digests: Iterable[bytes]) -> tuple[int, int]:
+        removed = freed = 0
+        for digest in digests:
+            try:
+                size = self.objects.size(digest)
+            except FileNotFoundError:
+                continue
+            if self.pins is not None:
+                if not self.pins.delete_unless_pinned(digest, self.objects.delete):
+                    continue
+            else:
+                self.objects.delete(digest)
+            self._object_sizes.pop(digest, None)
+            removed += 1
+            freed += size
+        return removed, freed

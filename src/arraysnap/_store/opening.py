@@ -1,0 +1,151 @@
+"""Opening a store: its settings file, creating a new one, and recovery after a killed writer.
+
+>>> import tempfile
+>>> from arraysnap.codecs import parse_codec
+>>> from arraysnap.storage import LocalStorage
+>>> storage = LocalStorage(tempfile.mkdtemp() + "/s.snap")
+>>> create_store(storage, parse_codec("zstd")).chunk_bytes
+1048576
+>>> read_settings(storage, codec=None).codec.name
+'zstd'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .._version import __version__
+from ..baselines import Baselines
+from ..chunks import assemble, find_bad_chunks, load_chunk
+from ..codecs import CodecSpec, parse_codec
+from ..errors import CorruptSnapshotError, FormatVersionError
+from ..manifest import ArrayEntry, Manifest
+from ..objects import ChunkObjects
+from ..storage import Storage
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "FORMAT_NAME", "FORMAT_VERSION", "SETTINGS_KEY", "Recovered",
+           "Settings", "create_store", "read_settings", "recover_baselines"]
+
+log = logging.getLogger("arraysnap")
+
+FORMAT_NAME = "arraysnap"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_BYTES = 1 << 20
+SETTINGS_KEY = "arraysnap.json"
+_MAX_SETTINGS_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a store fixes at creation: its codec and default chunk size."""
+
+    codec: CodecSpec
+    chunk_bytes: int
+
+
+def read_settings(storage: Storage, codec: str | None) -> Settings | None:
+    """The settings of the store in `storage`, or None if there is no store there yet.
+
+    `codec`, if given, must be the store's own: a store keeps one codec for life.
+    """
+    where = f"{storage.describe()}/{SETTINGS_KEY}"
+    try:
+        data = storage.get(SETTINGS_KEY, limit=_MAX_SETTINGS_BYTES)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise CorruptSnapshotError(f"{where} cannot be read: {err}") from None
+    try:
+        settings = json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise CorruptSnapshotError(f"{where} cannot be read: {err}") from None
+    if not isinstance(settings, dict) or settings.get("format") != FORMAT_NAME:
+        raise CorruptSnapshotError(f"{where} is not an arraysnap format file")
+    version = settings.get("version")
+    if type(version) is not int or version > FORMAT_VERSION or version < 1:
+        raise FormatVersionError(
+            f"{storage.describe()} has store format version {version!r}; this arraysnap "
+            f"{__version__} reads format version {FORMAT_VERSION} and older; upgrade arraysnap"
+        )
+    stored = settings.get("codec")
+    chunk_bytes = settings.get("chunk_bytes")
+    try:
+        stored_codec = parse_codec(stored)
+    except (TypeError, ValueError) as err:
+        raise CorruptSnapshotError(f"{where}: bad codec: {err}") from None
+    if type(chunk_bytes) is not int or chunk_bytes < 1:
+        raise CorruptSnapshotError(f"{where}: bad chunk_bytes {chunk_bytes!r}")
+    if codec is not None and parse_codec(codec) != stored_codec:
+        raise ValueError(
+            f"{storage.describe()} was created with codec "
+            f"{stored_codec.name}:{stored_codec.level}; open it without codec= (or with that "
+            f"codec), or start a new store for {codec!r}"
+        )
+    return Settings(stored_codec, chunk_bytes)
+
+
+def create_store(storage: Storage, codec: CodecSpec) -> Settings:
+    """Make a new, empty store in `storage`; its settings file is written last."""
+    storage.create()
+    settings = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "chunk_bytes": DEFAULT_CHUNK_BYTES, "codec": codec.to_json(),
+                "created": time.time(), "created_by": f"arraysnap {__version__}"}
+    storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
+    storage.barrier()  # the store's own name, in the folder that holds it
+    return Settings(codec, DEFAULT_CHUNK_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What recovery found: the snapshot the baselines now equal, and its usable tables."""
+
+    head: Manifest | None
+    # The head's arrays whose baselines hold its bytes; an array left out is written whole
+    # by the next capture (its baseline could not be rebuilt).
+    tables: dict[str, ArrayEntry]
+
+
+def recover_baselines(head: Manifest | None, baselines: Baselines, objects: ChunkObjects,
+                      codec: CodecSpec, pool: ThreadPoolExecutor) -> Recovered:
+    """Make the baselines equal `head`, the newest committed snapshot (a killed writer may
+    have left them ahead of it, half-updated, or gone); drop those that cannot be."""
+    if head is None:
+        baselines.clear_directory()
+        return Recovered(None, {})
+    tables = dict(head.arrays)
+    trusted = baselines.trusted_seq() == head.seq
+    files = (baselines.read_marker() or {"files": {}})["files"]
+    repaired = False
+    for name, record in head.arrays.items():
+        filename = files.get(name)
+        adopted = isinstance(filename, str) and baselines.adopt(name, filename, record.layout)
+        try:
+            if not adopted:
+                if record.n_chunks:  # one real chunk vouches for the size before allocating
+                    load_chunk(objects, codec, record, 0, verify=True, seq=head.seq)
+                buffer, _ = baselines.baseline(name, record.layout)
+                assemble(buffer, objects, codec, record, pool, verify=True, seq=head.seq)
+                repaired = True
+            elif not trusted:
+                bad = find_bad_chunks(baselines.entries[name].buffer, record, pool)
+                if bad:
+                    buffer, _ = baselines.baseline(name, record.layout)
+                    assemble(buffer, objects, codec, record, pool, verify=True, seq=head.seq,
+                             indices=bad)
+                    log.warning("arraysnap: repaired %d chunks of the %r baseline",
+                                len(bad), name)
+                repaired = True
+        except CorruptSnapshotError as err:
+            # The newest snapshot itself is damaged: the next capture of this array is
+            # written whole, and verify() reports the damage.
+            log.error("arraysnap: cannot rebuild the baseline of %r: %s", name, err)
+            baselines.retain_only(set(baselines.entries) - {name})
+            tables.pop(name, None)
+    baselines.remove_strays()
+    if repaired or not trusted:
+        baselines.mark_clean(head.seq)
+    return Recovered(head, tables)
