@@ -508,16 +508,16 @@ def test_progress_is_drawn_on_a_terminal_only(history, monkeypatch):
 
     from rich.console import Console
 
-    import arraysnap.cli as cli_module
+    import arraysnap._cli.output as cli_module
 
     path, _ = history
     screen = io.StringIO()
-    monkeypatch.setattr(cli_module, "_stderr",
+    monkeypatch.setattr(cli_module, "stderr",
                         lambda: Console(file=screen, force_terminal=True, width=100))
     code, out, _ = run("verify", path, "--all")
     assert code == 0 and "verifying chunks" in screen.getvalue()
     assert "verifying" not in out                   # stdout keeps only the report
     screen.truncate(0)
-    monkeypatch.setattr(cli_module, "_stderr", lambda: Console(file=screen, width=100))
+    monkeypatch.setattr(cli_module, "stderr", lambda: Console(file=screen, width=100))
     assert run("verify", path, "--all")[0] == 0
     assert screen.getvalue() == ""                  # not a terminal: no bar
