@@ -351,7 +351,7 @@ def quiesce() -> tuple[int, float]:
     """Write back all dirty page cache; return (dirty bytes before, seconds it took).
 
     Every timed operation starts from here, so that none pays for the writeback another left
-    behind (the mirror's changed pages stay dirty after a capture is durable).
+    behind (the baselines' changed pages stay dirty after a capture is durable).
     """
     dirty = meminfo_bytes("Dirty") + meminfo_bytes("Writeback")
     start = now()

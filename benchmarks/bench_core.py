@@ -152,7 +152,7 @@ def time_npsave(state: np.ndarray, directory: Path) -> tuple[float, int]:
 
 
 def mapping_source(array: np.ndarray) -> str:
-    """Which file backs a restored array: the mirror, or a temporary file it was assembled in."""
+    """Which file backs a restored array: the baseline, or a temporary file it was assembled in."""
     address = array.__array_interface__["data"][0]
     for line in Path("/proc/self/maps").read_text().splitlines():
         parts = line.split(maxsplit=5)
@@ -160,7 +160,7 @@ def mapping_source(array: np.ndarray) -> str:
         if low <= address < high:
             path = parts[5] if len(parts) == 6 else "[anonymous]"
             if "/mirror/" in path:
-                return "mirror map"
+                return "baseline map"
             # restore() assembles older (or untrusted) snapshots in an unnamed temporary file.
             if path.endswith("(deleted)"):
                 return "assembled in temp file"
@@ -296,7 +296,7 @@ class Bench:
         start = now()
         self.snap = arraysnap.open(self.path)
         self.run.lifecycle.append({"event": "writer re-open (clean)", "seconds": now() - start})
-        # The first capture after opening re-takes the baseline lock and marks the mirror dirty
+        # The first capture after opening re-takes the baseline lock and marks the baselines dirty
         # (two fsyncs): a once-per-open cost, kept out of the timed captures.
         record = self.capture(0.0, np.random.default_rng(0), timed=False)
         self.run.lifecycle.append({"event": "first capture after re-open (0 %) pause",
@@ -592,7 +592,7 @@ def print_report(run: Run, summary: dict[str, Any]) -> None:
                      fmt_bytes(med("stored_growth")), fmt_bytes(med("process_write_bytes")),
                      fmt_bytes(med("dirty_after_durable")),
                      fmt_seconds(med("flush_after_durable"))])
-    print("I/O per capture (medians; process write_bytes includes mirror pages dirtied, which "
+    print("I/O per capture (medians; process write_bytes includes baseline pages dirtied, which "
           "the kernel writes back after the snapshot is durable)")
     print(render_table(header, rows))
     print()

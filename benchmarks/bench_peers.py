@@ -1238,7 +1238,7 @@ def disk_needed(scenario: Scenario, checkpoints: int) -> int:
     """Rough space a scenario holds at its peak: kept copies of every peer at once."""
     size = scenario.size_bytes
     kept_copies = 2 * (RESTORE_BACK + 1) + checkpoints  # np.save, zarr (pruned), icechunk
-    mine = 2 + checkpoints * max(scenario.fraction, 0.01)  # mirror, base, changed chunks
+    mine = 2 + checkpoints * max(scenario.fraction, 0.01)  # baseline, base, changed chunks
     return int(size * (kept_copies + 1 + mine) * 1.1)
 
 

@@ -25,9 +25,7 @@ import json
 import os
 import statistics
 import sys
-import uuid
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ from ._cli.output import (
     status,
     stdout,
     when_text,
+    write_npz,
 )
 from ._version import __version__
 from .errors import ArraysnapError
@@ -482,27 +481,9 @@ def export_command(store: Path, snap: str, out: Path, out_format: str | None) ->
             with status(f"reading snapshot {seq}"):
                 restored = opened.restore(seq=seq)
             with progress("writing arrays") as update:
-                _write_npz(out, restored.arrays, update)
+                write_npz(out, restored.arrays, update)
             del restored
     click.echo(f"exported snapshot {seq} of {store} to {out} ({out_format})")
-
-
-def _write_npz(out: Path, arrays: dict[str, np.ndarray],
-               update: Callable[[int, int], None]) -> None:
-    # np.savez would take an array named like one of its own arguments ("file") for that
-    # argument: the archive is written here, in the same layout (one uncompressed name.npy
-    # per array). Snapshots never hold object dtypes, so every array is written as raw bytes.
-    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
-    try:
-        with zipfile.ZipFile(staging, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for done, (name, array) in enumerate(arrays.items(), 1):
-                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(array))
-                update(done, len(arrays))
-        os.replace(staging, out)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
 
 
 @cli.command("restore")

@@ -1,4 +1,5 @@
-"""How the command line prints: tables, sizes, times, JSON, progress bars, option types.
+"""How the command line prints and writes: tables, sizes, times, JSON, progress bars, option
+types, and the .npz export.
 
 >>> size_text(1536), ms_text(0.00328), ranges_text([(0, 8), (16, 24)])
 ('1.5 KiB', '3.28 ms', '0:8, 16:24')
@@ -9,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import time
+import uuid
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from ..results import SnapshotInfo
 
 __all__ = ["ByteSize", "Duration", "dtype_text", "echo_json", "ms_text", "names_text",
            "progress", "ranges_text", "size_text", "snapshot_json", "status", "stderr",
-           "stdout", "new_table", "when_text"]
+           "stdout", "new_table", "when_text", "write_npz"]
 
 
 def stdout() -> Console:
@@ -186,3 +190,19 @@ class ByteSize(click.ParamType):
         return int(float(match.group(1)) * scale)
 
 
+def write_npz(out: Path, arrays: dict[str, np.ndarray],
+               update: Callable[[int, int], None]) -> None:
+    # np.savez would take an array named like one of its own arguments ("file") for that
+    # argument: the archive is written here, in the same layout (one uncompressed name.npy
+    # per array). Snapshots never hold object dtypes, so every array is written as raw bytes.
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        with zipfile.ZipFile(staging, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for done, (name, array) in enumerate(arrays.items(), 1):
+                with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(array))
+                update(done, len(arrays))
+        os.replace(staging, out)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
