@@ -29,7 +29,6 @@ import fcntl
 import json
 import mmap
 import os
-import shutil
 import stat
 import uuid
 import weakref
@@ -102,9 +101,9 @@ def map_private(path: Path, layout: ChunkLayout, fd: int | None = None) -> np.nd
 class Baselines:
     """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
 
-    def __init__(self, root: Path, io: FileOps | None = None) -> None:
+    def __init__(self, root: Path, ops: FileOps | None = None) -> None:
         self.dir = root / "mirror"
-        self.io = io or FileOps()
+        self.ops = ops or FileOps()
         self.entries: dict[str, _Entry] = {}
         self._marked_dirty = False
         # Whether the marker on disk is a fsynced "clean", trusted even after a reboot.
@@ -138,7 +137,7 @@ class Baselines:
         marker = {"seq": seq, "clean": clean, "synced": clean and durable, "boot_id": _BOOT_ID,
                   "files": files}
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.io.write_atomic(self.dir / MARKER, json.dumps(marker).encode(), durable=durable)
+        self.ops.write_atomic(self.dir / MARKER, json.dumps(marker).encode(), durable=durable)
         self._durably_clean = clean and durable
 
     def mark_dirty(self) -> None:
@@ -171,7 +170,7 @@ class Baselines:
                 base = entry.buffer.base
                 if isinstance(base, mmap.mmap):
                     base.flush()
-            self.io.fsync(entry.fd)
+            self.ops.fsync(entry.fd)
         self._write_marker(seq, clean=True, durable=True)
         self._marked_dirty = False
 
@@ -263,7 +262,10 @@ class Baselines:
     def _drop(self, name: str) -> None:
         entry = self.entries.pop(name)
         os.close(entry.fd)
-        entry.path.unlink(missing_ok=True)
+        try:
+            self.ops.unlink(entry.path)
+        except FileNotFoundError:
+            pass
 
     def forget(self, name: str) -> None:
         """Drop `name`'s baseline: its content is no longer known to match any snapshot."""
@@ -294,7 +296,16 @@ class Baselines:
         for child in self.dir.iterdir():
             if child.name not in used and (child.suffix == ".bin"
                                            or child.name.startswith(TMP_PREFIX)):
-                child.unlink(missing_ok=True)
+                try:
+                    self.ops.unlink(child)
+                except FileNotFoundError:
+                    pass
+
+    def refuse_link(self) -> None:
+        """Remove a link planted in place of the baselines' folder: baselines are created,
+        and stray ones deleted, in there, never somewhere else."""
+        if self.dir.is_symlink():
+            self.ops.unlink(self.dir)
 
     def stored_bytes(self) -> int:
         """Bytes of the baseline files on disk (for ``disk_usage``)."""
@@ -322,7 +333,7 @@ class Baselines:
     def clear_directory(self) -> None:
         """Remove every baseline (used when the store holds no snapshot to mirror)."""
         self.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.ops.remove_tree(self.dir)
 
 
 def _safe_filename(name: object) -> bool:

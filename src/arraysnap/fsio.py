@@ -1,7 +1,11 @@
-"""The file-system seam: every write, fsync, rename and delete arraysnap does goes through here.
+"""The file-operation seam: every write, fsync, truncation, rename and delete of a local
+store's files goes through a :class:`FileOps`.
 
-Tests inject faults (EIO, ENOSPC) by subclassing :class:`FileOps` and passing it to
-``arraysnap.open(..., _io=...)``; nothing else needs patching.
+``LocalStorage`` (everything behind the storage interface) and the baselines each take one;
+tests of those two layers inject faults (EIO, ENOSPC) below them by subclassing it. Tests
+of the engine inject faults one level up instead, by wrapping the storage interface
+(``arraysnap.testing``). What does not go through it: the cleanup of a temporary file whose
+write already failed, and files the command line writes for the user outside any store.
 
 >>> import tempfile, pathlib
 >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -64,6 +69,13 @@ class FileOps:
 
     def unlink(self, path: Path) -> None:
         os.unlink(path)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def remove_tree(self, path: Path) -> None:
+        """Delete a folder and everything in it (an absent folder is no error)."""
+        shutil.rmtree(path, ignore_errors=True)
 
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

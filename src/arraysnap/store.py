@@ -271,9 +271,7 @@ class Store:
     def _recover(self, pins: Pins, buffer_bytes: int,
                  retry_delays: tuple[float, ...]) -> None:
         """Clean up after a killed writer and make the baselines equal the latest snapshot."""
-        if self._baselines.dir.is_symlink():
-            # Baselines are created, and stray ones deleted, in there: never somewhere else.
-            self._baselines.dir.unlink()
+        self._baselines.refuse_link()
         self._storage.remove_temporaries()
         head = self._catalog.newest_valid()
         seqs = self._catalog.seqs()

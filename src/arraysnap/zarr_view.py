@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterable
@@ -305,9 +304,10 @@ def export_snapshot(manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
         for key, (record, index) in chunks.items():
             target.put_if_absent(key, read_object(objects, record, index, manifest.seq))
         target.barrier()  # every file and folder of the copy, before its name appears
-        staging.rename(out)
-        FileOps().fsync_dir(out.parent)  # the copy's name survives a power cut too
+        ops = FileOps()
+        ops.replace(staging, out)
+        ops.fsync_dir(out.parent)  # the copy's name survives a power cut too
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        FileOps().remove_tree(staging)
         raise
     return out

@@ -128,7 +128,7 @@ class LocalStorage(Storage):
         for part in parent.relative_to(self.path).parts:
             current = current / part
             if current.is_symlink():
-                current.unlink()
+                self.ops.unlink(current)
         if parent.is_dir():
             return
         parent.mkdir(parents=True, exist_ok=True)
@@ -172,13 +172,13 @@ class LocalStorage(Storage):
                 with self._lock:  # possibly a new name
                     self._unsynced_dirs.add(path.parent)
             if size != at:
-                os.ftruncate(fd, at)
+                self.ops.truncate(fd, at)
             os.lseek(fd, at, os.SEEK_SET)
             try:
                 self.ops.write(fd, data)
             except BaseException:
                 # Cut off whatever part reached the file: a retry writes it all again.
-                os.ftruncate(fd, at)
+                self.ops.truncate(fd, at)
                 raise
         finally:
             os.close(fd)
@@ -281,6 +281,6 @@ class LocalStorage(Storage):
                 continue
             for entry in entries:
                 if entry.name.startswith(TMP_PREFIX) and not entry.is_dir(follow_symlinks=False):
-                    os.unlink(entry.path)
+                    self.ops.unlink(Path(entry.path))
                     removed += 1
         return removed
