@@ -65,7 +65,7 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
 
 
 def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store but the mirror, lock and capture history (which only informs),
+    """Every file of a store but the baselines, lock and capture history (which only informs),
     by relative path (to check 'unchanged')."""
     files = {}
     for file in sorted(path.rglob("*")):

@@ -1,4 +1,4 @@
-"""The mirror: ownership of baseline maps, detaching, and recovery of a dirty mirror."""
+"""The baselines: ownership of their maps, detaching, and recovery of dirty baselines."""
 
 from __future__ import annotations
 
@@ -34,18 +34,18 @@ def test_held_restore_never_changes_when_the_writer_updates_the_baseline(store_p
 
 
 def test_detach_happens_only_while_maps_are_alive(tmp_path):
-    mirror = Baselines(tmp_path)
+    baselines = Baselines(tmp_path)
     layout = plan_layout((1024,), np.dtype("u1"), "C", 256)
-    mirror.baseline("u", layout)
-    first = mirror.entries["u"].path
-    held = mirror.hand_out("u")
-    mirror.baseline("u", layout)
-    second = mirror.entries["u"].path
+    baselines.baseline("u", layout)
+    first = baselines.entries["u"].path
+    held = baselines.hand_out("u")
+    baselines.baseline("u", layout)
+    second = baselines.entries["u"].path
     assert second != first and not first.exists()  # detached; the holder keeps the old inode
     del held
-    mirror.baseline("u", layout)
-    assert mirror.entries["u"].path == second  # no map alive: updated in place
-    mirror.close()
+    baselines.baseline("u", layout)
+    assert baselines.entries["u"].path == second  # no map alive: updated in place
+    baselines.close()
 
 
 def test_dirty_mirror_is_verified_and_repaired_on_open(store_path):
@@ -171,8 +171,8 @@ def test_kill_between_captures_needs_no_rehash(store_path):
     """
     result = run_python(code)
     assert result.returncode == -signal.SIGKILL, result.stderr
-    mirror = Baselines(store_path)
-    assert mirror.trusted_seq() == 1  # clean for this boot, though never fsynced
+    baselines = Baselines(store_path)
+    assert baselines.trusted_seq() == 1  # clean for this boot, though never fsynced
     with arraysnap.open(store_path, mode="r") as reader:
         assert np.array_equal(reader.restore(verify=False).arrays["u"], np.arange(40_000.0))
         assert holds_shared_lock(baseline_file(store_path)) is False  # the map is gone again

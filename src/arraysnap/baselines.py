@@ -1,11 +1,12 @@
-"""The mirror: one memory-mapped baseline file per array, holding the last captured bytes.
+"""The baselines: one memory-mapped file per array, holding the last captured bytes.
 
-The delta kernel compares live arrays against the mirror and copies changed chunks into it.
-The mirror is a cache of the latest snapshot, never the only copy: a marker file records
-which committed snapshot it equals and whether it is clean, and a mirror that is dirty or
-unsure is checked against the manifest's digests and repaired from chunk objects.
+The delta kernel compares live arrays against their baselines and copies changed chunks into
+them. The baselines are a cache of the latest snapshot, never the only copy: a marker file
+records which committed snapshot they equal and whether they are clean, and baselines that
+are dirty or unsure are checked against the manifest's digests and repaired from chunk
+objects. They live in the store's folder ``mirror/`` (its name in the on-disk format).
 
-Ownership. ``restore()`` hands out copy-on-write maps of mirror files. On Linux such a
+Ownership. ``restore()`` hands out copy-on-write maps of baseline files. On Linux such a
 private map still shows later writes to pages it has not copied, so the writer never
 updates a file in place while someone may hold a map of it:
 
@@ -16,9 +17,9 @@ updates a file in place while someone may hold a map of it:
   new one, switches to that, and unlinks the old one, which lives on for its holders.
 
 >>> import tempfile, pathlib
->>> mirror = Baselines(pathlib.Path(tempfile.mkdtemp()))
+>>> baselines = Baselines(pathlib.Path(tempfile.mkdtemp()))
 >>> from arraysnap.layout import plan_layout
->>> baseline, fresh = mirror.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
+>>> baseline, fresh = baselines.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
 >>> baseline.size, fresh
 (4, True)
 """
@@ -331,7 +332,7 @@ class Baselines:
             os.close(entry.fd)
 
     def clear_directory(self) -> None:
-        """Remove every baseline (used when the store holds no snapshot to mirror)."""
+        """Remove every baseline (used when the store holds no snapshot they could equal)."""
         self.close()
         self.ops.remove_tree(self.dir)
 

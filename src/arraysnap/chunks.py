@@ -56,67 +56,67 @@ def chunk_digest(buffer: np.ndarray, layout: ChunkLayout, index: int) -> bytes:
 
 
 def find_bad_chunks(
-    buffer: np.ndarray, record: ArrayEntry, pool: ThreadPoolExecutor
+    buffer: np.ndarray, entry: ArrayEntry, pool: ThreadPoolExecutor
 ) -> list[int]:
-    """Indices of chunks of `buffer` whose digest differs from the record's."""
-    layout = record.layout
-    checks = pool.map(lambda i: chunk_digest(buffer, layout, i) == record.digest(i),
-                      range(record.n_chunks))
+    """Indices of chunks of `buffer` whose digest differs from the entry's."""
+    layout = entry.layout
+    checks = pool.map(lambda i: chunk_digest(buffer, layout, i) == entry.digest(i),
+                      range(entry.n_chunks))
     return [index for index, ok in enumerate(checks) if not ok]
 
 
-def _corrupt(record: ArrayEntry, index: int, seq: int, reason: str) -> CorruptSnapshotError:
-    detail = f" (object {record.digest(index).hex()[:16]})"
-    return CorruptSnapshotError(reason, seq=seq, array=record.name, chunk=index, detail=detail)
+def _corrupt(entry: ArrayEntry, index: int, seq: int, reason: str) -> CorruptSnapshotError:
+    detail = f" (object {entry.digest(index).hex()[:16]})"
+    return CorruptSnapshotError(reason, seq=seq, array=entry.name, chunk=index, detail=detail)
 
 
-def decode_chunk(data: bytes, codec: CodecSpec, record: ArrayEntry, index: int, *,
+def decode_chunk(data: bytes, codec: CodecSpec, entry: ArrayEntry, index: int, *,
                  verify: bool, seq: int) -> bytes:
-    """Decode a chunk object of `record` and (optionally) check it against its digest."""
+    """Decode a chunk object of `entry` and (optionally) check it against its digest."""
     try:
         raw = codec.decode(data)
     except Exception as err:  # numcodecs raises plain RuntimeError/ValueError on bad input
-        raise _corrupt(record, index, seq, f"chunk object does not decode: {err}") from None
-    if len(raw) != record.layout.chunk_bytes:
-        raise _corrupt(record, index, seq, f"decoded to {len(raw)} bytes, expected "
-                                           f"{record.layout.chunk_bytes}")
-    if verify and blake3.blake3(raw).digest() != record.digest(index):
-        raise _corrupt(record, index, seq, "content does not match its blake3 digest")
+        raise _corrupt(entry, index, seq, f"chunk object does not decode: {err}") from None
+    if len(raw) != entry.layout.chunk_bytes:
+        raise _corrupt(entry, index, seq, f"decoded to {len(raw)} bytes, expected "
+                                           f"{entry.layout.chunk_bytes}")
+    if verify and blake3.blake3(raw).digest() != entry.digest(index):
+        raise _corrupt(entry, index, seq, "content does not match its blake3 digest")
     return raw
 
 
-def read_object(objects: ChunkObjects, record: ArrayEntry, index: int, seq: int) -> bytes:
+def read_object(objects: ChunkObjects, entry: ArrayEntry, index: int, seq: int) -> bytes:
     """The stored (encoded) bytes of chunk `index`; CorruptSnapshotError if unreadable."""
     try:
         # Compressed data never grows much; a bound per chunk keeps a hostile object small.
-        return objects.get(record.digest(index), limit=2 * record.layout.chunk_bytes + 65536)
+        return objects.get(entry.digest(index), limit=2 * entry.layout.chunk_bytes + 65536)
     except FileNotFoundError:
-        raise _corrupt(record, index, seq, "chunk object is missing") from None
+        raise _corrupt(entry, index, seq, "chunk object is missing") from None
     except (OSError, ValueError) as err:
-        raise _corrupt(record, index, seq, f"chunk object cannot be read: {err}") from None
+        raise _corrupt(entry, index, seq, f"chunk object cannot be read: {err}") from None
 
 
 def load_chunk(
-    objects: ChunkObjects, codec: CodecSpec, record: ArrayEntry, index: int, *,
+    objects: ChunkObjects, codec: CodecSpec, entry: ArrayEntry, index: int, *,
     verify: bool, seq: int,
 ) -> bytes:
     """Read, decode and optionally verify chunk `index`; raise CorruptSnapshotError if bad."""
-    data = read_object(objects, record, index, seq)
-    return decode_chunk(data, codec, record, index, verify=verify, seq=seq)
+    data = read_object(objects, entry, index, seq)
+    return decode_chunk(data, codec, entry, index, verify=verify, seq=seq)
 
 
 def assemble(
-    buffer: np.ndarray, objects: ChunkObjects, codec: CodecSpec, record: ArrayEntry,
+    buffer: np.ndarray, objects: ChunkObjects, codec: CodecSpec, entry: ArrayEntry,
     pool: ThreadPoolExecutor, *, verify: bool, seq: int, indices: Iterable[int] | None = None,
 ) -> None:
-    """Write chunks (all, or `indices`) of `record` from chunk objects into a flat buffer."""
-    layout = record.layout
+    """Write chunks (all, or `indices`) of `entry` from chunk objects into a flat buffer."""
+    layout = entry.layout
 
     def fill(index: int) -> None:
-        raw = load_chunk(objects, codec, record, index, verify=verify, seq=seq)
+        raw = load_chunk(objects, codec, entry, index, verify=verify, seq=seq)
         start, stop = layout.chunk_range(index)
         buffer[start:stop] = np.frombuffer(raw, dtype=np.uint8, count=stop - start)
 
-    for _ in pool.map(fill, range(record.n_chunks) if indices is None else indices):
+    for _ in pool.map(fill, range(entry.n_chunks) if indices is None else indices):
         pass
 

@@ -100,19 +100,19 @@ class SnapshotDiff:
         return {"a": self.a, "b": self.b, "arrays": [d.to_json() for d in self.arrays]}
 
 
-def _array_order_chunk_shape(record: ArrayEntry) -> tuple[int, ...]:
-    shape = record.layout.chunk_shape
-    return shape if record.order == "C" else shape[::-1]
+def _array_order_chunk_shape(entry: ArrayEntry) -> tuple[int, ...]:
+    shape = entry.layout.chunk_shape
+    return shape if entry.order == "C" else shape[::-1]
 
 
-def _row_range(record: ArrayEntry, index: int) -> tuple[int, int] | None:
+def _row_range(entry: ArrayEntry, index: int) -> tuple[int, int] | None:
     """The range along axis 0 that chunk `index` covers (None for a 0-d array)."""
-    if not record.shape:
+    if not entry.shape:
         return None
-    coords = record.layout.chunk_coords(index)
-    size = _array_order_chunk_shape(record)[0]
+    coords = entry.layout.chunk_coords(index)
+    size = _array_order_chunk_shape(entry)[0]
     start = coords[0] * size
-    return start, min(start + size, record.shape[0])
+    return start, min(start + size, entry.shape[0])
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -158,21 +158,21 @@ def _is_nan(value: object) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _read_array(source: _Source, record: ArrayEntry, seq: int) -> np.ndarray:
+def _read_array(source: _Source, entry: ArrayEntry, seq: int) -> np.ndarray:
     """A whole array read from its chunk objects (verified)."""
-    layout = record.layout
+    layout = entry.layout
     buffer = np.empty(layout.nbytes, dtype=np.uint8)
-    for index in range(record.n_chunks):
-        raw = load_chunk(source.objects, source.codec, record, index, verify=True, seq=seq)
+    for index in range(entry.n_chunks):
+        raw = load_chunk(source.objects, source.codec, entry, index, verify=True, seq=seq)
         start, stop = layout.chunk_range(index)
         buffer[start:stop] = np.frombuffer(raw, dtype=np.uint8, count=stop - start)
-    flat = buffer.view(record.dtype)
-    return flat.reshape(layout.memory_shape).T if record.order == "F" else flat.reshape(
-        record.shape)
+    flat = buffer.view(entry.dtype)
+    return flat.reshape(layout.memory_shape).T if entry.order == "F" else flat.reshape(
+        entry.shape)
 
 
-def _describe(record: ArrayEntry) -> str:
-    return f"{record.shape} {record.dtype} {record.order}"
+def _describe(entry: ArrayEntry) -> str:
+    return f"{entry.shape} {entry.dtype} {entry.order}"
 
 
 def diff_snapshots(catalog: Catalog, objects: ChunkObjects, codec: CodecSpec, a: int, b: int,

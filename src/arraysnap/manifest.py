@@ -1,13 +1,13 @@
-"""Snapshot manifests: frozen records, their JSON form, and strict ``parse_*`` validators.
+"""Snapshot manifests: frozen dataclasses, their JSON form, and strict ``parse_*`` validators.
 
 A manifest is ``snapshots/<seq>.json``; its appearance is a snapshot's commit point. It lists
 every array's layout and the blake3 digest of every chunk (a base64 string of 32-byte
 digests, 43 characters per chunk), the user's state and RNG state, the capture's statistics
 and its own checksum. Anything read from disk is validated before it is used.
 
->>> record = ArrayEntry("u", (4,), np.dtype("f8"), "C", 0, 4, bytes(32))
+>>> entry = ArrayEntry("u", (4,), np.dtype("f8"), "C", 0, 4, bytes(32))
 >>> m = Manifest(seq=1, step=10, time=0.0, parent=None, codec={"name": "none", "level": 0},
-...              arrays={"u": record})
+...              arrays={"u": entry})
 >>> parse_manifest(m.to_json(), expected_seq=1).arrays["u"].shape
 (4,)
 """
@@ -188,7 +188,7 @@ class ArrayEntry:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """A committed snapshot's record. ``to_json`` adds the checksum; ``parse_manifest`` checks it.
+    """A committed snapshot's manifest. ``to_json`` adds the checksum; ``parse_manifest`` checks it.
 
     >>> Manifest(seq=3, step=None, time=1.5, parent=2, codec={"name": "none", "level": 0}).seq
     3
@@ -215,7 +215,7 @@ class Manifest:
             "time": self.time,
             "parent": self.parent,
             "codec": dict(self.codec),
-            "arrays": {name: record.to_json() for name, record in self.arrays.items()},
+            "arrays": {name: entry.to_json() for name, entry in self.arrays.items()},
             "state": self.state,
             "rng": self.rng,
             "stats": dict(self.stats),
@@ -228,8 +228,8 @@ class Manifest:
     def chunk_digests(self) -> set[bytes]:
         """Every chunk object this snapshot uses, by digest."""
         found: set[bytes] = set()
-        for record in self.arrays.values():
-            table = record.digests
+        for entry in self.arrays.values():
+            table = entry.digests
             found.update(table[i : i + DIGEST_BYTES] for i in range(0, len(table), DIGEST_BYTES))
         return found
 
@@ -291,13 +291,13 @@ def parse_array_entry(name: str, value: object) -> ArrayEntry:
     dims = value.get("dims")
     if dims is not None:
         dims = check_dims(name, len(shape), dims)
-    record = ArrayEntry(name, tuple(shape), dtype, order, split_axis, rows, digests,  # type: ignore[arg-type]
+    entry = ArrayEntry(name, tuple(shape), dtype, order, split_axis, rows, digests,  # type: ignore[arg-type]
                          dims)
-    layout = record.layout
+    layout = entry.layout
     _require(len(digests) == layout.n_chunks * DIGEST_BYTES,
              f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "
              f"{layout.n_chunks}")
-    return record
+    return entry
 
 
 def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:

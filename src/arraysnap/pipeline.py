@@ -151,7 +151,7 @@ class PersistJob:
     capture: CaptureInfo
     chunks_read: threading.Event = field(default_factory=threading.Event)
     # Filled in by the reader for the writer.
-    records: dict[str, ArrayEntry] = field(default_factory=dict)
+    entries: dict[str, ArrayEntry] = field(default_factory=dict)
     changed: dict[str, np.ndarray] = field(default_factory=dict)
     writes: list[Future[int]] = field(default_factory=list)
     pinned: list[bytes] = field(default_factory=list)
@@ -416,11 +416,11 @@ class Persister:
                 digest = future.result()
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
             layout = delta.layout
-            job.records[delta.name] = ArrayEntry(delta.name, layout.shape, layout.dtype,
+            job.entries[delta.name] = ArrayEntry(delta.name, layout.shape, layout.dtype,
                                                   layout.order, layout.split_axis,
                                                   layout.rows_per_chunk, bytes(digests),
                                                   delta.dims)
-        self._tables = dict(job.records)
+        self._tables = dict(job.entries)
         job.encode_seconds = time.perf_counter() - start
 
     def _read_chunk(self, job: PersistJob, delta: ArrayDelta, index: int) -> bytes:
@@ -480,8 +480,8 @@ class Persister:
                 # An earlier job failed after this one was read from its tables: this one
                 # holds that job's changes too, and is whole if all its objects exist. Pinned
                 # first, so that freeing space (ENOSPC) cannot delete them before the commit.
-                digests = {record.digest(i) for record in job.records.values()
-                           for i in range(record.n_chunks)}
+                digests = {entry.digest(i) for entry in job.entries.values()
+                           for i in range(entry.n_chunks)}
                 self.pins.pin(digests)
                 with self._lock:
                     job.pinned.extend(digests)
@@ -496,7 +496,7 @@ class Persister:
         except BaseException as err:  # noqa: BLE001 - handed to the caller, never lost
             self._fail(job, err)
         else:
-            self._committed = dict(job.records)
+            self._committed = dict(job.entries)
             self._parent = job.seq
             self._unpin(job)
             with self._lock:
@@ -529,7 +529,7 @@ class Persister:
             "durable_seconds": time.perf_counter() - job.started,
         }
         manifest = Manifest(job.seq, job.step, job.wall_time, self._parent, self.codec.to_json(),
-                            job.records, job.state, job.rng, stats, job.provenance,
+                            job.entries, job.state, job.rng, stats, job.provenance,
                             journal=job.journal_position)
         data = manifest.to_json()
         self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)

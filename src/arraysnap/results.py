@@ -1,4 +1,4 @@
-"""Public result records: what ``list()``, ``capture()``, ``restore()`` and ``verify()`` return.
+"""Public results: what ``list()``, ``capture()``, ``restore()`` and ``verify()`` return.
 
 >>> report = VerifyReport(snapshots_checked=1, chunks_checked=4, problems=())
 >>> report.ok
@@ -90,10 +90,10 @@ class SnapshotInfo:
                 return kind(0)
 
         arrays = {
-            name: ArrayInfo(record.shape, record.dtype, record.order, record.n_chunks,
-                            record.layout.chunk_shape if record.order == "C"
-                            else record.layout.chunk_shape[::-1], record.dims)
-            for name, record in manifest.arrays.items()
+            name: ArrayInfo(entry.shape, entry.dtype, entry.order, entry.n_chunks,
+                            entry.layout.chunk_shape if entry.order == "C"
+                            else entry.layout.chunk_shape[::-1], entry.dims)
+            for name, entry in manifest.arrays.items()
         }
         return cls(
             seq=manifest.seq, step=manifest.step, time=manifest.time, arrays=arrays,
@@ -350,7 +350,7 @@ _INT_COLUMNS = {"seq", "chunks_scanned", "chunks_compared", "chunks_changed",
 
 
 def parse_capture_stat(value: object) -> CaptureStat | None:
-    """A history line's record, or None if it is not one (hostile files are skipped).
+    """A history line's row, or None if it is not one (hostile files are skipped).
 
     >>> parse_capture_stat({"seq": 1, "step": None, "time": 0, "status": "failed"}).status
     'failed'

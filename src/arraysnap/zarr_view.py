@@ -59,8 +59,8 @@ def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
     ``<array>_dim_<axis>``.
 
     >>> from arraysnap.manifest import ArrayEntry
-    >>> record = ArrayEntry("u", (2, 1), np.dtype("u1"), "C", 0, 2, bytes(32))
-    >>> m = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": record})
+    >>> entry = ArrayEntry("u", (2, 1), np.dtype("u1"), "C", 0, 2, bytes(32))
+    >>> m = Manifest(1, None, 0.0, None, {"name": "none", "level": 0}, {"u": entry})
     >>> dimension_names(m), dimension_names(m, {"u": ("y", "x")})
     ({'u': ('u_dim_0', 'u_dim_1')}, {'u': ('y', 'x')})
     """
@@ -72,30 +72,30 @@ def dimension_names(manifest: Manifest, dims: Dims | None = None) -> Dims:
         raise ValueError(f"dims names arrays that snapshot {manifest.seq} does not have: "
                          f"{unknown}; it has {sorted(manifest.arrays)}")
     names: Dims = {}
-    for name, record in manifest.arrays.items():
-        ndim = len(record.shape)
+    for name, entry in manifest.arrays.items():
+        ndim = len(entry.shape)
         if dims and name in dims:
             try:
                 names[name] = check_dims(name, ndim, dims[name])
             except ValueError as err:
                 raise ValueError(f"open_zarr(dims=...): {err}") from None
-        elif record.dims is not None:
-            names[name] = record.dims
+        elif entry.dims is not None:
+            names[name] = entry.dims
         else:
             names[name] = tuple(f"{name}_dim_{axis}" for axis in range(ndim))
     return names
 
 
-def array_metadata(record: ArrayEntry, codec: CodecSpec,
+def array_metadata(entry: ArrayEntry, codec: CodecSpec,
                    dims: tuple[str, ...] | None = None) -> bytes:
     """The ``zarr.json`` document of one array of a snapshot (`dims`: its dimension names)."""
     from zarr.codecs import BloscCodec, BytesCodec, TransposeCodec, ZstdCodec
     from zarr.storage import MemoryStore
 
-    layout = record.layout
-    dtype = _zarr_dtype(record.dtype)
+    layout = entry.layout
+    dtype = _zarr_dtype(entry.dtype)
     chunk_shape = layout.chunk_shape if layout.order == "C" else layout.chunk_shape[::-1]
-    ndim = len(record.shape)
+    ndim = len(entry.shape)
     filters = [TransposeCodec(order=tuple(range(ndim))[::-1])] if layout.order == "F" else []
     if dtype.itemsize > 1 and dtype.byteorder != "|" and dtype.kind != "V":
         endian = "big" if dtype.byteorder == ">" or (
@@ -107,16 +107,16 @@ def array_metadata(record: ArrayEntry, codec: CodecSpec,
     if codec.name == "zstd":
         compressors = [ZstdCodec(level=codec.level, checksum=False)]
     elif codec.name == "blosc":
-        compressors = [BloscCodec(typesize=max(1, record.dtype.itemsize), cname="lz4",
+        compressors = [BloscCodec(typesize=max(1, entry.dtype.itemsize), cname="lz4",
                                   clevel=codec.level, shuffle="shuffle", blocksize=0)]
     attributes: dict[str, Any] = {"arraysnap_order": layout.order}
-    if dtype != record.dtype:
-        attributes["arraysnap_dtype"] = dtype_to_json(record.dtype)
+    if dtype != entry.dtype:
+        attributes["arraysnap_dtype"] = dtype_to_json(entry.dtype)
     documents: dict[str, Any] = {}  # what zarr writes into the store, read back below
     store = MemoryStore(documents)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns that some NumPy dtypes are not in the spec
-        zarr.create_array(store=store, shape=record.shape, chunks=chunk_shape, dtype=dtype,
+        zarr.create_array(store=store, shape=entry.shape, chunks=chunk_shape, dtype=dtype,
                           filters=filters, serializer=serializer, compressors=compressors,
                           fill_value=None, attributes=attributes, zarr_format=3,
                           dimension_names=dims, write_data=False)
@@ -134,9 +134,9 @@ def _group_metadata(manifest: Manifest, arrays: dict[str, bytes]) -> bytes:
                        "consolidated_metadata": consolidated}).encode()
 
 
-def _chunk_key(record: ArrayEntry, index: int) -> str:
-    coords = record.layout.chunk_coords(index)
-    return f"{record.name}/c" + "".join(f"/{c}" for c in coords)
+def _chunk_key(entry: ArrayEntry, index: int) -> str:
+    coords = entry.layout.chunk_coords(index)
+    return f"{entry.name}/c" + "".join(f"/{c}" for c in coords)
 
 
 ChunkKeys = dict[str, tuple[ArrayEntry, int]]
@@ -144,14 +144,14 @@ ChunkKeys = dict[str, tuple[ArrayEntry, int]]
 
 def snapshot_keys(manifest: Manifest, codec: CodecSpec,
                   dims: Dims | None = None) -> tuple[dict[str, bytes], ChunkKeys]:
-    """Metadata documents and chunk keys (to array record and chunk index) of a snapshot."""
+    """Metadata documents and chunk keys (to array entry and chunk index) of a snapshot."""
     chunks: ChunkKeys = {}
     names = dimension_names(manifest, dims)
     arrays = {}
-    for name, record in manifest.arrays.items():
-        arrays[name] = array_metadata(record, codec, names[name])
-        for index in range(record.n_chunks):
-            chunks[_chunk_key(record, index)] = (record, index)
+    for name, entry in manifest.arrays.items():
+        arrays[name] = array_metadata(entry, codec, names[name])
+        for index in range(entry.n_chunks):
+            chunks[_chunk_key(entry, index)] = (entry, index)
     metadata = {"zarr.json": _group_metadata(manifest, arrays)}
     metadata.update((f"{name}/zarr.json", document) for name, document in arrays.items())
     return metadata, chunks
@@ -194,9 +194,9 @@ class SnapshotZarrStore(Store):
         found = self._chunks.get(key)
         if found is None:
             return None
-        record, index = found
-        data = read_object(self._objects, record, index, self.manifest.seq)
-        decode_chunk(data, self._codec, record, index, verify=True, seq=self.manifest.seq)
+        entry, index = found
+        data = read_object(self._objects, entry, index, self.manifest.seq)
+        decode_chunk(data, self._codec, entry, index, verify=True, seq=self.manifest.seq)
         return data
 
     async def get(self, key: str, prototype: BufferPrototype | None = None,
@@ -301,8 +301,8 @@ def export_snapshot(manifest: Manifest, objects: ChunkObjects, codec: CodecSpec,
     try:
         for key, document in metadata.items():
             target.put_if_absent(key, document)
-        for key, (record, index) in chunks.items():
-            target.put_if_absent(key, read_object(objects, record, index, manifest.seq))
+        for key, (entry, index) in chunks.items():
+            target.put_if_absent(key, read_object(objects, entry, index, manifest.seq))
         target.barrier()  # every file and folder of the copy, before its name appears
         ops = FileOps()
         ops.replace(staging, out)

@@ -140,7 +140,7 @@ class Capturer:
         self._baseline_seq = head.seq if head is not None else None
         self._last_captured: int | None = None
         self._dims: dict[str, tuple[str, ...]] = {} if head is None else {
-            name: record.dims for name, record in head.arrays.items() if record.dims is not None}
+            name: entry.dims for name, entry in head.arrays.items() if entry.dims is not None}
 
     # -- what the baselines equal ----------------------------------------------------------
     @property

@@ -124,16 +124,16 @@ class Maintenance:
                 loaded.append(self.catalog.load(seq, from_disk=True)[0])
             except ArraysnapError as err:
                 problems.append(Problem(seq, None, None, getattr(err, "reason", str(err))))
-        total = sum(record.n_chunks for m in loaded for record in m.arrays.values())
+        total = sum(entry.n_chunks for m in loaded for entry in m.arrays.values())
         checked: dict[bytes, str | None] = {}
         done = 0
         for manifest in loaded:
-            for name, record in manifest.arrays.items():
-                for index in range(record.n_chunks):
-                    digest = record.digest(index)
+            for name, entry in manifest.arrays.items():
+                for index in range(entry.n_chunks):
+                    digest = entry.digest(index)
                     if digest not in checked:
                         try:
-                            load_chunk(self.objects, self.codec, record, index, verify=True,
+                            load_chunk(self.objects, self.codec, entry, index, verify=True,
                                        seq=manifest.seq)
                             checked[digest] = None
                         except CorruptSnapshotError as err:

@@ -120,21 +120,21 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
     trusted = baselines.trusted_seq() == head.seq
     files = (baselines.read_marker() or {"files": {}})["files"]
     repaired = False
-    for name, record in head.arrays.items():
+    for name, entry in head.arrays.items():
         filename = files.get(name)
-        adopted = isinstance(filename, str) and baselines.adopt(name, filename, record.layout)
+        adopted = isinstance(filename, str) and baselines.adopt(name, filename, entry.layout)
         try:
             if not adopted:
-                if record.n_chunks:  # one real chunk vouches for the size before allocating
-                    load_chunk(objects, codec, record, 0, verify=True, seq=head.seq)
-                buffer, _ = baselines.baseline(name, record.layout)
-                assemble(buffer, objects, codec, record, pool, verify=True, seq=head.seq)
+                if entry.n_chunks:  # one real chunk vouches for the size before allocating
+                    load_chunk(objects, codec, entry, 0, verify=True, seq=head.seq)
+                buffer, _ = baselines.baseline(name, entry.layout)
+                assemble(buffer, objects, codec, entry, pool, verify=True, seq=head.seq)
                 repaired = True
             elif not trusted:
-                bad = find_bad_chunks(baselines.entries[name].buffer, record, pool)
+                bad = find_bad_chunks(baselines.flat(name), entry, pool)
                 if bad:
-                    buffer, _ = baselines.baseline(name, record.layout)
-                    assemble(buffer, objects, codec, record, pool, verify=True, seq=head.seq,
+                    buffer, _ = baselines.baseline(name, entry.layout)
+                    assemble(buffer, objects, codec, entry, pool, verify=True, seq=head.seq,
                              indices=bad)
                     log.warning("arraysnap: repaired %d chunks of the %r baseline",
                                 len(bad), name)
@@ -143,7 +143,7 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
             # The newest snapshot itself is damaged: the next capture of this array is
             # written whole, and verify() reports the damage.
             log.error("arraysnap: cannot rebuild the baseline of %r: %s", name, err)
-            baselines.retain_only(set(baselines.entries) - {name})
+            baselines.forget(name)
             tables.pop(name, None)
     baselines.remove_strays()
     if repaired or not trusted:

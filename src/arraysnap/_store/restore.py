@@ -82,10 +82,10 @@ class Restorer:
 
     def restore_manifest(self, manifest: Manifest, verify: bool) -> Restored:
         arrays: dict[str, np.ndarray] = {}
-        for name, record in manifest.arrays.items():
+        for name, entry in manifest.arrays.items():
             array = self._map_baseline(manifest, name, verify)
             if array is None:
-                array = self._materialize(record, verify=verify, seq=manifest.seq)
+                array = self._materialize(entry, verify=verify, seq=manifest.seq)
             arrays[name] = array
         try:
             rng = rng_from_json(manifest.rng)
@@ -108,12 +108,12 @@ class Restorer:
             if name not in manifest.arrays:
                 raise KeyError(f"snapshot {manifest.seq} has no array {name!r}; it has "
                                f"{sorted(manifest.arrays)}")
-            record = manifest.arrays[name]
+            entry = manifest.arrays[name]
             if not isinstance(target, np.ndarray):
                 raise TypeError(f"restore_into needs numpy arrays, got {type(target).__name__}")
-            if target.shape != record.shape or target.dtype != record.dtype:
+            if target.shape != entry.shape or target.dtype != entry.dtype:
                 raise ValueError(
-                    f"array {name!r}: snapshot holds {record.shape} {record.dtype}, the target "
+                    f"array {name!r}: snapshot holds {entry.shape} {entry.dtype}, the target "
                     f"is {target.shape} {target.dtype}; allocate a matching array"
                 )
             if not target.flags.writeable:
@@ -127,28 +127,28 @@ class Restorer:
     # -- mapping the baselines -------------------------------------------------------------
     def _map_baseline(self, manifest: Manifest, name: str, verify: bool) -> np.ndarray | None:
         """Map the baseline of `name` if it holds exactly this snapshot; None otherwise."""
-        record = manifest.arrays[name]
+        entry = manifest.arrays[name]
         capturer = self.capturer
         if capturer is None:
             return self._map_baseline_shared(manifest, name, verify)
         if (capturer.baseline_seq != manifest.seq
-                or self.baselines.layout_of(name) != record.layout):
+                or self.baselines.layout_of(name) != entry.layout):
             return None
         if verify:
-            bad = find_bad_chunks(self.baselines.flat(name), record, self.pool)
+            bad = find_bad_chunks(self.baselines.flat(name), entry, self.pool)
             if bad:
                 log.warning("arraysnap: baseline of %r had %d damaged chunks; repairing",
                             name, len(bad))
-                buffer, _ = self.baselines.baseline(name, record.layout)
-                assemble(buffer, self.objects, self.codec, record, self.pool, verify=True,
+                buffer, _ = self.baselines.baseline(name, entry.layout)
+                assemble(buffer, self.objects, self.codec, entry, self.pool, verify=True,
                          seq=manifest.seq, indices=bad)
                 capturer.repaired(name, manifest.seq)
         return self.baselines.hand_out(name)
 
     def _map_baseline_shared(self, manifest: Manifest, name: str,
                              verify: bool) -> np.ndarray | None:
-        record = manifest.arrays[name]
-        if record.layout.nbytes == 0:
+        entry = manifest.arrays[name]
+        if entry.layout.nbytes == 0:
             return None
         marker = self.baselines.read_marker()
         filename = (marker or {}).get("files", {}).get(name)
@@ -161,25 +161,25 @@ class Restorer:
         marker = self.baselines.read_marker()
         if (marker is None or self.baselines.trusted_seq(marker) != manifest.seq
                 or marker["files"].get(name) != filename
-                or os.fstat(lease.fd).st_size != record.layout.nbytes):
+                or os.fstat(lease.fd).st_size != entry.layout.nbytes):
             lease.release()
             return None
-        array = map_private(self.baselines.dir / filename, record.layout, lease.fd)
+        array = map_private(self.baselines.dir / filename, entry.layout, lease.fd)
         if verify:
             flat = as_bytes(array)
-            if find_bad_chunks(flat, record, self.pool):
+            if find_bad_chunks(flat, entry, self.pool):
                 lease.release()
                 return None
         lease.track(array)
         return array
 
-    def _materialize(self, record: ArrayEntry, *, verify: bool, seq: int) -> np.ndarray:
-        layout = record.layout
+    def _materialize(self, entry: ArrayEntry, *, verify: bool, seq: int) -> np.ndarray:
+        layout = entry.layout
         if layout.nbytes == 0:
             return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
         # A manifest may claim any size: one real chunk (decoded to the full chunk size)
         # vouches for it before anything of that size is allocated.
-        load_chunk(self.objects, self.codec, record, 0, verify=verify, seq=seq)
+        load_chunk(self.objects, self.codec, entry, 0, verify=verify, seq=seq)
         directory = self._scratch_dir
         if directory is not None:
             directory.mkdir(exist_ok=True)
@@ -189,7 +189,7 @@ class Restorer:
             shared = mmap.mmap(handle.fileno(), layout.nbytes, mmap.MAP_SHARED)
             # No `with`: on failure the traceback still refers to views of the map, and
             # closing it then would raise BufferError over the CorruptSnapshotError.
-            assemble(np.frombuffer(shared, dtype=np.uint8), self.objects, self.codec, record,
+            assemble(np.frombuffer(shared, dtype=np.uint8), self.objects, self.codec, entry,
                      self.pool, verify=verify, seq=seq)
             shared.close()
             return map_private(Path(), layout, handle.fileno())
