@@ -54,11 +54,13 @@ from typing import Any
 from arraysnap.fsio import FileOps
 from arraysnap.storage import DEFAULT_GET_LIMIT, LocalStorage, WrapperStorage, WriterLock
 
-__all__ = ["Call", "FaultPlan", "FaultyOps", "FaultyStorage", "Rule", "key_area", "path_area"]
+__all__ = ["ANY", "Call", "FaultPlan", "FaultyOps", "FaultyStorage", "Rule", "key_area", "path_area"]
 
 STORAGE_OPERATIONS = ("get", "get_range", "exists", "size", "list_prefix", "put_if_absent",
                       "put_atomic", "append", "delete", "barrier")
 FILE_OPERATIONS = ("write", "fsync", "replace", "unlink", "fsync_dir")
+# The area that stands for every area: ("write", ANY) counts the writes of the whole store.
+ANY = "*"
 # Folders of a store whose own entry (an fsync_dir of the folder itself) belongs to them.
 _FOLDERS = ("chunks", "snapshots", "mirror", "journal", "tmp")
 
@@ -175,8 +177,21 @@ class FaultPlan:
 
     # -- the one armed fault ---------------------------------------------------------------
     def arm(self, op: str, area: str, index: int, err: int) -> None:
-        """Raise ``OSError(err)`` at the `index`-th call of `op` in `area` from now (counts
-        start again from 0), once."""
+        """Raise ``OSError(err)`` at the `index`-th call of `op` in `area` (``"*"``: in any
+        area) from now (counts start again from 0), once.
+
+        >>> import tempfile
+        >>> plan = FaultPlan(tempfile.mkdtemp())
+        >>> plan.arm("put_if_absent", "*", 1, errno.ENOSPC)
+        >>> plan.storage.put_if_absent("chunks/ab/cd", b"x")
+        True
+        >>> plan.storage.put_if_absent("snapshots/1.json", b"x")
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 28] injected ENOSPC at put_if_absent #1 in snapshots (snapshots/1.json)
+        >>> plan.injected_area, plan.counts[("put_if_absent", "*")]
+        ('snapshots', 2)
+        """
         if op not in STORAGE_OPERATIONS + FILE_OPERATIONS:
             raise ValueError(f"unknown operation {op!r}: use one of "
                              f"{', '.join(STORAGE_OPERATIONS + FILE_OPERATIONS)}")
@@ -256,17 +271,20 @@ class FaultPlan:
         with self._lock:
             number = self.counts[(op, area)]
             self.counts[(op, area)] += 1
+            self.counts[(op, ANY)] += 1
             call = Call(op, area, where, number, main)
             killed = False
             if op in FILE_OPERATIONS:
                 self.log.append(call)
                 killed = self._kill is not None and len(self.log) == self._kill[0]
-            if self.target == (op, area) and number == self.index:
-                self.target = None
-                self.injected_at, self.injected_area = where, area
-                self.injected = OSError(self.err, f"injected {errno.errorcode[self.err]} at "
-                                                  f"{op} #{number} in {area} ({where})")
-                raise self.injected
+            if self.target is not None and self.target[0] == op:
+                counted = self.counts[(op, ANY)] - 1 if self.target[1] == ANY else number
+                if self.target[1] in (area, ANY) and counted == self.index:
+                    self.target = None
+                    self.injected_at, self.injected_area = where, area
+                    self.injected = OSError(self.err, f"injected {errno.errorcode[self.err]} "
+                                                      f"at {op} #{counted} in {area} ({where})")
+                    raise self.injected
             rules = [rule for rule in self.rules if rule.matches(call) and rule._take()]
         if killed and self._kill is not None and not self._kill[1]:
             os.kill(os.getpid(), signal.SIGKILL)
