@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import arraysnap
-from arraysnap.objects import object_key
 from arraysnap.testing import SMALL_WORKLOAD, child_command, leftover_temporaries
 from arraysnap.testing import store_files as store_files
 
@@ -67,11 +66,6 @@ def assert_bit_exact(actual: np.ndarray, expected: np.ndarray) -> None:
     else:
         assert actual.flags.c_contiguous
     assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes()
-
-
-def object_path(snap: arraysnap.Store, digest: bytes) -> Path:
-    """Where a local store keeps the chunk object with `digest` (to damage it)."""
-    return snap.path / object_key(digest)
 
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

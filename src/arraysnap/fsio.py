@@ -1,7 +1,7 @@
 """The file-system seam: every write, fsync, rename and delete arraysnap does goes through here.
 
-Tests inject faults (EIO, ENOSPC) by subclassing :class:`FileOps` and passing it to
-``arraysnap.open(..., _io=...)``; nothing else needs patching.
+It sits below :class:`~arraysnap.storage.LocalStorage` and the baselines; tests inject
+faults (EIO, ENOSPC) there with :class:`arraysnap.testing.FaultPlan`, which wraps both.
 
 >>> import tempfile, pathlib
 >>> root = pathlib.Path(tempfile.mkdtemp())

@@ -14,7 +14,8 @@ for the baselines. Every call is named by its *operation* and its *area*:
   ("chunks", "snapshots", "journal", "mirror"), "root" at the top, "other" outside.
 
 Arm a fault to raise ``OSError(err)`` at the `index`-th call (from 0) of one (operation,
-area), once; or add rules that act on every matching call.
+area), once (area ``"*"``: counted over the whole store); or add rules that act on every
+matching call (fail, wait at a gate, slow down, call back before or after).
 
 >>> import errno, tempfile, numpy as np, arraysnap
 >>> plan = FaultPlan(tempfile.mkdtemp() + "/run.snap")
@@ -54,7 +55,8 @@ from typing import Any
 from arraysnap.fsio import FileOps
 from arraysnap.storage import DEFAULT_GET_LIMIT, LocalStorage, WrapperStorage, WriterLock
 
-__all__ = ["ANY", "Call", "FaultPlan", "FaultyOps", "FaultyStorage", "Rule", "key_area", "path_area"]
+__all__ = ["ANY", "Call", "FaultPlan", "FaultyOps", "FaultyStorage", "Gate", "Rule", "key_area",
+           "path_area"]
 
 STORAGE_OPERATIONS = ("get", "get_range", "exists", "size", "list_prefix", "put_if_absent",
                       "put_atomic", "append", "delete", "barrier")
@@ -153,8 +155,8 @@ class FaultPlan:
     >>> plan = FaultPlan(tempfile.mkdtemp())
     >>> plan.storage.put_if_absent("chunks/ab/cd", b"x")
     True
-    >>> sorted(plan.counts)
-    [('fsync', 'chunks'), ('put_if_absent', 'chunks'), ('replace', 'chunks'), ('write', 'chunks')]
+    >>> sorted(op for op, area in plan.counts if area == "chunks")
+    ['fsync', 'put_if_absent', 'replace', 'write']
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
