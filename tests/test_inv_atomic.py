@@ -256,3 +256,31 @@ def test_stale_or_lying_mirror_is_never_trusted_into_wrong_data(store_path: Path
     with arraysnap.open(store_path, mode="r") as reader:
         assert_workload_step(reader.restore(), 0)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Durable means durable (invariant 8): the commit point never names what a power cut can take
+# --------------------------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, reason="the committer calls no barrier before the manifest "
+                   "(ChunkObjects.sync() is never called): design.md's data flow, step 4")
+def test_every_manifest_follows_a_barrier_after_the_objects_it_names(store_path: Path):
+    plan = FaultPlan(store_path)
+    calls: list[tuple[str, str]] = []
+    for op in ("put_if_absent", "barrier"):
+        plan.before(op, None, lambda call: calls.append((call.op, call.where)))
+    with arraysnap.open(plan.storage, chunk_bytes=CHUNK,
+                        _baseline_ops=plan.baseline_ops) as snap:
+        for step in range(4):
+            capture_step(snap, step)
+            if step % 2:
+                snap.wait()
+    manifests = [i for i, (op, where) in enumerate(calls) if where.startswith("snapshots/")]
+    assert len(manifests) == 4
+    for number, index in enumerate(manifests):
+        before = calls[:index]
+        last_object = max(i for i, (op, where) in enumerate(before)
+                          if where.startswith("chunks/"))
+        assert ("barrier", "") in before[last_object:], calls[last_object:index + 1]
+        # ... and one after it: the snapshot itself is durable once wait() returns.
+        until = manifests[number + 1] if number + 1 < len(manifests) else len(calls)
+        assert ("barrier", "") in calls[index + 1 : until], calls[index:until]
