@@ -1,8 +1,15 @@
-"""Shared fixtures and helpers for the arraysnap test suite."""
+"""Shared fixtures and helpers for the arraysnap test suite.
+
+``ARRAYSNAP_TORTURE=1`` runs ten times more kill points and generated examples in the
+invariant tests (tests/test_inv_*.py).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,9 +20,20 @@ import numpy as np
 import pytest
 
 import arraysnap
-from arraysnap.objects import object_key
+from arraysnap.testing import SMALL_WORKLOAD, child_command, leftover_temporaries
+from arraysnap.testing import store_files as store_files
 
 REPO = Path(__file__).resolve().parent.parent
+TORTURE = os.environ.get("ARRAYSNAP_TORTURE") == "1"
+SCALE = 10 if TORTURE else 1
+CHUNK = 4096
+# The invariant tests' workload: the arrays of step n are a pure function of n, so a test can
+# check any snapshot of any crashed run by recomputing what was captured.
+WORKLOAD = SMALL_WORKLOAD
+workload_arrays = WORKLOAD.arrays
+workload_state = WORKLOAD.state
+workload_rng = WORKLOAD.rng
+capture_step = WORKLOAD.capture
 
 
 @pytest.fixture
@@ -50,11 +68,6 @@ def assert_bit_exact(actual: np.ndarray, expected: np.ndarray) -> None:
     assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes()
 
 
-def object_path(snap: arraysnap.Store, digest: bytes) -> Path:
-    """Where a local store keeps the chunk object with `digest` (to damage it)."""
-    return snap.path / object_key(digest)
-
-
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run `code` in a fresh interpreter (same environment); return the finished process."""
     return subprocess.run(
@@ -64,13 +77,123 @@ def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Comple
     )
 
 
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store but the baselines, lock and capture history (which only informs),
-    by relative path (to check 'unchanged')."""
-    files = {}
-    for file in sorted(path.rglob("*")):
-        relative = file.relative_to(path).as_posix()
-        if (file.is_file() and not relative.startswith(("mirror/", "tmp/"))
-                and relative not in ("lock", "history.jsonl")):
-            files[relative] = file.read_bytes()
-    return files
+def child_env() -> dict[str, str]:
+    """The environment of a child process (hash seed fixed, as for run_python)."""
+    return {**os.environ, "PYTHONHASHSEED": "0"}
+
+
+def run_child(kind: str, store: object, *args: object, timeout: float = 120
+              ) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m arraysnap.testing.children KIND STORE ARGS``; return it finished."""
+    return subprocess.run(child_command(kind, store, *args), capture_output=True, text=True,
+                          timeout=timeout, env=child_env())
+
+
+def start_child(kind: str, store: object, *args: object, **popen: object
+                ) -> subprocess.Popen[str]:
+    """Start ``python -m arraysnap.testing.children KIND STORE ARGS`` with piped output."""
+    return subprocess.Popen(child_command(kind, store, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(),
+                            **popen)  # type: ignore[call-overload]
+
+
+def assert_arrays(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """The same names, each bit-exact."""
+    assert sorted(actual) == sorted(expected)
+    for name, array in expected.items():
+        assert_bit_exact(actual[name], array)
+
+
+def assert_workload_step(restored: arraysnap.Restored, step: int | None) -> None:
+    """`restored` holds exactly what the workload captured at `step`, state and rng included."""
+    assert step is not None
+    assert restored.step == step
+    assert_arrays(restored.arrays, workload_arrays(step))
+    assert restored.state == workload_state(step)
+    expected_rng = workload_rng(step)
+    assert sorted(restored.rng) == sorted(expected_rng)
+    for key, generator in expected_rng.items():
+        assert restored.rng[key].bit_generator.state == generator.bit_generator.state
+
+
+def check_store_after_crash(path: Path, last_committed: int | None) -> int:
+    """Everything invariant 2 promises after a writer died; returns the step captured next."""
+    with arraysnap.open(path, mode="r") as reader:  # before a writer's recovery touches it
+        latest = reader.latest()
+        if latest is not None:
+            assert_workload_step(reader.restore(), latest.step)
+    with arraysnap.open(path, chunk_bytes=CHUNK) as snap:
+        infos = snap.list()
+        on_disk = sorted(p.name for p in (path / "snapshots").glob("*.json"))
+        # A manifest file that list() leaves out would be a half-written snapshot.
+        assert [f"{info.seq:012d}.json" for info in infos] == on_disk
+        assert leftover_temporaries(path) == []
+        report = snap.verify()
+        assert report.ok, str(report)
+        if last_committed is not None:
+            assert infos, f"step {last_committed} was committed but no snapshot is listed"
+            assert infos[-1].step >= last_committed
+        events = []
+        for info in infos:
+            restored = snap.restore(seq=info.seq)
+            assert_workload_step(restored, info.step)
+            events.append(list(restored.events))
+            # The replay log: only records logged after the snapshot's capture...
+            assert all(event["after"] >= info.step for event in restored.events), events[-1]
+        for older, newer in zip(events, events[1:], strict=False):
+            # ... and a newer snapshot's records are the tail of an older one's (no record
+            # lost, reordered or trimmed away while a snapshot that needs it is kept).
+            assert older[len(older) - len(newer):] == newer
+        step = infos[-1].step + 1 if infos else 0
+        # Capture before restoring the latest (a restore repairs the baseline by itself): the
+        # recovery in open() alone must have made the baseline right.
+        capture_step(snap, step)
+        snap.wait()
+        assert_workload_step(snap.restore(), step)
+        for info in infos[-2:]:
+            assert_workload_step(snap.restore(seq=info.seq), info.step)
+    return step
+
+
+@pytest.fixture
+def template_store(tmp_path: Path) -> Path:
+    """A store with one snapshot (seq 1, step 7: "u", "s", state and rng) to make hostile."""
+    path = tmp_path / "template.snap"
+    with arraysnap.open(path, chunk_bytes=CHUNK) as snap:
+        snap.capture({"u": np.arange(2000.0).reshape(4, 500), "s": np.array(1)}, step=7,
+                     state={"t": [1, 2]}, rng=np.random.default_rng(1))
+    return path
+
+
+@pytest.fixture
+def file_size_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Files of at most 256 MiB, and arraysnap's log quiet, while a hostile store is read."""
+    # A hostile manifest may claim any size; with this limit an attempt to allocate a huge file
+    # fails at once (EFBIG) instead of filling the disk, and shows up as a non-arraysnap error.
+    # The many damaged-snapshot log records these tests provoke are expected: keep them quiet.
+    monkeypatch.setattr(logging.getLogger("arraysnap"), "disabled", True)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 20, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A small (8 MiB) file system that really fills up; skipped without root."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (a disk that really fills) needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import REPO, assert_bit_exact, object_path
+from conftest import REPO, assert_bit_exact
 
 import arraysnap
 from arraysnap.cli import cli
+from arraysnap.testing import chunk_file
 
 COMMANDS = ["ls", "show", "diff", "verify", "prune", "gc", "du", "export", "restore", "stats"]
 
@@ -59,8 +60,7 @@ def history(tmp_path: Path) -> tuple[Path, dict[int, dict[str, np.ndarray]]]:
 
 
 def flip_a_byte_of(store: Path, seq: int, name: str, chunk: int) -> Path:
-    with arraysnap.open(store, mode="r") as snap:
-        victim = object_path(snap, snap._catalog.load(seq)[0].arrays[name].digest(chunk))
+    victim = chunk_file(store, seq, name, chunk)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x40
     victim.write_bytes(bytes(data))

@@ -9,6 +9,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,52 +18,39 @@ from conftest import assert_bit_exact
 import arraysnap
 from arraysnap import budget as budget_module
 from arraysnap import pipeline
-from arraysnap.fsio import FileOps
+from arraysnap.testing import Call, FaultPlan, Gate, Rule
 
 CHUNK = 4096
 
 
-class GatedIO(FileOps):
-    """Chunk-object writes wait for `gate` (so tests control when the disk 'finishes')."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.gate.set()
-        self.writes_started = threading.Event()
-
-    def write(self, fd, data):
-        if "/chunks/" in _fd_path(fd):
-            self.writes_started.set()
-            assert self.gate.wait(60), "test gate never opened"
-        super().write(fd, data)
+def faulty(store_path: Path) -> tuple[FaultPlan, dict[str, Any]]:
+    """A fault plan for the store at `store_path`, and the options that open it through it."""
+    plan = FaultPlan(store_path)
+    return plan, {"path": plan.storage, "_baseline_ops": plan.baseline_ops}
 
 
-class FlakyIO(FileOps):
+def gated(store_path: Path) -> tuple[Gate, dict[str, Any]]:
+    """Chunk-object writes wait while the gate is closed (so tests control when the disk
+    'finishes'); the options that open the store through it."""
+    plan, options = faulty(store_path)
+    return plan.gate("put_if_absent", "chunks"), options
+
+
+class Flaky:
     """Chunk-object writes fail with `err` `times` times (then succeed), while armed."""
 
-    def __init__(self) -> None:
-        self.err = errno.EIO
-        self.times = 0
-        self.failed = 0
-        self.lock = threading.Lock()
+    def __init__(self, store_path: Path) -> None:
+        self.plan, self.options = faulty(store_path)
+        self.rule: Rule | None = None
 
     def arm(self, err: int, times: int) -> None:
-        with self.lock:
-            self.err, self.times, self.failed = err, times, 0
+        if self.rule is not None:
+            self.plan.remove(self.rule)
+        self.rule = self.plan.fail("put_if_absent", "chunks", err, times=times)
 
-    def write(self, fd, data):
-        if "/chunks/" in _fd_path(fd):
-            with self.lock:
-                if self.failed < self.times:
-                    self.failed += 1
-                    raise OSError(self.err, f"injected {errno.errorcode[self.err]}")
-        super().write(fd, data)
-
-
-def _fd_path(fd: int) -> str:
-    import os
-
-    return os.readlink(f"/proc/self/fd/{fd}")
+    @property
+    def failed(self) -> int:
+        return 0 if self.rule is None else self.rule.fired
 
 
 def in_thread(function, *args):
@@ -81,19 +69,19 @@ def in_thread(function, *args):
 
 
 def test_each_snapshot_is_the_state_at_its_capture_while_writes_lag(store_path: Path):
-    io = GatedIO()
-    io.gate.clear()
+    gate, options = gated(store_path)
+    gate.close()
     rng = np.random.default_rng(0)
     u = rng.random(20_000)
     expected = {}
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+    with arraysnap.open(chunk_bytes=CHUNK, **options) as snap:
         infos = []
         for step in range(5):
             infos.append(snap.capture({"u": u}, step=step))
             expected[step] = u.copy()
             u[rng.integers(0, u.size, 50)] = rng.random(50)  # the program runs on at once
         assert not any(info.done() for info in infos)  # nothing durable yet: writes wait
-        io.gate.set()
+        gate.open()
         snap.wait()
         assert [info.result().step for info in infos] == list(range(5))
         for step in range(5):
@@ -101,20 +89,20 @@ def test_each_snapshot_is_the_state_at_its_capture_while_writes_lag(store_path: 
 
 
 def test_a_capture_waits_only_until_the_previous_one_has_read_its_chunks(store_path: Path):
-    io = GatedIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+    gate, options = gated(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, **options) as snap:
         u = np.zeros(8 * 1024)
         snap.capture({"u": u}, step=0).result()
-        io.gate.clear()
+        gate.close()
         u[:] = 1.0
         first = snap.capture({"u": u}, step=1)
-        assert io.writes_started.wait(30)  # the first one is now stuck writing
+        assert gate.started.wait(30)  # the first one is now stuck writing
         u[:] = 2.0
         thread, box = in_thread(lambda: snap.capture({"u": u}, step=2))
         thread.join(30)
         assert not thread.is_alive(), "capture waited for the previous capture's writes"
         assert not first.done()
-        io.gate.set()
+        gate.open()
         snap.wait()
         assert box["value"].result().step == 2
         assert snap.restore(step=1).arrays["u"][0] == 1.0
@@ -137,13 +125,13 @@ def budget_use_after(monkeypatch, method: str) -> list[int]:
 
 def test_backpressure_bounds_the_chunk_data_held_in_memory(store_path: Path, monkeypatch):
     held = budget_use_after(monkeypatch, "acquire")
-    io = GatedIO()
+    gate, options = gated(store_path)
     limit = 1 << 16
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, buffer_bytes=limit, _io=io) as snap:
+    with arraysnap.open(chunk_bytes=CHUNK, buffer_bytes=limit, **options) as snap:
         rng = np.random.default_rng(1)
         u = rng.random(64 * 1024)  # 512 KiB of noise: 128 chunks that hardly compress
         snap.capture({"u": u}, step=0).result()
-        io.gate.clear()
+        gate.close()
         u[:] = rng.random(u.size)
         first = snap.capture({"u": u}, step=1)
         u[:] = rng.random(u.size)
@@ -152,7 +140,7 @@ def test_backpressure_bounds_the_chunk_data_held_in_memory(store_path: Path, mon
         # The reader filled the buffer and waits for the (stuck) disk; so does the caller.
         assert thread.is_alive(), "capture went on while the buffer was full"
         assert max(held) <= limit
-        io.gate.set()
+        gate.open()
         thread.join(60)
         assert not thread.is_alive()
         snap.wait()
@@ -163,8 +151,8 @@ def test_backpressure_bounds_the_chunk_data_held_in_memory(store_path: Path, mon
 
 def test_a_background_failure_is_raised_by_the_next_capture_with_its_cause(store_path: Path,
                                                                            caplog):
-    io = FlakyIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
+    io = Flaky(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, **io.options, _retry_delays=(0.0,)) as snap:
         u = np.zeros(4096)
         snap.capture({"u": u}, step=0).result()
         io.arm(errno.EIO, 100)
@@ -190,8 +178,8 @@ def test_a_background_failure_is_raised_by_the_next_capture_with_its_cause(store
 
 
 def test_wait_and_close_raise_a_pending_failure(store_path: Path):
-    io = FlakyIO()
-    snap = arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=())
+    io = Flaky(store_path)
+    snap = arraysnap.open(chunk_bytes=CHUNK, **io.options, _retry_delays=())
     io.arm(errno.ENOSPC, 100)
     snap.capture({"u": np.ones(100)}, step=0)
     with pytest.raises(arraysnap.StoreWriteError) as caught:
@@ -207,8 +195,8 @@ def test_wait_and_close_raise_a_pending_failure(store_path: Path):
 
 
 def test_transient_errors_are_retried_and_counted(store_path: Path):
-    io = FlakyIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io,
+    io = Flaky(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, **io.options,
                         _retry_delays=(0.0, 0.0, 0.0)) as snap:
         io.arm(errno.EIO, 2)
         u = np.arange(3000.0)
@@ -224,8 +212,8 @@ def test_transient_errors_are_retried_and_counted(store_path: Path):
 
 
 def test_disk_full_first_frees_space_then_retries(store_path: Path):
-    io = FlakyIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
+    io = Flaky(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, **io.options, _retry_delays=(0.0,)) as snap:
         snap.capture({"u": np.zeros(2048)}, step=0).result()
         # Leftovers of a killed writer: objects no snapshot uses.
         orphan = store_path / "chunks" / "ff" / ("ee" * 31)
@@ -237,8 +225,8 @@ def test_disk_full_first_frees_space_then_retries(store_path: Path):
 
 
 def test_disk_full_prunes_by_the_retention_policy(store_path: Path):
-    io = FlakyIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, keep_within=3600, _io=io,
+    io = Flaky(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, keep_within=3600, **io.options,
                         _retry_delays=(0.0,)) as snap:
         for step in range(3):
             snap.capture({"u": np.full(2048, float(step))}, step=step).result()
@@ -251,8 +239,8 @@ def test_disk_full_prunes_by_the_retention_policy(store_path: Path):
 
 
 def test_on_error_warn_goes_on_keeps_changes_and_warns_once_per_kind(store_path: Path):
-    io = FlakyIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, on_error="warn", _io=io,
+    io = Flaky(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, on_error="warn", **io.options,
                         _retry_delays=()) as snap:
         u = np.zeros(4096)
         snap.capture({"u": u}, step=0).result()
@@ -290,14 +278,11 @@ def test_interpreter_exit_finishes_pending_work(store_path: Path):
 def test_retention_never_deletes_an_object_a_capture_in_flight_dedups_against(store_path):
     import time
 
-    class SlowUnlink(FileOps):  # a slow file system: deleting a chunk object takes 0.3 s
-        def unlink(self, path):
-            if "/chunks/" in str(path):
-                time.sleep(0.3)
-            super().unlink(path)
+    plan, options = faulty(store_path)
+    plan.slow("delete", "chunks", 0.3)  # a slow file system: deleting a chunk object takes 0.3 s
 
     a, b = np.full(1 << 14, 1.0), np.full(1 << 14, 2.0)  # one chunk each
-    with arraysnap.open(store_path, keep_last=1, chunk_bytes=1 << 17, _io=SlowUnlink()) as snap:
+    with arraysnap.open(keep_last=1, chunk_bytes=1 << 17, **options) as snap:
         snap.capture({"u": a}, step=1).result()
         snap.capture({"u": b}, step=2)  # its commit removes snapshot 1 and object(a)...
         time.sleep(0.1)
@@ -309,28 +294,20 @@ def test_retention_never_deletes_an_object_a_capture_in_flight_dedups_against(st
 
 
 def test_space_freed_for_a_commit_never_takes_objects_it_inherited(store_path):
-    class Faults(FileOps):
-        def __init__(self) -> None:
-            self.manifest_failures = 1
-            self.journal_full = 0
+    plan, options = faulty(store_path)
+    full_journal: list[Rule] = []
 
-        def write(self, fd, data):
-            where = _fd_path(fd)
-            if "/snapshots/.tmp-000000000002" in where and self.manifest_failures:
-                self.manifest_failures -= 1
-                self.journal_full = 1
-                time.sleep(0.5)  # let the next capture be read from this one's tables
-                raise OSError(errno.EROFS, "injected on manifest 2")
-            if "/journal/" in where and self.journal_full:
-                self.journal_full = 0
-                raise OSError(errno.ENOSPC, "injected on the journal")
-            super().write(fd, data)
+    def fail_manifest_2(call: Call) -> None:
+        full_journal.append(plan.fail("append", "journal", errno.ENOSPC))
+        time.sleep(0.5)  # let the next capture be read from this one's tables
+        raise OSError(errno.EROFS, "injected on manifest 2")
 
     import time
 
-    io = Faults()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, on_error="warn", _io=io,
-                        _retry_delays=(0.0,)) as snap:
+    manifest_2 = plan.add(Rule("put_if_absent", "snapshots", match="000000000002",
+                               before=fail_manifest_2, times=1))
+    with arraysnap.open(chunk_bytes=CHUNK, on_error="warn", _retry_delays=(0.0,),
+                        **options) as snap:
         u = np.zeros(2 * 512)  # two chunks
         snap.capture({"u": u}, step=1).result()
         u[:512] = 1.0  # chunk 0 changes in 2 (which fails) and stays so in 3
@@ -346,6 +323,8 @@ def test_space_freed_for_a_commit_never_takes_objects_it_inherited(store_path):
             u[0] = 5.0
             snap.capture({"u": u}, step=4).result()
         assert snap.verify().ok
+        # Both faults did happen.
+        assert manifest_2.fired == 1 and full_journal and full_journal[0].fired == 1
         assert_bit_exact(arraysnap.open(store_path, mode="r").restore().arrays["u"], u)
 
 
@@ -413,42 +392,36 @@ def test_the_pipeline_unmaps_every_held_chunk_once_idle(store_path: Path, monkey
 
 
 def test_chunk_objects_are_written_by_more_than_one_thread(store_path: Path):
-    class CountingIO(GatedIO):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lock = threading.Lock()
-            self.inside = 0
-            self.most = 0
-            self.two = threading.Event()
+    plan, options = faulty(store_path)
+    lock = threading.Lock()
+    inside = [0]
+    two = threading.Event()
 
-        def write(self, fd, data):
-            if "/chunks/" not in _fd_path(fd):
-                return FileOps.write(self, fd, data)
-            with self.lock:
-                self.inside += 1
-                self.most = max(self.most, self.inside)
-                if self.inside >= 2:
-                    self.two.set()
-            try:
-                super().write(fd, data)
-            finally:
-                with self.lock:
-                    self.inside -= 1
+    def enter(call: Call) -> None:
+        with lock:
+            inside[0] += 1
+            if inside[0] >= 2:
+                two.set()
 
-    io = CountingIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io) as snap:
+    def leave(call: Call) -> None:
+        with lock:
+            inside[0] -= 1
+
+    plan.add(Rule("put_if_absent", "chunks", before=enter, after=leave))
+    gate = plan.gate("put_if_absent", "chunks")  # after enter(): writers wait inside
+    with arraysnap.open(chunk_bytes=CHUNK, **options) as snap:
         snap.capture({"u": np.zeros(16 * 512)}, step=0).result()
-        io.gate.clear()
+        gate.close()
         info = snap.capture({"u": np.arange(16 * 512.0)}, step=1)
-        assert io.two.wait(30), "one chunk object at a time"
-        io.gate.set()
+        assert two.wait(30), "one chunk object at a time"
+        gate.open()
         assert info.result().chunks_changed == 16
         assert snap.verify().ok
 
 
 def test_freeing_space_from_an_object_writer_excludes_commits(store_path: Path):
-    io = FlakyIO()
-    with arraysnap.open(store_path, chunk_bytes=CHUNK, _io=io, _retry_delays=(0.0,)) as snap:
+    io = Flaky(store_path)
+    with arraysnap.open(chunk_bytes=CHUNK, **io.options, _retry_delays=(0.0,)) as snap:
         persister = snap._persister
         owned = []
         real_free_space = persister.listener.free_space

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_bit_exact, object_path, store_files
+from conftest import assert_bit_exact, store_files
 
 import arraysnap
 from arraysnap.codecs import parse_codec
+from arraysnap.testing import chunk_file
 
 
 def dtype_zoo() -> list[np.ndarray]:
@@ -334,8 +335,7 @@ def test_restore_fallback_skips_damaged_snapshots_and_says_why(snap, store_path)
     for step in range(4):
         snap.capture({"u": np.full(4096, step, dtype="u1"), "w": np.arange(10) + step}, step=step)
     snap.wait()
-    # seq 3 loses a chunk
-    object_path(snap, snap._catalog.load(3)[0].arrays["u"].digest(0)).unlink()
+    chunk_file(store_path, 3, "u", 0).unlink()  # seq 3 loses a chunk
     newest = store_path / "snapshots" / f"{4:012d}.json"
     newest.write_bytes(newest.read_bytes()[:-5])  # seq 4 is torn
     snap.close()
@@ -363,8 +363,7 @@ def test_restore_fallback_skips_damaged_snapshots_and_says_why(snap, store_path)
 def test_verify_names_snapshot_array_and_chunk(snap):
     snap.capture({"u": np.arange(4096, dtype="u1"), "v": np.zeros(100)}, step=1)
     snap.wait()
-    digest = snap._catalog.load(1)[0].arrays["u"].digest(0)
-    path = object_path(snap, digest)
+    path = chunk_file(snap.path, 1, "u", 0)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))

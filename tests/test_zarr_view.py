@@ -7,9 +7,9 @@ import asyncio
 import numpy as np
 import pytest
 import zarr
-from conftest import object_path
 
 import arraysnap
+from arraysnap.testing import chunk_file
 
 
 def arrays() -> dict[str, np.ndarray]:
@@ -71,7 +71,7 @@ def test_corrupt_chunk_is_reported_through_zarr(store_path):
     with arraysnap.open(store_path, chunk_bytes=64) as snap:
         snap.capture({"u": np.arange(100.0)})
         store = snap.zarr_store()
-        victim = object_path(snap, snap._catalog.load(1)[0].arrays["u"].digest(3))
+        victim = chunk_file(store_path, 1, "u", 3)
     data = bytearray(victim.read_bytes())
     data[-1] ^= 1
     victim.write_bytes(bytes(data))

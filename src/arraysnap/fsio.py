@@ -2,10 +2,10 @@
 store's files goes through a :class:`FileOps`.
 
 ``LocalStorage`` (everything behind the storage interface) and the baselines each take one;
-tests of those two layers inject faults (EIO, ENOSPC) below them by subclassing it. Tests
-of the engine inject faults one level up instead, by wrapping the storage interface
-(``arraysnap.testing``). What does not go through it: the cleanup of a temporary file whose
-write already failed, and files the command line writes for the user outside any store.
+tests inject faults (EIO, ENOSPC) there with :class:`arraysnap.testing.FaultPlan`, which
+wraps it and the storage interface above it. What does not go through it: the cleanup of a
+temporary file whose write already failed, and files the command line writes for the user
+outside any store.
 
 >>> import tempfile, pathlib
 >>> root = pathlib.Path(tempfile.mkdtemp())

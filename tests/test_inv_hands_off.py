@@ -1,0 +1,157 @@
+"""Invariant 4, hands off: capture never modifies the caller's arrays; a restored array never
+changes under its holder because of a later capture, restore or prune, in this process or
+another one (a reader's map of a baseline the writer updates in place is the hard case).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (
+    CHUNK,
+    assert_arrays,
+    assert_bit_exact,
+    assert_workload_step,
+    capture_step,
+    start_child,
+)
+
+import arraysnap
+
+
+def test_capture_never_modifies_or_requires_writable_arrays(store_path: Path, tmp_path: Path):
+    backing = tmp_path / "ro.bin"
+    np.arange(5000, dtype="<u4").tofile(backing)
+    mapped_ro = np.memmap(backing, dtype="<u4", mode="r")
+    base = np.random.default_rng(3).standard_normal((64, 128))
+    frozen = base.copy()
+    frozen.flags.writeable = False
+    arrays = {"c": base, "frozen": frozen, "fortran": np.asfortranarray(base[:, :100]),
+              "strided": base[::3, 1::2], "mapped_ro": mapped_ro,
+              "big_endian": base.astype(">f4"), "scalar": np.array(2.5)}
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        for round_ in range(4):
+            originals = {name: (a.copy(order="A"), a.flags.writeable) for name, a in
+                         arrays.items()}
+            snap.capture(arrays, step=round_)
+            snap.wait()
+            for name, array in arrays.items():
+                copy, writeable = originals[name]
+                assert array.flags.writeable == writeable
+                assert array.dtype == copy.dtype and array.shape == copy.shape
+                assert np.ascontiguousarray(array).tobytes() == copy.tobytes(order="C")
+            assert_arrays(snap.restore().arrays, {n: c for n, (c, _) in originals.items()})
+            base[round_ * 7 % 64] += 1.0  # also moves the views that share it
+            arrays["fortran"] = np.asfortranarray(base[:, :100])
+            arrays["big_endian"] = base.astype(">f4")
+
+
+def test_restored_arrays_never_change_under_their_holder_in_this_process(store_path: Path):
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        for step in range(3):
+            capture_step(snap, step)
+        latest = snap.restore()  # maps the baseline
+        older = snap.restore(seq=1)  # materialised from chunk objects
+        kept = [(latest, 2), (older, 0)]
+        with arraysnap.open(store_path, mode="r") as reader:
+            kept.append((reader.restore(), 2))
+            for step in range(3, 9):
+                capture_step(snap, step)
+                snap.wait()
+                kept.append((snap.restore(), step))
+                snap.restore(seq=snap.list()[0].seq)
+                if step == 6:
+                    snap.prune(keep_last=1)
+                    snap.gc()
+                for restored, expected_step in kept:
+                    assert_workload_step(restored, expected_step)
+        # Writing into a restored array is the holder's business and reaches nobody else.
+        latest.arrays["u"][:] = -1.0
+        assert_workload_step(snap.restore(), 8)
+
+
+def test_restored_array_used_as_the_live_array(store_path: Path):
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        snap.capture({"u": np.zeros((32, 512))}, step=0)
+        live = snap.restore().arrays["u"]
+        for step in range(1, 9):
+            # Half the time someone else also holds the baseline that `live` maps.
+            other = snap.restore() if step % 2 else None
+            expected_other = None if other is None else np.array(other.arrays["u"])
+            live[step * 5 % 32, :] = step
+            live[(step * 11) % 32, 7] = -step
+            expected_live = np.array(live)
+            snap.capture({"u": live}, step=step)
+            snap.wait()
+            assert_bit_exact(live, expected_live)  # the caller's own array, even if a map
+            if other is not None:
+                assert_bit_exact(other.arrays["u"], expected_other)
+            assert_bit_exact(snap.restore().arrays["u"], expected_live)
+            assert not snap.restore(seq=1).arrays["u"].any()
+            if step == 4:
+                live = snap.restore().arrays["u"]  # a fresh map of the current baseline
+            del other
+
+
+def test_a_map_outlives_its_store_and_a_reopened_writer_leaves_it_alone(store_path: Path):
+    """A restored array kept after close(): the next writer (here, in the same process) must
+    not update its baseline file in place."""
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        snap.capture({"u": np.arange(20000.0)}, step=0)
+        kept = snap.restore().arrays["u"]
+    expected = np.array(kept)
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        for step in range(1, 4):
+            snap.capture({"u": np.full(20000, float(step))}, step=step)
+            snap.wait()
+            assert_bit_exact(kept, expected)
+        assert_bit_exact(snap.restore().arrays["u"], np.full(20000, 3.0))
+    del kept
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:  # the lock went with the map
+        snap.capture({"u": np.zeros(20000)}, step=4)
+        snap.wait()
+
+
+
+@pytest.mark.parametrize("scenario", ["writer-closed", "writer-open-idle",
+                                      "writer-between-captures"])
+def test_reader_process_maps_survive_the_writer_updating_them(store_path: Path, scenario: str):
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        for step in range(3):
+            capture_step(snap, step)
+    writer = None
+    if scenario != "writer-closed":
+        writer = arraysnap.open(store_path, chunk_bytes=CHUNK)
+    if scenario == "writer-between-captures":
+        capture_step(writer, 3)  # type: ignore[arg-type]
+        writer.wait()  # type: ignore[union-attr]
+    reader = start_child("reader-holds", store_path, stdin=subprocess.PIPE)
+    try:
+        first = json.loads(reader.stdout.readline() or "null")  # type: ignore[union-attr]
+        assert first is not None, reader.communicate()[1]
+        held_step = 3 if scenario == "writer-between-captures" else 2
+        assert first["step"] == held_step and first["right"]
+        # The hard case is exercised: the reader holds maps of the baseline files themselves.
+        assert first["maps_baseline"]
+        writer = writer or arraysnap.open(store_path, chunk_bytes=CHUNK)
+        for step in range(held_step + 1, held_step + 8):
+            capture_step(writer, step)
+            if step % 2:
+                writer.wait()
+        writer.wait()
+        writer.restore()
+        writer.prune(keep_last=1)
+        writer.close()
+        out, err = reader.communicate("go\n", timeout=60)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        if writer is not None:
+            writer.close()
+    assert reader.returncode == 0, err
+    assert json.loads(out.splitlines()[-1]) == {"unchanged": True}
+
