@@ -31,9 +31,9 @@ from conftest import (
 import arraysnap
 from arraysnap.testing import (
     FaultPlan,
+    baseline_files,
     chunk_references,
     committed_reports,
-    mirror_files,
     read_marker,
     write_marker,
 )
@@ -241,10 +241,10 @@ def test_stale_or_lying_mirror_is_never_trusted_into_wrong_data(store_path: Path
     shutil.copytree(saved, store_path / "mirror")
     marker = store_path / "mirror" / "state.json"
     if lie == "files-missing":
-        for file in mirror_files(store_path):
+        for file in baseline_files(store_path):
             file.unlink()
     elif lie == "wrong-size":
-        for file in mirror_files(store_path):
+        for file in baseline_files(store_path):
             with file.open("ab") as handle:
                 handle.write(b"\0" * 8)
     elif lie == "marker-garbage":

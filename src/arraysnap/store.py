@@ -114,7 +114,6 @@ def open(  # noqa: A001 - the public name the API promises
     signals: bool | Iterable[int] = (),
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     track_writes: bool | Literal["auto"] = "auto",
-    _io: FileOps | None = None,
     _baseline_ops: FileOps | None = None,
     _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
 ) -> Store:
@@ -148,12 +147,12 @@ def open(  # noqa: A001 - the public name the API promises
     True
     >>> snap.close()
     """
-    storage = path if isinstance(path, Storage) else LocalStorage(path, _io)
+    storage = path if isinstance(path, Storage) else LocalStorage(path)
     return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
                  buffer_bytes=buffer_bytes, track_writes=track_writes,
-                 baseline_ops=_baseline_ops or _io, retry_delays=_retry_delays)
+                 baseline_ops=_baseline_ops, retry_delays=_retry_delays)
 
 
 class _Events(Listener):

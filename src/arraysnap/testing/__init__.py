@@ -25,6 +25,7 @@ True
 from arraysnap.testing._damage import (
     BASELINE_DAMAGE,
     CHUNK_DAMAGE,
+    baseline_files,
     chunk_file,
     chunk_references,
     damage_baselines,
@@ -33,7 +34,6 @@ from arraysnap.testing._damage import (
     flip_bits,
     leftover_temporaries,
     manifest_files,
-    mirror_files,
     object_intact,
     read_marker,
     store_codec,
@@ -70,7 +70,7 @@ __all__ = [
     "FaultPlan", "FaultyOps", "FaultyStorage", "Gate", "Rule", "Tally", "Workload",
     "array_difference", "capture_step", "child_command", "chunk_file", "chunk_references",
     "committed_reports", "damage_baselines", "damage_object", "flip_bit", "flip_bits",
-    "key_area", "leftover_temporaries", "manifest_files", "mirror_files", "object_intact",
+    "key_area", "leftover_temporaries", "manifest_files", "baseline_files", "object_intact",
     "path_area", "read_marker", "restored_difference", "store_codec", "store_files",
     "truncate", "workload_arrays", "workload_rng", "workload_state", "write_marker",
 ]

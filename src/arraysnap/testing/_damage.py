@@ -31,7 +31,7 @@ from arraysnap.codecs import CodecSpec, parse_codec
 
 __all__ = ["BASELINE_DAMAGE", "CHUNK_DAMAGE", "chunk_file", "chunk_references", "damage_baselines",
            "damage_object", "flip_bit", "flip_bits", "leftover_temporaries", "manifest_files",
-           "mirror_files", "object_intact", "read_marker", "store_codec", "store_files",
+           "baseline_files", "object_intact", "read_marker", "store_codec", "store_files",
            "truncate", "write_marker"]
 
 DIGEST_BYTES = 32
@@ -79,7 +79,7 @@ def manifest_files(path: Path) -> dict[int, bytes]:
     return manifests
 
 
-def leftover_temporaries(path: Path, *, mirror: bool = True) -> list[str]:
+def leftover_temporaries(path: Path, *, baselines: bool = True) -> list[str]:
     """Temporary files under `path` (optionally not counting those of the baselines).
 
     >>> import tempfile
@@ -87,7 +87,7 @@ def leftover_temporaries(path: Path, *, mirror: bool = True) -> list[str]:
     []
     """
     found = sorted(p.relative_to(path).as_posix() for p in path.rglob(".tmp-*"))
-    return found if mirror else [p for p in found if not p.startswith("mirror/")]
+    return found if baselines else [p for p in found if not p.startswith("mirror/")]
 
 
 def _digests(record: dict[str, Any]) -> bytes:
@@ -155,11 +155,11 @@ def object_intact(path: Path, obj: str | Path, codec: CodecSpec | None = None) -
     return blake3.blake3(raw).hexdigest() == relative.replace("chunks/", "").replace("/", "")
 
 
-def mirror_files(path: Path) -> list[Path]:
+def baseline_files(path: Path) -> list[Path]:
     """The baseline files of a store.
 
     >>> import tempfile
-    >>> mirror_files(Path(tempfile.mkdtemp()))
+    >>> baseline_files(Path(tempfile.mkdtemp()))
     []
     """
     return sorted((path / "mirror").glob("*.bin"))
@@ -280,10 +280,10 @@ def damage_baselines(path: Path, how: str, chooser: random.Random) -> str:
     >>> import tempfile, numpy as np, arraysnap
     >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s") as snap:
     ...     _ = snap.capture({"u": np.zeros(3)}).result()
-    >>> damage_baselines(snap.path, "delete", random.Random(0)), mirror_files(snap.path)
+    >>> damage_baselines(snap.path, "delete", random.Random(0)), baseline_files(snap.path)
     ('delete', [])
     """
-    files = mirror_files(path)
+    files = baseline_files(path)
     victim = chooser.choice(files) if files else None
     if victim is None and not how.startswith("marker-"):
         how = "marker-flip"

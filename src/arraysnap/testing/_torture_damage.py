@@ -8,7 +8,7 @@ never be returned.
 >>> import io, tempfile
 >>> from pathlib import Path
 >>> events = CorruptionEvents(Path(tempfile.mkdtemp()), seed=4, out=io.StringIO())
->>> events.new_store(); events.corrupt_chunks(); events.corrupt_mirror()
+>>> events.new_store(); events.corrupt_chunks(); events.corrupt_baselines()
 >>> events.tally.failures
 []
 """
@@ -257,7 +257,7 @@ class CorruptionEvents(TortureBase):
                 self.counts["settings damaged"] += 1
         self._done_with(scratch, failures)
 
-    def corrupt_mirror(self) -> None:
+    def corrupt_baselines(self) -> None:
         """Damage the baseline files or their marker; restore and capture must repair it."""
         scratch = self.scratch_copy()
         failures = len(self.tally.failures)
@@ -265,7 +265,7 @@ class CorruptionEvents(TortureBase):
         how = self.rng.choice(["flip", "flip", "flip-many", "truncate", "extend", "delete",
                                "marker-flip", "marker-garbage", "marker-delete", "stale"])
         if how == "stale":
-            # The mirror of the snapshot before the latest comes back (an older copy).
+            # The baselines of the snapshot before the latest come back (an older copy).
             saved = self.workdir / f"saved-mirror-{self.events:05d}"
             shutil.copytree(mirror, saved)
             with arraysnap.open(scratch, chunk_bytes=CHUNK_BYTES) as snap:

@@ -116,7 +116,7 @@ class FaultEvents(TortureBase):
                 if name.startswith("chunks/"):
                     self.tally.check(object_intact(path, name, codec), (UNEXPECTED,),
                                      f"{what}: a torn chunk object {name} was left in place")
-            leftovers = leftover_temporaries(path, mirror=False)
+            leftovers = leftover_temporaries(path, baselines=False)
             self.tally.check(not leftovers, (UNEXPECTED,),
                              f"{what}: temporaries left by the failed capture: {leftovers[:5]}")
             if injected and not raised:

@@ -48,7 +48,7 @@ class Torture(KillEvents, FaultEvents, CorruptionEvents):
                  ("file operation", self.kill_at_operation)]
         faults = [("capture", self.fault_in_capture), ("capture", self.fault_in_capture),
                   ("prune", self.fault_in_prune)]
-        corruptions = [("chunk objects", self.corrupt_chunks), ("mirror", self.corrupt_mirror),
+        corruptions = [("chunk objects", self.corrupt_chunks), ("mirror", self.corrupt_baselines),
                        ("manifest", self.corrupt_manifest), ("settings", self.corrupt_settings)]
         rounds = 0
         while time.monotonic() < deadline:
