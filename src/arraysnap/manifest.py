@@ -70,7 +70,10 @@ def check_array_name(name: object) -> str:
         )
     if name in (".", ".."):
         raise ValueError(f"array name {name!r} is reserved; choose another")
-    if name.startswith("__") or name == "zarr.json":
+    if name == "zarr.json":
+        raise ValueError("array name 'zarr.json' is reserved: zarr keeps a group's metadata "
+                         "under that name; choose another")
+    if name.startswith("__"):
         raise ValueError(f"array name {name!r} is reserved by zarr (names starting with '__')")
     if any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") for char in name):
         raise ValueError(f"array name {name!r} contains control or unassigned characters")
@@ -204,7 +207,8 @@ class Manifest:
     rng: Any = None
     stats: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
-    journal: int | None = None
+    # The replay log's position at this capture (the JSON field "journal").
+    replay_position: int | None = None
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -221,8 +225,8 @@ class Manifest:
             "stats": dict(self.stats),
             "provenance": dict(self.provenance),
         }
-        if self.journal is not None:  # absent in manifests written before the replay log
-            body["journal"] = self.journal
+        if self.replay_position is not None:  # absent in manifests from before the replay log
+            body["journal"] = self.replay_position
         return body
 
     def chunk_digests(self) -> set[bytes]:

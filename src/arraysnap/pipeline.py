@@ -147,7 +147,7 @@ class PersistJob:
     pause_seconds: float
     queue_seconds: float
     started: float
-    journal_position: int
+    replay_position: int
     capture: CaptureInfo
     chunks_read: threading.Event = field(default_factory=threading.Event)
     # Filled in by the reader for the writer.
@@ -530,7 +530,7 @@ class Persister:
         }
         manifest = Manifest(job.seq, job.step, job.wall_time, self._parent, self.codec.to_json(),
                             job.entries, job.state, job.rng, stats, job.provenance,
-                            journal=job.journal_position)
+                            replay_position=job.replay_position)
         data = manifest.to_json()
         self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)
         now = time.perf_counter()

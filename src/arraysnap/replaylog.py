@@ -1,20 +1,21 @@
 """The replay log: JSON records logged between captures, returned by ``restore().events``.
 
 Records are numbered from 0 for the life of the store. Each manifest notes how many records
-had been logged when its capture started (its *journal position*); a restore returns the
-records from that position on, in order: what happened after the snapshot, to replay its
-external effects. Records live in segments ``journal/<first number>.jsonl``, one JSON
-line each with its number and a short blake3 check. They are buffered, written in batches,
-and fsynced at each commit (before the manifest, so a snapshot never points past durable
-records) and on ``wait()``. A line torn by a crash at the very end is dropped; anything else
+had been logged when its capture started (its replay position, the manifest field
+``journal``); a restore returns the records from that position on, in order: what happened
+after the snapshot, to replay its external effects. Records live in segments
+``journal/<first number>.jsonl``, one JSON line each with its number and a short blake3
+check. They are buffered, written in batches, and made durable at each commit (by the
+barrier before the manifest, so a snapshot never points past durable records) and on
+``wait()``. A line torn by a crash at the very end is dropped; anything else
 malformed is a :class:`CorruptSnapshotError` naming the file and line.
 
 >>> import tempfile
 >>> from arraysnap.storage import LocalStorage
->>> journal = ReplayLog(LocalStorage(tempfile.mkdtemp()))
->>> _ = journal.log({"sent": 1}); position = journal.position; _ = journal.log({"sent": 2})
->>> journal.flush(durable=True)
->>> [record for record in journal.read_from(position)]
+>>> replay_log = ReplayLog(LocalStorage(tempfile.mkdtemp()))
+>>> _ = replay_log.log({"sent": 1}); position = replay_log.position
+>>> _ = replay_log.log({"sent": 2}); replay_log.flush(durable=True)
+>>> [record for record in replay_log.read_from(position)]
 [{'sent': 2}]
 """
 
@@ -100,12 +101,13 @@ class ReplayLog:
         try:
             data = self._read_segment(key)
         except OSError as err:
-            raise CorruptSnapshotError(f"journal segment {name} cannot be read: {err}") \
-                from None
+            raise CorruptSnapshotError(
+                f"replay log segment journal/{name} cannot be read: {err}") from None
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the segment ends with a newline
         if torn and not last_segment:
-            raise CorruptSnapshotError(f"journal segment {name} ends in a partial line")
+            raise CorruptSnapshotError(
+                f"replay log segment journal/{name} ends in a partial line")
         for offset, line in enumerate(lines):
             number = first + offset
             match = _LINE.match(line)
@@ -119,7 +121,7 @@ class ReplayLog:
                     ok = False
             if not ok:
                 raise CorruptSnapshotError(
-                    f"journal segment {name}, line {offset + 1} (record {number}) is "
+                    f"replay log segment journal/{name}, line {offset + 1} (record {number}) is "
                     "damaged; restore an older snapshot, or remove the segment to give up its "
                     "records")
             yield number, record
@@ -139,7 +141,7 @@ class ReplayLog:
                 expected = position  # the records from `position` on must all be here
             if expected is not None and first != expected:
                 raise CorruptSnapshotError(
-                    f"journal records {expected}..{first - 1} are missing (before segment "
+                    f"replay log records {expected}..{first - 1} are missing (before segment "
                     f"{key[len(PREFIX):]})")
             for number, record in self._lines(first, key, following is None):
                 expected = number + 1
@@ -178,7 +180,7 @@ class ReplayLog:
         text = encode_record(record)
         with self._lock:
             if self._closed:
-                raise ValueError("the journal is closed")
+                raise ValueError("the replay log is closed")
             number = self.position
             self.position += 1
             self._buffer.append(f'{{"n":{number},"c":"{_check(text)}","r":{text}}}\n')

@@ -93,9 +93,9 @@ class Restorer:
             raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
         info = self.catalog.info(manifest.seq)
         events: tuple[Any, ...] = ()
-        if manifest.journal is not None:
+        if manifest.replay_position is not None:
             try:
-                events = tuple(self._replay_log().read_from(manifest.journal))
+                events = tuple(self._replay_log().read_from(manifest.replay_position))
             except CorruptSnapshotError as err:
                 raise CorruptSnapshotError(f"replay log: {err}", seq=manifest.seq) from None
         return Restored(arrays, manifest.step, manifest.seq, manifest.time,

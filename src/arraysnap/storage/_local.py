@@ -20,13 +20,14 @@ b'a\\nb\\n'
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import StoreLockedError
+from ..errors import ReadOnlyStoreError, StoreLockedError
 from ..fsio import TMP_PREFIX, FileOps, read_regular_file
 from ._abc import DEFAULT_GET_LIMIT, Storage, WriterLock, parse_key
 
@@ -35,6 +36,12 @@ __all__ = ["LocalStorage"]
 LOCK_NAME = "lock"
 # Folders a new store starts with; a creation that died may leave them, empty.
 STORE_FOLDERS = ("chunks", "snapshots", "mirror")
+
+
+def _not_writable(path: Path, err: OSError) -> ReadOnlyStoreError:
+    return ReadOnlyStoreError(
+        f"{path} is not writable by this user ({err.strerror}); open it with mode='r' to "
+        "read it, or write a store of your own elsewhere")
 
 
 class _FileLock(WriterLock):
@@ -64,6 +71,8 @@ class LocalStorage(Storage):
         self._lock = threading.Lock()
         self._unsynced_dirs: set[Path] = set()
         self._unsynced_files: set[Path] = set()
+        # Appended with durable=False: synced only by a barrier that names them.
+        self._lazy_files: set[Path] = set()
 
     @property
     def local_path(self) -> Path:
@@ -131,12 +140,14 @@ class LocalStorage(Storage):
                 self.ops.unlink(current)
         if parent.is_dir():
             return
+        created = []  # the folders this call makes: each one's entry is new in its parent
+        ancestor = parent
+        while ancestor != self.path and not ancestor.is_dir():
+            created.append(ancestor)
+            ancestor = ancestor.parent
         parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            ancestor = parent
-            while ancestor != self.path and self.path in ancestor.parents:
-                self._unsynced_dirs.add(ancestor.parent)
-                ancestor = ancestor.parent
+            self._unsynced_dirs.update(folder.parent for folder in created)
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
         path = self._file(key)
@@ -168,8 +179,8 @@ class LocalStorage(Storage):
                      | os.O_CLOEXEC, 0o644)
         try:
             size = os.fstat(fd).st_size
-            if size == 0 and at == 0:
-                with self._lock:  # possibly a new name
+            if at == 0:
+                with self._lock:  # a new value, perhaps under a new name
                     self._unsynced_dirs.add(path.parent)
             if size != at:
                 self.ops.truncate(fd, at)
@@ -182,9 +193,8 @@ class LocalStorage(Storage):
                 raise
         finally:
             os.close(fd)
-        if durable:
-            with self._lock:
-                self._unsynced_files.add(path)
+        with self._lock:
+            (self._unsynced_files if durable else self._lazy_files).add(path)
 
     def delete(self, key: str) -> None:
         path = self._file(key)
@@ -198,11 +208,14 @@ class LocalStorage(Storage):
     def barrier(self, keys: Iterable[str] = ()) -> None:
         with self._lock:
             for key in keys:
+                # A name a killed writer may not have synced; the data of a put was synced
+                # before its rename, only lazily appended data still needs it.
                 path = self._file(key)
                 self._unsynced_dirs.add(path.parent)
                 if path.parent != self.path:
                     self._unsynced_dirs.add(path.parent.parent)
-                if path.is_file():
+                if path in self._lazy_files:
+                    self._lazy_files.discard(path)
                     self._unsynced_files.add(path)
             files, self._unsynced_files = self._unsynced_files, set()
             dirs, self._unsynced_dirs = self._unsynced_dirs, set()
@@ -246,14 +259,26 @@ class LocalStorage(Storage):
                     f"{self.path} is not empty and not an arraysnap store (no arraysnap.json); "
                     "choose a new path"
                 )
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            raise FileNotFoundError(
+                f"cannot create the store {self.path}: its folder {self.path.parent} does not "
+                "exist; create that folder first (arraysnap creates only the store's own)")
+        try:
+            self.path.mkdir(exist_ok=True)
+        except PermissionError as err:
+            raise _not_writable(self.path, err) from None
         for sub in STORE_FOLDERS:
             (self.path / sub).mkdir(exist_ok=True)
         with self._lock:
             self._unsynced_dirs.add(self.path.parent)
 
     def lock_writer(self, holder: str) -> WriterLock:
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise _not_writable(self.path, err) from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
