@@ -81,7 +81,8 @@ def test_ls_lists_every_snapshot_as_table_and_json(history):
     assert all(r["bytes_written"] > 0 and r["pause_seconds"] >= 0 for r in rows)
     code, out, _ = run("ls", path)
     assert code == 0
-    assert re.search(r"seq\s+step\s+time\s+arrays\s+changed/total\s+bytes written\s+pause", out)
+    assert re.search(r"seq\s+step\s+time\s+arrays\s+changed/total\s+bytes written\s+blocked"
+                     r"\s+pause", out)
     lines = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [(line[0], line[1]) for line in lines] == [("1", "0"), ("2", "10"), ("3", "20")]
     assert re.search(r"^\s*2\s+10\s+.*\su, v, f\s+1/10\s", out, re.MULTILINE)
@@ -191,7 +192,7 @@ def test_diff_reports_nan_changes(store_path):
 def test_verify_ok(history):
     path, _ = history
     code, out, _ = run("verify", path)
-    assert code == 0 and "checked 1 snapshots" in out and out.strip().endswith("ok")
+    assert code == 0 and "checked 1 snapshot, " in out and out.strip().endswith("ok")
     code, out, _ = run("verify", path, "--all", "--json")
     report = json.loads(out)
     assert code == 0 and report["ok"] and report["snapshots_checked"] == 3
@@ -363,7 +364,7 @@ def test_stats_table_json_and_plot(history, tmp_path):
     assert committed[1]["changed_fraction"] == pytest.approx(1 / 10)
     assert all(row["pause_seconds"] >= 0 and row["bytes_written"] > 0 for row in committed)
     code, out, _ = run("stats", path, "--last", "2")
-    assert code == 0 and "captures: median pause" in out
+    assert code == 0 and "captures: median blocked" in out and "(pause " in out
     assert len(re.findall(r"^\s*\d+\s+\d+\s+\d{4}-", out, re.MULTILINE)) == 2
     png = tmp_path / "stats.png"
     code, out, _ = run("stats", path, "--plot", png)

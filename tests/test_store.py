@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -119,7 +120,7 @@ def test_bad_arrays_raise_before_anything_is_written(snap, store_path, bad, erro
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"state": {"x": object()}}, ValueError, "JSON"),
+    ({"state": {"x": object()}}, TypeError, "JSON"),
     ({"state": {"x": float("nan")}}, ValueError, "JSON"),
     ({"state": {1: 2}}, TypeError, "keys must be strings"),
     ({"state": [1]}, TypeError, "dict"),
@@ -293,8 +294,11 @@ def test_format_version_and_codec_checks(store_path, tmp_path):
     config.write_text(json.dumps(settings))
     with pytest.raises(arraysnap.FormatVersionError, match=r"version 99.*format version 1"):
         arraysnap.open(store_path)
-    with pytest.raises(FileNotFoundError, match="not an arraysnap store"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         arraysnap.open(tmp_path / "nothing", mode="r")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not an arraysnap store"):
+        arraysnap.open(tmp_path / "empty", mode="r")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "data.txt").write_text("x")
@@ -661,3 +665,13 @@ def test_two_stores_watching_signals_hand_the_default_back(store_path, tmp_path)
         print("still alive")
     """)
     assert done.returncode == -15 and "still alive" not in done.stdout
+
+
+def test_a_store_dropped_without_close_still_commits_what_it_captured(store_path):
+    """The engine keeps its store alive while captures are in flight: a CaptureInfo whose
+    store nobody holds any more still resolves (and the snapshot is listed)."""
+    info = arraysnap.open(store_path, chunk_bytes=4096).capture({"u": np.arange(5000.0)}, step=1)
+    gc.collect()
+    assert info.result(timeout=20).step == 1
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert [s.step for s in reader.list()] == [1]

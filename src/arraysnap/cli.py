@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import json
 import os
-import statistics
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import click
 import numpy as np
 
-from ._cli.history import capture_history, plot_history
+from ._cli.history import capture_history, plot_history, print_history
 from ._cli.output import (
     ByteSize,
     Duration,
@@ -43,6 +42,7 @@ from ._cli.output import (
     new_table,
     progress,
     ranges_text,
+    rng_summary,
     size_text,
     snapshot_json,
     status,
@@ -99,6 +99,13 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.NoSuchOption as err:
+            if err.option_name[1:].isdigit():  # "-2": a snapshot counted from the end
+                raise click.UsageError(
+                    f"No such option: {err.option_name}. To name a snapshot counted from the "
+                    f"end, put it after '--' (arraysnap show run.snap -- {err.option_name}) or "
+                    f"write ~{int(err.option_name[1:]) - 1}", err.ctx) from None
+            raise
         except (ArraysnapError, OSError, ValueError) as err:
             if os.environ.get("ARRAYSNAP_TRACEBACK"):
                 raise
@@ -110,12 +117,12 @@ class _Group(click.Group):
 @contextlib.contextmanager
 def _open(path: Path, mode: str = "r") -> Iterator[Store]:
     """Open an existing store; a path that is not one is an error, never a new store."""
-    if not path.exists():
-        raise CommandError(f"{path} does not exist; give the directory of an arraysnap store")
-    if not (path / "arraysnap.json").is_file():
-        raise CommandError(f"{path} is not an arraysnap store (no arraysnap.json in it); give "
-                           "the directory that arraysnap.open() created")
-    store = arraysnap_open(path, mode)
+    try:
+        if mode != "r":  # a reader first: it names what is wrong and never creates a store
+            arraysnap_open(path, "r").close()
+        store = arraysnap_open(path, mode)
+    except (FileNotFoundError, NotADirectoryError) as err:
+        raise CommandError(str(err)) from None
     try:
         yield store
     finally:
@@ -169,7 +176,9 @@ def ls_command(store: Path, as_json: bool) -> None:
     """List the snapshots of STORE, oldest first.
 
     Columns: seq, step, capture time, arrays, chunks changed / scanned, bytes written
-    (chunk objects + manifest) and the pause (how long capture() held the program).
+    (chunk objects + manifest), blocked (how long capture() held the program: waiting for
+    the previous capture to read its chunks, then the pause) and the pause itself (the
+    comparison and copy of changed chunks).
     Damaged snapshots are left out and named on stderr; run verify.
 
     \b
@@ -184,12 +193,13 @@ def ls_command(store: Path, as_json: bool) -> None:
         echo_json([snapshot_json(info) for info in infos])
     else:
         table = new_table("seq", "step", "time", "arrays", "changed/total", "bytes written",
-                       "pause")
+                          "blocked", "pause")
         for info in infos:
             table.add_row(str(info.seq), "-" if info.step is None else str(info.step),
                           when_text(info.time), names_text(list(info.arrays)),
                           f"{info.chunks_changed}/{info.chunks_scanned}",
-                          size_text(info.bytes_written), ms_text(info.pause_seconds))
+                          size_text(info.bytes_written), ms_text(info.blocked_seconds),
+                          ms_text(info.pause_seconds))
         stdout().print(table)
         if not infos:
             click.echo(f"{store} holds no snapshot yet")
@@ -238,27 +248,16 @@ def show_command(store: Path, snap: str | None, as_json: bool) -> None:
                       str(entry["n_chunks"]), str(tuple(entry["chunk_shape"])),
                       size_text(entry["nbytes"]))
     console.print(table)
-    console.print(f"capture: pause {ms_text(info.pause_seconds)}, durable after "
+    console.print(f"capture: blocked {ms_text(info.blocked_seconds)} (pause "
+                  f"{ms_text(info.pause_seconds)}), durable after "
                   f"{ms_text(info.durable_seconds)}, {info.chunks_changed} of "
                   f"{info.chunks_scanned} "
                   f"chunks changed ({info.chunks_deduplicated} deduplicated), "
                   f"{size_text(info.bytes_written)} written")
     console.print("state: " + json.dumps(info.state))
-    console.print("rng: " + _rng_summary(info.rng_state))
+    console.print("rng: " + rng_summary(info.rng_state))
     provenance = ", ".join(f"{key} {value}" for key, value in info.provenance.items())
     console.print(f"provenance: {provenance or '-'}")
-
-
-def _rng_summary(rng: Any) -> str:
-    if rng is None:
-        return "none"
-    try:
-        if rng["kind"] == "generator":
-            return f"one Generator ({rng['value']['bit_generator']})"
-        return "Generators " + ", ".join(f"{key} ({value['bit_generator']})"
-                                         for key, value in rng["value"].items())
-    except (KeyError, TypeError, AttributeError):
-        return "present (not readable: restore reports why)"
 
 
 @cli.command("diff")
@@ -350,9 +349,12 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
 @click.option("--max-bytes", type=ByteSize(),
               help="Remove the oldest snapshots not kept by another rule until the store's "
                    "data fits (500M, 20GiB).")
+@click.option("--dry-run", is_flag=True,
+              help="Only say what would be removed (no lock needed: the job may run).")
 @_json_option
 def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
-                  keep_within: float | None, max_bytes: int | None, as_json: bool) -> None:
+                  keep_within: float | None, max_bytes: int | None, dry_run: bool,
+                  as_json: bool) -> None:
     """Remove old snapshots of STORE by a retention policy, then unused chunk objects.
 
     A snapshot is kept if any rule keeps it; the newest is always kept. Needs the
@@ -363,6 +365,7 @@ def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
     Example:
       arraysnap prune run.snap --keep-last 10
       arraysnap prune run.snap --keep-last 3 --keep-within 12h
+      arraysnap prune run.snap --keep-last 10 --dry-run
     """
     options = {"keep_last": keep_last, "keep_every": keep_every, "keep_within": keep_within,
                "max_bytes": max_bytes}
@@ -370,21 +373,27 @@ def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
     if not given:
         raise click.UsageError("say what to keep: --keep-last, --keep-every, --keep-within "
                                "or --max-bytes")
-    with _open(store, "a") as opened:
+    with _open(store, "r" if dry_run else "a") as opened:
         accepted = inspect.signature(opened.prune).parameters
         missing = [key for key in given if key not in accepted]
         if missing:
             names = ", ".join("--" + key.replace("_", "-") for key in missing)
             raise CommandError(f"this arraysnap's Store.prune does not support {names} yet")
         with status("pruning"):
-            report = opened.prune(**given)
+            report = opened.prune(**given, dry_run=dry_run)
     if as_json:
         echo_json({"snapshots_removed": list(report.snapshots_removed),
-                    "chunks_removed": report.chunks_removed, "bytes_freed": report.bytes_freed})
+                    "chunks_removed": report.chunks_removed, "bytes_freed": report.bytes_freed,
+                    "dry_run": dry_run})
     else:
         removed = ", ".join(map(str, report.snapshots_removed)) or "none"
-        click.echo(f"removed snapshots: {removed}; {report.chunks_removed} chunk objects, "
-                   f"{size_text(report.bytes_freed)} freed")
+        if dry_run:
+            click.echo(f"would remove snapshots: {removed}; {report.chunks_removed} chunk "
+                       f"objects, {size_text(report.bytes_freed)} would be freed (dry run: "
+                       "nothing was removed)")
+        else:
+            click.echo(f"removed snapshots: {removed}; {report.chunks_removed} chunk objects, "
+                       f"{size_text(report.bytes_freed)} freed")
 
 
 @cli.command("gc")
@@ -456,7 +465,7 @@ def du_command(store: Path, as_json: bool) -> None:
 @click.argument("snap")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "out_format", type=click.Choice(["zarr", "npz"]),
-              help="Default: npz if OUT ends in .npz, else zarr.")
+              help="Default: npz if OUT ends in .npz, zarr if it ends in .zarr or has no suffix.")
 def export_command(store: Path, snap: str, out: Path, out_format: str | None) -> None:
     """Write snapshot SNAP of STORE to OUT: a plain zarr v3 store, or a NumPy .npz file.
 
@@ -469,7 +478,11 @@ def export_command(store: Path, snap: str, out: Path, out_format: str | None) ->
       arraysnap export run.snap latest out.zarr
       arraysnap export run.snap step:40 state.npz
     """
-    out_format = out_format or ("npz" if out.suffix == ".npz" else "zarr")
+    if out_format is None:
+        if out.suffix not in ("", ".zarr", ".npz"):
+            raise CommandError(f"{out} ends in {out.suffix}, but export writes a zarr store "
+                               "or a .npz file: name it .zarr or .npz, or give --format")
+        out_format = "npz" if out.suffix == ".npz" else "zarr"
     if out.exists() or out.is_symlink():
         raise CommandError(f"{out} already exists; export writes a new file or directory")
     with _open(store) as opened:
@@ -536,10 +549,12 @@ def restore_command(store: Path, snap: str | None, directory: Path, force: bool)
 @click.option("--last", type=click.IntRange(min=1), help="Only the last N captures.")
 @_json_option
 def stats_command(store: Path, plot_path: Path | None, last: int | None, as_json: bool) -> None:
-    """Show the history of captures of STORE: pause, bytes written, changed fraction.
+    """Show the history of captures of STORE: blocked, pause, bytes written, changed fraction.
 
-    One row per capture: its pause (how long capture() held the program), how long until
-    it was durable, the chunks it found changed, and the bytes it wrote.
+    One row per capture: its pause (the comparison and copy of changed chunks), how long
+    capture() held the program in all (blocked: the pause plus the wait for the previous
+    capture to read its chunks), how long until it was durable, the chunks it found
+    changed, and the bytes it wrote.
 
     \b
     Example:
@@ -558,28 +573,7 @@ def stats_command(store: Path, plot_path: Path | None, last: int | None, as_json
     if as_json:
         echo_json(rows)
     else:
-        # Store.stats() also times the wait for the previous capture ("blocked" = that
-        # wait + the pause); the snapshot list, its fallback, does not.
-        blocked = any("blocking_seconds" in row for row in rows)
-        columns = ["seq", "step", "time", "status", "pause", *(["blocked"] if blocked else []),
-                   "durable", "changed", "fraction", "bytes written"]
-        table = new_table(*columns)
-        for row in rows:
-            cells = [str(row.get("seq", "-")), "-" if row.get("step") is None else str(row["step"]),
-                     when_text(row.get("time")), str(row.get("status", "committed")),
-                     ms_text(row.get("pause_seconds"))]
-            if blocked:
-                cells.append(ms_text(row.get("blocking_seconds")))
-            cells += [ms_text(row.get("durable_seconds")),
-                      f"{row.get('chunks_changed', 0)}/{row.get('chunks_scanned', 0)}",
-                      f"{row['changed_fraction']:.1%}", size_text(row.get("bytes_written") or 0)]
-            table.add_row(*cells)
-        stdout().print(table)
-        if rows:
-            pauses = [row.get("pause_seconds") or 0.0 for row in rows]
-            written = sum(row.get("bytes_written") or 0 for row in rows)
-            click.echo(f"{len(rows)} captures: median pause {ms_text(statistics.median(pauses))}, "
-                       f"max {ms_text(max(pauses))}; {size_text(written)} written in all")
+        print_history(rows)
     if plot_path is not None:
         plot_history(rows, plot_path, title=f"arraysnap stats: {store.name}")
         click.echo(f"wrote {plot_path}", err=as_json)

@@ -8,6 +8,7 @@ finishes, and the result is compared bit for bit with an uninterrupted run.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,18 +68,41 @@ def simulate(store_path: str | None, steps: int = STEPS) -> dict[str, np.ndarray
                 info = snap.capture(arrays, step=step, state={"t": step * 0.01}, rng=rng)
                 done = info.result()
                 print(f"  step {step + 1:3d}: {done.chunks_changed:3d} of {done.chunks_scanned} "
-                      f"chunks changed, pause {done.pause_seconds * 1e3:5.2f} ms, wrote "
+                      f"chunks changed, blocked {info.blocked_seconds * 1e3:5.2f} ms (pause "
+                      f"{info.pause_seconds * 1e3:5.2f} ms), wrote "
                       f"{done.bytes_written / 1024:7.1f} KiB", flush=True)
             step += 1
     return arrays
 
 
 def main(argv: list[str]) -> int:
+    """Run the demo in folder ``argv[0]`` (created; its parent must exist), or in a
+    temporary folder that is removed at the end; return the exit code."""
     if argv[:1] == ["--child"]:
         simulate(argv[1])
         return 0
-    workdir = Path(argv[0]) if argv else Path(tempfile.mkdtemp(prefix="arraysnap-demo-"))
+    temporary = not argv
+    workdir = Path(tempfile.mkdtemp(prefix="arraysnap-demo-")) if temporary else Path(argv[0])
     store = workdir / "run.snap"
+    if not temporary:
+        if not workdir.parent.is_dir():
+            print(f"arraysnap demo: {workdir.parent} does not exist; give a folder whose parent "
+                  "exists (the demo creates only the folder itself)", file=sys.stderr)
+            return 2
+        if store.exists():
+            print(f"arraysnap demo: {store} exists from an earlier run; give a new folder (or "
+                  "delete that one) so that this run starts from step 0", file=sys.stderr)
+            return 2
+        workdir.mkdir(exist_ok=True)
+    try:
+        return _run(store)
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+            print(f"(the demo's store in {workdir} was removed; `arraysnap demo DIR` keeps it)")
+
+
+def _run(store: Path) -> int:
     state_mib = (SHAPE[0] * SHAPE[1] * 8 + (1 << 19) * 8) / 2**20
     print(f"arraysnap demo: store {store}")
     print(f"run 1: {STEPS} steps of a {SHAPE[0]}x{SHAPE[1]} field plus a static table "
@@ -87,18 +111,25 @@ def main(argv: list[str]) -> int:
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     captures = 0
+    killed = False
     for line in child.stdout:
         print(line, end="")
         captures += line.lstrip().startswith("step")
         if captures == KILL_AFTER:
             time.sleep(0.05)
             child.send_signal(signal.SIGKILL)
+            killed = True
             break
     child.wait()
-    print(f"  killed the run with SIGKILL (exit code {child.returncode})")
-    print("run 2: a new process resumes from the latest snapshot")
+    if killed and child.returncode == -signal.SIGKILL:
+        print("  killed the run with SIGKILL")
+    else:
+        print(f"  the run ended by itself (exit code {child.returncode}) before it was killed")
+        return 1
+    print("run 2: a new process resumes from the latest snapshot (its first act: rolling the "
+          "baselines back from the interrupted capture)")
     resumed = subprocess.run([sys.executable, "-m", "arraysnap", "demo", "--child", str(store)],
-                             check=True)
+                             check=False)
     if resumed.returncode:
         return resumed.returncode
     reference = simulate(None)

@@ -83,7 +83,8 @@ class FormatVersionError(ArraysnapError, ValueError):
 
 
 class ReadOnlyStoreError(ArraysnapError, PermissionError):
-    """A write was attempted on a store opened with ``mode="r"``.
+    """A write was attempted on a store opened with ``mode="r"``, or on one this user
+    cannot write (another user's store, a read-only folder): ``mode="r"`` reads it.
 
     >>> isinstance(ReadOnlyStoreError("x"), PermissionError)
     True

@@ -47,6 +47,8 @@ class ArrayInfo:
 class SnapshotInfo:
     """One committed snapshot: identity, arrays, and the statistics of its capture.
 
+    ``blocked_seconds`` is how long ``capture()`` held the caller: waiting for the previous
+    capture to have read its chunks, then the ``pause_seconds`` that compared and copied.
     ``bytes_written`` counts the chunk objects this capture added plus its manifest;
     ``state`` and ``rng_state`` are the JSON the capture stored (``restore()`` turns the
     latter back into generators); ``parent`` is the seq of the snapshot before it.
@@ -77,6 +79,7 @@ class SnapshotInfo:
     rng_state: Any = None
     provenance: Mapping[str, Any] = field(default_factory=dict)
     manifest_bytes: int = 0
+    blocked_seconds: float = 0.0
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, manifest_bytes: int) -> SnapshotInfo:
@@ -106,6 +109,7 @@ class SnapshotInfo:
             stats=stats, parent=manifest.parent, codec=dict(manifest.codec),
             state=manifest.state, rng_state=manifest.rng,
             provenance=dict(manifest.provenance), manifest_bytes=manifest_bytes,
+            blocked_seconds=number("pause_seconds", float) + number("queue_seconds", float),
         )
 
 
@@ -121,10 +125,13 @@ class CaptureInfo:
     """
 
     def __init__(self, seq: int, step: int | None, pause_seconds: float, chunks_scanned: int,
-                 chunks_changed: int, chunks_compared: int | None = None) -> None:
+                 chunks_changed: int, chunks_compared: int | None = None,
+                 blocked_seconds: float | None = None) -> None:
         self.seq = seq
         self.step = step
         self.pause_seconds = pause_seconds
+        # All that capture() held the caller: the wait for the previous capture's reads too.
+        self.blocked_seconds = pause_seconds if blocked_seconds is None else blocked_seconds
         self.chunks_scanned = chunks_scanned
         self.chunks_changed = chunks_changed
         # Chunks the pause compared byte by byte: fewer than chunks_scanned when write
@@ -160,7 +167,8 @@ class CaptureInfo:
     def __repr__(self) -> str:
         state = "durable" if self._info else ("failed" if self._error else "pending")
         return (f"CaptureInfo(seq={self.seq}, step={self.step}, {state}, "
-                f"pause={self.pause_seconds * 1e3:.2f} ms, "
+                f"blocked={self.blocked_seconds * 1e3:.2f} ms "
+                f"(pause {self.pause_seconds * 1e3:.2f} ms), "
                 f"changed={self.chunks_changed}/{self.chunks_scanned} chunks)")
 
 
@@ -189,6 +197,14 @@ class Restored:
     skipped: tuple[Problem, ...] = ()
     events: tuple[Any, ...] = ()
 
+    def __repr__(self) -> str:
+        arrays = ", ".join(f"{name!r}: {a.shape} {a.dtype}" for name, a in self.arrays.items())
+        state = "None" if self.state is None else f"{{{', '.join(map(repr, self.state))}}}"
+        extra = (f", skipped={[p.seq for p in self.skipped]}" if self.skipped else "") + (
+            f", events={len(self.events)}" if self.events else "")
+        return (f"Restored(seq={self.seq}, step={self.step}, arrays={{{arrays}}}, "
+                f"state keys {state}{extra})")
+
 
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -212,6 +228,10 @@ class Problem:
         return f"{', '.join(where)}: {self.message}"
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
     """The outcome of ``Store.verify()``; ``ok`` is True when nothing is wrong.
@@ -229,8 +249,9 @@ class VerifyReport:
         return not self.problems
 
     def __str__(self) -> str:
-        head = (f"checked {self.snapshots_checked} snapshots, {self.chunks_checked} chunks: "
-                f"{'ok' if self.ok else f'{len(self.problems)} problems'}")
+        head = (f"checked {_count(self.snapshots_checked, 'snapshot')}, "
+                f"{_count(self.chunks_checked, 'chunk')}: "
+                f"{'ok' if self.ok else _count(len(self.problems), 'problem')}")
         return "\n".join([head, *(f"  {problem}" for problem in self.problems)])
 
 

@@ -35,6 +35,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ from ._store.opening import (
     FORMAT_NAME,
     FORMAT_VERSION,
     create_store,
+    not_a_store,
     read_settings,
     recover_baselines,
 )
@@ -97,6 +99,10 @@ __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SNAPSHOT_SPEC_HELP", "ArraysnapWarn
 log = logging.getLogger("arraysnap")
 
 _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+# A writer with no retention rule warns once when what it wrote passes this many times the
+# state it captures (and GROWTH_FLOOR): every snapshot is kept, and a newcomer may not know.
+GROWTH_FACTOR = 20
+GROWTH_FLOOR = 1 << 30
 
 
 def open(  # noqa: A001 - the public name the API promises
@@ -156,30 +162,28 @@ def open(  # noqa: A001 - the public name the API promises
 
 
 class _Events(Listener):
-    """The engine's listener: what a commit or a failure changes in the store's parts."""
+    """The engine's listener: what a commit or a failure changes in the store's parts.
+
+    It holds the store strongly: a store dropped without ``close()`` stays alive while its
+    engine has captures in flight, so that their ``CaptureInfo.result()`` still returns.
+    """
 
     def __init__(self, store: Store) -> None:
-        self._store = weakref.ref(store)  # the engine must not keep a dropped store alive
+        self._store = store
 
     def committed(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
                   stat: CaptureStat) -> None:
-        store = self._store()
-        if store is not None:
-            store._committed(job, manifest, manifest_bytes, stat)
+        self._store._committed(job, manifest, manifest_bytes, stat)
 
     def failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
-        store = self._store()
-        if store is not None:
-            store._failed(job, error, stat)
+        self._store._failed(job, error, stat)
 
     def before_commit(self) -> None:
-        store = self._store()
-        if store is not None and store._replay_log is not None:
-            store._replay_log.flush(durable=False)  # the commit's barrier makes it durable
+        if self._store._replay_log is not None:
+            self._store._replay_log.flush(durable=False)  # the commit's barrier makes it durable
 
     def free_space(self) -> int:
-        store = self._store()
-        return store._maintenance.free_space() if store is not None else 0
+        return self._store._maintenance.free_space()
 
 
 class Store:
@@ -227,10 +231,14 @@ class Store:
         self._storage = storage
         self._closed = True
         self._failures = FailurePolicy(on_error, str(path))
+        if path.exists() and not path.is_dir():
+            raise (NotADirectoryError if mode == "r" else FileExistsError)(
+                f"{path} is a file, not an arraysnap store (a store is a folder)"
+                + ("" if mode == "r" else "; choose a new path"))
         settings = read_settings(storage, codec)
         if settings is None:
             if mode == "r":
-                raise FileNotFoundError(f"{path} is not an arraysnap store (no arraysnap.json)")
+                raise not_a_store(path)
             settings = create_store(storage, parse_codec(codec or "zstd"))
         self.codec: CodecSpec = settings.codec
         self.chunk_bytes: int = chunk_bytes or settings.chunk_bytes
@@ -247,6 +255,8 @@ class Store:
         self._capturer: Capturer | None = None
         self._cadence = Cadence(policy, ())
         pins = Pins()
+        self._written = 0  # bytes this writer's commits wrote
+        self._growth: str | None = None  # the growth warning, once due (then "")
         self._closed = False
         try:
             if mode == "a":
@@ -395,6 +405,9 @@ class Store:
         try:
             self._raise_background_error("an earlier capture failed to persist; its changes "
                                          "are kept and go into the next capture")
+            if self._growth:
+                warnings.warn(self._growth, ArraysnapWarning, stacklevel=2)
+                self._growth = ""
             info, blocked = capturer.capture(persister, prepared, names, step, state_json,
                                              rng_json)
             if blocked is not None:  # None: it failed in its pause (and on_error="warn")
@@ -417,12 +430,25 @@ class Store:
             log.warning("arraysnap: capture history: %r", err)
         if self._capturer is not None:
             self._capturer.committed(job.seq)
+        self._note_growth(manifest, stat.bytes_written)
         job.capture.finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
         if self.retention.active:
             try:
                 self._maintenance.prune(self.retention)
             except (OSError, ArraysnapError) as err:  # retention only frees space
                 log.error("arraysnap: retention after snapshot %d failed: %r", job.seq, err)
+
+    def _note_growth(self, manifest: Manifest, written: int) -> None:
+        self._written += written
+        state = sum(entry.layout.nbytes for entry in manifest.arrays.values())
+        if (self._growth is None and not self.retention.active
+                and self._written > max(GROWTH_FACTOR * state, GROWTH_FLOOR)):
+            self._growth = (
+                f"arraysnap: {self.path} keeps every snapshot (no keep_last=, keep_every=, "
+                f"keep_within= or max_bytes=), and this run has written {self._written / 2**30:.1f}"
+                f" GiB to it, {self._written / max(state, 1):.0f} times its state: open it with "
+                "e.g. keep_last=3 to bound it (docs/checkpointing.md, 'What to keep'). Warned "
+                "once")
 
     def _failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
         self._history.append(stat)
@@ -516,28 +542,35 @@ class Store:
         return self._maintenance.verify(None if seq is None else [seq], progress)
 
     def prune(self, keep_last: int | None = None, *, keep_every: int | None = None,
-              keep_within: float | str | None = None,
-              max_bytes: int | None = None) -> PruneReport:
+              keep_within: float | str | None = None, max_bytes: int | None = None,
+              dry_run: bool = False) -> PruneReport:
         """Apply a retention policy now: the one given, or else the store's own.
 
         A snapshot is kept if any rule keeps it (see :func:`arraysnap.open`); the newest is
         never removed. Chunk objects no kept snapshot uses are deleted, and replay-log
-        records older than every kept snapshot.
+        records older than every kept snapshot. With ``dry_run=True`` nothing is removed (a
+        reader may ask too): the report says what would be.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
         ...     for i in range(4):
         ...         _ = snap.capture({"u": np.full(4, i)}, step=i * 10)
-        ...     snap.prune(keep_last=1, keep_every=20).snapshots_removed  # steps 0, 20 stay
-        (2,)
+        ...     plan = snap.prune(keep_last=1, keep_every=20, dry_run=True)
+        ...     done = snap.prune(keep_last=1, keep_every=20)  # steps 0, 20 stay
+        >>> plan.snapshots_removed, done.snapshots_removed, plan == done
+        ((2,), (2,), True)
         """
-        self._check_writable("prune")
+        if not dry_run:
+            self._check_writable("prune")
         given = (keep_last, keep_every, keep_within, max_bytes)
         retention = (Retention(*given) if any(v is not None for v in given)  # type: ignore[arg-type]
                      else self.retention)
         if not retention.active:
             raise ValueError("prune() needs a rule: keep_last=, keep_every=, keep_within= or "
                              "max_bytes= (or open the store with one)")
+        if dry_run:
+            self._settled()
+            return self._maintenance.prune(retention, dry_run=True)
         assert self._capturer is not None
         with self._capturer.lock:
             self.wait()

@@ -36,7 +36,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Sto
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._store.catalog import Catalog
-from ._store.opening import read_settings
+from ._store.opening import not_a_store, read_settings
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
 from .fsio import FileOps
@@ -269,7 +269,7 @@ def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
     storage = LocalStorage(path)
     settings = read_settings(storage, codec=None)
     if settings is None:
-        raise FileNotFoundError(f"{path} is not an arraysnap store (no arraysnap.json)")
+        raise not_a_store(Path(path))
     manifest = Catalog(storage).select(step, seq)
     view = SnapshotZarrStore(manifest, ChunkObjects(storage), settings.codec, dims)
     return zarr.open_group(view, mode="r", zarr_format=3)

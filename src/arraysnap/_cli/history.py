@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from ..store import Store
+from .output import ms_text, new_table, size_text, stdout, when_text
 
-__all__ = ["STATS_COLUMNS", "capture_history", "plot_history"]
+__all__ = ["STATS_COLUMNS", "capture_history", "plot_history", "print_history"]
 
 
 STATS_COLUMNS = ("seq", "step", "time", "status", "pause_seconds", "durable_seconds",
@@ -64,31 +67,74 @@ def plain(value: Any) -> Any:
     return value
 
 
+def print_history(rows: list[dict[str, Any]]) -> None:
+    """The ``stats`` table and its summary line, on standard output.
+
+    >>> print_history([{"seq": 1, "step": 0, "time": None, "status": "committed",
+    ...                 "pause_seconds": 0.002, "blocking_seconds": 0.003,
+    ...                 "durable_seconds": 0.01, "chunks_scanned": 4, "chunks_changed": 1,
+    ...                 "changed_fraction": 0.25, "bytes_written": 100}])  # doctest: +ELLIPSIS
+    seq ...
+    1 capture: median blocked 3.00 ms (pause 2.00 ms), max blocked 3.00 ms; 100 B written in all
+    """
+    # Store.stats() also times the wait for the previous capture ("blocked" = that
+    # wait + the pause); the snapshot list, its fallback, does not.
+    blocked = any("blocking_seconds" in row for row in rows)
+    columns = ["seq", "step", "time", "status", "pause", *(["blocked"] if blocked else []),
+               "durable", "changed", "fraction", "bytes written"]
+    table = new_table(*columns)
+    for row in rows:
+        cells = [str(row.get("seq", "-")), "-" if row.get("step") is None else str(row["step"]),
+                 when_text(row.get("time")), str(row.get("status", "committed")),
+                 ms_text(row.get("pause_seconds"))]
+        if blocked:
+            cells.append(ms_text(row.get("blocking_seconds")))
+        cells += [ms_text(row.get("durable_seconds")),
+                  f"{row.get('chunks_changed', 0)}/{row.get('chunks_scanned', 0)}",
+                  f"{row['changed_fraction']:.1%}", size_text(row.get("bytes_written") or 0)]
+        table.add_row(*cells)
+    stdout().print(table)
+    if rows:
+        pauses = [row.get("pause_seconds") or 0.0 for row in rows]
+        held = [row.get("blocking_seconds") or row.get("pause_seconds") or 0.0
+                for row in rows]
+        written = sum(row.get("bytes_written") or 0 for row in rows)
+        plural = "" if len(rows) == 1 else "s"
+        click.echo(f"{len(rows)} capture{plural}: median blocked "
+                   f"{ms_text(statistics.median(held))} (pause "
+                   f"{ms_text(statistics.median(pauses))}), max blocked "
+                   f"{ms_text(max(held))}; {size_text(written)} written in all")
+
+
 def plot_history(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     seqs = [row.get("seq") if row.get("seq") is not None else i for i, row in enumerate(rows)]
     failed = [i for i, row in enumerate(rows) if row.get("status", "committed") != "committed"]
     figure, (pause, written, changed) = plt.subplots(3, 1, sharex=True, figsize=(8, 6.4),
                                                      constrained_layout=True)
     pauses = [(row.get("pause_seconds") or 0) * 1e3 for row in rows]
-    pause.plot(seqs, pauses, "o-", color="tab:blue", markersize=3, label="pause")
+    held = [(row.get("blocking_seconds") or row.get("pause_seconds") or 0) * 1e3 for row in rows]
+    pause.plot(seqs, held, "o-", color="tab:blue", markersize=3, label="blocked")
+    pause.plot(seqs, pauses, ".", color="tab:cyan", markersize=3, label="of which the pause")
     durable = [(row.get("durable_seconds") or 0) * 1e3 for row in rows]
     if any(durable):
         pause.plot(seqs, durable, "s-", color="tab:gray", markersize=2, linewidth=0.8,
                    label="durable after")
-        pause.legend(loc="best", fontsize="small")
+    pause.legend(loc="best", fontsize="small")
     pause.set_ylabel("ms")
-    pause.set_title("pause: how long capture() held the program", loc="left", fontsize="medium")
+    pause.set_title("blocked: how long capture() held the program (the pause, and the wait "
+                    "before it)", loc="left", fontsize="medium")
     written_kib = [(row.get("bytes_written") or 0) / 1024 for row in rows]
     written.bar(seqs, written_kib, color="tab:orange", width=0.8)
     written.set_ylabel("KiB")
     written.set_title("bytes written (chunk objects + manifest)", loc="left", fontsize="medium")
     # The first capture writes everything: on a linear axis it would flatten all others.
-    for axes, values in ((pause, pauses + durable), (written, written_kib)):
+    for axes, values in ((pause, held + pauses + durable), (written, written_kib)):
         positive = [value for value in values if value > 0]
         if positive and max(positive) > 20 * min(positive):
             axes.set_yscale("log")
@@ -98,6 +144,8 @@ def plot_history(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     changed.set_ylim(bottom=0)
     changed.set_title("chunks changed", loc="left", fontsize="medium")
     changed.set_xlabel("snapshot (seq)")
+    # Seqs are integers: no tick at 2.5.
+    changed.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for axes in (pause, written, changed):
         axes.grid(True, alpha=0.3)
         for index in failed:

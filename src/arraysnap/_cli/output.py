@@ -30,8 +30,8 @@ from ..manifest import dtype_to_json
 from ..results import SnapshotInfo
 
 __all__ = ["ByteSize", "Duration", "dtype_text", "echo_json", "ms_text", "names_text",
-           "progress", "ranges_text", "size_text", "snapshot_json", "status", "stderr",
-           "stdout", "new_table", "when_text", "write_npz"]
+           "new_table", "progress", "ranges_text", "rng_summary", "size_text", "snapshot_json",
+           "status", "stderr", "stdout", "when_text", "write_npz"]
 
 
 def stdout() -> Console:
@@ -90,9 +90,14 @@ def size_text(count: float) -> str:
 
 
 def ms_text(seconds: float | None) -> str:
+    """A duration with two decimals always: ``0.08 ms``, ``3.28 ms``, ``1.25 s``.
+
+    >>> ms_text(0.0000817), ms_text(0.001), ms_text(2.5), ms_text(None)
+    ('0.08 ms', '1.00 ms', '2.50 s', '-')
+    """
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return "-"
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 def when_text(unix: float | None) -> str:
@@ -125,13 +130,31 @@ def new_table(*columns: str, title: str | None = None) -> Table:
     return table
 
 
+def rng_summary(rng: Any) -> str:
+    """The generators a snapshot holds, in a few words.
+
+    >>> rng_summary(None), rng_summary({"kind": "generator", "value": {"bit_generator": "PCG64"}})
+    ('none', 'one Generator (PCG64)')
+    """
+    if rng is None:
+        return "none"
+    try:
+        if rng["kind"] == "generator":
+            return f"one Generator ({rng['value']['bit_generator']})"
+        return "Generators " + ", ".join(f"{key} ({value['bit_generator']})"
+                                         for key, value in rng["value"].items())
+    except (KeyError, TypeError, AttributeError):
+        return "present (not readable: restore reports why)"
+
+
 def snapshot_json(info: SnapshotInfo) -> dict[str, Any]:
     return {
         "seq": info.seq, "step": info.step, "time": info.time,
         "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str, "order": a.order,
                           "n_chunks": a.n_chunks, "nbytes": a.nbytes}
                    for name, a in info.arrays.items()},
-        "pause_seconds": info.pause_seconds, "chunks_scanned": info.chunks_scanned,
+        "pause_seconds": info.pause_seconds, "blocked_seconds": info.blocked_seconds,
+        "chunks_scanned": info.chunks_scanned,
         "chunks_changed": info.chunks_changed, "chunks_deduplicated": info.chunks_deduplicated,
         "bytes_written": info.bytes_written, "durable_seconds": info.durable_seconds,
     }

@@ -58,6 +58,7 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Pr
         if not isinstance(array, np.ndarray):
             raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy array; "
                             "pass np.asarray(value)")
+        array = _plain_array(name, array)
         if array.dtype.hasobject:
             raise TypeError(f"array {name!r} has dtype {array.dtype}, which holds Python "
                             "objects; arraysnap stores raw bytes only (use a fixed-size dtype)")
@@ -70,6 +71,29 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Pr
             layout = plan_layout(array.shape, array.dtype, order, chunk_bytes)
         prepared.append((name, array, layout))
     return prepared
+
+
+# Subclasses whose data is plain ndarray data: captured as their base array, and restored
+# as plain arrays (np.memmap: the file's bytes; np.recarray: its records).
+_PLAIN_SUBCLASSES = (np.memmap, np.recarray)
+
+
+def _plain_array(name: str, array: np.ndarray) -> np.ndarray:
+    """`array` as a plain ndarray view, or TypeError for a subclass whose meaning is more
+    than its data (a masked array's mask, a matrix's 2-d algebra)."""
+    if type(array) is np.ndarray:
+        return array
+    if isinstance(array, np.ma.MaskedArray):
+        raise TypeError(
+            f"array {name!r} is a masked array: arraysnap stores plain arrays only. Capture "
+            f"its data and mask as two arrays, e.g. {{{name!r}: a.data, "
+            f"{name + '_mask'!r}: np.ma.getmaskarray(a)}}, and rebuild it with "
+            "np.ma.masked_array(data, mask) after restore")
+    if isinstance(array, _PLAIN_SUBCLASSES):
+        return array.view(np.ndarray)
+    raise TypeError(f"array {name!r} is a {type(array).__name__} (a numpy.ndarray subclass); "
+                    f"arraysnap stores plain arrays only: pass np.asarray({name}) and rebuild "
+                    f"the {type(array).__name__} after restore")
 
 
 def check_step(step: object) -> int | None:
@@ -94,13 +118,14 @@ def check_state(state: object) -> dict[str, Any] | None:
         raise TypeError(f"state must be a dict of JSON values, got {type(state).__name__}")
     if any(not isinstance(key, str) for key in state):
         raise TypeError("state keys must be strings")
+    rule = ("state must be JSON-serialisable (dicts with str keys, lists, str, int, finite "
+            "float, bool, None)")
     try:
         text = json.dumps(dict(state), default=_json_default, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"state must be JSON-serialisable (dicts with str keys, lists, str, int, finite "
-            f"float, bool, None): {err}; store arrays in `arrays`, not in `state`"
-        ) from None
+    except TypeError as err:  # a value of a type JSON has not: as json.dumps says it
+        raise TypeError(f"{rule}: {err}; store arrays in `arrays`, not in `state`") from None
+    except ValueError as err:  # a value JSON cannot hold: NaN or infinity
+        raise ValueError(f"{rule}: {err}; store arrays in `arrays`, not in `state`") from None
     except RecursionError:
         raise ValueError("state is nested too deeply (or refers to itself)") from None
     if len(text) > 16 << 20:
@@ -217,15 +242,19 @@ class Capturer:
                 persister.retrying(self.baselines.mark_dirty, free_space=False)
         except OSError as err:
             return self._failed(seq, step, started, err), None
-        self.next_seq += 1
         try:
             deltas, compared = self._compare(prepared)
         except OSError as err:
+            self.next_seq += 1  # the history records this failed capture under its seq
             return self._failed(seq, step, started, err), None
+        # (Any other error is a bug or bad input that slipped past the checks: it spends no
+        # seq, and the baselines it touched were forgotten.)
+        self.next_seq += 1
         now = time.perf_counter()
         pause = now - pause_start
         info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
-                           sum(len(d.changed) for d in deltas), chunks_compared=compared)
+                           sum(len(d.changed) for d in deltas), chunks_compared=compared,
+                           blocked_seconds=now - started)
         job = PersistJob(seq, step, time.time(), deltas, state, rng, provenance(), pause,
                          pause_start - started, started, replay_position, info)
         persister.submit(job)

@@ -15,7 +15,7 @@ and warns once per kind of failure, logging the rest.
 >>> FailurePolicy("raise", "run.snap").handle(OSError(28, "No space left"), "capture failed")
 Traceback (most recent call last):
 ...
-arraysnap.errors.StoreWriteError: [Errno 28] capture failed: [Errno 28] No space left
+arraysnap.errors.StoreWriteError: [Errno 28] capture failed: No space left
 """
 
 from __future__ import annotations
@@ -43,11 +43,18 @@ def parse_on_error(on_error: object) -> str:
 def wrap(error: BaseException, message: str) -> ArraysnapError:
     """`error` chained under an ArraysnapError (a StoreWriteError for an OSError).
 
+    The errno is said once, by the StoreWriteError itself:
+
+    >>> str(wrap(OSError(28, "No space left on device", "run.snap/chunks"), "capture failed"))
+    "[Errno 28] capture failed: No space left on device: 'run.snap/chunks'"
     >>> wrap(ValueError("x"), "it failed")
     ArraysnapError("it failed: ValueError('x')")
     """
     if isinstance(error, OSError):
-        wrapped: ArraysnapError = StoreWriteError(error.errno, f"{message}: {error}")
+        detail = error.strerror or str(error)
+        if error.filename is not None:
+            detail += f": {str(error.filename)!r}"
+        wrapped: ArraysnapError = StoreWriteError(error.errno, f"{message}: {detail}")
     else:
         wrapped = ArraysnapError(f"{message}: {error!r}")
     wrapped.__cause__ = error

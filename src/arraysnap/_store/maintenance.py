@@ -204,9 +204,10 @@ class Maintenance:
                 ) from None
         return manifests
 
-    def prune(self, retention: Retention) -> PruneReport:
+    def prune(self, retention: Retention, *, dry_run: bool = False) -> PruneReport:
         """Remove what `retention` does not keep: manifests first (durably), then the chunk
-        objects no kept snapshot uses, then replay-log records older than every kept one."""
+        objects no kept snapshot uses, then replay-log records older than every kept one.
+        With `dry_run`, only say what would go."""
         manifests = self._all_manifests("retention")
         candidates = [Candidate(seq, m.step, m.time) for seq, (m, _) in manifests.items()]
         usage = Usage(manifests, self._size_of) if retention.max_bytes is not None else None
@@ -223,6 +224,10 @@ class Maintenance:
         dropped: set[bytes] = set()
         for seq in gone:
             dropped.update(manifests[seq][0].chunk_digests())
+        if dry_run:
+            sizes = [self._size_of(digest) for digest in dropped - used
+                     if self.objects.has(digest)]
+            return PruneReport(tuple(sorted(gone)), len(sizes), sum(sizes))
         storage = self.objects.storage
         for seq in sorted(gone):
             storage.delete(manifest_key(seq))
@@ -230,7 +235,7 @@ class Maintenance:
         # The manifests are gone for good before any object they used goes.
         storage.barrier()
         removed, freed = self._delete_objects(dropped - used)
-        positions = [m.journal for seq, (m, _) in manifests.items() if seq not in gone]
+        positions = [m.replay_position for seq, (m, _) in manifests.items() if seq not in gone]
         if self.replay_log is not None and positions and None not in positions:
             self.replay_log.trim(min(p for p in positions if p is not None))
         log.info("arraysnap: retention removed snapshots %s (%d chunks, %d bytes)",

@@ -17,6 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from .._version import __version__
 from ..baselines import Baselines
@@ -28,7 +29,7 @@ from ..objects import ChunkObjects
 from ..storage import Storage
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "FORMAT_NAME", "FORMAT_VERSION", "SETTINGS_KEY", "Recovered",
-           "Settings", "create_store", "read_settings", "recover_baselines"]
+           "Settings", "create_store", "not_a_store", "read_settings", "recover_baselines"]
 
 log = logging.getLogger("arraysnap")
 
@@ -88,6 +89,19 @@ def read_settings(storage: Storage, codec: str | None) -> Settings | None:
     return Settings(stored_codec, chunk_bytes)
 
 
+def not_a_store(path: Path) -> FileNotFoundError:
+    """The error for a reader pointed at `path`, where there is no store.
+
+    >>> print(not_a_store(Path("/no/such/run.snap")))
+    /no/such/run.snap does not exist: give the folder of an arraysnap store (mode='a' creates one)
+    """
+    if not path.exists():
+        return FileNotFoundError(f"{path} does not exist: give the folder of an arraysnap store "
+                                 "(mode='a' creates one)")
+    return FileNotFoundError(f"{path} is not an arraysnap store (no arraysnap.json in it): give "
+                             "the folder that arraysnap.open() created")
+
+
 def create_store(storage: Storage, codec: CodecSpec) -> Settings:
     """Make a new, empty store in `storage`; its settings file is written last."""
     storage.create()
@@ -118,7 +132,11 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
         return Recovered(None, {})
     tables = dict(head.arrays)
     trusted = baselines.trusted_seq() == head.seq
-    files = (baselines.read_marker() or {"files": {}})["files"]
+    marker = baselines.read_marker()
+    files = (marker or {"files": {}})["files"]
+    # A dirty marker: a capture was under way when the writer stopped (killed, or its
+    # process ended). Its changes were never committed; rolling them back is routine.
+    interrupted = marker is not None and marker.get("clean") is False
     repaired = False
     for name, entry in head.arrays.items():
         filename = files.get(name)
@@ -136,8 +154,15 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
                     buffer, _ = baselines.baseline(name, entry.layout)
                     assemble(buffer, objects, codec, entry, pool, verify=True, seq=head.seq,
                              indices=bad)
-                    log.warning("arraysnap: repaired %d chunks of the %r baseline",
-                                len(bad), name)
+                    if interrupted:
+                        log.info("arraysnap: %s: %d chunks of %r held changes of a capture "
+                                 "that was interrupted before it committed; they are back "
+                                 "at snapshot %d, the latest committed", baselines.dir.parent,
+                                 len(bad), name, head.seq)
+                    else:
+                        log.warning("arraysnap: %s: %d chunks of the %r baseline did not match "
+                                    "snapshot %d; repaired from its chunk objects",
+                                    baselines.dir.parent, len(bad), name, head.seq)
                 repaired = True
         except CorruptSnapshotError as err:
             # The newest snapshot itself is damaged: the next capture of this array is
