@@ -80,16 +80,15 @@ def print_history(rows: list[dict[str, Any]]) -> None:
     # Store.stats() also times the wait for the previous capture ("blocked" = that
     # wait + the pause); the snapshot list, its fallback, does not.
     blocked = any("blocking_seconds" in row for row in rows)
-    columns = ["seq", "step", "time", "status", "pause", *(["blocked"] if blocked else []),
+    columns = ["seq", "step", "time", "status", *(["blocked"] if blocked else []), "pause",
                "durable", "changed", "fraction", "bytes written"]
     table = new_table(*columns)
     for row in rows:
         cells = [str(row.get("seq", "-")), "-" if row.get("step") is None else str(row["step"]),
-                 when_text(row.get("time")), str(row.get("status", "committed")),
-                 ms_text(row.get("pause_seconds"))]
+                 when_text(row.get("time")), str(row.get("status", "committed"))]
         if blocked:
             cells.append(ms_text(row.get("blocking_seconds")))
-        cells += [ms_text(row.get("durable_seconds")),
+        cells += [ms_text(row.get("pause_seconds")), ms_text(row.get("durable_seconds")),
                   f"{row.get('chunks_changed', 0)}/{row.get('chunks_scanned', 0)}",
                   f"{row['changed_fraction']:.1%}", size_text(row.get("bytes_written") or 0)]
         table.add_row(*cells)

@@ -191,5 +191,10 @@ class Restorer:
             # closing it then would raise BufferError over the CorruptSnapshotError.
             assemble(np.frombuffer(shared, dtype=np.uint8), self.objects, self.codec, entry,
                      self.pool, verify=verify, seq=seq)
-            shared.close()
+            try:
+                shared.close()
+            except BufferError:
+                # A pool thread has returned its chunk but not yet dropped the task that
+                # refers to the view: the map is unmapped with that last reference.
+                pass
             return map_private(Path(), layout, handle.fileno())
