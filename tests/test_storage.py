@@ -3,12 +3,11 @@ durability (what a barrier syncs, and in which order) and its refusals."""
 
 from __future__ import annotations
 
-import os
+import errno
 from pathlib import Path
 
 import pytest
 
-from arraysnap.fsio import FileOps
 from arraysnap.storage import LocalStorage, LoggingStorage
 from arraysnap.testing import FaultPlan
 from arraysnap.testing.storage_tests import StorageTests
@@ -31,93 +30,79 @@ class TestFaultyStorageUnarmed(StorageTests):
         return FaultPlan(tmp_path / "s.snap").storage
 
 
-class Recorder(FileOps):
-    """Records the fsyncs of files and folders, relative to `root`, in order."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.synced: list[str] = []
-
-    def fsync(self, fd: int) -> None:
-        self.synced.append(os.path.relpath(os.readlink(f"/proc/self/fd/{fd}"), self.root))
-        super().fsync(fd)
-
-
 @pytest.fixture
-def recorded(tmp_path: Path) -> tuple[LocalStorage, Recorder]:
-    ops = Recorder(tmp_path / "s")
-    storage = LocalStorage(tmp_path / "s", ops)
+def recorded(tmp_path: Path) -> tuple[LocalStorage, list[str]]:
+    """A fresh local storage under a fault plan that records each fsync (of a file or a
+    folder) relative to the store, in order."""
+    plan = FaultPlan(tmp_path / "s")
+    synced: list[str] = []
+    plan.before("fsync", None, lambda call: synced.append(call.where))
+    storage = plan.storage
     storage.create()
     storage.barrier()
-    ops.synced.clear()
-    return storage, ops
+    synced.clear()
+    return storage, synced
 
 
 def test_a_barrier_syncs_every_folder_written_deepest_first(recorded):
-    storage, ops = recorded
+    storage, synced = recorded
     storage.put_if_absent("chunks/ab/" + "c" * 62, b"1")
     storage.put_if_absent("chunks/ab/" + "d" * 62, b"2")
-    objects = list(ops.synced)
+    objects = list(synced)
     assert len(objects) == 2 and all(p.startswith("chunks/ab/.tmp-") for p in objects)
-    ops.synced.clear()
+    synced.clear()
     storage.barrier()
     # Once per folder, however many objects; a new folder before the entry naming it.
-    assert ops.synced == ["chunks/ab", "chunks"]
-    ops.synced.clear()
+    assert synced == ["chunks/ab", "chunks"]
+    synced.clear()
     storage.barrier()
-    assert ops.synced == []  # nothing owed
+    assert synced == []  # nothing owed
 
 
 def test_a_barrier_syncs_the_names_it_is_given_but_not_their_synced_data(recorded):
-    storage, ops = recorded
+    storage, synced = recorded
     storage.put_if_absent("chunks/ab/" + "c" * 62, b"1")
     storage.barrier()
-    ops.synced.clear()
+    synced.clear()
     # A reused object, perhaps renamed into place by a writer killed before its barrier.
     storage.barrier(["chunks/ab/" + "c" * 62])
-    assert sorted(ops.synced) == ["chunks", "chunks/ab"]
+    assert sorted(synced) == ["chunks", "chunks/ab"]
 
 
 def test_appends_are_synced_by_the_next_barrier_or_only_when_named(recorded):
-    storage, ops = recorded
+    storage, synced = recorded
     storage.append("journal/0000000000000000.jsonl", b"r\n", at=0)
     storage.append("history.jsonl", b"h\n", at=0, durable=False)
     storage.barrier()
-    assert "journal/0000000000000000.jsonl" in ops.synced
-    assert "history.jsonl" not in ops.synced
-    ops.synced.clear()
+    assert "journal/0000000000000000.jsonl" in synced
+    assert "history.jsonl" not in synced
+    synced.clear()
     storage.barrier(["history.jsonl"])
-    assert "history.jsonl" in ops.synced
+    assert "history.jsonl" in synced
 
 
 def test_deletions_are_made_durable_by_the_next_barrier(recorded):
-    storage, ops = recorded
+    storage, synced = recorded
     storage.put_if_absent("snapshots/000000000001.json", b"m")
     storage.barrier()
-    ops.synced.clear()
+    synced.clear()
     storage.delete("snapshots/000000000001.json")
     storage.barrier()
-    assert ops.synced == ["snapshots"]
+    assert synced == ["snapshots"]
 
 
 def test_a_failed_barrier_still_owes_what_it_did_not_sync(tmp_path: Path):
-    class FailOnce(FileOps):
-        failed = False
-
-        def fsync_dir(self, path: Path) -> None:
-            if not self.failed:
-                self.failed = True
-                raise OSError(5, "injected")
-            super().fsync_dir(path)
-
-    storage = LocalStorage(tmp_path / "s", FailOnce())
+    plan = FaultPlan(tmp_path / "s")
+    failed = plan.fail("fsync_dir", None, errno.EIO)
+    storage = plan.storage
     storage.put_if_absent("chunks/ab/cd", b"x")
     with pytest.raises(OSError):
         storage.barrier()
-    synced = []
-    storage.ops.fsync_dir = lambda path: synced.append(Path(path).name)  # type: ignore[method-assign]
+    assert failed.errors
+    synced: list[str] = []
+    plan.before("fsync_dir", None, lambda call: synced.append(call.where))
     storage.barrier()
-    assert "ab" in synced
+    assert "chunks/ab" in synced
 
 
 def test_writes_never_follow_a_link_planted_in_place_of_a_folder(tmp_path: Path):

@@ -33,7 +33,8 @@ __all__ = ["SNAPSHOT_SPEC_HELP", "Catalog"]
 log = logging.getLogger("arraysnap")
 
 PREFIX = "snapshots/"
-_MANIFEST_NAME = re.compile(r"^(\d{12})\.json$")
+_PREFIX_LENGTH = len(PREFIX)
+_KEY_LENGTH = _PREFIX_LENGTH + len("000000000001.json")
 _STEP = re.compile(r"^step:(-?\d+)$")
 _BACK = re.compile(r"^(?:latest)?~(\d+)$")
 
@@ -59,8 +60,15 @@ class Catalog:
     # -- reading ---------------------------------------------------------------------------
     def seqs(self) -> list[int]:
         """Seqs of every manifest present, damaged or not, in order."""
-        return sorted(int(m.group(1)) for key in self.storage.list_prefix(PREFIX)
-                      if (m := _MANIFEST_NAME.match(key[len(PREFIX):])))
+        # Plain string tests, not a regex: every restore lists the manifests.
+        seqs = []
+        for key in self.storage.list_prefix(PREFIX):
+            digits = key[_PREFIX_LENGTH:-5]
+            if (len(key) == _KEY_LENGTH and key.endswith(".json") and digits.isascii()
+                    and digits.isdigit()):
+                seqs.append(int(digits))
+        seqs.sort()
+        return seqs
 
     def load(self, seq: int, *, from_disk: bool = False) -> tuple[Manifest, int]:
         """Snapshot `seq`'s manifest and its size in bytes (cached unless `from_disk`)."""

@@ -106,24 +106,26 @@ class LocalStorage(Storage):
 
     def list_prefix(self, prefix: str) -> Iterator[str]:
         folder, _, start = prefix.rpartition("/")
-        top = self.path / parse_key(folder) if folder else self.path
+        top = os.path.join(self.path, parse_key(folder)) if folder else os.fspath(self.path)
         # Iterative, never following links to folders: a hostile store's deep or looping
-        # tree can neither overflow the stack nor lead outside the store.
-        pending = [(top, f"{folder}/" if folder else "")]
+        # tree can neither overflow the stack nor lead outside the store. Plain strings:
+        # the catalog lists the manifests at every restore.
+        pending = [(top, f"{folder}/" if folder else "", True)]
         while pending:
-            directory, relative = pending.pop()
+            directory, relative, at_top = pending.pop()
             try:
-                entries = list(os.scandir(directory))
+                with os.scandir(directory) as listing:
+                    entries = list(listing)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
-                if entry.name.startswith(TMP_PREFIX) or (
-                        directory == top and not entry.name.startswith(start)):
+                name = entry.name
+                if name.startswith(TMP_PREFIX) or (at_top and not name.startswith(start)):
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    pending.append((Path(entry.path), f"{relative}{entry.name}/"))
+                    pending.append((entry.path, f"{relative}{name}/", False))
                 else:
-                    yield relative + entry.name
+                    yield relative + name
 
     # -- writing ---------------------------------------------------------------------------
     def _made_parent(self, path: Path) -> None:
@@ -293,19 +295,23 @@ class LocalStorage(Storage):
         return _FileLock(fd)
 
     def remove_temporaries(self) -> int:
-        # Where writes happen: the top, the manifests' folder and the objects' folders.
-        folders = [self.path, self.path / "snapshots"]
-        chunks = self.path / "chunks"
-        if chunks.is_dir() and not chunks.is_symlink():
-            folders += [Path(e.path) for e in os.scandir(chunks) if e.is_dir(follow_symlinks=False)]
+        # Where writes happen: the top, the manifests' folder and the objects' folders
+        # (plain strings: this runs at every writer's open, over 256 folders).
+        root = os.fspath(self.path)
+        folders = [root, os.path.join(root, "snapshots")]
+        chunks = os.path.join(root, "chunks")
+        if os.path.isdir(chunks) and not os.path.islink(chunks):
+            with os.scandir(chunks) as listing:
+                folders += [e.path for e in listing if e.is_dir(follow_symlinks=False)]
         removed = 0
         for folder in folders:
             try:
-                entries = list(os.scandir(folder))
+                with os.scandir(folder) as listing:
+                    leftovers = [e.path for e in listing if e.name.startswith(TMP_PREFIX)
+                                 and not e.is_dir(follow_symlinks=False)]
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            for entry in entries:
-                if entry.name.startswith(TMP_PREFIX) and not entry.is_dir(follow_symlinks=False):
-                    self.ops.unlink(Path(entry.path))
-                    removed += 1
+            for leftover in leftovers:
+                self.ops.unlink(Path(leftover))
+                removed += 1
         return removed
