@@ -32,9 +32,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -56,9 +54,10 @@ from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
 from .results import CaptureInfo, CaptureStat
 from .storage import Storage
+from .threads import lower_thread_priority, start_workers
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "ArrayDelta", "Listener",
-           "PersistJob", "Persister", "Pins", "manifest_key", "put_manifest"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "POOL_WORKERS", "ArrayDelta",
+           "Listener", "PersistJob", "Persister", "Pins", "manifest_key", "put_manifest"]
 
 log = logging.getLogger("arraysnap")
 T = TypeVar("T")
@@ -71,9 +70,9 @@ IDLE_TRIM_SECONDS = 5.0
 # Threads writing chunk objects: each write ends in an fsync that mostly waits for the disk,
 # so a few of them keep the disk busy (the file system commits their fsyncs together).
 OBJECT_WRITERS = 4
+# Threads of a store's pool, which hashes, encodes and assembles chunks (both release the GIL).
+POOL_WORKERS = 2
 DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
-# How much nicer than the program's own threads arraysnap's threads run (Linux).
-BACKGROUND_NICENESS = 10
 TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
                               errno.ETIMEDOUT})
 
@@ -110,29 +109,6 @@ class ArrayDelta:
     changed: np.ndarray
     fresh: bool
     dims: tuple[str, ...] | None = None
-
-
-def lower_thread_priority() -> None:
-    """Make the calling thread yield the CPU to the program's own threads.
-
-    Hashing, encoding and writing run while the program computes; on a machine whose cores
-    the program keeps busy they would otherwise take their share of its time. At niceness
-    +10 they get about a tenth of a contended core and all of an idle one. Linux sets
-    niceness per thread; elsewhere this does nothing. Never raises: a priority is a wish.
-
-    >>> lower_thread_priority()
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        thread = threading.get_native_id()
-        # Relative to the main thread's (its id is the process id), not to whichever of our
-        # threads started this one: threads inherit their creator's niceness.
-        wanted = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + BACKGROUND_NICENESS)
-        if os.getpriority(os.PRIO_PROCESS, thread) < wanted:
-            os.setpriority(os.PRIO_PROCESS, thread, wanted)
-    except OSError:
-        pass
 
 
 @dataclass(slots=True)
@@ -286,6 +262,12 @@ class Persister:
         self._reader = threading.Thread(target=self._read_loop, name="arraysnap-read",
                                         daemon=True)
         self._reader.start()
+        # Every thread the engine may need, started now: a capture still pending at
+        # interpreter exit is finished from an exit hook, where Python 3.12.0-3.12.2 can no
+        # longer start threads (CPython gh-113964); and an executor starts its threads lazily.
+        start_workers(self.pool, POOL_WORKERS)
+        start_workers(self._writer, 1)
+        start_workers(self._object_writers, OBJECT_WRITERS)
 
     # -- caller side ---------------------------------------------------------------------
     def submit(self, job: PersistJob) -> None:

@@ -69,11 +69,11 @@ from .objects import ChunkObjects
 from .pipeline import (
     DEFAULT_BUFFER_BYTES,
     DEFAULT_RETRY_DELAYS,
+    POOL_WORKERS,
     Listener,
     Persister,
     PersistJob,
     Pins,
-    lower_thread_priority,
 )
 from .policies import parse_policy
 from .replaylog import ReplayLog
@@ -90,6 +90,7 @@ from .results import (
 from .retention import Retention
 from .rngstate import check_rng, rng_to_json
 from .storage import LocalStorage, Storage, WriterLock
+from .threads import lower_thread_priority
 from .tracking import Tracking, check_track_writes
 from .zarr_view import SnapshotZarrStore, export_snapshot
 
@@ -246,7 +247,7 @@ class Store:
         self._objects = ChunkObjects(storage)
         self._history = History(storage)
         self._baselines = Baselines(path, baseline_ops)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="arraysnap",
+        self._pool = ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="arraysnap",
                                         initializer=lower_thread_priority)
         self._writer_lock: WriterLock | None = None
         self._replay_log: ReplayLog | None = None
