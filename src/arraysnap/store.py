@@ -254,7 +254,7 @@ class Store:
         self._tracking: Tracking | None = None
         self._persister: Persister | None = None
         self._capturer: Capturer | None = None
-        self._cadence = Cadence(policy, ())
+        self._cadence = Cadence(policy)
         pins = Pins()
         self._written = 0  # bytes this writer's commits wrote
         self._growth: str | None = None  # the growth warning, once due (then "")
@@ -266,7 +266,7 @@ class Store:
                 self._tracking = Tracking(track_writes, baseline_file=self._baselines.file_of)
                 self._replay_log = ReplayLog(storage)
                 self._recover(pins, buffer_bytes, retry_delays)
-                self._cadence = Cadence(policy, watched)
+                self._cadence.watch(watched)
         except BaseException:
             self._release()
             raise
@@ -400,7 +400,7 @@ class Store:
         state_json = check_state(state)
         check_rng(rng)
         rng_json = rng_to_json(rng)
-        if not capturer.try_lock():
+        if not capturer.lock.acquire(blocking=False):
             raise ArraysnapError("capture() is already running in another thread of this "
                                  "process; call it from one thread at a time")
         try:
@@ -415,7 +415,7 @@ class Store:
                 self._cadence.captured(step, time.time(), blocked)
             return info
         finally:
-            capturer.unlock()
+            capturer.lock.release()
 
     def _raise_background_error(self, message: str) -> None:
         error = self._persister.take_error() if self._persister is not None else None

@@ -211,13 +211,6 @@ class Capturer:
                 names[name] = self._dims[name]
         return names
 
-    def try_lock(self) -> bool:
-        """Take the one-capture-at-a-time lock without waiting; True if taken."""
-        return self._lock.acquire(blocking=False)
-
-    def unlock(self) -> None:
-        self._lock.release()
-
     @property
     def lock(self) -> threading.Lock:
         """Held for a capture; prune and gc hold it too, so they never run during one."""

@@ -131,8 +131,8 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
         baselines.clear_directory()
         return Recovered(None, {})
     tables = dict(head.arrays)
-    trusted = baselines.trusted_seq() == head.seq
     marker = baselines.read_marker()
+    trusted = baselines.trusted_seq(marker) == head.seq
     files = (marker or {"files": {}})["files"]
     # A dirty marker: a capture was under way when the writer stopped (killed, or its
     # process ended). Its changes were never committed; rolling them back is routine.

@@ -5,7 +5,7 @@ policy, until the next capture; ``preempted`` turns true once ``due()`` has answ
 for it, so a loop that asks ``due()`` never exits without that last capture.
 
 >>> import os, signal
->>> cadence = Cadence(None, (signal.SIGUSR2,))
+>>> cadence = Cadence(None); cadence.watch((signal.SIGUSR2,))
 >>> os.kill(os.getpid(), signal.SIGUSR2)
 >>> cadence.preempted, cadence.due(0)
 (True, True)
@@ -58,7 +58,7 @@ def parse_signals(signals: object) -> tuple[int, ...]:
 class Cadence:
     """The ``every=`` policy and the watched signals of one writer; see the module doc."""
 
-    def __init__(self, policy: Policy | None, signums: tuple[int, ...]) -> None:
+    def __init__(self, policy: Policy | None) -> None:
         self.policy = policy
         self._preempted = False  # a watched signal arrived
         self._pending = False  # ... and no capture has followed it yet
@@ -67,12 +67,16 @@ class Cadence:
         self._closed = False
         self._old_handlers: dict[int, Any] = {}
         self._closed_handlers: dict[int, Any] = {}
-        if signums:
-            if threading.current_thread() is not threading.main_thread():
-                raise ValueError("signals= must be set by a store opened in the main thread "
-                                 "(Python delivers signals there)")
-            for signum in signums:
-                self._old_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def watch(self, signums: tuple[int, ...]) -> None:
+        """Install the handlers of `signums` (a writer does, once it has opened)."""
+        if not signums:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError("signals= must be set by a store opened in the main thread "
+                             "(Python delivers signals there)")
+        for signum in signums:
+            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def due(self, step: int | None) -> bool:
         self._due_asked = True
