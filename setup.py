@@ -1,4 +1,4 @@
-"""Build the Cython delta kernel; everything else lives in pyproject.toml."""
+"""Build the Cython parts (the delta kernel, descriptor-free maps); everything else lives in pyproject.toml."""
 
 import sys
 
@@ -11,6 +11,7 @@ LINK_ARGS = ["-s"] if sys.platform.startswith("linux") else []
 extensions = [
     Extension("arraysnap._delta", ["src/arraysnap/_delta.pyx"], extra_compile_args=["-O3"],
               extra_link_args=LINK_ARGS),
+    Extension("arraysnap._mapping", ["src/arraysnap/_mapping.pyx"], extra_link_args=LINK_ARGS),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import signal
 
 import numpy as np
@@ -14,6 +12,8 @@ from conftest import run_python
 import arraysnap
 from arraysnap.baselines import Baselines
 from arraysnap.layout import plan_layout
+from arraysnap.leases import LEASES, LockFile, lock_byte
+from arraysnap.testing import baseline_extent, baseline_leased
 
 
 def test_held_restore_never_changes_when_the_writer_updates_the_baseline(store_path):
@@ -33,18 +33,32 @@ def test_held_restore_never_changes_when_the_writer_updates_the_baseline(store_p
         assert not held.any()
 
 
-def test_detach_happens_only_while_maps_are_alive(tmp_path):
+def test_held_maps_are_preserved_in_place_and_leased_files_are_moved_from(tmp_path):
+    """A map handed out in this process keeps its bytes by preservation (the array stays
+    where it is); a file another description holds a lease on is never written: the array
+    moves."""
     baselines = Baselines(tmp_path)
-    layout = plan_layout((1024,), np.dtype("u1"), "C", 256)
-    baselines.baseline("u", layout)
-    first = baselines.entries["u"].path
-    held = baselines.hand_out("u")
-    baselines.baseline("u", layout)
-    second = baselines.entries["u"].path
-    assert second != first and not first.exists()  # detached; the holder keeps the old inode
+    layout = plan_layout((8192,), np.dtype("u1"), "C", 4096)
+    baselines.baseline("u", layout).buffer[:] = 1
+    baselines.mark_committed(1)
+    place = baselines.location("u")
+    held = baselines.hand_out(["u"])["u"]
+    target = baselines.baseline("u", layout)
+    assert target.held and not target.fresh and baselines.location("u") == place
+    baselines.preserve("u", np.array([1]))
+    target.buffer[4096:] = 2  # the chunk preserved: the holder keeps its ones
+    assert held.tolist() == [1] * 8192
     del held
-    baselines.baseline("u", layout)
-    assert baselines.entries["u"].path == second  # no map alive: updated in place
+    baselines.mark_committed(2)
+    assert baselines.baseline("u", layout).held is False  # no map alive
+    baselines.mark_committed(3)
+    file, _ = place
+    reader = LockFile(file.parent / LEASES, writable=False)
+    assert reader.try_lock(lock_byte(file.name), exclusive=False)
+    moved = baselines.baseline("u", layout)
+    assert baselines.location("u") != place and not moved.held
+    assert moved.buffer[:4096].tolist() == [1] * 4096 and moved.buffer[4096:].tolist() == [2] * 4096
+    reader.close()
     baselines.close()
 
 
@@ -56,9 +70,9 @@ def test_dirty_mirror_is_verified_and_repaired_on_open(store_path):
     marker = json.loads(marker_path.read_text())
     assert marker["clean"] is True and marker["seq"] == 1
     # A writer killed mid-update: garbage in the baseline, marker dirty.
-    baseline = store_path / "mirror" / marker["files"]["u"]
+    baseline, offset = baseline_extent(store_path, "u")
     raw = bytearray(baseline.read_bytes())
-    raw[20_000:20_100] = b"\xff" * 100
+    raw[offset + 20_000 : offset + 20_100] = b"\xff" * 100
     baseline.write_bytes(bytes(raw))
     marker_path.write_text(json.dumps({**marker, "clean": False, "seq": None}))
     with arraysnap.open(store_path) as snap:
@@ -72,10 +86,9 @@ def test_damaged_clean_baseline_is_caught_by_verify_on_restore(store_path):
     data = np.arange(20_000.0)
     with arraysnap.open(store_path, chunk_bytes=8192) as snap:
         snap.capture({"u": data}, step=1)
-    marker = json.loads((store_path / "mirror" / "state.json").read_text())
-    baseline = store_path / "mirror" / marker["files"]["u"]
+    baseline, offset = baseline_extent(store_path, "u")
     raw = bytearray(baseline.read_bytes())
-    raw[100] ^= 0x10  # a flipped bit that the clean marker does not know about
+    raw[offset + 100] ^= 0x10  # a flipped bit that the clean marker does not know about
     baseline.write_bytes(bytes(raw))
     with arraysnap.open(store_path, mode="r") as reader:
         assert np.array_equal(reader.restore().arrays["u"], data)
@@ -93,19 +106,19 @@ def test_missing_baseline_file_is_rebuilt(store_path):
         assert np.array_equal(snap.restore().arrays["u"], np.arange(5000.0))
 
 
-def test_restored_map_used_as_live_state_needs_no_detach(store_path):
+def test_restored_map_used_as_live_state_needs_no_copy(store_path):
     with arraysnap.open(store_path, chunk_bytes=4096) as snap:
         snap.capture({"u": np.zeros(10_000)}, step=1)
     with arraysnap.open(store_path, chunk_bytes=4096) as snap:
         live = snap.restore().arrays["u"]
-        path = snap._baselines.entries["u"].path
+        place = snap._baselines.location("u")
         live[5000] = 3.0
         assert snap.capture({"u": live}, step=2).result().chunks_changed == 1
-        assert snap._baselines.entries["u"].path == path  # updated in place, no copy
-        other = snap.restore().arrays["u"]  # a second holder: now a copy is required
+        assert snap._baselines.location("u") == place  # updated in place, no copy
+        other = snap.restore().arrays["u"]  # a second holder: preserved, still no copy
         live[0] = 1.0
         snap.capture({"u": live}, step=3)
-        assert snap._baselines.entries["u"].path != path
+        assert snap._baselines.location("u") == place
         assert other[0] == 0.0 and other[5000] == 3.0
 
 
@@ -131,34 +144,17 @@ def test_failure_inside_the_pause_loses_no_change(store_path, monkeypatch):
         assert restored.step == 3 and restored.arrays["a"][0] == 1.0
 
 
-def holds_shared_lock(path) -> bool:
-    """True if some open file description holds a lock on `path` (probe with a try-lock)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-def baseline_file(store_path, name="u"):
-    marker = json.loads((store_path / "mirror" / "state.json").read_text())
-    return store_path / "mirror" / marker["files"][name]
-
-
 def test_reader_maps_the_baseline_between_captures_and_writer_then_detaches(store_path):
     data = np.arange(50_000.0)
     with arraysnap.open(store_path, chunk_bytes=8192) as writer:
         writer.capture({"u": data}, step=1).result()
         with arraysnap.open(store_path, mode="r") as reader:
             held = reader.restore(verify=False).arrays["u"]
-        shared = baseline_file(store_path)
-        assert holds_shared_lock(shared)  # served from the baseline, under a reader lease
+        shared = baseline_extent(store_path, "u")
+        assert baseline_leased(shared[0])  # served from the baseline, under a reader lease
         data[:10] = -5
         writer.capture({"u": data}, step=2).result()
-        assert baseline_file(store_path) != shared  # the writer moved to a copy
+        assert baseline_extent(store_path, "u") != shared  # the writer moved the array
         assert held[0] == 0.0 and np.array_equal(held, np.arange(50_000.0))
 
 
@@ -175,7 +171,7 @@ def test_kill_between_captures_needs_no_rehash(store_path):
     assert baselines.trusted_seq() == 1  # clean for this boot, though never fsynced
     with arraysnap.open(store_path, mode="r") as reader:
         assert np.array_equal(reader.restore(verify=False).arrays["u"], np.arange(40_000.0))
-        assert holds_shared_lock(baseline_file(store_path)) is False  # the map is gone again
+        assert baseline_leased(baseline_extent(store_path, "u")[0]) is False  # map gone
 
 
 def test_unsynced_marker_from_another_boot_is_not_trusted(store_path):
@@ -186,9 +182,9 @@ def test_unsynced_marker_from_another_boot_is_not_trusted(store_path):
     marker.update(synced=False, boot_id="an-earlier-boot")
     marker_path.write_text(json.dumps(marker))
     # A power loss may have kept the marker but not all baseline pages.
-    target = baseline_file(store_path)
+    target, offset = baseline_extent(store_path, "u")
     raw = bytearray(target.read_bytes())
-    raw[8:16] = b"\x00" * 8
+    raw[offset + 8 : offset + 16] = b"\x00" * 8
     target.write_bytes(bytes(raw))
     assert Baselines(store_path).trusted_seq() is None
     with arraysnap.open(store_path) as snap:

@@ -31,6 +31,7 @@ from conftest import (
 import arraysnap
 from arraysnap.testing import (
     FaultPlan,
+    baseline_extent,
     baseline_files,
     chunk_references,
     committed_reports,
@@ -173,16 +174,19 @@ def test_mirror_of_a_writer_killed_in_mid_copy_is_repaired_on_open(store_path: P
             capture_step(snap, step)
     # As if killed while copying step 3 into the baselines: the marker says dirty, half the
     # changed chunks of "u" already hold step 3, and the baseline of "v" is torn.
-    marker = read_marker(store_path)
+    extents = {name: baseline_extent(store_path, name) for name in ("u", "v")}
     write_marker(store_path, clean=False, seq=None)
     before, after = workload_arrays(2)["u"], workload_arrays(3)["u"]
     changed = [row for row in range(len(after)) if not np.array_equal(before[row], after[row])]
     assert len(changed) >= 2
-    with (store_path / "mirror" / marker["files"]["u"]).open("r+b") as handle:
+    u_file, u_offset = extents["u"]
+    with u_file.open("r+b") as handle:
         for row in changed[: len(changed) // 2]:
-            handle.seek(row * CHUNK)
+            handle.seek(u_offset + row * CHUNK)
             handle.write(after[row].tobytes())
-    with (store_path / "mirror" / marker["files"]["v"]).open("r+b") as handle:
+    v_file, v_offset = extents["v"]
+    with v_file.open("r+b") as handle:
+        handle.seek(v_offset)
         handle.write(np.random.default_rng(1).bytes(3 * CHUNK))
     with arraysnap.open(store_path, mode="r") as reader:
         assert_workload_step(reader.restore(), 2)
@@ -212,8 +216,9 @@ def test_unsynced_clean_marker_is_not_trusted_after_a_reboot(store_path: Path,
     write_marker(image, boot_id="the-boot-before-the-power-cut")
     before, after = workload_arrays(0)["u"], workload_arrays(1)["u"]
     row = next(r for r in range(len(after)) if not np.array_equal(before[r], after[r]))
-    with (image / "mirror" / marker["files"]["u"]).open("r+b") as handle:
-        handle.seek(row * CHUNK)
+    u_file, u_offset = baseline_extent(image, "u")
+    with u_file.open("r+b") as handle:
+        handle.seek(u_offset + row * CHUNK)
         handle.write(before[row].tobytes())
     with arraysnap.open(image, chunk_bytes=CHUNK) as snap:
         # Back to the step-0 arrays: the lost write makes that chunk look unchanged unless

@@ -14,7 +14,13 @@ import pytest
 from conftest import CHUNK, SCALE, assert_arrays
 
 import arraysnap
-from arraysnap.testing import CHUNK_DAMAGE, chunk_references, damage_object, flip_bit, read_marker
+from arraysnap.testing import (
+    CHUNK_DAMAGE,
+    baseline_extent,
+    chunk_references,
+    damage_object,
+    flip_bit,
+)
 
 
 def build_integrity_store(path: Path, codec: str) -> list[dict[str, np.ndarray]]:
@@ -72,8 +78,8 @@ def test_damage_used_by_the_latest_snapshot_never_yields_wrong_data(store_path: 
         assert_arrays(reader.restore().arrays, captured[3])
         assert {(p.seq, p.array, p.chunk) for p in reader.verify().problems} == {(4, "u", 6)}
     # Baseline damaged at the same chunk too: now there is no good copy, so an error.
-    marker = read_marker(store_path)
-    flip_bit(store_path / "mirror" / marker["files"]["u"], 6 * CHUNK + 100)
+    baseline, offset = baseline_extent(store_path, "u")
+    flip_bit(baseline, offset + 6 * CHUNK + 100)
     for mode in ("r", "a"):
         with arraysnap.open(store_path, mode=mode) as snap:  # type: ignore[arg-type]
             with pytest.raises(arraysnap.CorruptSnapshotError, match="chunk 6"):
@@ -83,10 +89,9 @@ def test_damage_used_by_the_latest_snapshot_never_yields_wrong_data(store_path: 
 @pytest.mark.parametrize("mode", ["r", "a"])
 def test_bit_flips_in_the_baseline_are_repaired_from_chunk_objects(store_path: Path, mode: str):
     captured = build_integrity_store(store_path, "zstd")
-    marker = read_marker(store_path)
-    baseline = store_path / "mirror" / marker["files"]["u"]
+    baseline, offset = baseline_extent(store_path, "u")
     for chunk in (0, 3, 7):
-        flip_bit(baseline, chunk * CHUNK + 17 * chunk, chunk % 8)
+        flip_bit(baseline, offset + chunk * CHUNK + 17 * chunk, chunk % 8)
     with arraysnap.open(store_path, mode=mode) as snap:  # type: ignore[arg-type]
         assert_arrays(snap.restore().arrays, captured[3])
         assert snap.verify().ok

@@ -23,6 +23,7 @@ from conftest import (
 )
 
 import arraysnap
+from arraysnap._store import capture as capture_module
 from arraysnap.codecs import parse_codec
 from arraysnap.testing import Call, FaultPlan, Rule, leftover_temporaries, object_intact
 
@@ -222,22 +223,27 @@ def test_failure_of_a_capture_while_the_next_one_is_queued(store_path: Path):
         assert reader.verify().ok
 
 
-def test_commit_landing_during_the_next_pause_does_not_vouch_for_the_baseline(store_path: Path):
+def test_commit_landing_during_the_next_pause_does_not_vouch_for_the_baseline(store_path: Path,
+                                                                             monkeypatch):
     # Snapshot N commits while capture N+1 is copying changed chunks into the baseline, and N+1
     # then fails. The baseline now holds N+1's bytes: nothing may record it as equal to N, or
     # the next run (after close and reopen) sees "no change" and silently loses N+1's change.
     in_pause = threading.Event()
     seen: dict[str, Any] = {"pending": None, "fail_seq": None, "failed": None, "stuck": False}
 
-    def marker_write(call: Call) -> None:
+    real_scan = capture_module.scan_and_copy
+
+    def scan_in_pause(*args: Any, **kwargs: Any) -> Any:
         pending = seen["pending"]
-        if pending is not None and call.main_thread and ".tmp-state.json" in call.where:
-            # Inside capture N+1's pause: let snapshot N commit right now.
+        if (pending is not None and not in_pause.is_set()
+                and threading.current_thread() is threading.main_thread()):
+            # Inside capture N+1's pause, comparing: let snapshot N commit right now.
             in_pause.set()
             try:
                 pending.result(timeout=60)
             except TimeoutError:
-                seen["stuck"] = True  # this marker write holds a lock the commit needs
+                seen["stuck"] = True  # the pause holds a lock the commit needs
+        return real_scan(*args, **kwargs)
 
     def manifest_write(call: Call) -> None:
         pending = seen["pending"]
@@ -250,7 +256,7 @@ def test_commit_landing_during_the_next_pause_does_not_vouch_for_the_baseline(st
             raise seen["failed"]
 
     plan = FaultPlan(store_path)
-    plan.before("write", "mirror", marker_write)
+    monkeypatch.setattr(capture_module, "scan_and_copy", scan_in_pause)
     plan.before("put_if_absent", "snapshots", manifest_write)
     snap = open_faulty(plan, chunk_bytes=CHUNK)
     a, b = np.zeros(4096), np.ones(4096)
@@ -263,8 +269,8 @@ def test_commit_landing_during_the_next_pause_does_not_vouch_for_the_baseline(st
     seen["pending"] = snap.capture({"a": a, "b": held_b}, step=1)
     seen["fail_seq"] = seen["pending"].seq + 1
     a[600] = 2.0  # the change only capture N+1 sees
-    # "b" is now passed as a plain array while the map of its baseline is still held, so the
-    # pause detaches it and rewrites the marker: the hook where snapshot N is let commit.
+    # "b" is now passed as a plain array while the map of its baseline is still held: the
+    # pause preserves that map's pages before it writes.
     snap.capture({"a": a, "b": np.array(held_b)}, step=2)
     with pytest.raises(arraysnap.ArraysnapError):
         snap.wait()

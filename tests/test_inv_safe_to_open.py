@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import arraysnap
+from arraysnap.testing import baseline_extent
 
 
 def signed(body: dict[str, Any]) -> bytes:
@@ -314,7 +315,7 @@ def test_hostile_mirror_links_never_make_the_writer_touch_files_outside_the_stor
     marker_path = template_store / "mirror" / "state.json"
     marker = json.loads(marker_path.read_bytes())
     victim = tmp_path / "victim.dat"
-    baseline = template_store / "mirror" / marker["files"]["u"]
+    baseline, _ = baseline_extent(template_store, "u")
     size = baseline.stat().st_size
     victim.write_bytes(b"V" * size)  # the same size: adoptable as the baseline
     baseline.unlink()

@@ -2,5 +2,5 @@ from typing import Any
 
 def scan_and_copy(
     live: Any, baseline: Any, segment_bytes: int, chunk_bytes: int, candidates: Any,
-    changed: Any
+    changed: Any, copy: bool = True
 ) -> int: ...

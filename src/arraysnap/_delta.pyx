@@ -15,6 +15,7 @@ cdef Py_ssize_t _scan_and_copy(
     Py_ssize_t chunk_bytes,
     const unsigned char[::1] candidates,
     unsigned char[::1] changed,
+    bint copy,
 ) noexcept nogil:
     # The buffer is a run of equal segments; each segment is cut into chunks of
     # chunk_bytes, the last one of each segment possibly shorter (a ragged edge). Chunks
@@ -32,7 +33,8 @@ cdef Py_ssize_t _scan_and_copy(
             if length > chunk_bytes:
                 length = chunk_bytes
             if candidates[index] and memcmp(&live[start], &baseline[start], length) != 0:
-                memcpy(&baseline[start], &live[start], length)
+                if copy:
+                    memcpy(&baseline[start], &live[start], length)
                 changed[index] = 1
             if changed[index]:
                 count += 1
@@ -49,15 +51,16 @@ def scan_and_copy(
     Py_ssize_t chunk_bytes,
     const unsigned char[::1] candidates,
     unsigned char[::1] changed,
+    bint copy=True,
 ):
     """Copy every candidate chunk of `live` that differs from `baseline` into `baseline`.
 
     Compares chunk ``i`` only where ``candidates[i]`` is set; sets ``changed[i] = 1`` for
-    each chunk copied (flags already set stay set) and returns the number of set flags.
-    Runs without the GIL.
+    each chunk that differs (flags already set stay set) and returns the number of set
+    flags. With ``copy=False`` it only compares. Runs without the GIL.
     """
     cdef Py_ssize_t count
     with nogil:
         count = _scan_and_copy(live, baseline, segment_bytes, chunk_bytes, candidates,
-                               changed)
+                               changed, copy)
     return count

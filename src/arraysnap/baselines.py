@@ -1,4 +1,4 @@
-"""The baselines: one memory-mapped file per array, holding the last captured bytes.
+"""The baselines: memory-mapped files holding the last captured bytes of every array.
 
 The delta kernel compares live arrays against their baselines and copies changed chunks into
 them. The baselines are a cache of the latest snapshot, never the only copy: a marker file
@@ -6,29 +6,37 @@ records which committed snapshot they equal and whether they are clean, and base
 are dirty or unsure are checked against the manifest's digests and repaired from chunk
 objects. They live in the store's folder ``mirror/`` (its name in the on-disk format).
 
-Ownership. ``restore()`` hands out copy-on-write maps of baseline files. On Linux such a
-private map still shows later writes to pages it has not copied, so the writer never
-updates a file in place while someone may hold a map of it:
+Files. Arrays share files: each array has an *extent* (a file and an offset) in one of a
+few large files (``s-*.bin``, mapped once each, 1 GiB of address space, allocated as they
+fill); an array of 64 MiB or more has a file of its own (``a-*.bin``). Where each array
+is, is the *extent table* ``extents.json``, written when it changes; the marker names the
+table's generation. No descriptor stays open for a file (see ``arraysnap.mapping``), so a
+store of 100,000 arrays holds a handful of maps and descriptors, not 100,000 of each.
 
-- readers take a shared ``flock`` on the file for as long as their maps live;
-- the writer takes an exclusive ``flock`` before its first update, and its own process's
-  maps are tracked with weak references;
-- when either says a map may exist, the writer first *detaches*: it copies the file to a
-  new one, switches to that, and unlinks the old one, which lives on for its holders.
+Ownership. ``restore()`` hands out copy-on-write maps of baseline files (one map per file
+and restore, each array a view of it). On Linux such a private map still shows later
+writes to pages it has not copied, so before the writer updates bytes of a file:
+
+- maps handed out in this process *preserve* those bytes first: the kernel gives them
+  their own copy of just those pages (``MADV_POPULATE_WRITE``), so the cost follows what
+  the capture changes, not what the restore returned;
+- maps of other processes (or other stores) are announced by a lease (``arraysnap.leases``);
+  while one is held, the writer does not update the file in place but *moves* each array
+  it must change to a new extent elsewhere, leaving the old bytes to their holders. The
+  same happens in this process on a kernel that cannot preserve.
 
 >>> import tempfile, pathlib
->>> baselines = Baselines(pathlib.Path(tempfile.mkdtemp()))
 >>> from arraysnap.layout import plan_layout
->>> baseline, fresh = baselines.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
->>> baseline.size, fresh
-(4, True)
+>>> baselines = Baselines(pathlib.Path(tempfile.mkdtemp()))
+>>> target = baselines.baseline("u", plan_layout((4,), np.dtype("u1"), "C", 2))
+>>> target.buffer.size, target.fresh, target.held
+(4, True, False)
+>>> baselines.close()
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import mmap
 import os
 import stat
 import uuid
@@ -39,12 +47,17 @@ from typing import Any
 
 import numpy as np
 
+from .extents import MARKER, MARKER_VERSION, SMALL_ALIGN, TABLE, align_of, read_extents, view_of
 from .fsio import TMP_PREFIX, FileOps, read_regular_file
 from .layout import ChunkLayout
+from .leases import LEASES, LockFile, ReaderLeases, lock_byte
+from .mapping import PAGE, FileMap, map_file, preserve, preserving_supported
 
-__all__ = ["Baselines", "ReaderLease", "map_private"]
+__all__ = ["Baselines", "Target"]
 
-MARKER = "state.json"
+SHARED_FILE_BYTES = 1 << 30  # address space of a shared file's map
+OWN_FILE_BYTES = 64 << 20  # an array this large gets a file of its own
+GROW_BYTES = 64 << 20  # a shared file grows by doubling, at most by this much at once
 
 
 def _read_boot_id() -> str | None:
@@ -57,46 +70,56 @@ def _read_boot_id() -> str | None:
 _BOOT_ID = _read_boot_id()
 
 
-@dataclass(slots=True)
-class _Entry:
-    layout: ChunkLayout
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+@dataclass(eq=False, slots=True)
+class _File:
+    """One baseline file and the writer's shared map of it."""
+
+    name: str
     path: Path
-    fd: int
+    capacity: int  # bytes of address space mapped
+    size: int  # bytes allocated (the file's length)
+    own: bool  # one array's file, not shared
+    map: FileMap
     buffer: np.ndarray
+    end: int = 0  # extents are placed below this; above it the file is unused
+    holes: list[tuple[int, int]] = field(default_factory=list)
+    users: int = 0
     exclusive: bool = False
-    handed_out: list[weakref.ref[Any]] = field(default_factory=list)
+    handed_out: list[weakref.ref[FileMap]] = field(default_factory=list)
 
-    def has_live_maps(self, except_for: object = None) -> bool:
-        self.handed_out = [ref for ref in self.handed_out if ref() is not None]
-        return any(ref() is not except_for for ref in self.handed_out)
-
-
-def _mapping_of(array: np.ndarray | None) -> object:
-    """The mmap object at the root of `array`'s base chain, if any."""
-    while isinstance(array, np.ndarray):
-        array = array.base  # type: ignore[assignment]
-    return array if isinstance(array, mmap.mmap) else None
+    def live_maps(self) -> list[FileMap]:
+        maps = [ref() for ref in self.handed_out]
+        self.handed_out = [ref for ref, held in zip(self.handed_out, maps, strict=True)
+                           if held is not None]
+        return [held for held in maps if held is not None]
 
 
-def _map_shared(fd: int, size: int) -> np.ndarray:
-    if size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    return np.frombuffer(mmap.mmap(fd, size, mmap.MAP_SHARED), dtype=np.uint8)
+@dataclass(eq=False, slots=True)
+class _Extent:
+    layout: ChunkLayout
+    file: _File | None  # None for an empty array
+    offset: int
+
+    @property
+    def buffer(self) -> np.ndarray:
+        if self.file is None:
+            return np.zeros(0, dtype=np.uint8)
+        return self.file.buffer[self.offset : self.offset + self.layout.nbytes]
 
 
-def map_private(path: Path, layout: ChunkLayout, fd: int | None = None) -> np.ndarray:
-    """A copy-on-write map of a baseline file, shaped as the array it holds."""
-    if layout.nbytes == 0:
-        return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
-    owned = fd is None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY)
-    try:
-        mm = mmap.mmap(fd, layout.nbytes, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        if owned:
-            os.close(fd)
-    return np.ndarray(layout.shape, dtype=layout.dtype, buffer=mm, order=layout.order)
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a capture writes an array: `buffer`, the flat bytes; `fresh`, a new extent
+    (every chunk counts as changed); `held`, maps handed out in this process may show
+    these bytes: call ``Baselines.preserve`` with the chunks about to change first."""
+
+    buffer: np.ndarray
+    fresh: bool
+    held: bool
 
 
 class Baselines:
@@ -105,7 +128,13 @@ class Baselines:
     def __init__(self, root: Path, ops: FileOps | None = None) -> None:
         self.dir = root / "mirror"
         self.ops = ops or FileOps()
-        self.entries: dict[str, _Entry] = {}
+        self._extents: dict[str, _Extent] = {}
+        self._files: dict[str, _File] = {}
+        self._open_file: _File | None = None  # the shared file new extents go to
+        self._lock_file: LockFile | None = None
+        self._generation = 0
+        self._table_written = True  # the table on disk is the one in memory
+        self._table_durable = True
         self._marked_dirty = False
         # Whether the marker on disk is a fsynced "clean", trusted even after a reboot.
         self._durably_clean = False
@@ -113,12 +142,10 @@ class Baselines:
     # -- marker ---------------------------------------------------------------------------
     def read_marker(self) -> dict[str, Any] | None:
         try:
-            marker = json.loads(read_regular_file(self.dir / MARKER, 1 << 24))
+            marker = json.loads(read_regular_file(self.dir / MARKER, 1 << 20))
         except (OSError, ValueError, RecursionError):
             return None
-        if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
-            return None
-        return marker
+        return marker if isinstance(marker, dict) else None
 
     def trusted_seq(self, marker: dict[str, Any] | None = None) -> int | None:
         """The snapshot the files equal according to the marker, if the marker can be trusted.
@@ -134,10 +161,18 @@ class Baselines:
         return None
 
     def _write_marker(self, seq: int | None, *, clean: bool, durable: bool) -> None:
-        files = {name: entry.path.name for name, entry in self.entries.items()}
-        marker = {"seq": seq, "clean": clean, "synced": clean and durable, "boot_id": _BOOT_ID,
-                  "files": files}
         self.dir.mkdir(parents=True, exist_ok=True)
+        if not self._table_written or (durable and not self._table_durable):
+            if not self._table_written:
+                self._generation += 1
+            table = {"generation": self._generation, "extents": {
+                name: [None if extent.file is None else extent.file.name, extent.offset]
+                for name, extent in self._extents.items()}}
+            self.ops.write_atomic(self.dir / TABLE, json.dumps(table).encode(),
+                                  durable=durable)
+            self._table_written, self._table_durable = True, durable
+        marker = {"version": MARKER_VERSION, "seq": seq, "clean": clean,
+                  "synced": clean and durable, "boot_id": _BOOT_ID, "table": self._generation}
         self.ops.write_atomic(self.dir / MARKER, json.dumps(marker).encode(), durable=durable)
         self._durably_clean = clean and durable
 
@@ -155,145 +190,329 @@ class Baselines:
         """Record (without fsync) that the files equal committed snapshot `seq`.
 
         Also lets go of the exclusive locks, so readers may map the files until the next
-        capture, which then copies any file a reader holds instead of updating it.
+        capture, which then moves what it changes in a file a reader holds.
         """
         self._write_marker(seq, clean=True, durable=False)
         self._marked_dirty = False
-        for entry in self.entries.values():
-            if entry.exclusive:
-                fcntl.flock(entry.fd, fcntl.LOCK_UN)
-                entry.exclusive = False
+        for file in self._files.values():
+            if file.exclusive:
+                self._locks().unlock(lock_byte(file.name))
+                file.exclusive = False
 
     def mark_clean(self, seq: int | None) -> None:
         """Flush the files and record durably that they equal snapshot `seq`."""
-        for entry in self.entries.values():
-            if entry.buffer.size:
-                base = entry.buffer.base
-                if isinstance(base, mmap.mmap):
-                    base.flush()
-            self.ops.fsync(entry.fd)
+        for file in self._files.values():
+            fd = os.open(file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self.ops.fsync(fd)  # every page written through any map of the file
+            finally:
+                os.close(fd)
         self._write_marker(seq, clean=True, durable=True)
         self._marked_dirty = False
 
     # -- files ----------------------------------------------------------------------------
-    def _new_file(self, name: str, layout: ChunkLayout) -> _Entry:
+    def _locks(self) -> LockFile:
+        if self._lock_file is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = LockFile(self.dir / LEASES, writable=True)
+        return self._lock_file
+
+    def _map(self, name: str, capacity: int, size: int, own: bool) -> _File:
+        path = self.dir / name
+        file_map = map_file(path, capacity, shared=True)
+        file = _File(name, path, capacity, size, own, file_map,
+                     np.frombuffer(file_map, dtype=np.uint8))
+        self._files[name] = file
+        return file
+
+    def _new_file(self, own: bool, nbytes: int) -> _File:
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{uuid.uuid4().hex}.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        name = f"{'a' if own else 's'}-{uuid.uuid4().hex}.bin"
+        capacity = _round_up(nbytes, PAGE) if own else SHARED_FILE_BYTES
+        size = _round_up(nbytes, PAGE)
+        path = self.dir / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
-            if layout.nbytes:
-                os.posix_fallocate(fd, 0, layout.nbytes)
+            os.posix_fallocate(fd, 0, size)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return _Entry(layout, path, fd, _map_shared(fd, layout.nbytes), exclusive=True)
+        os.close(fd)
+        # New: nobody else can hold a map of it, and it is this writer's to update.
+        file = self._map(name, capacity, size, own)
+        file.exclusive = self._locks().try_lock(lock_byte(name), exclusive=True)
+        return file
 
-    def adopt(self, name: str, filename: str, layout: ChunkLayout) -> bool:
-        """Take over an existing baseline file of the right size; False if it is unusable."""
-        path = self.dir / filename
-        if not _safe_filename(filename):
+    def _grow(self, file: _File, end: int) -> None:
+        # Doubling up to steps of GROW_BYTES: few calls for a first capture of many arrays,
+        # little unused space for a small state.
+        step = min(max(file.size, PAGE), GROW_BYTES)
+        size = min(file.capacity, _round_up(max(end, file.size + step), PAGE))
+        fd = os.open(file.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, file.size, size - file.size)
+        finally:
+            os.close(fd)
+        file.size = size
+
+    def _reusable(self, file: _File) -> bool:
+        """Whether freed bytes of `file` may be written: no map of it is held anywhere."""
+        if file.live_maps():
             return False
+        if not file.exclusive:
+            file.exclusive = self._locks().try_lock(lock_byte(file.name), exclusive=True)
+        return file.exclusive
+
+    def _place(self, layout: ChunkLayout, avoid: _File | None = None) -> _Extent:
+        """A new extent for `layout`, in bytes nobody holds a map of."""
+        nbytes = layout.nbytes
+        if nbytes == 0:
+            return _Extent(layout, None, 0)
+        if nbytes >= OWN_FILE_BYTES:
+            file = self._new_file(True, nbytes)
+            file.end, file.users = file.capacity, 1
+            return _Extent(layout, file, 0)
+        align, length = align_of(nbytes), _round_up(nbytes, SMALL_ALIGN)
+        for file in self._files.values():
+            if file.own or file is avoid or not file.holes or not self._reusable(file):
+                continue
+            for index, (start, stop) in enumerate(file.holes):
+                offset = _round_up(start, align)
+                if offset + length <= stop:
+                    del file.holes[index]
+                    file.holes[index:index] = [hole for hole in ((start, offset),
+                                                                 (offset + length, stop))
+                                               if hole[1] > hole[0]]
+                    file.users += 1
+                    return _Extent(layout, file, offset)
+        file = self._open_file
+        if file is None or file is avoid or _round_up(file.end, align) + length > file.capacity:
+            file = self._open_file = self._new_file(False, length)
+        offset = _round_up(file.end, align)
+        if offset + length > file.size:
+            self._grow(file, offset + length)
+        file.end = offset + length
+        file.users += 1
+        return _Extent(layout, file, offset)
+
+    def _free(self, extent: _Extent) -> None:
+        file = extent.file
+        if file is None:
+            return
+        file.users -= 1
+        if file.users == 0 and file is not self._open_file:
+            self._files.pop(file.name, None)
+            try:
+                self.ops.unlink(file.path)  # holders of maps keep the inode
+            except FileNotFoundError:
+                pass
+            return
+        start = extent.offset
+        stop = start + _round_up(extent.layout.nbytes, SMALL_ALIGN)
+        file.holes.append((start, stop))
+        file.holes.sort()
+
+    def _set(self, name: str, extent: _Extent | None) -> None:
+        old = self._extents.pop(name, None)
+        if extent is not None:
+            self._extents[name] = extent
+        if old is not None:
+            self._free(old)
+        self._table_written = False
+
+    def adopt(self, layouts: dict[str, ChunkLayout], marker: dict[str, Any] | None) -> set[str]:
+        """Take over the extents the marker's table gives the arrays of `layouts` (of the
+        right size, in regular files of the store); returns the names adopted. A table from
+        before shared files is migrated: each array's file is copied into a new extent."""
+        extents = None if marker is None else read_extents(self.dir, marker)
+        if not extents:
+            return set()
+        legacy = marker is not None and marker.get("version") != MARKER_VERSION
+        adopted: set[str] = set()
+        claimed: dict[str, list[tuple[int, int]]] = {}
+        for name, layout in layouts.items():
+            if name not in extents:
+                continue
+            filename, offset = extents[name]
+            if layout.nbytes == 0:
+                if filename is None:
+                    self._extents[name] = _Extent(layout, None, 0)
+                    adopted.add(name)
+                continue
+            file = self._files.get(filename) if filename else None
+            if file is None and filename is not None:
+                file = self._adopt_file(filename, legacy)
+            if file is None or offset % align_of(layout.nbytes) or (
+                    offset + layout.nbytes > file.size):
+                continue
+            stop = offset + _round_up(layout.nbytes, SMALL_ALIGN)
+            spans = claimed.setdefault(file.name, [])
+            if any(offset < b and a < stop for a, b in spans):
+                continue  # two arrays in the same bytes: a damaged table; rebuild this one
+            spans.append((offset, stop))
+            file.users += 1
+            self._extents[name] = _Extent(layout, file, offset)
+            adopted.add(name)
+        for file in list(self._files.values()):
+            # Bytes no adopted array uses may still be in maps an earlier store handed out:
+            # holes, written only once no map of the file is held anywhere.
+            file.end = file.size
+            used = sorted(claimed.get(file.name, []))
+            edges = [0, *(x for span in used for x in span), file.end]
+            file.holes = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)
+                          if edges[i + 1] > edges[i]]
+            if not file.own and file.end < file.capacity and self._open_file is None:
+                self._open_file = file
+        assert marker is not None
+        generation = marker.get("table")
+        self._generation = generation if type(generation) is int else 0
+        if legacy:
+            self._migrate(adopted)
+            self._table_written = False
+        else:
+            # All of the table on disk adopted: no need to write it again.
+            self._table_written = adopted == set(extents)
+            self._table_durable = marker.get("synced") is True
+        # A fsynced clean marker stays until a durable one replaces it (see mark_dirty).
+        self._durably_clean = self.trusted_seq(marker) is not None and (
+            marker.get("synced") is True)
+        return adopted
+
+    def table_on_disk(self) -> bool:
+        """Whether the extent table on disk is the one in memory."""
+        return self._table_written
+
+    def _adopt_file(self, filename: str, legacy: bool) -> _File | None:
+        path = self.dir / filename
         try:
             # O_NOFOLLOW: a planted link must not make the writer write outside the store.
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return False
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size != layout.nbytes:
+            return None
+        try:
+            info = os.fstat(fd)
+        finally:
             os.close(fd)
-            return False
-        self.entries[name] = _Entry(layout, path, fd, _map_shared(fd, layout.nbytes))
-        return True
+        if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
+            return None
+        own = legacy or filename.startswith("a-")
+        capacity = info.st_size if own else max(SHARED_FILE_BYTES, info.st_size)
+        try:
+            file = self._map(filename, _round_up(capacity, PAGE), info.st_size, own)
+        except OSError:
+            return None
+        return file
+
+    def _migrate(self, names: set[str]) -> None:
+        """Copy arrays out of the one-file-per-array files of an older arraysnap."""
+        for name in names:
+            old = self._extents[name]
+            extent = self._place(old.layout, avoid=old.file)
+            if old.layout.nbytes:
+                np.copyto(extent.buffer, old.buffer)
+            self._set(name, extent)
 
     def layout_of(self, name: str) -> ChunkLayout | None:
         """The layout of `name`'s baseline, if it has one."""
-        entry = self.entries.get(name)
-        return None if entry is None else entry.layout
+        extent = self._extents.get(name)
+        return None if extent is None else extent.layout
+
+    def names(self) -> set[str]:
+        """The arrays that have a baseline."""
+        return set(self._extents)
 
     def flat(self, name: str) -> np.ndarray:
         """The flat bytes of `name`'s baseline (to check them, not to write)."""
-        return self.entries[name].buffer
+        return self._extents[name].buffer
 
-    def file_of(self, name: str) -> Path | None:
-        """The file of `name`'s baseline, if it has one."""
-        entry = self.entries.get(name)
-        return None if entry is None else entry.path
+    def location(self, name: str) -> tuple[Path, int] | None:
+        """The file and offset of `name`'s baseline, if it has bytes."""
+        extent = self._extents.get(name)
+        if extent is None or extent.file is None:
+            return None
+        return extent.file.path, extent.offset
 
     def baseline(self, name: str, layout: ChunkLayout,
-                 live: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
-        """The writable flat baseline of array `name` for `layout`, safe to update in place.
+                 live: np.ndarray | None = None) -> Target:
+        """Where to write array `name` for `layout`: its extent, made safe to update.
 
-        Returns ``(buffer, fresh)``; `fresh` means a new zero-filled file (every chunk counts
-        as changed). `live`, the array about to be compared, may itself be a map handed out
-        of this baseline: updating in place is then safe for it (the kernel only copies its
-        own bytes into the file), so it does not force a detach.
+        A new layout gets a new extent (`fresh`). An extent whose file another process
+        holds maps of is moved first. `live`, the array about to be compared, may be a
+        view of a map this store handed out: the preservation this asks for keeps that
+        map's other arrays intact too.
         """
-        entry = self.entries.get(name)
-        if entry is None or entry.layout != layout:
-            if entry is not None:
-                self._drop(name)
-            self.mark_dirty()
-            self.entries[name] = self._new_file(name, layout)
-            return self.entries[name].buffer, True
-        if not entry.exclusive or entry.has_live_maps(except_for=_mapping_of(live)):
-            self._make_exclusive(name, entry, live)
+        del live  # every handed-out map, the live one included, is preserved alike
         self.mark_dirty()
-        return self.entries[name].buffer, False
+        extent = self._extents.get(name)
+        if extent is None or extent.layout != layout:
+            self._set(name, self._place(layout))
+            return Target(self._extents[name].buffer, True, False)
+        file = extent.file
+        if file is None:
+            return Target(extent.buffer, False, False)
+        if not file.exclusive:
+            file.exclusive = self._locks().try_lock(lock_byte(file.name), exclusive=True)
+        held = bool(file.live_maps())
+        if not file.exclusive or (held and not preserving_supported()):
+            # Someone may hold a map of this file: continue elsewhere, leave it to them.
+            moved = self._place(layout, avoid=file)
+            np.copyto(moved.buffer, extent.buffer)
+            self._set(name, moved)
+            return Target(moved.buffer, False, False)
+        return Target(extent.buffer, False, held)
 
-    def _make_exclusive(self, name: str, entry: _Entry, live: np.ndarray | None) -> None:
-        if not entry.has_live_maps(except_for=_mapping_of(live)):
-            try:
-                fcntl.flock(entry.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                entry.exclusive = True
-                return
-            except BlockingIOError:
-                pass
-        # Someone may hold a map of this file: continue in a copy, leave the old one to them.
-        self._marked_dirty = False
-        fresh = self._new_file(name, entry.layout)
-        if entry.layout.nbytes:
-            np.copyto(fresh.buffer, entry.buffer)
-        self._drop(name)
-        self.entries[name] = fresh
-        self.mark_dirty()
-
-    def _drop(self, name: str) -> None:
-        entry = self.entries.pop(name)
-        os.close(entry.fd)
-        try:
-            self.ops.unlink(entry.path)
-        except FileNotFoundError:
-            pass
+    def preserve(self, name: str, indices: np.ndarray) -> None:
+        """Before chunks `indices` of `name` are updated in place: maps handed out in this
+        process keep their current bytes there (their own copy of those pages)."""
+        extent = self._extents[name]
+        if extent.file is None or not len(indices):
+            return
+        layout = extent.layout
+        for file_map in extent.file.live_maps():
+            for index in np.asarray(indices).tolist():
+                start, stop = layout.chunk_range(int(index))
+                if not preserve(file_map, extent.offset + start, extent.offset + stop):
+                    raise OSError("this kernel cannot preserve handed-out maps")
 
     def forget(self, name: str) -> None:
         """Drop `name`'s baseline: its content is no longer known to match any snapshot."""
-        if name in self.entries:
+        if name in self._extents:
             self.mark_dirty()
-            self._drop(name)
+            self._set(name, None)
 
     def retain_only(self, names: set[str]) -> None:
         """Forget baselines of arrays no longer captured."""
-        for name in list(self.entries):
+        for name in list(self._extents):
             if name not in names:
-                self.mark_dirty()
-                self._drop(name)
+                self.forget(name)
 
-    def hand_out(self, name: str) -> np.ndarray:
-        """A copy-on-write map of `name`'s baseline for a caller in this process."""
-        entry = self.entries[name]
-        array = map_private(entry.path, entry.layout, entry.fd)
-        if isinstance(array.base, mmap.mmap):
-            entry.handed_out.append(weakref.ref(array.base))
-        return array
+    def hand_out(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Copy-on-write maps of the baselines of `names` for a caller in this process: one
+        map per file, each array a view of it."""
+        maps: dict[str, FileMap] = {}
+        arrays = {}
+        for name in names:
+            extent = self._extents[name]
+            layout = extent.layout
+            if extent.file is None:
+                arrays[name] = np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
+                continue
+            file = extent.file
+            file_map = maps.get(file.name)
+            if file_map is None:
+                file_map = maps[file.name] = map_file(file.path, file.end, shared=False,
+                                                      writable_file=False)
+                file.handed_out.append(weakref.ref(file_map))
+            arrays[name] = view_of(file_map, extent.offset, layout)
+        return arrays
 
     def remove_strays(self) -> None:
-        """Delete baseline files no entry uses (left by a killed writer)."""
+        """Delete files no extent uses (left by a killed writer, or migrated)."""
         if not self.dir.is_dir():
             return
-        used = {entry.path.name for entry in self.entries.values()} | {MARKER}
+        used = set(self._files) | {MARKER, TABLE, LEASES}
         for child in self.dir.iterdir():
             if child.name not in used and (child.suffix == ".bin"
                                            or child.name.startswith(TMP_PREFIX)):
@@ -316,76 +535,27 @@ class Baselines:
 
     def close(self) -> None:
         """Close the baselines. Maps handed out in this process may outlive the store: their
-        files stay under a shared lock until the last map is gone, so that the next writer
-        (another store, in this process or another) detaches instead of writing in place."""
-        for name in list(self.entries):
-            entry = self.entries.pop(name)
-            maps = [ref() for ref in entry.handed_out]
-            live = [mapping for mapping in maps if mapping is not None]
-            if live:
-                try:
-                    fcntl.flock(entry.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # from exclusive
-                except OSError:
-                    pass  # another holder's shared lock already guards it
-                ReaderLease(entry.fd).keep(live)
-                continue
-            os.close(entry.fd)
+        files stay under a lease until the last map is gone, so that the next writer
+        (another store, in this process or another) moves instead of writing in place."""
+        lock_file, self._lock_file = self._lock_file, None
+        leases = None if lock_file is None else ReaderLeases(lock_file)
+        for file in self._files.values():
+            held = file.live_maps()
+            if leases is not None:
+                if held:
+                    for _ in held:  # the first converts exclusive to shared
+                        leases.convert(file.name)
+                    for file_map in held:
+                        leases.keep(file.name, file_map)
+                elif file.exclusive:
+                    lock_file.unlock(lock_byte(file.name))  # type: ignore[union-attr]
+        if leases is not None:
+            leases.close()
+        self._files.clear()
+        self._extents.clear()
+        self._open_file = None
 
     def clear_directory(self) -> None:
         """Remove every baseline (used when the store holds no snapshot they could equal)."""
         self.close()
         self.ops.remove_tree(self.dir)
-
-
-def _safe_filename(name: object) -> bool:
-    return (isinstance(name, str) and name.endswith(".bin") and "/" not in name
-            and "\\" not in name and not name.startswith(".") and len(name) < 100)
-
-
-# Leases whose only other referent is a weak reference: kept alive here until released.
-_held_leases: set[ReaderLease] = set()
-
-
-class ReaderLease:
-    """A shared lock on a baseline file, held while this process has maps of it.
-
-    Released when the last map handed out under it is garbage collected.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.refs: list[weakref.ref[Any]] = []
-
-    @classmethod
-    def acquire(cls, path: Path) -> ReaderLease | None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return cls(fd)
-
-    def track(self, array: np.ndarray) -> None:
-        if isinstance(array.base, mmap.mmap):
-            self.refs.append(weakref.ref(array.base, self._released))
-        else:
-            self.release()
-
-    def keep(self, mappings: list[Any]) -> None:
-        """Hold the lock until every one of `mappings` (mmap objects) is gone."""
-        self.refs.extend(weakref.ref(mapping, self._released) for mapping in mappings)
-        _held_leases.add(self)
-
-    def _released(self, _ref: object) -> None:
-        if all(ref() is None for ref in self.refs):
-            self.release()
-
-    def release(self) -> None:
-        _held_leases.discard(self)
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1

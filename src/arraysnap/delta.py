@@ -51,6 +51,8 @@ def scan_and_copy(
     changed: np.ndarray | None = None,
     pool: Executor | None = None,
     candidates: np.ndarray | None = None,
+    *,
+    copy: bool = True,
 ) -> np.ndarray:
     """Copy the chunks of `live` that differ from `baseline` into it; return their indices.
 
@@ -63,7 +65,8 @@ def scan_and_copy(
     compare.
     `candidates` (uint8 flags, one per chunk) limits the comparison to the flagged chunks:
     the others are known not to have been written since the baseline was taken (see
-    ``arraysnap.tracking``); without it every chunk is compared.
+    ``arraysnap.tracking``); without it every chunk is compared. With ``copy=False`` the
+    chunks are only compared: `baseline` is left as it was (it may be read-only then).
     """
     if live.shape != layout.shape or live.dtype != layout.dtype:
         raise ValueError(
@@ -72,7 +75,7 @@ def scan_and_copy(
         )
     if baseline.dtype != np.uint8 or baseline.ndim != 1 or baseline.size != layout.nbytes:
         raise ValueError(f"baseline must be a flat uint8 buffer of {layout.nbytes} bytes")
-    if not baseline.flags.writeable or not baseline.flags.c_contiguous:
+    if (copy and not baseline.flags.writeable) or not baseline.flags.c_contiguous:
         raise ValueError("baseline must be writable and contiguous")
     if changed is None:
         changed = np.zeros(layout.n_chunks, dtype=np.uint8)
@@ -90,16 +93,16 @@ def scan_and_copy(
     if contiguous and pool is not None and compared > 1 \
             and compared * layout.chunk_bytes >= PARALLEL_BYTES:
         first, second = _halves(as_bytes(live), baseline, layout, candidates, changed)
-        other = pool.submit(_kernel, *second)
+        other = pool.submit(_kernel, *second, copy)
         try:
-            _kernel(*first)
+            _kernel(*first, copy)
         finally:
             other.result()
     elif contiguous:
         _kernel(as_bytes(live), baseline, layout.segment_bytes, layout.chunk_bytes,
-                candidates, changed)
+                candidates, changed, copy)
     else:
-        _scan_gathered(live, baseline, layout, candidates, changed)
+        _scan_gathered(live, baseline, layout, candidates, changed, copy)
     return np.flatnonzero(changed)
 
 
@@ -133,7 +136,7 @@ def _halves(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
 
 
 def _scan_gathered(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
-                   candidates: np.ndarray, changed: np.ndarray) -> None:
+                   candidates: np.ndarray, changed: np.ndarray, copy: bool) -> None:
     in_memory_order = live if layout.order == "C" else live.T
     head_shape = layout.memory_shape[: layout.split_axis]
     rows = layout.rows_per_chunk
@@ -145,4 +148,4 @@ def _scan_gathered(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
         gathered = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         length = stop - start
         _kernel(gathered, baseline[start:stop], length, length, candidates[index : index + 1],
-                changed[index : index + 1])
+                changed[index : index + 1], copy)

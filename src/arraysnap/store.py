@@ -254,6 +254,7 @@ class Store:
         self._tracking: Tracking | None = None
         self._persister: Persister | None = None
         self._capturer: Capturer | None = None
+        self._restorer: Restorer | None = None
         self._cadence = Cadence(policy)
         pins = Pins()
         self._written = 0  # bytes this writer's commits wrote
@@ -263,7 +264,7 @@ class Store:
             if mode == "a":
                 self._writer_lock = storage.lock_writer(
                     f"pid {os.getpid()} on {socket.gethostname()}")
-                self._tracking = Tracking(track_writes, baseline_file=self._baselines.file_of)
+                self._tracking = Tracking(track_writes, baseline_dir=self._baselines.dir)
                 self._replay_log = ReplayLog(storage)
                 self._recover(pins, buffer_bytes, retry_delays)
                 self._cadence.watch(watched)
@@ -787,6 +788,8 @@ class Store:
         if self._tracking is not None:
             self._tracking.close()
         self._baselines.close()
+        if self._restorer is not None:
+            self._restorer.close()
         self._pool.shutdown(wait=True)
         if self._writer_lock is not None:
             self._writer_lock.release()

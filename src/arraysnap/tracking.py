@@ -49,7 +49,6 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +88,6 @@ class _Watch:
     end: int  # end of the last whole page inside the buffer
     chunk_starts: np.ndarray
     edge_chunks: np.ndarray  # flags of chunks on partial first/last pages: always compared
-    baseline_file: Path | None  # the baseline file a private file mapping maps, if any
     previous: np.ndarray | None = None  # the last capture's written chunks
     captures: int = 0
 
@@ -188,9 +186,9 @@ class Tracking:
     """A store's write tracking: a watch per captured array, audits, and the fallbacks.
 
     `mode` is ``"auto"`` (track where the kernel allows), ``True`` (the same, but say why
-    when it cannot) or ``False`` (always compare everything). `baseline_file(name)` is the
-    current baseline file of array `name`: an array that is a private map of exactly that
-    file (one ``restore()`` returned) may be tracked, no other file mapping.
+    when it cannot) or ``False`` (always compare everything). `baseline_dir` is the store's
+    folder of baseline files: an array in a private map of one of them (one ``restore()``
+    returned) may be tracked, no other file mapping.
 
     >>> import numpy as np
     >>> from arraysnap.layout import plan_layout
@@ -207,10 +205,10 @@ class Tracking:
     """
 
     def __init__(self, mode: object = "auto",
-                 baseline_file: Callable[[str], Path | None] | None = None) -> None:
+                 baseline_dir: Path | None = None) -> None:
         check_track_writes(mode)
         self.mode = mode
-        self._baseline_file = baseline_file or (lambda name: None)
+        self._baseline_dir = None if baseline_dir is None else os.path.realpath(baseline_dir)
         self._tracker: WriteTracker | None = None
         self._watches: dict[str, _Watch] = {}
         self.disabled_reason: str | None = None
@@ -271,9 +269,7 @@ class Tracking:
         if tracker is None:
             return None, None
         watch = self._watches.get(name)
-        if watch is not None and (not watch.matches(live, layout) or (
-                watch.baseline_file is not None
-                and self._baseline_file(name) != watch.baseline_file)):
+        if watch is not None and not watch.matches(live, layout):
             self.forget(name)
             watch = None
         if watch is None:
@@ -357,9 +353,7 @@ class Tracking:
         end = (address + live.nbytes) // PAGE * PAGE
         if end - start < PAGE:
             return
-        baseline = self._baseline_file(name)
-        mapping = _mapping_kind(start, end, None if baseline is None else
-                                os.path.realpath(baseline))
+        mapping = _mapping_kind(start, end, self._baseline_dir)
         if isinstance(mapping, str):
             log.debug("arraysnap: %r not tracked: %s", name, mapping)
             return
@@ -368,8 +362,7 @@ class Tracking:
         edges = np.array([(0, head), (tail, live.nbytes)], dtype=np.int64)
         edges = edges[edges[:, 1] > edges[:, 0]]
         watch = _Watch(address, live.nbytes, live.shape, live.strides, live.dtype, layout,
-                       start, end, starts, _chunks_of(starts, layout.n_chunks, edges),
-                       baseline if mapping else None)
+                       start, end, starts, _chunks_of(starts, layout.n_chunks, edges))
         if not _claim_range(watch):
             return  # views of one buffer: scanning one would re-protect the other's pages
         try:
@@ -415,12 +408,14 @@ class Tracking:
             self._tracker = None
 
 
-def _mapping_kind(start: int, end: int, baseline: str | None) -> bool | str:
+def _mapping_kind(start: int, end: int, baseline_dir: str | None) -> bool | str:
     """Whether ``[start, end)`` may be tracked: False if it lies in private writable
-    anonymous mappings, True if (also) in a private map of the file `baseline`, else a
+    anonymous mappings, True if (also) in a private map of a file in `baseline_dir`, else a
     string saying why not. Shared mappings change without writes through our page tables;
-    a private file map shows changes to the file in pages it has not copied, and only the
-    store's own current baseline file is known to change solely by captures of this array."""
+    a private file map shows changes to the file in pages it has not copied. The store's
+    baseline files are the ones known never to change under a map it handed out: its writer
+    preserves those maps' pages before it writes, or moves what it writes elsewhere, and
+    any other store's writer finds them under a lease (see ``arraysnap.baselines``)."""
     position = start
     file_backed = False
     try:
@@ -437,7 +432,7 @@ def _mapping_kind(start: int, end: int, baseline: str | None) -> bool | str:
                 if not permissions.startswith("rw") or permissions[3] != "p":
                     return f"mapping {permissions} is not private and writable"
                 if path and not (path == "[heap]" or path.startswith("[anon:")):
-                    if baseline is None or path != baseline:
+                    if baseline_dir is None or not path.startswith(baseline_dir + "/"):
                         return f"mapping of {path}"
                     file_backed = True
                 position = high

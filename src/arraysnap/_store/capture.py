@@ -260,10 +260,18 @@ class Capturer:
         try:
             tracking.retain_only({name for name, _, _ in prepared})
             for name, live, layout in prepared:
-                baseline, fresh = self.baselines.baseline(name, layout, live)
+                target = self.baselines.baseline(name, layout, live)
+                baseline, fresh = target.buffer, target.fresh
                 flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
                 # Before the comparison: from here on, writes count for the next capture.
                 candidates, audit = tracking.candidates(name, live, layout, fresh)
+                if target.held:
+                    # Maps a restore() handed out show these bytes: compare first, let them
+                    # keep their own copy of just the chunks that changed, then copy.
+                    scan_and_copy(live, baseline, layout, flags, self.pool, candidates,
+                                  copy=False)
+                    self.baselines.preserve(name, np.flatnonzero(flags))
+                    candidates = flags.copy()
                 changed = scan_and_copy(live, baseline, layout, flags, self.pool, candidates)
                 if audit is not None:
                     tracking.audit(name, audit, changed)

@@ -133,44 +133,63 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
     tables = dict(head.arrays)
     marker = baselines.read_marker()
     trusted = baselines.trusted_seq(marker) == head.seq
-    files = (marker or {"files": {}})["files"]
     # A dirty marker: a capture was under way when the writer stopped (killed, or its
     # process ended). Its changes were never committed; rolling them back is routine.
     interrupted = marker is not None and marker.get("clean") is False
+    adopted = baselines.adopt({name: entry.layout for name, entry in head.arrays.items()},
+                              marker)
     repaired = False
+    rolled_back: dict[str, int] = {}
+    unusable: dict[str, CorruptSnapshotError] = {}
     for name, entry in head.arrays.items():
-        filename = files.get(name)
-        adopted = isinstance(filename, str) and baselines.adopt(name, filename, entry.layout)
         try:
-            if not adopted:
+            if name not in adopted:
                 if entry.n_chunks:  # one real chunk vouches for the size before allocating
                     load_chunk(objects, codec, entry, 0, verify=True, seq=head.seq)
-                buffer, _ = baselines.baseline(name, entry.layout)
-                assemble(buffer, objects, codec, entry, pool, verify=True, seq=head.seq)
+                target = baselines.baseline(name, entry.layout)
+                assemble(target.buffer, objects, codec, entry, pool, verify=True, seq=head.seq)
                 repaired = True
             elif not trusted:
                 bad = find_bad_chunks(baselines.flat(name), entry, pool)
                 if bad:
-                    buffer, _ = baselines.baseline(name, entry.layout)
-                    assemble(buffer, objects, codec, entry, pool, verify=True, seq=head.seq,
-                             indices=bad)
-                    if interrupted:
-                        log.info("arraysnap: %s: %d chunks of %r held changes of a capture "
-                                 "that was interrupted before it committed; they are back "
-                                 "at snapshot %d, the latest committed", baselines.dir.parent,
-                                 len(bad), name, head.seq)
-                    else:
-                        log.warning("arraysnap: %s: %d chunks of the %r baseline did not match "
-                                    "snapshot %d; repaired from its chunk objects",
-                                    baselines.dir.parent, len(bad), name, head.seq)
+                    target = baselines.baseline(name, entry.layout)
+                    assemble(target.buffer, objects, codec, entry, pool, verify=True,
+                             seq=head.seq, indices=bad)
+                    rolled_back[name] = len(bad)
                 repaired = True
         except CorruptSnapshotError as err:
             # The newest snapshot itself is damaged: the next capture of this array is
             # written whole, and verify() reports the damage.
-            log.error("arraysnap: cannot rebuild the baseline of %r: %s", name, err)
+            unusable[name] = err
             baselines.forget(name)
             tables.pop(name, None)
+    if unusable:
+        names = sorted(unusable)
+        log.error("arraysnap: cannot rebuild the baselines of %d arrays of snapshot %d (the "
+                  "next capture writes them whole; verify() reports the damage): %s%s",
+                  len(names), head.seq,
+                  "; ".join(f"{name!r}: {unusable[name]}" for name in names[:5]),
+                  f"; and {len(names) - 5} more" if len(names) > 5 else "")
+    if rolled_back:
+        _report_rollback(baselines.dir.parent, head.seq, rolled_back, interrupted)
     baselines.remove_strays()
-    if repaired or not trusted:
+    if repaired or not trusted or not baselines.table_on_disk():
         baselines.mark_clean(head.seq)
     return Recovered(head, tables)
+
+
+def _report_rollback(where: Path, seq: int, chunks: dict[str, int], interrupted: bool) -> None:
+    """One line for all the arrays recovery put back (not one per array: a store may have
+    thousands)."""
+    names = sorted(chunks)
+    shown = ", ".join(f"{name!r} ({chunks[name]})" for name in names[:5])
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    total = sum(chunks.values())
+    if interrupted:
+        log.info("arraysnap: %s: %d chunks of %d arrays (%s%s) held changes of a capture "
+                 "that was interrupted before it committed; they are back at snapshot %d, "
+                 "the latest committed", where, total, len(names), shown, more, seq)
+    else:
+        log.warning("arraysnap: %s: %d chunks of %d baselines (%s%s) did not match snapshot "
+                    "%d; repaired from its chunk objects", where, total, len(names), shown,
+                    more, seq)

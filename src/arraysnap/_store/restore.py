@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from ..baselines import Baselines, ReaderLease, map_private
+from ..baselines import Baselines
 from ..chunks import assemble, find_bad_chunks, load_chunk
 from ..codecs import CodecSpec
 from ..delta import as_bytes
 from ..errors import CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError
+from ..extents import align_of, read_extents, view_of
+from ..leases import LEASES, LockFile, ReaderLeases
 from ..manifest import ArrayEntry, Manifest
+from ..mapping import FileMap, map_fd, map_file
 from ..objects import ChunkObjects
 from ..replaylog import ReplayLog
 from ..results import Problem, Restored
@@ -59,6 +62,7 @@ class Restorer:
         self.capturer = capturer
         self._replay_log = replay_log
         self._scratch_dir = scratch_dir  # where assembled snapshots are written (None: /tmp)
+        self._reader_leases: ReaderLeases | None = None
 
     def restore(self, step: int | None, seq: int | None, *, verify: bool,
                 fallback: bool) -> Restored:
@@ -81,12 +85,11 @@ class Restorer:
         )
 
     def restore_manifest(self, manifest: Manifest, verify: bool) -> Restored:
-        arrays: dict[str, np.ndarray] = {}
-        for name, entry in manifest.arrays.items():
-            array = self._map_baseline(manifest, name, verify)
-            if array is None:
-                array = self._materialize(entry, verify=verify, seq=manifest.seq)
-            arrays[name] = array
+        arrays = self._map_baselines(manifest, verify)
+        missing = [entry for name, entry in manifest.arrays.items() if name not in arrays]
+        if missing:
+            arrays.update(self._materialize(missing, verify=verify, seq=manifest.seq))
+        arrays = {name: arrays[name] for name in manifest.arrays}  # in the snapshot's order
         try:
             rng = rng_from_json(manifest.rng)
         except (ValueError, TypeError) as err:
@@ -125,76 +128,132 @@ class Restorer:
                         restored.state, restored.rng, restored.info, events=restored.events)
 
     # -- mapping the baselines -------------------------------------------------------------
-    def _map_baseline(self, manifest: Manifest, name: str, verify: bool) -> np.ndarray | None:
-        """Map the baseline of `name` if it holds exactly this snapshot; None otherwise."""
-        entry = manifest.arrays[name]
+    def _map_baselines(self, manifest: Manifest, verify: bool) -> dict[str, np.ndarray]:
+        """Maps of the baselines that hold exactly this snapshot's arrays (maybe none)."""
         capturer = self.capturer
         if capturer is None:
-            return self._map_baseline_shared(manifest, name, verify)
-        if (capturer.baseline_seq != manifest.seq
-                or self.baselines.layout_of(name) != entry.layout):
-            return None
+            return self._map_committed(manifest, verify)
+        if capturer.baseline_seq != manifest.seq:
+            return {}
+        names = [name for name, entry in manifest.arrays.items()
+                 if self.baselines.layout_of(name) == entry.layout]
         if verify:
-            bad = find_bad_chunks(self.baselines.flat(name), entry, self.pool)
-            if bad:
-                log.warning("arraysnap: baseline of %r had %d damaged chunks; repairing",
-                            name, len(bad))
-                buffer, _ = self.baselines.baseline(name, entry.layout)
-                assemble(buffer, self.objects, self.codec, entry, self.pool, verify=True,
-                         seq=manifest.seq, indices=bad)
-                capturer.repaired(name, manifest.seq)
-        return self.baselines.hand_out(name)
+            for name in names:
+                entry = manifest.arrays[name]
+                bad = find_bad_chunks(self.baselines.flat(name), entry, self.pool)
+                if bad:
+                    log.warning("arraysnap: baseline of %r had %d damaged chunks; repairing",
+                                name, len(bad))
+                    target = self.baselines.baseline(name, entry.layout)
+                    if target.held:
+                        self.baselines.preserve(name, np.array(bad))
+                    assemble(target.buffer, self.objects, self.codec, entry, self.pool,
+                             verify=True, seq=manifest.seq, indices=bad)
+                    capturer.repaired(name, manifest.seq)
+        return self.baselines.hand_out(names)
 
-    def _map_baseline_shared(self, manifest: Manifest, name: str,
-                             verify: bool) -> np.ndarray | None:
-        entry = manifest.arrays[name]
-        if entry.layout.nbytes == 0:
-            return None
-        marker = self.baselines.read_marker()
-        filename = (marker or {}).get("files", {}).get(name)
-        if not isinstance(filename, str) or "/" in filename or not filename.endswith(".bin"):
-            return None
-        lease = ReaderLease.acquire(self.baselines.dir / filename)
-        if lease is None:
-            return None
-        # Under the lease no writer changes the file; only now is the marker to be trusted.
-        marker = self.baselines.read_marker()
-        if (marker is None or self.baselines.trusted_seq(marker) != manifest.seq
-                or marker["files"].get(name) != filename
-                or os.fstat(lease.fd).st_size != entry.layout.nbytes):
-            lease.release()
-            return None
-        array = map_private(self.baselines.dir / filename, entry.layout, lease.fd)
+    def _map_committed(self, manifest: Manifest, verify: bool) -> dict[str, np.ndarray]:
+        """In a reader: the writer's baselines, if they hold this snapshot, each file under
+        a lease for as long as its map lives."""
+        baselines = self.baselines
+        marker = baselines.read_marker()
+        if marker is None or baselines.trusted_seq(marker) != manifest.seq:
+            return {}
+        extents = read_extents(baselines.dir, marker, current_only=True)
+        if not extents:
+            return {}
+        layouts = {name: entry.layout for name, entry in manifest.arrays.items()}
+        by_file: dict[str, list[str]] = {}
+        for name, layout in layouts.items():
+            filename = extents.get(name, (None, 0))[0]
+            if filename is not None and layout.nbytes:
+                by_file.setdefault(filename, []).append(name)
+        leases = self._leases()
+        if leases is None:
+            return {}
+        leased = [filename for filename in by_file if leases.acquire(filename)]
+        try:
+            # Under the leases no writer changes these files; only now is the marker to be
+            # trusted (the writer may have moved on between the first read and the leases).
+            again = baselines.read_marker()
+            if again != marker:
+                return {}
+            arrays = {}
+            for filename in leased:
+                names = by_file[filename]
+                stop = max(extents[name][1] + layouts[name].nbytes for name in names)
+                file_map = self._map_file(baselines.dir / filename, stop)
+                if file_map is None:
+                    continue
+                leases.acquire(filename)  # held by the map, released when it goes
+                leases.keep(filename, file_map)
+                for name in names:
+                    arrays[name] = view_of(file_map, extents[name][1], layouts[name])
+        finally:
+            for filename in leased:
+                leases.release(filename)
         if verify:
-            flat = as_bytes(array)
-            if find_bad_chunks(flat, entry, self.pool):
-                lease.release()
+            bad = [name for name, array in arrays.items()
+                   if find_bad_chunks(as_bytes(array), manifest.arrays[name], self.pool)]
+            for name in bad:
+                del arrays[name]  # assembled from its chunk objects instead
+        return arrays
+
+    @staticmethod
+    def _map_file(path: Path, stop: int) -> FileMap | None:
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size < stop:
                 return None
-        lease.track(array)
-        return array
+            return map_file(path, stop, shared=False, writable_file=False)
+        except OSError:
+            return None
 
-    def _materialize(self, entry: ArrayEntry, *, verify: bool, seq: int) -> np.ndarray:
-        layout = entry.layout
-        if layout.nbytes == 0:
-            return np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
-        # A manifest may claim any size: one real chunk (decoded to the full chunk size)
-        # vouches for it before anything of that size is allocated.
-        load_chunk(self.objects, self.codec, entry, 0, verify=verify, seq=seq)
+    def _leases(self) -> ReaderLeases | None:
+        if self._reader_leases is None:
+            try:
+                self._reader_leases = ReaderLeases(
+                    LockFile(self.baselines.dir / LEASES, writable=False))
+            except OSError:  # no lease file: no writer has made baselines here
+                return None
+        return self._reader_leases
+
+    def close(self) -> None:
+        """The store closes: the lease descriptor closes once no map of it is left."""
+        if self._reader_leases is not None:
+            self._reader_leases.close()
+            self._reader_leases = None
+
+    def _materialize(self, entries: list[ArrayEntry], *, verify: bool,
+                     seq: int) -> dict[str, np.ndarray]:
+        """Assemble arrays from their chunk objects into one allocated temporary file,
+        mapped once: each array a view of it."""
+        offsets, total = [], 0
+        for entry in entries:
+            if entry.layout.nbytes:
+                # A manifest may claim any size: one real chunk (decoded to the full chunk
+                # size) vouches for it before anything of that size is allocated.
+                load_chunk(self.objects, self.codec, entry, 0, verify=verify, seq=seq)
+            align = align_of(entry.layout.nbytes)
+            total = -(-total // align) * align
+            offsets.append(total)
+            total += entry.layout.nbytes
+        arrays = {}
+        if total == 0:
+            return {entry.name: np.empty(entry.layout.shape, dtype=entry.layout.dtype,
+                                         order=entry.layout.order) for entry in entries}
         directory = self._scratch_dir
         if directory is not None:
             directory.mkdir(exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix="restore-") as handle:
             # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
-            os.posix_fallocate(handle.fileno(), 0, layout.nbytes)
-            shared = mmap.mmap(handle.fileno(), layout.nbytes, mmap.MAP_SHARED)
-            # No `with`: on failure the traceback still refers to views of the map, and
-            # closing it then would raise BufferError over the CorruptSnapshotError.
-            assemble(np.frombuffer(shared, dtype=np.uint8), self.objects, self.codec, entry,
-                     self.pool, verify=verify, seq=seq)
-            try:
-                shared.close()
-            except BufferError:
-                # A pool thread has returned its chunk but not yet dropped the task that
-                # refers to the view: the map is unmapped with that last reference.
-                pass
-            return map_private(Path(), layout, handle.fileno())
+            os.posix_fallocate(handle.fileno(), 0, total)
+            shared = np.frombuffer(map_fd(handle.fileno(), total, shared=True), dtype=np.uint8)
+            for entry, offset in zip(entries, offsets, strict=True):
+                assemble(shared[offset : offset + entry.layout.nbytes], self.objects,
+                         self.codec, entry, self.pool, verify=verify, seq=seq)
+            del shared  # unmapped with its last view (a pool task may still hold one)
+            private = map_fd(handle.fileno(), total, shared=False)
+        for entry, offset in zip(entries, offsets, strict=True):
+            arrays[entry.name] = view_of(private, offset, entry.layout)
+        return arrays

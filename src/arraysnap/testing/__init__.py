@@ -25,7 +25,9 @@ True
 from arraysnap.testing._damage import (
     BASELINE_DAMAGE,
     CHUNK_DAMAGE,
+    baseline_extent,
     baseline_files,
+    baseline_leased,
     chunk_file,
     chunk_references,
     damage_baselines,
@@ -70,7 +72,8 @@ __all__ = [
     "FaultPlan", "FaultyOps", "FaultyStorage", "Gate", "Rule", "Tally", "Workload",
     "array_difference", "capture_step", "child_command", "chunk_file", "chunk_references",
     "committed_reports", "damage_baselines", "damage_object", "flip_bit", "flip_bits",
-    "key_area", "leftover_temporaries", "manifest_files", "baseline_files", "object_intact",
-    "path_area", "read_marker", "restored_difference", "store_codec", "store_files",
+    "key_area", "leftover_temporaries", "manifest_files", "baseline_extent", "baseline_files",
+    "baseline_leased", "object_intact", "path_area", "read_marker", "restored_difference",
+    "store_codec", "store_files",
     "truncate", "workload_arrays", "workload_rng", "workload_state", "write_marker",
 ]

@@ -28,11 +28,13 @@ from typing import Any
 import blake3
 
 from arraysnap.codecs import CodecSpec, parse_codec
+from arraysnap.extents import read_extents
+from arraysnap.leases import LEASES, LockFile, lock_byte
 
 __all__ = ["BASELINE_DAMAGE", "CHUNK_DAMAGE", "chunk_file", "chunk_references", "damage_baselines",
            "damage_object", "flip_bit", "flip_bits", "leftover_temporaries", "manifest_files",
-           "baseline_files", "object_intact", "read_marker", "store_codec", "store_files",
-           "truncate", "write_marker"]
+           "baseline_extent", "baseline_files", "baseline_leased", "object_intact", "read_marker",
+           "store_codec", "store_files", "truncate", "write_marker"]
 
 DIGEST_BYTES = 32
 # The ways damage_object() can damage a chunk object.
@@ -166,15 +168,56 @@ def baseline_files(path: Path) -> list[Path]:
 
 
 def read_marker(path: Path) -> dict[str, Any]:
-    """The baselines' marker (which snapshot they hold, clean or not, their files).
+    """The baselines' marker (which snapshot they hold, clean or not, which extent table).
 
     >>> import tempfile, numpy as np, arraysnap
     >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s") as snap:
     ...     _ = snap.capture({"u": np.zeros(3)}).result()
-    >>> sorted(read_marker(snap.path)["files"])
-    ['u']
+    >>> read_marker(snap.path)["seq"], read_marker(snap.path)["clean"]
+    (1, True)
     """
     return json.loads((path / "mirror" / "state.json").read_bytes())
+
+
+def baseline_leased(file: Path) -> bool:
+    """Whether some reader holds a lease on baseline `file` (a map of it is alive).
+
+    >>> import tempfile, numpy as np, arraysnap
+    >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s") as snap:
+    ...     _ = snap.capture({"u": np.zeros(3)}).result()
+    ...     reader = arraysnap.open(snap.path, mode="r"); held = reader.restore().arrays
+    ...     file, _ = baseline_extent(snap.path, "u")
+    ...     baseline_leased(file)
+    True
+    >>> del held; reader.close(); baseline_leased(file)
+    False
+    """
+    probe = LockFile(file.parent / LEASES, writable=True)
+    try:
+        if not probe.try_lock(lock_byte(file.name), exclusive=True):
+            return True
+        probe.unlock(lock_byte(file.name))
+        return False
+    finally:
+        probe.close()
+
+
+def baseline_extent(path: Path, name: str) -> tuple[Path, int]:
+    """The baseline file that holds array `name` of the store at `path`, and the offset of
+    the array's bytes in it.
+
+    >>> import tempfile, numpy as np, arraysnap
+    >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s") as snap:
+    ...     _ = snap.capture({"u": np.arange(3.0), "v": np.ones(3)}).result()
+    >>> file, offset = baseline_extent(snap.path, "v")
+    >>> np.frombuffer(file.read_bytes()[offset : offset + 24]).tolist()
+    [1.0, 1.0, 1.0]
+    """
+    extents = read_extents(path / "mirror", read_marker(path))
+    if not extents or name not in extents or extents[name][0] is None:
+        raise KeyError(f"array {name!r} has no baseline in {path}")
+    filename, offset = extents[name]
+    return path / "mirror" / str(filename), offset
 
 
 def write_marker(path: Path, **changes: Any) -> None:

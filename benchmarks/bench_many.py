@@ -1,0 +1,249 @@
+"""Many arrays: what a capture, a resume and a restore cost when a state has thousands of arrays.
+
+Each scenario runs in a child process with the descriptor limit of a default Linux login
+(``ulimit -n 1024``), against ``np.savez`` + fsync of the same arrays in the same child:
+
+- ``first``: the first capture to durable, against np.savez + fsync;
+- ``pause``, ``bytes``: a capture in which one array of all of them changed (median of the
+  repeats), and the bytes it added to the store (baselines excluded);
+- ``open``: re-opening the store as a writer; ``restore``: the latest snapshot
+  (``verify=False``) in the writer and in a fresh reader;
+- ``fds``: descriptors the process holds with a writer and a reader open and their restored
+  arrays held;
+- ``held``: the pause of a 1 %-changed capture of one large array while the arrays of an
+  earlier ``restore()`` are still held, against the same capture without.
+
+A scenario that fails prints its error (``EMFILE`` was the failure before format 2).
+No timing is asserted anywhere: the targets are printed beside the figures.
+
+    python benchmarks/bench_many.py            # 10,000 x 8 KiB, 100,000 x 1 KiB, held 1 GiB
+    python benchmarks/bench_many.py --quick    # small, for the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import KIB, MIB, fmt_bytes, fmt_seconds, machine_info, render_table  # noqa: E402
+
+FD_LIMIT = 1024
+TARGETS = {"pause": 5e-3, "bytes": 16 * KIB, "restore": 20e-3, "open": 50e-3,
+           "first_ratio": 2.0, "fds": 64, "held_ratio": 2.0}
+
+
+def _store_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        if Path(root).relative_to(path).parts[:1] == ("mirror",):
+            continue
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _savez(arrays: dict[str, np.ndarray], path: Path) -> float:
+    start = time.perf_counter()
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - start
+    with zipfile.ZipFile(path) as archive:  # written whole: the baseline is honest
+        assert len(archive.namelist()) == len(arrays)
+    return elapsed
+
+
+def run_many(count: int, nbytes: int, repeats: int, root: Path) -> dict[str, Any]:
+    """One many-arrays scenario, in this process (the parent sets the descriptor limit)."""
+    import arraysnap
+
+    rng = np.random.default_rng(0)
+    arrays = {f"a{i:06d}": rng.random(nbytes // 8) for i in range(count)}
+    result: dict[str, Any] = {"count": count, "nbytes": nbytes}
+    savez = [_savez(arrays, root / f"savez-{i}.npz") for i in range(2)]
+    result["savez"] = statistics.median(savez)
+    path = root / "many.snap"
+    try:
+        with arraysnap.open(path, track_writes=False) as snap:
+            start = time.perf_counter()
+            snap.capture(arrays, step=0)
+            snap.wait()
+            result["first"] = time.perf_counter() - start
+            pauses, written = [], []
+            names = list(arrays)
+            for step in range(1, repeats + 1):
+                arrays[names[(step * 7919) % count]][0] += 1.0
+                before = _store_bytes(path)
+                info = snap.capture(arrays, step=step)
+                snap.wait()
+                pauses.append(info.pause_seconds)
+                written.append(_store_bytes(path) - before)
+            result["pause"] = statistics.median(pauses)
+            result["bytes"] = statistics.median(written)
+            start = time.perf_counter()
+            restored = snap.restore(verify=False)
+            result["restore_writer"] = time.perf_counter() - start
+            assert len(restored.arrays) == count
+        start = time.perf_counter()
+        writer = arraysnap.open(path)
+        result["open"] = time.perf_counter() - start
+        held = writer.restore(verify=False)
+        start = time.perf_counter()
+        reader = arraysnap.open(path, mode="r")
+        read = reader.restore(verify=False)
+        result["restore_reader"] = time.perf_counter() - start
+        result["fds"] = _open_fds()
+        assert all(np.array_equal(read.arrays[name], arrays[name]) for name in names[:50])
+        del held, read
+        reader.close()
+        writer.close()
+    except Exception as err:  # noqa: BLE001 - the failure is the figure
+        result["error"] = f"{type(err).__name__}: {err}"[:200]
+    return result
+
+
+def run_held(nbytes: int, repeats: int, root: Path) -> dict[str, Any]:
+    """The pause of a 1 %-changed capture with and without an earlier restore held."""
+    import arraysnap
+
+    u = np.random.default_rng(1).random(nbytes // 8)
+    chunk = (1 << 20) // 8
+    n_chunks = len(u) // chunk
+    changed = max(1, n_chunks // 100)
+    result: dict[str, Any] = {"nbytes": nbytes}
+    try:
+        with arraysnap.open(root / "held.snap", track_writes=False) as snap:
+            snap.capture({"u": u}, step=0)
+            snap.wait()
+            plain, held = [], []
+            for step in range(1, 2 * repeats + 1):
+                keep = snap.restore(verify=False) if step % 2 else None
+                for i in range(changed):
+                    u[((step * changed + i) * 37 % n_chunks) * chunk] += 1.0
+                info = snap.capture({"u": u}, step=step)
+                snap.wait()
+                (held if keep is not None else plain).append(info.pause_seconds)
+                if keep is not None:
+                    assert keep.arrays["u"][0] != u[0] or True
+                del keep
+        result["pause_plain"] = statistics.median(plain)
+        result["pause_held"] = statistics.median(held)
+    except Exception as err:  # noqa: BLE001 - the failure is the figure
+        result["error"] = f"{type(err).__name__}: {err}"[:200]
+    return result
+
+
+def child(argv: list[str]) -> int:
+    kind, size, count, repeats, root = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+    directory = Path(tempfile.mkdtemp(dir=root))
+    try:
+        if kind == "many":
+            result = run_many(count, size, repeats, directory)
+        else:
+            result = run_held(size, repeats, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+def _run_child(kind: str, size: int, count: int, repeats: int, root: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, __file__, "--child", kind, str(size), str(count),
+                           str(repeats), str(root)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cell(result: dict[str, Any], key: str, kind: str) -> str:
+    if key not in result:
+        return "-"
+    value = result[key]
+    return fmt_bytes(value) if kind == "bytes" else (
+        str(value) if kind == "int" else fmt_seconds(value))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for the tests")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="where stores are made")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="bench-many-", dir=args.dir))
+    if args.quick:
+        scenarios = [("many", 8 * KIB, 300), ("many", 1 * KIB, 1500)]
+        held_bytes, repeats = 32 * MIB, 2
+    else:
+        scenarios = [("many", 8 * KIB, 10_000), ("many", 1 * KIB, 100_000)]
+        held_bytes, repeats = 1 << 30, args.repeats
+    try:
+        results = [_run_child(kind, size, count, repeats, root)
+                   for kind, size, count in scenarios]
+        held = _run_child("held", held_bytes, 0, repeats, root)
+        info = machine_info(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"# bench_many: descriptor limit {FD_LIMIT}; {info['cpu_model']}, "
+          f"{info['cores_usable']} cores, kernel {info['kernel']}; store on "
+          f"{info.get('filesystem')}")
+    header = ["arrays", "first", "savez+fsync", "first/savez", "pause (1 changed)",
+              "bytes (1 changed)", "open", "restore writer", "restore reader", "fds", "error"]
+    rows = []
+    for result in results:
+        ratio = (f"{result['first'] / result['savez']:.2f}x"
+                 if "first" in result and result.get("savez") else "-")
+        rows.append([f"{result.get('count', '?'):,} x {fmt_bytes(result.get('nbytes', 0))}",
+                     _cell(result, "first", "s"), _cell(result, "savez", "s"), ratio,
+                     _cell(result, "pause", "s"), _cell(result, "bytes", "bytes"),
+                     _cell(result, "open", "s"), _cell(result, "restore_writer", "s"),
+                     _cell(result, "restore_reader", "s"), _cell(result, "fds", "int"),
+                     str(result.get("error", ""))])
+    print(render_table(header, rows))
+    targets = (f"targets (10,000 arrays): pause <= {fmt_seconds(TARGETS['pause'])}, bytes <= "
+               f"{fmt_bytes(TARGETS['bytes'])}, restore <= {fmt_seconds(TARGETS['restore'])}, "
+               f"open <= {fmt_seconds(TARGETS['open'])}, first <= {TARGETS['first_ratio']}x "
+               f"savez, fds <= {TARGETS['fds']}")
+    print(targets)
+    if "pause_held" in held:
+        print(f"held restore, {fmt_bytes(held['nbytes'])} at 1 %: pause "
+              f"{fmt_seconds(held['pause_held'])} held, {fmt_seconds(held['pause_plain'])} "
+              f"without: {held['pause_held'] / held['pause_plain']:.2f}x "
+              f"(target <= {TARGETS['held_ratio']}x)")
+    else:
+        print(f"held restore: {held.get('error')}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"machine": info, "many": results, "held": held},
+                                        indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Where each array's baseline bytes are: the extent table and the marker's names for it.
+
+The baselines (``arraysnap.baselines``) keep arrays at *extents* of a few shared files. The
+table ``mirror/extents.json`` maps each array to its file and offset; the marker
+``mirror/state.json`` names the table's generation, so a table and a marker from different
+moments are never read together. Readers use this module to map what a writer left.
+
+>>> table = {"generation": 3, "extents": {"u": ["s-1.bin", 4096], "e": [None, 0]}}
+>>> import json, pathlib, tempfile
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> _ = (folder / TABLE).write_text(json.dumps(table))
+>>> read_extents(folder, {"version": MARKER_VERSION, "table": 3})
+{'u': ('s-1.bin', 4096), 'e': (None, 0)}
+>>> read_extents(folder, {"version": MARKER_VERSION, "table": 2}) is None   # another moment's
+True
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fsio import read_regular_file
+from .layout import ChunkLayout
+from .mapping import PAGE, FileMap
+
+__all__ = ["MARKER", "MARKER_VERSION", "SMALL_ALIGN", "TABLE", "align_of", "read_extents",
+           "safe_filename", "view_of"]
+
+MARKER = "state.json"
+TABLE = "extents.json"
+MARKER_VERSION = 2
+SMALL_ALIGN = 64  # arrays under a page start at a multiple of this, not of a page
+_MAX_TABLE_BYTES = 1 << 28
+
+
+def align_of(nbytes: int) -> int:
+    """Where an array of `nbytes` may start in a shared file: at a multiple of this.
+
+    >>> align_of(1024), align_of(1 << 20) == PAGE
+    (64, True)
+    """
+    return PAGE if nbytes >= PAGE else SMALL_ALIGN
+
+
+def safe_filename(name: object) -> bool:
+    """Whether `name` can be a baseline file's name (no path, no hidden or odd names)."""
+    return (isinstance(name, str) and name.endswith(".bin") and "/" not in name
+            and "\\" not in name and not name.startswith(".") and 4 < len(name) < 100)
+
+
+def read_extents(directory: Path, marker: dict[str, Any], *,
+                 current_only: bool = False) -> dict[str, tuple[str | None, int]] | None:
+    """The extent table `marker` names (array -> file name, offset), or None if it is not
+    the one on disk or is malformed. A marker from before shared files lists one file per
+    array at offset 0 (read unless `current_only`: such files are locked another way)."""
+    if marker.get("version") != MARKER_VERSION:
+        if current_only:
+            return None
+        files = marker.get("files")
+        if not isinstance(files, dict):
+            return None
+        return {name: (file, 0) for name, file in files.items()
+                if isinstance(name, str) and safe_filename(file)}
+    try:
+        table = json.loads(read_regular_file(directory / TABLE, _MAX_TABLE_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if (not isinstance(table, dict) or table.get("generation") != marker.get("table")
+            or not isinstance(table.get("extents"), dict)):
+        return None
+    extents = {}
+    for name, value in table["extents"].items():
+        if (isinstance(name, str) and isinstance(value, list) and len(value) == 2
+                and (value[0] is None or safe_filename(value[0])) and type(value[1]) is int
+                and value[1] >= 0):
+            extents[name] = (value[0], value[1])
+    return extents
+
+
+def view_of(file_map: FileMap, offset: int, layout: ChunkLayout) -> np.ndarray:
+    """Array `layout` at byte `offset` of `file_map` (kept alive by the view)."""
+    return np.ndarray(layout.shape, dtype=layout.dtype, buffer=file_map, offset=offset,
+                      order=layout.order)
