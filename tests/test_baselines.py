@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import REPO, run_python
 
 import arraysnap
 from arraysnap.baselines import Baselines
@@ -189,3 +190,43 @@ def test_unsynced_marker_from_another_boot_is_not_trusted(store_path):
     assert Baselines(store_path).trusted_seq() is None
     with arraysnap.open(store_path) as snap:
         assert np.array_equal(snap.restore(verify=False).arrays["u"], np.arange(40_000.0))
+
+
+def test_baselines_of_one_file_per_array_are_migrated_by_a_writer(tmp_path):
+    """A store from before shared baseline files (the v1 fixture): a reader does not map
+    those files (they are locked another way), a writer copies each array into a shared
+    file at open and removes the old files, trusting their bytes when the marker says so."""
+    store = tmp_path / "old.snap"
+    shutil.copytree(REPO / "tests" / "fixtures" / "v1-store", store)
+    marker_path = store / "mirror" / "state.json"
+    marker = json.loads(marker_path.read_text())
+    old_files = sorted(marker["files"].values())
+    marker["synced"] = True  # trusted: adopted as they are
+    marker_path.write_text(json.dumps(marker))
+    field = np.frombuffer((store / "mirror" / marker["files"]["field"]).read_bytes())
+    with arraysnap.open(store, mode="r") as reader:
+        restored = reader.restore(verify=False).arrays["field"]
+        assert np.array_equal(restored.reshape(-1), field)
+        assert "/mirror/" not in _mapped_file_of(restored)
+    with arraysnap.open(store) as snap:
+        assert not any((store / "mirror" / name).exists() for name in old_files)
+        file, offset = baseline_extent(store, "field")
+        assert file.name.startswith("s-")
+        assert np.frombuffer(file.read_bytes()[offset : offset + field.nbytes]).tolist() == (
+            field.tolist())
+        restored = snap.restore(verify=False).arrays["field"]
+        assert "/mirror/s-" in _mapped_file_of(restored)  # served from the migrated baseline
+        assert np.array_equal(restored.reshape(-1), field)
+        assert snap.capture({"field": np.array(restored)}, step=30).result().chunks_changed == 0
+
+
+def _mapped_file_of(array: np.ndarray) -> str:
+    """The path /proc/self/maps gives for the memory of `array` ('' if anonymous)."""
+    address = array.ctypes.data
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(part, 16) for part in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5].strip() if len(fields) == 6 else ""
+    return ""
