@@ -77,8 +77,8 @@ def test_checksum_detects_any_edit():
 
 
 def test_newer_version_names_both_versions():
-    with pytest.raises(FormatVersionError, match=r"version 2.*version 1"):
-        parse_manifest(edit(sample(), lambda b: b.update(version=2)), expected_seq=7)
+    with pytest.raises(FormatVersionError, match=r"version 3.*version 2"):
+        parse_manifest(edit(sample(), lambda b: b.update(version=3)), expected_seq=7)
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[]", b"{" * 100_000, b'{"format": 1}',

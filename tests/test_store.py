@@ -292,7 +292,8 @@ def test_format_version_and_codec_checks(store_path, tmp_path):
         arraysnap.open(store_path, codec="blosc")
     settings["version"] = 99
     config.write_text(json.dumps(settings))
-    with pytest.raises(arraysnap.FormatVersionError, match=r"version 99.*format version 1"):
+    with pytest.raises(arraysnap.FormatVersionError,
+                       match=rf"version 99.*format version {arraysnap.FORMAT_VERSION}\b"):
         arraysnap.open(store_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         arraysnap.open(tmp_path / "nothing", mode="r")
@@ -393,7 +394,7 @@ def test_latest_is_always_the_last_listed(store_path):
         snap.capture({"u": np.arange(3.0)}, step=1)
         snap.capture({"u": np.arange(3.0) * 2}, step=2)
     newest = store_path / "snapshots" / f"{2:012d}.json"
-    newest.write_bytes(newest.read_bytes().replace(b'"version":1', b'"version":3'))
+    newest.write_bytes(newest.read_bytes().replace(b'"version":2', b'"version":3'))
     with arraysnap.open(store_path, mode="r") as reader:
         assert [info.seq for info in reader.list()] == [1]
         assert reader.latest() == reader.list()[-1]

@@ -34,7 +34,7 @@ from .results import (
     SnapshotInfo,
     VerifyReport,
 )
-from .store import FORMAT_VERSION, ArraysnapWarning, Store, open
+from .store import FORMAT_VERSION, ArraysnapWarning, Store, open, upgrade
 from .zarr_view import open_zarr
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "__version__",
     "every",
     "open",
+    "upgrade",
     "open_zarr",
     "young_daly",
 ]

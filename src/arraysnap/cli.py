@@ -19,18 +19,23 @@ terminal), so ``--json`` output can be piped.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
 
+from ._cli.base import (
+    EXIT_PROBLEMS,
+    CommandError,
+    Group,
+    json_option,
+    open_store,
+    select,
+    store_argument,
+)
 from ._cli.history import capture_history, plot_history, print_history
 from ._cli.output import (
     ByteSize,
@@ -51,15 +56,10 @@ from ._cli.output import (
     write_npz,
 )
 from ._version import __version__
-from .errors import ArraysnapError
 from .manifest import dtype_to_json
-from .store import SNAPSHOT_SPEC_HELP, Store
-from .store import open as arraysnap_open
+from .store import FORMAT_VERSION, SNAPSHOT_SPEC_HELP, upgrade
 
 __all__ = ["cli"]
-
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
 
 MAIN_HELP = f"""Inspect, check, trim and export arraysnap stores.
 
@@ -80,69 +80,8 @@ Examples:
 """
 
 
-class CommandError(click.ClickException):
-    """A command that cannot run: a one-line message on stderr and exit code 2.
-
-    >>> CommandError("no such store").exit_code
-    2
-    """
-
-    exit_code = EXIT_USAGE
-
-
-class _Group(click.Group):
-    """Turns the library's errors into one-line messages with exit code 2.
-
-    ``ARRAYSNAP_TRACEBACK=1`` in the environment shows the full traceback instead.
-    """
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.NoSuchOption as err:
-            if err.option_name[1:].isdigit():  # "-2": a snapshot counted from the end
-                raise click.UsageError(
-                    f"No such option: {err.option_name}. To name a snapshot counted from the "
-                    f"end, put it after '--' (arraysnap show run.snap -- {err.option_name}) or "
-                    f"write ~{int(err.option_name[1:]) - 1}", err.ctx) from None
-            raise
-        except (ArraysnapError, OSError, ValueError) as err:
-            if os.environ.get("ARRAYSNAP_TRACEBACK"):
-                raise
-            message = " ".join(str(err).split()) or type(err).__name__
-            raise CommandError(message) from err
-
-
-# -- helpers -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _open(path: Path, mode: str = "r") -> Iterator[Store]:
-    """Open an existing store; a path that is not one is an error, never a new store."""
-    try:
-        if mode != "r":  # a reader first: it names what is wrong and never creates a store
-            arraysnap_open(path, "r").close()
-        store = arraysnap_open(path, mode)
-    except (FileNotFoundError, NotADirectoryError) as err:
-        raise CommandError(str(err)) from None
-    try:
-        yield store
-    finally:
-        store.close()
-
-
-def _select(store: Store, spec: str | None) -> int:
-    try:
-        return store.snapshot(spec).seq
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="SNAP") from None
-
-
-_json_option = click.option("--json", "as_json", is_flag=True,
-                            help="Print JSON instead of a table.")
-_store_argument = click.argument("store", type=click.Path(path_type=Path))
-
-
 # -- the group -----------------------------------------------------------------------------
-@click.group(cls=_Group, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="arraysnap")
 def cli() -> None:
     pass
@@ -170,8 +109,8 @@ def demo_command(args: tuple[str, ...]) -> None:
 
 
 @cli.command("ls")
-@_store_argument
-@_json_option
+@store_argument
+@json_option
 def ls_command(store: Path, as_json: bool) -> None:
     """List the snapshots of STORE, oldest first.
 
@@ -186,7 +125,7 @@ def ls_command(store: Path, as_json: bool) -> None:
       arraysnap ls run.snap
       arraysnap ls run.snap --json
     """
-    with _open(store) as snap:
+    with open_store(store) as snap:
         infos = snap.list()
         damaged = snap.damaged()
     if as_json:
@@ -209,9 +148,9 @@ def ls_command(store: Path, as_json: bool) -> None:
 
 
 @cli.command("show")
-@_store_argument
+@store_argument
 @click.argument("snap", required=False)
-@_json_option
+@json_option
 def show_command(store: Path, snap: str | None, as_json: bool) -> None:
     """Show one snapshot of STORE: its arrays, state, random generators and provenance.
 
@@ -222,8 +161,8 @@ def show_command(store: Path, snap: str | None, as_json: bool) -> None:
       arraysnap show run.snap
       arraysnap show run.snap step:40 --json
     """
-    with _open(store) as opened:
-        seq = _select(opened, snap)
+    with open_store(store) as opened:
+        seq = select(opened, snap)
         info = opened.snapshot(seq)
     arrays = {name: {"shape": list(a.shape), "dtype": dtype_to_json(a.dtype), "order": a.order,
                      "n_chunks": a.n_chunks, "chunk_shape": list(a.chunk_shape),
@@ -261,13 +200,13 @@ def show_command(store: Path, snap: str | None, as_json: bool) -> None:
 
 
 @cli.command("diff")
-@_store_argument
+@store_argument
 @click.argument("a")
 @click.argument("b")
 @click.option("--no-values", is_flag=True,
               help="Compare chunk digests only; do not read chunks for the largest difference.")
 @click.option("--exit-code", is_flag=True, help="Exit with 1 if the snapshots differ.")
-@_json_option
+@json_option
 def diff_command(store: Path, a: str, b: str, no_values: bool, exit_code: bool,
                  as_json: bool) -> None:
     """Show which chunks of each array differ between snapshots A and B of STORE.
@@ -281,8 +220,8 @@ def diff_command(store: Path, a: str, b: str, no_values: bool, exit_code: bool,
       arraysnap diff run.snap ~1 latest
       arraysnap diff run.snap step:20 step:40 --json
     """
-    with _open(store) as opened:
-        first, second = _select(opened, a), _select(opened, b)
+    with open_store(store) as opened:
+        first, second = select(opened, a), select(opened, b)
         with progress("reading changed chunks") as update:
             result = opened.diff(first, second, values=not no_values, progress=update)
     if as_json:
@@ -303,10 +242,10 @@ def diff_command(store: Path, a: str, b: str, no_values: bool, exit_code: bool,
 
 
 @cli.command("verify")
-@_store_argument
+@store_argument
 @click.argument("snap", required=False)
 @click.option("--all", "check_all", is_flag=True, help="Verify every snapshot.")
-@_json_option
+@json_option
 def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool) -> None:
     """Check a snapshot of STORE (default: the latest; --all: every one).
 
@@ -321,8 +260,8 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
     """
     if check_all and snap is not None:
         raise click.UsageError("give SNAP or --all, not both")
-    with _open(store) as opened:
-        seq = None if check_all else _select(opened, snap)
+    with open_store(store) as opened:
+        seq = None if check_all else select(opened, snap)
         with progress("verifying chunks") as update:
             report = opened.verify(seq, progress=update)
     if as_json:
@@ -339,7 +278,7 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
 
 
 @cli.command("prune")
-@_store_argument
+@store_argument
 @click.option("--keep-last", type=click.IntRange(min=1), metavar="N",
               help="Keep the newest N snapshots.")
 @click.option("--keep-every", type=click.IntRange(min=1), metavar="K",
@@ -351,7 +290,7 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
                    "data fits (500M, 20GiB).")
 @click.option("--dry-run", is_flag=True,
               help="Only say what would be removed (no lock needed: the job may run).")
-@_json_option
+@json_option
 def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
                   keep_within: float | None, max_bytes: int | None, dry_run: bool,
                   as_json: bool) -> None:
@@ -373,7 +312,7 @@ def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
     if not given:
         raise click.UsageError("say what to keep: --keep-last, --keep-every, --keep-within "
                                "or --max-bytes")
-    with _open(store, "r" if dry_run else "a") as opened:
+    with open_store(store, "r" if dry_run else "a") as opened:
         accepted = inspect.signature(opened.prune).parameters
         missing = [key for key in given if key not in accepted]
         if missing:
@@ -397,8 +336,8 @@ def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
 
 
 @cli.command("gc")
-@_store_argument
-@_json_option
+@store_argument
+@json_option
 def gc_command(store: Path, as_json: bool) -> None:
     """Delete chunk objects of STORE that no snapshot uses.
 
@@ -409,7 +348,7 @@ def gc_command(store: Path, as_json: bool) -> None:
     Example:
       arraysnap gc run.snap
     """
-    with _open(store, "a") as opened, status("collecting unused chunk objects"):
+    with open_store(store, "a") as opened, status("collecting unused chunk objects"):
         report = opened.gc()
     if as_json:
         echo_json({"chunks_removed": report.chunks_removed, "bytes_freed": report.bytes_freed})
@@ -419,8 +358,8 @@ def gc_command(store: Path, as_json: bool) -> None:
 
 
 @cli.command("du")
-@_store_argument
-@_json_option
+@store_argument
+@json_option
 def du_command(store: Path, as_json: bool) -> None:
     """Show the disk use of STORE per snapshot: unique versus shared bytes.
 
@@ -435,7 +374,7 @@ def du_command(store: Path, as_json: bool) -> None:
       arraysnap du run.snap
       arraysnap du run.snap --json
     """
-    with _open(store) as opened, progress("reading manifests") as update:
+    with open_store(store) as opened, progress("reading manifests") as update:
         usage = opened.disk_usage(progress=update)
     if as_json:
         echo_json(usage.to_json())
@@ -460,8 +399,31 @@ def du_command(store: Path, as_json: bool) -> None:
         click.echo(f"not counted: {problem}", err=True)
 
 
+@cli.command("upgrade")
+@store_argument
+def upgrade_command(store: Path) -> None:
+    """Make STORE a store of this arraysnap's format version (it takes the writer's lock).
+
+    A writer continues an older store in its own format, so that older arraysnap releases
+    can still read it; after upgrade, writers write the current format (format 2: tables
+    whose costs follow what changed). Nothing written is rewritten; releases that read only
+    the older format refuse the store from then on.
+
+    \b
+    Example:
+      arraysnap upgrade run.snap
+    """
+    with open_store(store) as opened:  # a reader first: names what is wrong with STORE
+        old = opened.format_version
+    if old >= FORMAT_VERSION:
+        click.echo(f"{store} is already format {old}")
+        return
+    upgrade(store)
+    click.echo(f"upgraded {store} from format {old} to format {FORMAT_VERSION}")
+
+
 @cli.command("export")
-@_store_argument
+@store_argument
 @click.argument("snap")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "out_format", type=click.Choice(["zarr", "npz"]),
@@ -485,8 +447,8 @@ def export_command(store: Path, snap: str, out: Path, out_format: str | None) ->
         out_format = "npz" if out.suffix == ".npz" else "zarr"
     if out.exists() or out.is_symlink():
         raise CommandError(f"{out} already exists; export writes a new file or directory")
-    with _open(store) as opened:
-        seq = _select(opened, snap)
+    with open_store(store) as opened:
+        seq = select(opened, snap)
         if out_format == "zarr":
             with status(f"exporting snapshot {seq}"):
                 opened.export(out, seq=seq)
@@ -500,7 +462,7 @@ def export_command(store: Path, snap: str, out: Path, out_format: str | None) ->
 
 
 @cli.command("restore")
-@_store_argument
+@store_argument
 @click.argument("snap", required=False)
 @click.option("--to", "directory", type=click.Path(path_type=Path), required=True,
               help="Directory for the .npy files (created if missing).")
@@ -516,8 +478,8 @@ def restore_command(store: Path, snap: str | None, directory: Path, force: bool)
     Example:
       arraysnap restore run.snap step:40 --to restored/
     """
-    with _open(store) as opened:
-        seq = _select(opened, snap)
+    with open_store(store) as opened:
+        seq = select(opened, snap)
         info = opened.snapshot(seq)
         targets = [directory / f"{name}.npy" for name in info.arrays]
         targets.append(directory / "snapshot.json")
@@ -543,11 +505,11 @@ def restore_command(store: Path, snap: str | None, directory: Path, force: bool)
 
 
 @cli.command("stats")
-@_store_argument
+@store_argument
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Also draw the history as a PNG (needs matplotlib: arraysnap[plot]).")
 @click.option("--last", type=click.IntRange(min=1), help="Only the last N captures.")
-@_json_option
+@json_option
 def stats_command(store: Path, plot_path: Path | None, last: int | None, as_json: bool) -> None:
     """Show the history of captures of STORE: blocked, pause, bytes written, changed fraction.
 
@@ -566,7 +528,7 @@ def stats_command(store: Path, plot_path: Path | None, last: int | None, as_json
             import matplotlib  # noqa: F401
         except ImportError:
             raise CommandError("--plot needs matplotlib: pip install 'arraysnap[plot]'") from None
-    with _open(store) as opened:
+    with open_store(store) as opened:
         rows = capture_history(opened)
     if last is not None:
         rows = rows[-last:]

@@ -21,7 +21,7 @@ import math
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import blake3
 import numpy as np
@@ -35,15 +35,20 @@ __all__ = [
     "MANIFEST_VERSION",
     "ArrayEntry",
     "Manifest",
+    "ParsedLayout",
+    "TableSource",
     "check_array_name",
     "check_dims",
     "dtype_from_json",
     "dtype_to_json",
+    "layout_to_json",
+    "parse_array_entry",
+    "parse_layout",
     "parse_manifest",
 ]
 
 MANIFEST_FORMAT = "arraysnap-snapshot"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 MAX_MANIFEST_BYTES = 1 << 28
 _MAX_NDIM = 64
 _MAX_ELEMENTS = 1 << 60
@@ -176,17 +181,25 @@ class ArrayEntry:
         return self.digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES]
 
     def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "shape": list(self.shape),
-            "dtype": dtype_to_json(self.dtype),
-            "order": self.order,
-            "split_axis": self.split_axis,
-            "rows_per_chunk": self.rows_per_chunk,
-            "chunks": base64.b64encode(self.digests).decode("ascii"),
-        }
-        if self.dims is not None:  # absent unless given to capture(dims=...)
-            body["dims"] = list(self.dims)
-        return body
+        return {**layout_to_json(self), "chunks": base64.b64encode(self.digests).decode("ascii")}
+
+
+def layout_to_json(entry: ArrayEntry) -> dict[str, Any]:
+    """An entry's fields but its chunk table, as a manifest stores them.
+
+    >>> layout_to_json(ArrayEntry("u", (2,), np.dtype("u1"), "C", 0, 2, bytes(32)))["shape"]
+    [2]
+    """
+    body: dict[str, Any] = {
+        "shape": list(entry.shape),
+        "dtype": dtype_to_json(entry.dtype),
+        "order": entry.order,
+        "split_axis": entry.split_axis,
+        "rows_per_chunk": entry.rows_per_chunk,
+    }
+    if entry.dims is not None:  # absent unless given to capture(dims=...)
+        body["dims"] = list(entry.dims)
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,17 +222,22 @@ class Manifest:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     # The replay log's position at this capture (the JSON field "journal").
     replay_position: int | None = None
+    # The table objects (format 2) it uses, by digest: kept while the snapshot is.
+    table_digests: frozenset[bytes] = frozenset()
 
-    def body(self) -> dict[str, Any]:
+    def body(self, tables: Any = None) -> dict[str, Any]:
+        """The manifest's JSON body: format 1, or format 2 with `tables` (a
+        ``tables.Built``) in place of the full chunk table."""
         body: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
+            "version": 1 if tables is None else MANIFEST_VERSION,
             "seq": self.seq,
             "step": self.step,
             "time": self.time,
             "parent": self.parent,
             "codec": dict(self.codec),
-            "arrays": {name: entry.to_json() for name, entry in self.arrays.items()},
+            "arrays": ({name: entry.to_json() for name, entry in self.arrays.items()}
+                       if tables is None else tables.arrays),
             "state": self.state,
             "rng": self.rng,
             "stats": dict(self.stats),
@@ -227,6 +245,8 @@ class Manifest:
         }
         if self.replay_position is not None:  # absent in manifests from before the replay log
             body["journal"] = self.replay_position
+        if tables is not None and tables.tables is not None:
+            body["tables"] = tables.tables
         return body
 
     def chunk_digests(self) -> set[bytes]:
@@ -237,8 +257,8 @@ class Manifest:
             found.update(table[i : i + DIGEST_BYTES] for i in range(0, len(table), DIGEST_BYTES))
         return found
 
-    def to_json(self) -> bytes:
-        body = self.body()
+    def to_json(self, tables: Any = None) -> bytes:
+        body = self.body(tables)
         body["checksum"] = _checksum(body)
         return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
@@ -267,11 +287,28 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
-def parse_array_entry(name: str, value: object) -> ArrayEntry:
-    """Validate one array entry of a manifest."""
+@dataclass(frozen=True, slots=True)
+class ParsedLayout:
+    """The layout fields of an entry, validated (shared by the entries of a table leaf)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    order: Order
+    split_axis: int
+    rows_per_chunk: int
+    dims: tuple[str, ...] | None
+    n_chunks: int
+
+
+def parse_layout(value: object, name: str = "array") -> ParsedLayout:
+    """Validate the layout fields of an entry (all but its name and chunk table).
+
+    >>> parse_layout({"shape": [4], "dtype": "<f8", "order": "C", "split_axis": 0,
+    ...               "rows_per_chunk": 2}).n_chunks
+    2
+    """
     _require(isinstance(value, dict), "array entry must be an object")
     assert isinstance(value, dict)
-    check_array_name(name)
     shape = value.get("shape")
     _require(isinstance(shape, list) and len(shape) <= _MAX_NDIM, "shape must be a short list")
     assert isinstance(shape, list)
@@ -286,26 +323,48 @@ def parse_array_entry(name: str, value: object) -> ArrayEntry:
     _require(_is_int(split_axis) and 0 <= split_axis <= max(0, len(shape) - 1),  # type: ignore[operator]
              "split_axis out of range")
     _require(_is_int(rows) and 1 <= rows < _MAX_ELEMENTS, "rows_per_chunk must be positive")  # type: ignore[operator]
+    dims = value.get("dims")
+    if dims is not None:
+        dims = check_dims(name, len(shape), dims)
+    layout = ChunkLayout(tuple(shape), dtype, order, split_axis, rows)  # type: ignore[arg-type]
+    return ParsedLayout(tuple(shape), dtype, order, split_axis, rows, dims,  # type: ignore[arg-type]
+                        layout.n_chunks)
+
+
+def parse_array_entry(name: str, value: object, *, layout: ParsedLayout | None = None,
+                      check_table: bool = True) -> ArrayEntry:
+    """Validate one array entry of a manifest (or of a table leaf, whose `layout` is
+    parsed once for all entries that share it)."""
+    check_array_name(name)
+    if layout is None:
+        layout = parse_layout(value, name)
+    assert isinstance(value, dict)
     chunks = value.get("chunks")
     _require(isinstance(chunks, str), "chunks must be a base64 string")
     try:
         digests = base64.b64decode(chunks, validate=True)  # type: ignore[arg-type]
     except (binascii.Error, ValueError):
         raise ValueError("chunks is not valid base64") from None
-    dims = value.get("dims")
-    if dims is not None:
-        dims = check_dims(name, len(shape), dims)
-    entry = ArrayEntry(name, tuple(shape), dtype, order, split_axis, rows, digests,  # type: ignore[arg-type]
-                         dims)
-    layout = entry.layout
-    _require(len(digests) == layout.n_chunks * DIGEST_BYTES,
+    entry = ArrayEntry(name, layout.shape, layout.dtype, layout.order, layout.split_axis,
+                       layout.rows_per_chunk, digests, layout.dims)
+    _require(not check_table or len(digests) == layout.n_chunks * DIGEST_BYTES,
              f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "
              f"{layout.n_chunks}")
     return entry
 
 
-def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
-    """Validate and parse a manifest file's bytes.
+class TableSource(Protocol):
+    """Where a format-2 manifest's table objects are read (``tables.TableReader``)."""
+
+    def chunks(self, name: str, value: object, used: set[bytes]) -> bytes: ...
+
+    def read(self, tables: object) -> tuple[dict[str, ArrayEntry], frozenset[bytes]]: ...
+
+
+def parse_manifest(data: bytes, expected_seq: int | None = None,
+                   tables: TableSource | None = None) -> Manifest:
+    """Validate and parse a manifest file's bytes; `tables` reads the table objects a
+    format-2 manifest refers to (each checked against its digest).
 
     Raises FormatVersionError for a newer format, CorruptSnapshotError for anything else wrong.
     """
@@ -327,7 +386,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
             f"version {MANIFEST_VERSION} and older; upgrade arraysnap"
         )
     try:
-        _require(version == MANIFEST_VERSION, f"unknown manifest version {version!r}")
+        _require(version in (1, MANIFEST_VERSION), f"unknown manifest version {version!r}")
         checksum = body.pop("checksum", None)
         _require(isinstance(checksum, str), "checksum missing")
         try:
@@ -346,7 +405,11 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
         time = float(time)  # OverflowError for a huge int: caught below
         arrays_json = body.get("arrays")
         _require(isinstance(arrays_json, dict), "arrays must be an object")
-        arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
+        used: set[bytes] = set()
+        if version == 1:
+            arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
+        else:
+            arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, used)
         state = body.get("state")
         _require(state is None or isinstance(state, dict), "state must be an object or null")
         codec = body.get("codec")
@@ -359,4 +422,26 @@ def parse_manifest(data: bytes, expected_seq: int | None = None) -> Manifest:
     except (ValueError, OverflowError) as err:
         raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
-                    stats, provenance, journal)
+                    stats, provenance, journal, frozenset(used))
+
+
+def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
+                     tables: TableSource | None, used: set[bytes]) -> dict[str, ArrayEntry]:
+    needs_tables = tables_json is not None or any(
+        isinstance(value, dict) and not isinstance(value.get("chunks"), str)
+        for value in arrays_json.values())
+    if needs_tables and tables is None:
+        raise ValueError("the manifest refers to table objects, and none can be read here")
+    arrays = {}
+    for name, value in arrays_json.items():
+        if isinstance(value, dict) and not isinstance(value.get("chunks"), str):
+            assert tables is not None
+            digests = tables.chunks(name, value.get("chunks"), used)
+            value = {**value, "chunks": base64.b64encode(digests).decode("ascii")}
+        arrays[name] = parse_array_entry(name, value)
+    if tables_json is not None:
+        _require(not arrays, "a manifest lists its arrays or refers to tables, not both")
+        assert tables is not None
+        arrays, table_digests = tables.read(tables_json)
+        used |= table_digests
+    return arrays

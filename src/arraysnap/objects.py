@@ -24,34 +24,39 @@ DIGEST_BYTES = 32
 PREFIX = "chunks/"
 
 
-def object_key(digest: bytes) -> str:
+def object_key(digest: bytes, prefix: str = PREFIX) -> str:
     """The storage key of the object with `digest`.
 
     >>> object_key(bytes(32))[:10]
     'chunks/00/'
     """
     hexdigest = digest.hex()
-    return f"{PREFIX}{hexdigest[:2]}/{hexdigest[2:]}"
+    return f"{prefix}{hexdigest[:2]}/{hexdigest[2:]}"
 
 
 class ChunkObjects:
-    """Put, get, test and delete encoded chunk objects in a storage."""
+    """Put, get, test and delete encoded chunk objects in a storage; with another `prefix`,
+    any content-addressed objects (the table objects of format 2, under ``tables/``)."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, prefix: str = PREFIX) -> None:
         self.storage = storage
+        self.prefix = prefix
         self._lock = threading.Lock()
         self._reused: set[str] = set()
 
+    def key(self, digest: bytes) -> str:
+        return object_key(digest, self.prefix)
+
     def has(self, digest: bytes) -> bool:
-        return self.storage.exists(object_key(digest))
+        return self.storage.exists(self.key(digest))
 
     def size(self, digest: bytes) -> int:
         """The stored (encoded) size; FileNotFoundError when absent."""
-        return self.storage.size(object_key(digest))
+        return self.storage.size(self.key(digest))
 
     def put(self, digest: bytes, data: bytes | memoryview) -> int:
         """Store `data` under `digest` unless present; return the bytes written."""
-        if not self.storage.put_if_absent(object_key(digest), data):
+        if not self.storage.put_if_absent(self.key(digest), data):
             return 0
         return len(memoryview(data).cast("B"))
 
@@ -62,7 +67,7 @@ class ChunkObjects:
         next sync() makes it durable before a manifest names it.
         """
         with self._lock:
-            self._reused.add(object_key(digest))
+            self._reused.add(self.key(digest))
 
     def sync(self) -> None:
         """Make every object written or reused since the last sync durable."""
@@ -78,14 +83,14 @@ class ChunkObjects:
     def get(self, digest: bytes, limit: int = DEFAULT_GET_LIMIT) -> bytes:
         """The stored bytes; FileNotFoundError when absent, OSError when not a plain object
         or larger than `limit` (never blocks on a FIFO, never reads a device without end)."""
-        return self.storage.get(object_key(digest), limit=limit)
+        return self.storage.get(self.key(digest), limit=limit)
 
     def delete(self, digest: bytes) -> None:
-        self.storage.delete(object_key(digest))
+        self.storage.delete(self.key(digest))
 
     def digests(self) -> Iterator[bytes]:
         """Every stored object's digest (keys of any other shape are skipped)."""
-        for key in self.storage.list_prefix(PREFIX):
+        for key in self.storage.list_prefix(self.prefix):
             parts = key.split("/")
             if len(parts) == 3 and len(parts[1]) == 2:
                 name = parts[1] + parts[2]

@@ -54,6 +54,7 @@ from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
 from .results import CaptureInfo, CaptureStat
 from .storage import Storage
+from .tables import TableWriter
 from .threads import lower_thread_priority, start_workers
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "POOL_WORKERS", "ArrayDelta",
@@ -231,8 +232,13 @@ class Persister:
     def __init__(self, objects: ChunkObjects, codec: CodecSpec, pool: ThreadPoolExecutor,
                  listener: Listener, pins: Pins, committed: Mapping[str, ArrayEntry],
                  parent: int | None, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
-                 retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS) -> None:
+                 retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+                 tables: ChunkObjects | None = None) -> None:
         self.objects = objects
+        # Format 2: the manifests' tables go to table objects (None: format 1, whole tables).
+        self.tables = tables
+        self._table_writer = None if tables is None else TableWriter(self._put_table)
+        self._table_job: PersistJob | None = None
         self.codec = codec
         self.pool = pool
         self.listener = listener
@@ -394,6 +400,12 @@ class Persister:
         # digest of other bytes.
         wait_for(f for group in futures for f in group)
         for (delta, indices, digests), group in zip(work, futures, strict=True):
+            previous = self._tables.get(delta.name)
+            if (not len(indices) and previous is not None and previous.dims == delta.dims
+                    and previous.layout == delta.layout):
+                # Unchanged: the same entry, so that what was built of it is reused.
+                job.entries[delta.name] = previous
+                continue
             for index, future in zip(indices, group, strict=True):
                 digest = future.result()
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
@@ -510,17 +522,35 @@ class Persister:
             # From the start of capture() to the manifest write, which cannot time itself.
             "durable_seconds": time.perf_counter() - job.started,
         }
+        built = None
+        if self._table_writer is not None and self.tables is not None:
+            self._table_job = job
+            built = self.retrying(lambda: self._table_writer.build(job.entries), job)  # type: ignore[union-attr]
+            self.retrying(self.tables.sync, job)
         manifest = Manifest(job.seq, job.step, job.wall_time, self._parent, self.codec.to_json(),
                             job.entries, job.state, job.rng, stats, job.provenance,
-                            replay_position=job.replay_position)
-        data = manifest.to_json()
+                            replay_position=job.replay_position,
+                            table_digests=frozenset() if built is None else built.digests)
+        data = manifest.to_json(built)
         self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)
+        if built is not None:
+            self._table_writer.committed(built)  # type: ignore[union-attr]
         now = time.perf_counter()
         stat = dataclasses.replace(self._stat(job, "committed", None),
                                    bytes_written=written + len(data),
                                    commit_seconds=now - write_done,
                                    durable_seconds=now - job.started)
         return manifest, len(data), stat
+
+    def _put_table(self, digest: bytes, data: bytes) -> None:
+        """Write one table object for the job being committed, pinned until it commits."""
+        job = self._table_job
+        assert job is not None and self.tables is not None
+        self.pins.pin((digest,))
+        with self._lock:
+            job.pinned.append(digest)
+        if not self.tables.put(digest, data):
+            self.tables.reuse(digest)  # present: maybe from a capture that never committed
 
     def _stat(self, job: PersistJob, status: str, error: str | None) -> CaptureStat:
         return CaptureStat(

@@ -55,6 +55,7 @@ from ._store.opening import (
     not_a_store,
     read_settings,
     recover_baselines,
+    upgrade_settings,
 )
 from ._store.restore import Restorer
 from ._store.signals import Cadence, parse_signals
@@ -90,12 +91,13 @@ from .results import (
 from .retention import Retention
 from .rngstate import check_rng, rng_to_json
 from .storage import LocalStorage, Storage, WriterLock
+from .tables import PREFIX as TABLES_PREFIX
 from .threads import lower_thread_priority
 from .tracking import Tracking, check_track_writes
 from .zarr_view import SnapshotZarrStore, export_snapshot
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SNAPSHOT_SPEC_HELP", "ArraysnapWarning", "Store",
-           "open"]
+           "open", "upgrade"]
 
 log = logging.getLogger("arraysnap")
 
@@ -160,6 +162,33 @@ def open(  # noqa: A001 - the public name the API promises
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
                  buffer_bytes=buffer_bytes, track_writes=track_writes,
                  baseline_ops=_baseline_ops, retry_delays=_retry_delays)
+
+
+def upgrade(path: str | os.PathLike[str] | Storage) -> int:
+    """Make the store at `path` a store of this arraysnap's format (``FORMAT_VERSION``);
+    return the format version it had.
+
+    A writer continues an older store in its own format, so that older releases of
+    arraysnap can still read it; after ``upgrade`` writers write the current format (for
+    format 2: table objects, whose costs follow what changed). Nothing already written
+    changes, and releases that read only the older format refuse the store from then on
+    (``FormatVersionError``). Takes the writer's lock: ``StoreLockedError`` while a job
+    writes the store.
+
+    >>> import arraysnap, tempfile
+    >>> path = tempfile.mkdtemp() + "/run.snap"
+    >>> arraysnap.open(path).close()
+    >>> arraysnap.upgrade(path) == arraysnap.FORMAT_VERSION   # already current: unchanged
+    True
+    """
+    storage = path if isinstance(path, Storage) else LocalStorage(path)
+    if read_settings(storage, codec=None) is None:
+        raise not_a_store(Path(storage.describe()))
+    lock = storage.lock_writer(f"pid {os.getpid()} on {socket.gethostname()} (upgrade)")
+    try:
+        return upgrade_settings(storage)
+    finally:
+        lock.release()
 
 
 class _Events(Listener):
@@ -243,8 +272,10 @@ class Store:
             settings = create_store(storage, parse_codec(codec or "zstd"))
         self.codec: CodecSpec = settings.codec
         self.chunk_bytes: int = chunk_bytes or settings.chunk_bytes
+        self.format_version: int = settings.version
         self._catalog = Catalog(storage)
         self._objects = ChunkObjects(storage)
+        self._tables = ChunkObjects(storage, TABLES_PREFIX)
         self._history = History(storage)
         self._baselines = Baselines(path, baseline_ops)
         self._pool = ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="arraysnap",
@@ -273,7 +304,8 @@ class Store:
             raise
         self._maintenance = Maintenance(self._catalog, self._objects, self.codec,
                                         self._baselines, pins=pins,
-                                        replay_log=self._replay_log, retention=retention)
+                                        replay_log=self._replay_log, retention=retention,
+                                        tables=self._tables)
         self._restorer = Restorer(self._catalog, self._objects, self.codec, self._baselines,
                                   self._pool, self._capturer, self._reading_replay_log,
                                   path / "tmp" if mode == "a" else None)
@@ -294,7 +326,8 @@ class Store:
                                   (seqs[-1] + 1) if seqs else 1)
         self._persister = Persister(self._objects, self.codec, self._pool, _Events(self), pins,
                                     recovered.tables, head.seq if head else None,
-                                    buffer_bytes=buffer_bytes, retry_delays=retry_delays)
+                                    buffer_bytes=buffer_bytes, retry_delays=retry_delays,
+                                    tables=self._tables if self.format_version >= 2 else None)
 
     @property
     def retention(self) -> Retention:

@@ -27,6 +27,7 @@ from ..manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from ..pipeline import manifest_key
 from ..results import SnapshotInfo
 from ..storage import Storage
+from ..tables import MAX_NODE_BYTES, TableReader, table_key
 
 __all__ = ["SNAPSHOT_SPEC_HELP", "Catalog"]
 
@@ -52,6 +53,16 @@ class Catalog:
         self.storage = storage
         self._lock = threading.Lock()
         self._cache: dict[int, tuple[Manifest, int]] = {}
+        self.tables = TableReader(self._table_object)
+
+    def _table_object(self, digest: bytes) -> bytes:
+        try:
+            return self.storage.get(table_key(digest), limit=MAX_NODE_BYTES)
+        except FileNotFoundError:
+            raise ValueError(f"table object {digest.hex()[:16]} is missing") from None
+        except OSError as err:
+            raise ValueError(f"table object {digest.hex()[:16]} cannot be read: {err}") \
+                from None
 
     @property
     def where(self) -> str:
@@ -84,7 +95,9 @@ class Catalog:
         except OSError as err:
             raise CorruptSnapshotError(f"snapshot {seq}: manifest cannot be read: {err}") \
                 from None
-        manifest = parse_manifest(data, expected_seq=seq)
+        # From disk means every table object too: verify() must see a damaged one.
+        tables = TableReader(self._table_object) if from_disk else self.tables
+        manifest = parse_manifest(data, expected_seq=seq, tables=tables)
         with self._lock:
             self._cache[seq] = (manifest, len(data))
         return manifest, len(data)

@@ -97,9 +97,11 @@ class Maintenance:
     def __init__(self, catalog: Catalog, objects: ChunkObjects, codec: CodecSpec,
                  baselines: Baselines, *, pins: Pins | None = None,
                  replay_log: ReplayLog | None = None,
-                 retention: Retention | None = None) -> None:
+                 retention: Retention | None = None,
+                 tables: ChunkObjects | None = None) -> None:
         self.catalog = catalog
         self.objects = objects
+        self.tables = tables  # the table objects (format 2), deleted with what uses them
         self.codec = codec
         self.baselines = baselines
         self.pins = pins
@@ -235,6 +237,10 @@ class Maintenance:
         # The manifests are gone for good before any object they used goes.
         storage.barrier()
         removed, freed = self._delete_objects(dropped - used)
+        self._delete_tables(
+            set().union(*(manifests[seq][0].table_digests for seq in gone))
+            - set().union(*(m.table_digests for seq, (m, _) in manifests.items()
+                            if seq not in gone)))
         positions = [m.replay_position for seq, (m, _) in manifests.items() if seq not in gone]
         if self.replay_log is not None and positions and None not in positions:
             self.replay_log.trim(min(p for p in positions if p is not None))
@@ -245,11 +251,28 @@ class Maintenance:
     def gc(self) -> PruneReport:
         """Delete the chunk objects no snapshot uses (left by prune or a killed writer)."""
         used: set[bytes] = set()
+        tables: set[bytes] = set()
         for manifest, _ in self._all_manifests("gc").values():
             used.update(manifest.chunk_digests())
+            tables |= manifest.table_digests
         unused = [d for d in self.objects.digests() if d not in used]
         removed, freed = self._delete_objects(unused)
+        if self.tables is not None:
+            self._delete_tables({d for d in self.tables.digests() if d not in tables})
         return PruneReport((), removed, freed)
+
+    def _delete_tables(self, digests: set[bytes]) -> None:
+        """Delete table objects no kept snapshot uses (unless a commit under way does)."""
+        if self.tables is None:
+            return
+        for digest in digests:
+            try:
+                if self.pins is not None:
+                    self.pins.delete_unless_pinned(digest, self.tables.delete)
+                else:
+                    self.tables.delete(digest)
+            except FileNotFoundError:
+                continue
 
     def free_space(self) -> int:
         """The disk is full (an object writer's ENOSPC): apply the retention policy, then

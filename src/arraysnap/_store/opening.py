@@ -29,12 +29,13 @@ from ..objects import ChunkObjects
 from ..storage import Storage
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "FORMAT_NAME", "FORMAT_VERSION", "SETTINGS_KEY", "Recovered",
-           "Settings", "create_store", "not_a_store", "read_settings", "recover_baselines"]
+           "Settings", "create_store", "not_a_store", "read_settings", "recover_baselines",
+           "upgrade_settings"]
 
 log = logging.getLogger("arraysnap")
 
 FORMAT_NAME = "arraysnap"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: table objects (see arraysnap.tables); 1: whole tables in manifests
 DEFAULT_CHUNK_BYTES = 1 << 20
 SETTINGS_KEY = "arraysnap.json"
 _MAX_SETTINGS_BYTES = 1 << 20
@@ -42,10 +43,12 @@ _MAX_SETTINGS_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """What a store fixes at creation: its codec and default chunk size."""
+    """What a store fixes at creation: its codec and default chunk size; and its format
+    version (a writer writes what that version holds; ``upgrade_store`` raises it)."""
 
     codec: CodecSpec
     chunk_bytes: int
+    version: int = FORMAT_VERSION
 
 
 def read_settings(storage: Storage, codec: str | None) -> Settings | None:
@@ -86,7 +89,7 @@ def read_settings(storage: Storage, codec: str | None) -> Settings | None:
             f"{stored_codec.name}:{stored_codec.level}; open it without codec= (or with that "
             f"codec), or start a new store for {codec!r}"
         )
-    return Settings(stored_codec, chunk_bytes)
+    return Settings(stored_codec, chunk_bytes, version)
 
 
 def not_a_store(path: Path) -> FileNotFoundError:
@@ -111,6 +114,20 @@ def create_store(storage: Storage, codec: CodecSpec) -> Settings:
     storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
     storage.barrier()  # the store's own name, in the folder that holds it
     return Settings(codec, DEFAULT_CHUNK_BYTES)
+
+
+def upgrade_settings(storage: Storage) -> int:
+    """Record the current format version in the store's settings (the caller holds the
+    writer's lock); return the version it had. Nothing else is rewritten: every version
+    this arraysnap writes reads the older manifests of the store too."""
+    settings = json.loads(storage.get(SETTINGS_KEY, limit=_MAX_SETTINGS_BYTES))
+    old = settings["version"]
+    if old < FORMAT_VERSION:
+        settings.update(version=FORMAT_VERSION, upgraded=time.time(),
+                        upgraded_by=f"arraysnap {__version__}")
+        storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
+        storage.barrier()
+    return old  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
