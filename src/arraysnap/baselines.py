@@ -331,7 +331,7 @@ class Baselines:
             return set()
         legacy = marker is not None and marker.get("version") != MARKER_VERSION
         adopted: set[str] = set()
-        claimed: dict[str, list[tuple[int, int]]] = {}
+        claimed: dict[str, list[tuple[int, int, str]]] = {}
         for name, layout in layouts.items():
             if name not in extents:
                 continue
@@ -347,19 +347,20 @@ class Baselines:
             if file is None or offset % align_of(layout.nbytes) or (
                     offset + layout.nbytes > file.size):
                 continue
-            stop = offset + _round_up(layout.nbytes, SMALL_ALIGN)
-            spans = claimed.setdefault(file.name, [])
-            if any(offset < b and a < stop for a, b in spans):
-                continue  # two arrays in the same bytes: a damaged table; rebuild this one
-            spans.append((offset, stop))
-            file.users += 1
-            self._extents[name] = _Extent(layout, file, offset)
-            adopted.add(name)
+            claimed.setdefault(file.name, []).append(
+                (offset, offset + _round_up(layout.nbytes, SMALL_ALIGN), name))
         for file in list(self._files.values()):
+            used = []
+            for start, stop, name in sorted(claimed.get(file.name, [])):
+                if used and start < used[-1][1]:
+                    continue  # two arrays in the same bytes: a damaged table; rebuild it
+                used.append((start, stop))
+                file.users += 1
+                self._extents[name] = _Extent(layouts[name], file, start)
+                adopted.add(name)
             # Bytes no adopted array uses may still be in maps an earlier store handed out:
             # holes, written only once no map of the file is held anywhere.
             file.end = file.size
-            used = sorted(claimed.get(file.name, []))
             edges = [0, *(x for span in used for x in span), file.end]
             file.holes = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)
                           if edges[i + 1] > edges[i]]

@@ -73,11 +73,16 @@ def read_extents(directory: Path, marker: dict[str, Any], *,
             or not isinstance(table.get("extents"), dict)):
         return None
     extents = {}
+    checked: dict[object, bool] = {None: True}  # thousands of arrays share a few files
     for name, value in table["extents"].items():
-        if (isinstance(name, str) and isinstance(value, list) and len(value) == 2
-                and (value[0] is None or safe_filename(value[0])) and type(value[1]) is int
-                and value[1] >= 0):
-            extents[name] = (value[0], value[1])
+        if not (isinstance(value, list) and len(value) == 2):
+            continue
+        file, offset = value
+        safe = checked.get(file) if isinstance(file, str) or file is None else False
+        if safe is None:
+            safe = checked[file] = safe_filename(file)
+        if safe and isinstance(name, str) and type(offset) is int and offset >= 0:
+            extents[name] = (file, offset)
     return extents
 
 

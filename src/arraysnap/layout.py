@@ -12,7 +12,7 @@ than the target is the split moved to a later axis, so chunks stay close to the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -45,43 +45,35 @@ class ChunkLayout:
     order: Order
     split_axis: int
     rows_per_chunk: int
+    # Derived once: a pause over thousands of arrays asks for them many times.
+    nbytes: int = field(init=False, repr=False, compare=False)
+    inner_bytes: int = field(init=False, repr=False, compare=False)
+    segment_bytes: int = field(init=False, repr=False, compare=False)
+    chunk_bytes: int = field(init=False, repr=False, compare=False)
+    chunks_per_segment: int = field(init=False, repr=False, compare=False)
+    n_chunks: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        itemsize = self.dtype.itemsize
+        memory_shape = self.memory_shape
+        nbytes = math.prod(self.shape) * itemsize
+        inner = math.prod(memory_shape[self.split_axis + 1 :]) * itemsize
+        if not self.shape:
+            segment = chunk = itemsize
+            per_segment = 1
+        else:
+            segment = memory_shape[self.split_axis] * inner
+            chunk = self.rows_per_chunk * inner
+            per_segment = -(-memory_shape[self.split_axis] // self.rows_per_chunk)
+        n_chunks = 0 if nbytes == 0 else math.prod(memory_shape[: self.split_axis]) * per_segment
+        for name, value in (("nbytes", nbytes), ("inner_bytes", inner),
+                            ("segment_bytes", segment), ("chunk_bytes", chunk),
+                            ("chunks_per_segment", per_segment), ("n_chunks", n_chunks)):
+            object.__setattr__(self, name, value)
 
     @property
     def memory_shape(self) -> tuple[int, ...]:
         return self.shape if self.order == "C" else self.shape[::-1]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-    @property
-    def inner_bytes(self) -> int:
-        return math.prod(self.memory_shape[self.split_axis + 1 :]) * self.dtype.itemsize
-
-    @property
-    def segment_bytes(self) -> int:
-        if not self.shape:
-            return self.dtype.itemsize
-        return self.memory_shape[self.split_axis] * self.inner_bytes
-
-    @property
-    def chunk_bytes(self) -> int:
-        """Bytes of a full chunk (the ragged edge of a segment may be shorter)."""
-        if not self.shape:
-            return self.dtype.itemsize
-        return self.rows_per_chunk * self.inner_bytes
-
-    @property
-    def chunks_per_segment(self) -> int:
-        if not self.shape:
-            return 1
-        return -(-self.memory_shape[self.split_axis] // self.rows_per_chunk)
-
-    @property
-    def n_chunks(self) -> int:
-        if self.nbytes == 0:
-            return 0
-        return math.prod(self.memory_shape[: self.split_axis]) * self.chunks_per_segment
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:

@@ -41,6 +41,7 @@ __all__ = [
     "check_dims",
     "dtype_from_json",
     "dtype_to_json",
+    "entry_of",
     "layout_to_json",
     "parse_array_entry",
     "parse_layout",
@@ -80,7 +81,8 @@ def check_array_name(name: object) -> str:
                          "under that name; choose another")
     if name.startswith("__"):
         raise ValueError(f"array name {name!r} is reserved by zarr (names starting with '__')")
-    if any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") for char in name):
+    if not (name.isascii() and name.isprintable()) and any(  # printable ASCII: none of them
+            unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") for char in name):
         raise ValueError(f"array name {name!r} contains control or unassigned characters")
     if len(name.encode("utf-8")) > 255:
         raise ValueError(f"array name {name[:20]!r}... is longer than 255 bytes")
@@ -151,6 +153,22 @@ def dtype_from_json(value: Any) -> np.dtype:
     return dtype
 
 
+_LAYOUTS: dict[tuple[Any, ...], ChunkLayout] = {}
+
+
+def _layout(shape: tuple[int, ...], dtype: np.dtype, order: Order, split_axis: int,
+            rows: int) -> ChunkLayout:
+    """The layout of these fields, shared by the entries that have the same: a table of
+    thousands of arrays has a few distinct layouts."""
+    key = (shape, dtype, order, split_axis, rows)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = ChunkLayout(shape, dtype, order, split_axis, rows)
+    return layout
+
+
 @dataclass(frozen=True, slots=True)
 class ArrayEntry:
     """One array of a snapshot: its layout and the digest of each chunk.
@@ -167,11 +185,11 @@ class ArrayEntry:
     rows_per_chunk: int
     digests: bytes
     dims: tuple[str, ...] | None = None
+    layout: ChunkLayout = field(init=False, repr=False, compare=False)
 
-    @property
-    def layout(self) -> ChunkLayout:
-        return ChunkLayout(self.shape, self.dtype, self.order, self.split_axis,
-                           self.rows_per_chunk)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", _layout(self.shape, self.dtype, self.order,
+                                                   self.split_axis, self.rows_per_chunk))
 
     @property
     def n_chunks(self) -> int:
@@ -345,12 +363,18 @@ def parse_array_entry(name: str, value: object, *, layout: ParsedLayout | None =
         digests = base64.b64decode(chunks, validate=True)  # type: ignore[arg-type]
     except (binascii.Error, ValueError):
         raise ValueError("chunks is not valid base64") from None
-    entry = ArrayEntry(name, layout.shape, layout.dtype, layout.order, layout.split_axis,
-                       layout.rows_per_chunk, digests, layout.dims)
+    return entry_of(name, layout, digests, check_table=check_table)
+
+
+def entry_of(name: str, layout: ParsedLayout, digests: bytes, *,
+             check_table: bool = True) -> ArrayEntry:
+    """The entry of array `name` (already checked) with `layout` and chunk `digests`;
+    ValueError unless there is one digest per chunk."""
     _require(not check_table or len(digests) == layout.n_chunks * DIGEST_BYTES,
              f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "
              f"{layout.n_chunks}")
-    return entry
+    return ArrayEntry(name, layout.shape, layout.dtype, layout.order, layout.split_axis,
+                      layout.rows_per_chunk, digests, layout.dims)
 
 
 class TableSource(Protocol):

@@ -7,6 +7,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .layout import ChunkLayout
 from .manifest import Manifest
 
 __all__ = ["ArrayInfo", "CaptureInfo", "CaptureStat", "CaptureStats", "Problem", "PruneReport",
@@ -41,6 +43,14 @@ class ArrayInfo:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@functools.lru_cache(maxsize=4096)
+def _array_info(layout: ChunkLayout, dims: tuple[str, ...] | None) -> ArrayInfo:
+    """One ArrayInfo per distinct layout: thousands of arrays share a few."""
+    return ArrayInfo(layout.shape, layout.dtype, layout.order, layout.n_chunks,
+                     layout.chunk_shape if layout.order == "C" else layout.chunk_shape[::-1],
+                     dims)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +102,8 @@ class SnapshotInfo:
             except (OverflowError, ValueError):  # a huge int
                 return kind(0)
 
-        arrays = {
-            name: ArrayInfo(entry.shape, entry.dtype, entry.order, entry.n_chunks,
-                            entry.layout.chunk_shape if entry.order == "C"
-                            else entry.layout.chunk_shape[::-1], entry.dims)
-            for name, entry in manifest.arrays.items()
-        }
+        arrays = {name: _array_info(entry.layout, entry.dims)
+                  for name, entry in manifest.arrays.items()}
         return cls(
             seq=manifest.seq, step=manifest.step, time=manifest.time, arrays=arrays,
             pause_seconds=number("pause_seconds", float),

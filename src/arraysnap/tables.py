@@ -44,7 +44,7 @@ from typing import Any
 
 import blake3
 
-from .manifest import ArrayEntry, layout_to_json, parse_array_entry, parse_layout
+from .manifest import ArrayEntry, check_array_name, entry_of, layout_to_json, parse_layout
 from .objects import DIGEST_BYTES
 
 __all__ = ["BLOCK_CHUNKS", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS", "PREFIX", "Built",
@@ -377,13 +377,15 @@ class TableReader:
                     or not 0 <= row[1] < len(parsed)):
                 raise ValueError("a leaf row must be [name, layout, chunks]")
             name, index, chunks = row
+            check_array_name(name)
             if isinstance(chunks, str):
-                result.append(parse_array_entry(name, {**layouts[index], "chunks": chunks},
-                                                layout=parsed[index]))
+                try:
+                    digests = base64.b64decode(chunks, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ValueError(f"array {name!r}: chunks is not valid base64") from None
+                result.append(entry_of(name, parsed[index], digests))
             else:  # blocks: fetched when the entry is used, checked then
-                partial = parse_array_entry(name, {**layouts[index], "chunks": ""},
-                                            layout=parsed[index], check_table=False)
-                result.append((partial, chunks))
+                result.append((entry_of(name, parsed[index], b"", check_table=False), chunks))
         return result
 
 

@@ -53,6 +53,8 @@ class Catalog:
         self.storage = storage
         self._lock = threading.Lock()
         self._cache: dict[int, tuple[Manifest, int]] = {}
+        # SnapshotInfo of a cached manifest (thousands of arrays: worth keeping).
+        self._infos: dict[int, tuple[Manifest, SnapshotInfo]] = {}
         self.tables = TableReader(self._table_object)
 
     def _table_object(self, digest: bytes) -> bytes:
@@ -111,9 +113,18 @@ class Catalog:
         """Snapshot `seq` was removed."""
         with self._lock:
             self._cache.pop(seq, None)
+            self._infos.pop(seq, None)
 
     def info(self, seq: int) -> SnapshotInfo:
-        return SnapshotInfo.from_manifest(*self.load(seq))
+        loaded = self.load(seq)
+        with self._lock:
+            cached = self._infos.get(seq)
+        if cached is not None and cached[0] is loaded[0]:
+            return cached[1]
+        info = SnapshotInfo.from_manifest(*loaded)
+        with self._lock:
+            self._infos[seq] = (loaded[0], info)
+        return info
 
     def newest_valid(self) -> Manifest | None:
         """The newest manifest that parses (a damaged one is logged and passed over)."""

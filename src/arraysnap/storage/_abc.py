@@ -55,10 +55,9 @@ def parse_key(key: object) -> str:
     ...
     ValueError: bad storage key '../etc/passwd': no part may be empty, '.' or '..', ...
     """
-    if isinstance(key, str) and key:
+    if isinstance(key, str) and key and not _BAD_CHARACTER.search(key):
         parts = key.split("/")
-        if all(part and part not in (".", "..") and not _BAD_CHARACTER.search(part)
-               for part in parts):
+        if "" not in parts and "." not in parts and ".." not in parts:
             return key
     raise ValueError(f"bad storage key {key!r}: no part may be empty, '.' or '..', or hold "
                      "'\\\\' or a control character")
