@@ -74,6 +74,17 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a capture writes an array: `buffer`, the flat bytes; `fresh`, a new extent
+    (every chunk counts as changed); `held`, maps handed out in this process may show
+    these bytes: call ``Baselines.preserve`` with the chunks about to change first."""
+
+    buffer: np.ndarray
+    fresh: bool
+    held: bool
+
+
 @dataclass(eq=False, slots=True)
 class _File:
     """One baseline file and the writer's shared map of it."""
@@ -103,23 +114,13 @@ class _Extent:
     layout: ChunkLayout
     file: _File | None  # None for an empty array
     offset: int
+    buffer: np.ndarray = field(init=False)  # the array's bytes in the file's map
+    in_place: Target = field(init=False)  # the target of a capture that updates in place
 
-    @property
-    def buffer(self) -> np.ndarray:
-        if self.file is None:
-            return np.zeros(0, dtype=np.uint8)
-        return self.file.buffer[self.offset : self.offset + self.layout.nbytes]
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where a capture writes an array: `buffer`, the flat bytes; `fresh`, a new extent
-    (every chunk counts as changed); `held`, maps handed out in this process may show
-    these bytes: call ``Baselines.preserve`` with the chunks about to change first."""
-
-    buffer: np.ndarray
-    fresh: bool
-    held: bool
+    def __post_init__(self) -> None:
+        self.buffer = (np.zeros(0, dtype=np.uint8) if self.file is None else
+                       self.file.buffer[self.offset : self.offset + self.layout.nbytes])
+        self.in_place = Target(self.buffer, False, False)
 
 
 class Baselines:
@@ -445,24 +446,25 @@ class Baselines:
         map's other arrays intact too.
         """
         del live  # every handed-out map, the live one included, is preserved alike
-        self.mark_dirty()
+        if not self._marked_dirty:
+            self.mark_dirty()
         extent = self._extents.get(name)
-        if extent is None or extent.layout != layout:
+        if extent is None or (extent.layout is not layout and extent.layout != layout):
             self._set(name, self._place(layout))
             return Target(self._extents[name].buffer, True, False)
         file = extent.file
         if file is None:
-            return Target(extent.buffer, False, False)
+            return extent.in_place
         if not file.exclusive:
             file.exclusive = self._locks().try_lock(lock_byte(file.name), exclusive=True)
-        held = bool(file.live_maps())
+        held = bool(file.handed_out) and bool(file.live_maps())
         if not file.exclusive or (held and not preserving_supported()):
             # Someone may hold a map of this file: continue elsewhere, leave it to them.
             moved = self._place(layout, avoid=file)
             np.copyto(moved.buffer, extent.buffer)
             self._set(name, moved)
-            return Target(moved.buffer, False, False)
-        return Target(extent.buffer, False, held)
+            return moved.in_place
+        return Target(extent.buffer, False, True) if held else extent.in_place
 
     def preserve(self, name: str, indices: np.ndarray) -> None:
         """Before chunks `indices` of `name` are updated in place: maps handed out in this

@@ -27,6 +27,12 @@ __all__ = ["PARALLEL_BYTES", "as_bytes", "scan_and_copy"]
 
 # Below this much to compare, a second thread costs more than it saves.
 PARALLEL_BYTES = 16 << 20
+_ONE = np.ones(1, dtype=np.uint8)
+_ONE.flags.writeable = False
+_FIRST = np.zeros(1, dtype=np.intp)
+_FIRST.flags.writeable = False
+_NONE = np.zeros(0, dtype=np.intp)
+_NONE.flags.writeable = False
 
 
 def as_bytes(array: np.ndarray) -> np.ndarray:
@@ -68,6 +74,17 @@ def scan_and_copy(
     ``arraysnap.tracking``); without it every chunk is compared. With ``copy=False`` the
     chunks are only compared: `baseline` is left as it was (it may be read-only then).
     """
+    if (changed is None and candidates is None and layout.n_chunks == 1 and copy
+            and live.flags.c_contiguous and live.shape == layout.shape
+            and live.dtype == layout.dtype and baseline.size == layout.nbytes
+            and baseline.dtype == np.uint8 and baseline.flags.writeable):
+        # One chunk, C-contiguous, every argument as the kernel needs it: the common case of
+        # a store of many small arrays, where the checks below would cost more than the
+        # comparison.
+        flag = np.zeros(1, dtype=np.uint8)
+        _kernel(live.reshape(-1).view(np.uint8), baseline, layout.nbytes, layout.nbytes,
+                _ONE, flag, True)
+        return _FIRST if flag[0] else _NONE
     if live.shape != layout.shape or live.dtype != layout.dtype:
         raise ValueError(
             f"live array {live.shape} {live.dtype} does not match the layout "

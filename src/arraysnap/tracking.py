@@ -265,6 +265,8 @@ class Tracking:
         Must run before the comparison: it protects the pages again, so writes from here on
         count for the next capture.
         """
+        if live.nbytes < MIN_TRACKED_BYTES and name not in self._watches:
+            return None, None  # never watched (a pause over thousands of small arrays)
         tracker = self._get_tracker()
         if tracker is None:
             return None, None
@@ -325,8 +327,10 @@ class Tracking:
         Safe whatever happens: an unprotected page is reported written by the next scan.
         """
         watch = self._watches.get(name)
+        if watch is None or not len(changed):
+            return
         tracker = self._usable_tracker()
-        if watch is None or tracker is None or not len(changed):
+        if tracker is None:
             return
         try:
             for first, last in _index_runs(np.asarray(changed, dtype=np.int64)):

@@ -54,7 +54,9 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Pr
                         f"{type(arrays).__name__}")
     prepared = []
     for name, array in arrays.items():
-        check_array_name(name)
+        layout = baselines.layout_of(name) if type(name) is str else None
+        if layout is None:  # a name with a baseline was checked when it was first captured
+            check_array_name(name)
         if not isinstance(array, np.ndarray):
             raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy array; "
                             "pass np.asarray(value)")
@@ -63,7 +65,6 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Pr
             raise TypeError(f"array {name!r} has dtype {array.dtype}, which holds Python "
                             "objects; arraysnap stores raw bytes only (use a fixed-size dtype)")
         order = memory_order(array)
-        layout = baselines.layout_of(name)
         # Keep the array's existing chunking when it is unchanged, so that a new chunk_bytes
         # does not force a whole re-capture.
         if (layout is None or layout.shape != array.shape or layout.dtype != array.dtype
@@ -262,23 +263,25 @@ class Capturer:
             for name, live, layout in prepared:
                 target = self.baselines.baseline(name, layout, live)
                 baseline, fresh = target.buffer, target.fresh
-                flags = np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
                 # Before the comparison: from here on, writes count for the next capture.
                 candidates, audit = tracking.candidates(name, live, layout, fresh)
+                compared += (layout.n_chunks if candidates is None
+                             else int(np.count_nonzero(candidates)))
+                # A fresh baseline: every chunk counts as changed.
+                flags = (np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
+                         if fresh or target.held else None)
                 if target.held:
                     # Maps a restore() handed out show these bytes: compare first, let them
                     # keep their own copy of just the chunks that changed, then copy.
                     scan_and_copy(live, baseline, layout, flags, self.pool, candidates,
                                   copy=False)
                     self.baselines.preserve(name, np.flatnonzero(flags))
-                    candidates = flags.copy()
+                    candidates = flags.copy()  # type: ignore[union-attr]
                 changed = scan_and_copy(live, baseline, layout, flags, self.pool, candidates)
                 if audit is not None:
                     tracking.audit(name, audit, changed)
                 if not fresh:
                     tracking.unprotect_changed(name, changed)
-                compared += (layout.n_chunks if candidates is None
-                             else int(np.count_nonzero(candidates)))
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
                                          self._dims.get(name)))
             self.baselines.retain_only({name for name, _, _ in prepared})
