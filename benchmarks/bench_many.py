@@ -11,7 +11,8 @@ Each scenario runs in a child process with the descriptor limit of a default Lin
 - ``fds``: descriptors the process holds with a writer and a reader open and their restored
   arrays held;
 - ``held``: the pause of a 1 %-changed capture of one large array while the arrays of an
-  earlier ``restore()`` are still held, against the same capture without.
+  earlier ``restore()`` are still held, against the same capture without;
+- ``zero``: the bytes a capture adds when nothing changed, for a 16 GiB state.
 
 A scenario that fails prints its error (``EMFILE`` was the failure before format 2).
 No timing is asserted anywhere: the targets are printed beside the figures.
@@ -155,13 +156,40 @@ def run_held(nbytes: int, repeats: int, root: Path) -> dict[str, Any]:
     return result
 
 
+def run_zero(nbytes: int, repeats: int, root: Path) -> dict[str, Any]:
+    """Bytes a capture adds to the store when nothing changed, for a state of `nbytes`
+    (zeros: lazily backed, so 16 GiB need not fit in memory; the comparison reads it all)."""
+    import arraysnap
+
+    u = np.zeros(nbytes // 8)
+    result: dict[str, Any] = {"nbytes": nbytes}
+    try:
+        with arraysnap.open(root / "zero.snap", track_writes=False) as snap:
+            snap.capture({"u": u}, step=0)
+            snap.wait()
+            written = []
+            for step in range(1, repeats + 1):
+                before = _store_bytes(root / "zero.snap")
+                snap.capture({"u": u}, step=step)
+                snap.wait()
+                written.append(_store_bytes(root / "zero.snap") - before)
+        result["bytes"] = statistics.median(written)
+    except Exception as err:  # noqa: BLE001 - the failure is the figure
+        result["error"] = f"{type(err).__name__}: {err}"[:200]
+    return result
+
+
 def child(argv: list[str]) -> int:
     kind, size, count, repeats, root = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
+    limit = int(argv[5]) if len(argv) > 5 else FD_LIMIT
+    if limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
     directory = Path(tempfile.mkdtemp(dir=root))
     try:
         if kind == "many":
             result = run_many(count, size, repeats, directory)
+        elif kind == "zero":
+            result = run_zero(size, repeats, directory)
         else:
             result = run_held(size, repeats, directory)
     finally:
@@ -170,10 +198,11 @@ def child(argv: list[str]) -> int:
     return 0
 
 
-def _run_child(kind: str, size: int, count: int, repeats: int, root: Path) -> dict[str, Any]:
+def _run_child(kind: str, size: int, count: int, repeats: int, root: Path,
+               fd_limit: int = FD_LIMIT) -> dict[str, Any]:
     done = subprocess.run([sys.executable, __file__, "--child", kind, str(size), str(count),
-                           str(repeats), str(root)], capture_output=True, text=True,
-                          check=False)
+                           str(repeats), str(root), str(fd_limit)], capture_output=True,
+                          text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1:] or ["no output"]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -196,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="where stores are made")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--arrays", default=None, metavar="COUNTxBYTES,...",
+                        help="other scenarios, e.g. 2000x8192 (then no held or zero run); "
+                             "'none': only the held and zero runs")
+    parser.add_argument("--zero-gib", type=float, default=16.0,
+                        help="size of the zero-change state (default 16 GiB; 0: skip)")
+    parser.add_argument("--fd-limit", type=int, default=FD_LIMIT,
+                        help=f"descriptor limit of the children (default {FD_LIMIT}; 0: as is)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="bench-many-", dir=args.dir))
     if args.quick:
@@ -204,14 +240,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         scenarios = [("many", 8 * KIB, 10_000), ("many", 1 * KIB, 100_000)]
         held_bytes, repeats = 1 << 30, args.repeats
+    only_held_zero = args.arrays == "none"
+    if only_held_zero:
+        scenarios, args.arrays = [], None
+    elif args.arrays:
+        scenarios = [("many", int(part.split("x")[1]), int(part.split("x")[0]))
+                     for part in args.arrays.split(",")]
     try:
-        results = [_run_child(kind, size, count, repeats, root)
+        results = [_run_child(kind, size, count, repeats, root, args.fd_limit)
                    for kind, size, count in scenarios]
-        held = _run_child("held", held_bytes, 0, repeats, root)
+        held = ({"error": "not run (--arrays)"} if args.arrays else
+                _run_child("held", held_bytes, 0, repeats, root, args.fd_limit))
+        zero_bytes = int((MIB if args.quick else args.zero_gib * (1 << 30)) // 8 * 8)
+        zero = ({"error": "not run"} if args.arrays or not zero_bytes else
+                _run_child("zero", zero_bytes, 0, 3, root, args.fd_limit))
         info = machine_info(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"# bench_many: descriptor limit {FD_LIMIT}; {info['cpu_model']}, "
+    print(f"# bench_many: descriptor limit {args.fd_limit or 'unchanged'}; {info['cpu_model']}, "
           f"{info['cores_usable']} cores, kernel {info['kernel']}; store on "
           f"{info.get('filesystem')}")
     header = ["arrays", "first", "savez+fsync", "first/savez", "pause (1 changed)",
@@ -239,9 +285,14 @@ def main(argv: list[str] | None = None) -> int:
               f"(target <= {TARGETS['held_ratio']}x)")
     else:
         print(f"held restore: {held.get('error')}")
+    if "bytes" in zero:
+        print(f"zero change, {fmt_bytes(zero['nbytes'])} state: {fmt_bytes(zero['bytes'])} "
+              f"written per capture (target <= {fmt_bytes(TARGETS['bytes'])})")
+    else:
+        print(f"zero change: {zero.get('error')}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": info, "many": results, "held": held},
-                                        indent=1, default=str))
+        args.json.write_text(json.dumps({"machine": info, "many": results, "held": held,
+                                         "zero": zero}, indent=1, default=str))
     return 0
 
 

@@ -222,3 +222,23 @@ def test_loop_benchmark_quick(tmp_path: Path) -> None:
             assert math.isfinite(result[mode]["overhead_median"])
             assert result[mode]["overhead_min"] <= result[mode]["overhead_max"]
     assert "overhead bg" in done.stdout
+
+
+def test_many_arrays_benchmark_quick(tmp_path: Path) -> None:
+    """bench_many's scenarios run under ``ulimit -n 1024`` in their child processes: every
+    one must complete (before shared baseline files, 600 arrays failed with EMFILE), and a
+    writer and a reader with restored arrays held keep few descriptors (not one per array)."""
+    out = tmp_path / "many.json"
+    done = run_harness("bench_many.py", "--quick", "--dir", str(tmp_path), "--json", str(out))
+    document = strict_json(out)
+    assert len(document["many"]) == 2, done.stdout
+    for result in document["many"]:
+        assert "error" not in result, result
+        for key in ("first", "savez", "pause", "open", "restore_writer", "restore_reader"):
+            assert_positive(result[key], f"{result['count']} arrays: {key}")
+        assert result["bytes"] > 0
+        assert result["fds"] <= 64, result  # whatever the number of arrays
+    held = document["held"]
+    assert "error" not in held, held
+    assert_positive(held["pause_held"], "held")
+    assert_positive(held["pause_plain"], "plain")

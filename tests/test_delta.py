@@ -79,9 +79,14 @@ def test_kernel_matches_reference(case, data):
     baseline = before.copy()
     forced = np.array(data.draw(st.lists(st.booleans(), min_size=layout.n_chunks,
                                          max_size=layout.n_chunks)), dtype=np.uint8)
-    # Half the examples compare only some chunks, as with write tracking.
+    # Some examples pass neither flags nor candidates (the one-chunk fast path, when the
+    # array is one C-contiguous chunk).
+    defaults = data.draw(st.booleans())
+    if defaults:
+        forced[:] = 0
+    # Half the others compare only some chunks, as with write tracking.
     candidates = None
-    if data.draw(st.booleans()):
+    if not defaults and data.draw(st.booleans()):
         candidates = np.array(data.draw(st.lists(st.booleans(), min_size=layout.n_chunks,
                                                  max_size=layout.n_chunks)), dtype=np.uint8)
     expected_changed, expected_baseline = reference_scan(live, baseline, layout, forced,
@@ -92,10 +97,10 @@ def test_kernel_matches_reference(case, data):
     parallel = data.draw(st.booleans())
     pool = POOL if parallel else None
     # Some examples only compare (copy=False): the same chunks, and the baseline untouched.
-    copy = data.draw(st.booleans())
+    copy = defaults or data.draw(st.booleans())
     with patch.object(delta, "PARALLEL_BYTES", 0):
-        changed = scan_and_copy(live, baseline, layout, forced.copy(), pool, candidates,
-                                copy=copy)
+        changed = scan_and_copy(live, baseline, layout, None if defaults else forced.copy(),
+                                pool, candidates, copy=copy)
 
     assert changed.tolist() == expected_changed
     assert baseline.tobytes() == (expected_baseline if copy else before).tobytes()

@@ -330,13 +330,16 @@ class TableReader:
             raise ValueError("tables must give arrays, depth (1 to 8) and children")
         used: set[bytes] = set()
         entries: dict[str, ArrayEntry] = {}
-        self._children(children, depth, entries, used)
+        self._children(children, depth, entries, used, [])
         if len(entries) != count:
             raise ValueError(f"tables hold {len(entries)} arrays, the manifest says {count}")
         return entries, frozenset(used)
 
     def _children(self, children: list[Any], depth: int, entries: dict[str, ArrayEntry],
-                  used: set[bytes]) -> None:
+                  used: set[bytes], last: list[str]) -> str | None:
+        """Read `children` (at `depth`) into `entries`; return the first name read. `last`
+        holds the last name read so far (names must increase across the whole tree)."""
+        first_read = None
         for child in children:
             if (not isinstance(child, list) or len(child) != 3 or not isinstance(child[0], str)
                     or type(child[1]) is not int):
@@ -345,17 +348,22 @@ class TableReader:
             used.add(digest)
             before = len(entries)
             if depth == 1:
+                first = None
                 for item in self._cached(digest, self._parse_leaf):
                     entry = self._blocks_of(item, used)
-                    if entries and entry.name <= next(reversed(entries)):
+                    if last and entry.name <= last[0]:
                         raise ValueError("table names are not in order (or repeat)")
+                    last[:] = [entry.name]
                     entries[entry.name] = entry
+                    first = entry.name if first is None else first
             else:
-                self._children(self._cached(digest, _parse_inner), depth - 1, entries, used)
-            added = list(entries)[before:]
-            if len(added) != child[1] or (added and added[0] != child[0]):
+                first = self._children(self._cached(digest, _parse_inner), depth - 1, entries,
+                                       used, last)
+            if len(entries) - before != child[1] or (first is not None and first != child[0]):
                 raise ValueError(f"table node {digest.hex()[:16]} does not hold what its "
                                  "parent says")
+            first_read = first if first_read is None else first_read
+        return first_read
 
     def _blocks_of(self, entry: ArrayEntry | tuple[ArrayEntry, Any], used: set[bytes]
                    ) -> ArrayEntry:
