@@ -230,3 +230,24 @@ def _mapped_file_of(array: np.ndarray) -> str:
             if low <= address < high:
                 return fields[5].strip() if len(fields) == 6 else ""
     return ""
+
+
+def test_recovery_of_thousands_of_arrays_logs_one_line_not_one_per_array(store_path, caplog):
+    """A re-open that cannot rebuild the baselines of many arrays (their chunk objects are
+    gone) says so once, naming a few, and the next capture writes them whole."""
+    arrays = {f"a{i:04d}": np.full(4, float(i)) for i in range(300)}
+    with arraysnap.open(store_path) as snap:
+        snap.capture(arrays, step=0)
+    shutil.rmtree(store_path / "mirror")
+    for chunk in (store_path / "chunks").rglob("*"):
+        if chunk.is_file():
+            chunk.unlink()
+    with caplog.at_level("INFO", logger="arraysnap"):
+        with arraysnap.open(store_path) as snap:
+            lines = [r for r in caplog.records if "baselines of" in r.getMessage()]
+            assert len(lines) == 1, [r.getMessage()[:80] for r in caplog.records]
+            assert "300 arrays" in lines[0].getMessage() and "295 more" in lines[0].getMessage()
+            assert len(caplog.records) < 10
+            snap.capture(arrays, step=1)
+            snap.wait()
+            assert np.array_equal(snap.restore(step=1).arrays["a0123"], np.full(4, 123.0))
