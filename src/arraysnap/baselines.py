@@ -43,7 +43,7 @@ import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -74,11 +74,11 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
+class Target(NamedTuple):
     """Where a capture writes an array: `buffer`, the flat bytes; `fresh`, a new extent
     (every chunk counts as changed); `held`, maps handed out in this process may show
-    these bytes: call ``Baselines.preserve`` with the chunks about to change first."""
+    these bytes: call ``Baselines.preserve`` with the chunks about to change first.
+    (A named tuple: a pause over thousands of arrays makes one per array.)"""
 
     buffer: np.ndarray
     fresh: bool

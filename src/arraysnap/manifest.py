@@ -185,11 +185,13 @@ class ArrayEntry:
     rows_per_chunk: int
     digests: bytes
     dims: tuple[str, ...] | None = None
-    layout: ChunkLayout = field(init=False, repr=False, compare=False)
+    # Derived from the fields above; given by a reader that parsed it once for many entries.
+    layout: ChunkLayout = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layout", _layout(self.shape, self.dtype, self.order,
-                                                   self.split_axis, self.rows_per_chunk))
+        if self.layout is None:
+            object.__setattr__(self, "layout", _layout(self.shape, self.dtype, self.order,
+                                                       self.split_axis, self.rows_per_chunk))
 
     @property
     def n_chunks(self) -> int:
@@ -316,6 +318,7 @@ class ParsedLayout:
     rows_per_chunk: int
     dims: tuple[str, ...] | None
     n_chunks: int
+    layout: ChunkLayout
 
 
 def parse_layout(value: object, name: str = "array") -> ParsedLayout:
@@ -346,7 +349,7 @@ def parse_layout(value: object, name: str = "array") -> ParsedLayout:
         dims = check_dims(name, len(shape), dims)
     layout = ChunkLayout(tuple(shape), dtype, order, split_axis, rows)  # type: ignore[arg-type]
     return ParsedLayout(tuple(shape), dtype, order, split_axis, rows, dims,  # type: ignore[arg-type]
-                        layout.n_chunks)
+                        layout.n_chunks, layout)
 
 
 def parse_array_entry(name: str, value: object, *, layout: ParsedLayout | None = None,
@@ -374,7 +377,7 @@ def entry_of(name: str, layout: ParsedLayout, digests: bytes, *,
              f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "
              f"{layout.n_chunks}")
     return ArrayEntry(name, layout.shape, layout.dtype, layout.order, layout.split_axis,
-                      layout.rows_per_chunk, digests, layout.dims)
+                      layout.rows_per_chunk, digests, layout.dims, layout.layout)
 
 
 class TableSource(Protocol):

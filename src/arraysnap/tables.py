@@ -44,6 +44,7 @@ from typing import Any
 
 import blake3
 
+from .bulk import paused_collector
 from .manifest import ArrayEntry, check_array_name, entry_of, layout_to_json, parse_layout
 from .objects import DIGEST_BYTES
 
@@ -330,7 +331,8 @@ class TableReader:
             raise ValueError("tables must give arrays, depth (1 to 8) and children")
         used: set[bytes] = set()
         entries: dict[str, ArrayEntry] = {}
-        self._children(children, depth, entries, used, [])
+        with paused_collector():
+            self._children(children, depth, entries, used, [])
         if len(entries) != count:
             raise ValueError(f"tables hold {len(entries)} arrays, the manifest says {count}")
         return entries, frozenset(used)

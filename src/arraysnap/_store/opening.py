@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..baselines import Baselines
+from ..bulk import paused_collector
 from ..chunks import assemble, find_bad_chunks, load_chunk
 from ..codecs import CodecSpec, parse_codec
 from ..errors import CorruptSnapshotError, FormatVersionError
@@ -153,8 +154,9 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
     # A dirty marker: a capture was under way when the writer stopped (killed, or its
     # process ended). Its changes were never committed; rolling them back is routine.
     interrupted = marker is not None and marker.get("clean") is False
-    adopted = baselines.adopt({name: entry.layout for name, entry in head.arrays.items()},
-                              marker)
+    with paused_collector():
+        adopted = baselines.adopt({name: entry.layout for name, entry in head.arrays.items()},
+                                  marker)
     repaired = False
     rolled_back: dict[str, int] = {}
     unusable: dict[str, CorruptSnapshotError] = {}

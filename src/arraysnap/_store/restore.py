@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..baselines import Baselines
+from ..bulk import paused_collector
 from ..chunks import assemble, find_bad_chunks, load_chunk
 from ..codecs import CodecSpec
 from ..delta import as_bytes
@@ -85,7 +86,8 @@ class Restorer:
         )
 
     def restore_manifest(self, manifest: Manifest, verify: bool) -> Restored:
-        arrays = self._map_baselines(manifest, verify)
+        with paused_collector():  # thousands of views, none in a cycle
+            arrays = self._map_baselines(manifest, verify)
         missing = [entry for name, entry in manifest.arrays.items() if name not in arrays]
         if missing:
             arrays.update(self._materialize(missing, verify=verify, seq=manifest.seq))
