@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import arraysnap
-from arraysnap.testing import SMALL_WORKLOAD, child_command, leftover_temporaries
+from arraysnap.testing import SMALL_WORKLOAD, Workload, child_command, leftover_temporaries
 from arraysnap.testing import store_files as store_files
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,24 +104,27 @@ def assert_arrays(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]
         assert_bit_exact(actual[name], array)
 
 
-def assert_workload_step(restored: arraysnap.Restored, step: int | None) -> None:
-    """`restored` holds exactly what the workload captured at `step`, state and rng included."""
+def assert_workload_step(restored: arraysnap.Restored, step: int | None,
+                         workload: Workload = WORKLOAD) -> None:
+    """`restored` holds exactly what `workload` captured at `step`, state and rng included."""
     assert step is not None
     assert restored.step == step
-    assert_arrays(restored.arrays, workload_arrays(step))
-    assert restored.state == workload_state(step)
-    expected_rng = workload_rng(step)
+    assert_arrays(restored.arrays, workload.arrays(step))
+    assert restored.state == workload.state(step)
+    expected_rng = workload.rng(step)
     assert sorted(restored.rng) == sorted(expected_rng)
     for key, generator in expected_rng.items():
         assert restored.rng[key].bit_generator.state == generator.bit_generator.state
 
 
-def check_store_after_crash(path: Path, last_committed: int | None) -> int:
-    """Everything invariant 2 promises after a writer died; returns the step captured next."""
+def check_store_after_crash(path: Path, last_committed: int | None,
+                            workload: Workload = WORKLOAD) -> int:
+    """Everything invariant 2 promises after a writer died (`workload` was being captured);
+    returns the step captured next."""
     with arraysnap.open(path, mode="r") as reader:  # before a writer's recovery touches it
         latest = reader.latest()
         if latest is not None:
-            assert_workload_step(reader.restore(), latest.step)
+            assert_workload_step(reader.restore(), latest.step, workload)
     with arraysnap.open(path, chunk_bytes=CHUNK) as snap:
         infos = snap.list()
         on_disk = sorted(p.name for p in (path / "snapshots").glob("*.json"))
@@ -136,7 +139,7 @@ def check_store_after_crash(path: Path, last_committed: int | None) -> int:
         events = []
         for info in infos:
             restored = snap.restore(seq=info.seq)
-            assert_workload_step(restored, info.step)
+            assert_workload_step(restored, info.step, workload)
             events.append(list(restored.events))
             # The replay log: only records logged after the snapshot's capture...
             assert all(event["after"] >= info.step for event in restored.events), events[-1]
@@ -147,11 +150,11 @@ def check_store_after_crash(path: Path, last_committed: int | None) -> int:
         step = infos[-1].step + 1 if infos else 0
         # Capture before restoring the latest (a restore repairs the baseline by itself): the
         # recovery in open() alone must have made the baseline right.
-        capture_step(snap, step)
+        workload.capture(snap, step)
         snap.wait()
-        assert_workload_step(snap.restore(), step)
+        assert_workload_step(snap.restore(), step, workload)
         for info in infos[-2:]:
-            assert_workload_step(snap.restore(seq=info.seq), info.step)
+            assert_workload_step(snap.restore(seq=info.seq), info.step, workload)
     return step
 
 

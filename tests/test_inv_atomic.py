@@ -38,6 +38,7 @@ from arraysnap.testing import (
     read_marker,
     write_marker,
 )
+from arraysnap.testing.children import WORKLOADS
 
 
 def committed_steps(output: str) -> list[int]:
@@ -48,14 +49,17 @@ def committed_steps(output: str) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # SIGKILL
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workload", ["small", "many"])
 def test_sigkill_at_random_moments_leaves_a_store_that_opens_verifies_and_goes_on(
-        store_path: Path):
+        store_path: Path, workload: str):
+    """"many" adds 2,000 small arrays that share baseline files and a table tree, a tenth of
+    them changing at each step and some coming and going."""
     chooser = random.Random(20240611)
-    kills = 30 * SCALE
+    kills = (30 if workload == "small" else 8) * SCALE
     late_kills = 0
     for kill in range(kills):
         seen = ""
-        proc = start_child("loop", store_path, "--workload", "small", "--log")
+        proc = start_child("loop", store_path, "--workload", workload, "--log")
         try:
             if kill % 5 == 4:
                 # Early: lands in start-up, open() and the recovery of the previous kill.
@@ -80,7 +84,8 @@ def test_sigkill_at_random_moments_leaves_a_store_that_opens_verifies_and_goes_o
         # The loop never ends by itself: any other exit is an arraysnap error in the child.
         assert proc.returncode == -signal.SIGKILL, err
         steps = committed_steps(seen + out)
-        check_store_after_crash(store_path, max(steps) if steps else None)
+        check_store_after_crash(store_path, max(steps) if steps else None,
+                                WORKLOADS[workload])
     # Guard against a vacuous run (the first commit of each late kill is read above).
     assert late_kills >= kills // 2
 

@@ -19,6 +19,8 @@ from conftest import (
     capture_step,
     start_child,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import arraysnap
 
@@ -155,3 +157,58 @@ def test_reader_process_maps_survive_the_writer_updating_them(store_path: Path, 
     assert reader.returncode == 0, err
     assert json.loads(out.splitlines()[-1]) == {"unchanged": True}
 
+
+
+OPERATIONS = st.lists(st.tuples(st.sampled_from(["change", "restore", "reader", "resume",
+                                                 "drop", "add", "reshape", "holder-writes"]),
+                                st.integers(0, 47)), min_size=1, max_size=20)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPERATIONS)
+def test_arrays_sharing_baseline_files_never_change_under_their_holders(tmp_path_factory, ops):
+    """Small arrays share baseline files: any mix of captures that change, drop, add and
+    reshape arrays, restores held in the writer and in a reader, restored maps used as the
+    live state, and holders writing into what they hold, leaves every held array as its
+    holder last saw it, and every snapshot as captured."""
+    path = tmp_path_factory.mktemp("shared") / "s.snap"
+    arrays = {f"a{i:02d}": np.full(16 + i, float(i)) for i in range(48)}
+    held: list[tuple[np.ndarray, np.ndarray]] = []
+    captured: list[dict[str, np.ndarray]] = []
+    with arraysnap.open(path, chunk_bytes=256) as snap, \
+            arraysnap.open(path, mode="r") as reader:
+        snap.capture(arrays, step=0)
+        snap.wait()  # a reader finds a snapshot from the start
+        captured.append({name: a.copy() for name, a in arrays.items()})
+        for step, (operation, k) in enumerate(ops, 1):
+            name = f"a{k:02d}"
+            if operation == "change" and name in arrays:
+                arrays[name] = np.array(arrays[name])
+                arrays[name][k % arrays[name].size] += 1.0
+            elif operation in ("restore", "reader"):
+                source = snap if operation == "restore" else reader
+                held += [(a, a.copy()) for a in source.restore(verify=False).arrays.values()]
+            elif operation == "resume":  # go on from restored maps, as a restarted job does
+                arrays = dict(snap.restore(verify=False).arrays)
+                if name in arrays:
+                    arrays[name][0] = -float(step)  # written in place, copy-on-write
+            elif operation == "drop":
+                arrays.pop(name, None)
+            elif operation == "add":
+                arrays[name] = np.full(3 + k, -float(step))
+            elif operation == "reshape" and name in arrays:
+                arrays[name] = np.zeros(arrays[name].size + 5)
+            elif operation == "holder-writes" and held:
+                array, expected = held[k % len(held)]
+                array[0] += 0.5  # a holder may write into what restore() gave it
+                expected[0] += 0.5
+            snap.capture(arrays, step=step)
+            captured.append({name: a.copy() for name, a in arrays.items()})
+            for array, expected in held:
+                assert_bit_exact(array, expected)
+        snap.wait()
+        for seq, expected in enumerate(captured, 1):
+            restored = snap.restore(seq=seq).arrays
+            assert sorted(restored) == sorted(expected)
+            for name, array in expected.items():
+                assert_bit_exact(restored[name], array)

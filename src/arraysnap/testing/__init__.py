@@ -56,6 +56,7 @@ from arraysnap.testing._faults import (
 from arraysnap.testing._processes import child_command, committed_reports
 from arraysnap.testing._tally import Failure, Tally
 from arraysnap.testing._workload import (
+    MANY_WORKLOAD,
     SMALL_WORKLOAD,
     TORTURE_WORKLOAD,
     Workload,
@@ -68,7 +69,8 @@ from arraysnap.testing._workload import (
 )
 
 __all__ = [
-    "BASELINE_DAMAGE", "CHUNK_DAMAGE", "SMALL_WORKLOAD", "TORTURE_WORKLOAD", "Call", "Failure",
+    "BASELINE_DAMAGE", "CHUNK_DAMAGE", "MANY_WORKLOAD", "SMALL_WORKLOAD", "TORTURE_WORKLOAD",
+    "Call", "Failure",
     "FaultPlan", "FaultyOps", "FaultyStorage", "Gate", "Rule", "Tally", "Workload",
     "array_difference", "capture_step", "child_command", "chunk_file", "chunk_references",
     "committed_reports", "damage_baselines", "damage_object", "flip_bit", "flip_bits",

@@ -21,8 +21,9 @@ import numpy as np
 
 import arraysnap
 
-__all__ = ["SMALL_WORKLOAD", "TORTURE_WORKLOAD", "Workload", "array_difference", "capture_step",
-           "restored_difference", "workload_arrays", "workload_rng", "workload_state"]
+__all__ = ["MANY_WORKLOAD", "SMALL_WORKLOAD", "TORTURE_WORKLOAD", "Workload", "array_difference",
+           "capture_step", "restored_difference", "workload_arrays", "workload_rng",
+           "workload_state"]
 
 U_PERIOD = 12
 
@@ -34,7 +35,9 @@ class Workload:
     `u_rows` rows of `u_cols` float64 each (one chunk per row when a row is a chunk); "v" has
     ``v_rows + v_growth * k`` rows of `v_cols`; "f" is `f_shape`; "rec" has `rec_length`
     records (field "b" filled when `rec_b`); "table" (`table_length` values, never changing)
-    only if `table_length`; "w" has `w_length` values on steps 1 and 2 modulo 4.
+    only if `table_length`; "w" has `w_length` values on steps 1 and 2 modulo 4; and `many`
+    small arrays "m00000", ... of 8 values, a tenth of them changing at each step, one in
+    nine of them present only on even steps (arrays that share baseline files, come and go).
 
     >>> w = Workload(u_rows=2, u_cols=8, v_rows=3, v_growth=1, v_cols=2, f_shape=(2, 2),
     ...              rec_length=2, rec_b=False, table_length=0, w_length=3)
@@ -52,6 +55,7 @@ class Workload:
     rec_b: bool
     table_length: int
     w_length: int
+    many: int = 0
 
     def arrays(self, step: int) -> dict[str, np.ndarray]:
         """The arrays captured at `step`.
@@ -78,6 +82,11 @@ class Workload:
             arrays["table"] = np.linspace(0.0, 1.0, self.table_length)
         if step % 4 in (1, 2):
             arrays["w"] = np.random.default_rng([3000, step]).random(self.w_length)
+        for k in range(self.many):
+            if k % 9 == 4 and step % 2:
+                continue
+            version = (step + k) // 10
+            arrays[f"m{k:05d}"] = np.full(8, float(version * 100_003 + k))
         return arrays
 
     def state(self, step: int) -> dict[str, Any]:
@@ -167,6 +176,10 @@ TORTURE_WORKLOAD = Workload(u_rows=32, u_cols=(64 << 10) // 8, v_rows=40, v_grow
 SMALL_WORKLOAD = Workload(u_rows=48, u_cols=512, v_rows=30, v_growth=17, v_cols=100,
                           f_shape=(64, 40), rec_length=50, rec_b=False, table_length=0,
                           w_length=700)
+# The small workload and 2,000 small arrays: a table tree, shared baseline files.
+MANY_WORKLOAD = Workload(u_rows=48, u_cols=512, v_rows=30, v_growth=17, v_cols=100,
+                         f_shape=(64, 40), rec_length=50, rec_b=False, table_length=0,
+                         w_length=700, many=2000)
 
 
 def workload_arrays(step: int, workload: Workload = TORTURE_WORKLOAD) -> dict[str, np.ndarray]:

@@ -55,11 +55,16 @@ import numpy as np
 
 import arraysnap
 from arraysnap.testing._faults import Call, FaultPlan
-from arraysnap.testing._workload import SMALL_WORKLOAD, TORTURE_WORKLOAD, Workload
+from arraysnap.testing._workload import (
+    MANY_WORKLOAD,
+    SMALL_WORKLOAD,
+    TORTURE_WORKLOAD,
+    Workload,
+)
 
 __all__ = ["WORKLOADS", "main"]
 
-WORKLOADS = {"small": SMALL_WORKLOAD, "torture": TORTURE_WORKLOAD}
+WORKLOADS = {"small": SMALL_WORKLOAD, "torture": TORTURE_WORKLOAD, "many": MANY_WORKLOAD}
 
 
 def _say(*words: object) -> None:
