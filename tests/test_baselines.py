@@ -251,3 +251,18 @@ def test_recovery_of_thousands_of_arrays_logs_one_line_not_one_per_array(store_p
             snap.capture(arrays, step=1)
             snap.wait()
             assert np.array_equal(snap.restore(step=1).arrays["a0123"], np.full(4, 123.0))
+
+
+def test_a_capture_whose_baselines_would_not_fit_is_refused_before_anything_is_written(
+        store_path, monkeypatch):
+    with arraysnap.open(store_path) as snap:
+        snap.capture({"u": np.zeros(1000)}, step=0).result()
+        files = sorted(p.name for p in (store_path / "mirror").iterdir())
+        monkeypatch.setattr(Baselines, "free_bytes", lambda self: 1 << 20)
+        with pytest.raises(arraysnap.StoreWriteError, match=r"needs 0\.01 GiB of new baseline "
+                           r"space .* has 0\.00 GiB free; free space there"):
+            snap.capture({"u": np.zeros(1000), "big": np.zeros(10 << 17)}, step=1)
+        assert sorted(p.name for p in (store_path / "mirror").iterdir()) == files
+        assert [s.step for s in snap.list()] == [0]
+        # Arrays whose baselines exist need no new space: captured as usual.
+        assert snap.capture({"u": np.ones(1000)}, step=2).result().step == 2

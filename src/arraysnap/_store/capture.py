@@ -13,6 +13,7 @@ has touched them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -228,6 +229,9 @@ class Capturer:
         pause_start = time.perf_counter()
         seq = self.next_seq
         replay_position = self.replay_log.position if self.replay_log is not None else 0
+        shortage = self._space_shortage(prepared)
+        if shortage is not None:  # refused before anything is written
+            return self._failed(seq, step, started, shortage), None
         try:
             with self._state_lock:
                 # From here the baselines are ahead of every committed snapshot.
@@ -253,6 +257,23 @@ class Capturer:
                          pause_start - started, started, replay_position, info)
         persister.submit(job)
         return info, now - started
+
+    def _space_shortage(self, prepared: Prepared) -> OSError | None:
+        """The error for a capture whose new baselines (arrays new, or of a new shape) would
+        not fit on their file system, or None: a full disk is named before anything is
+        written, not found half-way."""
+        needed = self.baselines.bytes_to_place((name, layout) for name, _, layout in prepared)
+        if needed <= 0:
+            return None
+        free = self.baselines.free_bytes()
+        if needed <= free:
+            return None
+        return OSError(errno.ENOSPC, (
+            f"this capture needs {needed / 2**30:.2f} GiB of new baseline space (arrays that "
+            f"are new or changed shape) in {self.baselines.dir}, and that file system has "
+            f"{free / 2**30:.2f} GiB free; free space there (the baselines are a cache of the "
+            "latest snapshot, a file per GiB of small arrays and one per large array), or "
+            "capture less"))
 
     def _compare(self, prepared: Prepared) -> tuple[list[ArrayDelta], int]:
         tracking = self.tracking
