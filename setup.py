@@ -1,4 +1,4 @@
-"""Build the Cython parts (the delta kernel, descriptor-free maps); the rest is in pyproject.toml."""
+"""Build the Cython parts (the delta kernel, maps without descriptors); the rest: pyproject."""
 
 import sys
 
