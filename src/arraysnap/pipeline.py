@@ -36,8 +36,7 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
@@ -52,9 +51,10 @@ from .codecs import CodecSpec
 from .layout import ChunkLayout
 from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
+from .pins import Pins
 from .results import CaptureInfo, CaptureStat
 from .storage import Storage
-from .tables import TableWriter
+from .tables import Built, TableWriter
 from .threads import lower_thread_priority, start_workers
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "POOL_WORKERS", "ArrayDelta",
@@ -71,6 +71,7 @@ IDLE_TRIM_SECONDS = 5.0
 # Threads writing chunk objects: each write ends in an fsync that mostly waits for the disk,
 # so a few of them keep the disk busy (the file system commits their fsyncs together).
 OBJECT_WRITERS = 4
+TABLE_WRITERS = 8  # a commit's table objects (format 2), written at once
 # Threads of a store's pool, which hashes, encodes and assembles chunks (both release the GIL).
 POOL_WORKERS = 2
 DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
@@ -180,52 +181,6 @@ class Listener(ABC):
         return 0
 
 
-class Pins:
-    """Digests that in-flight jobs rely on; deleting an object goes through here.
-
-    A job pins a digest before it checks that the object exists, and a deletion checks the
-    pin under the same lock, so either the job sees the object gone (and writes it) or the
-    deletion sees the pin (and keeps it).
-
-    >>> pins = Pins(); pins.pin([b"a"])
-    >>> pins.delete_unless_pinned(b"a", print), pins.unpin([b"a"])
-    (False, None)
-    >>> pins.delete_unless_pinned(b"a", lambda digest: None)
-    True
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[bytes] = Counter()
-
-    def pin(self, digests: Iterable[bytes]) -> None:
-        with self._lock:
-            for digest in digests:
-                self._counts[digest] += 1
-
-    def claim(self, digest: bytes) -> bool:
-        """Pin `digest`; True if another in-flight chunk had pinned it already."""
-        with self._lock:
-            claimed = self._counts[digest] > 0
-            self._counts[digest] += 1
-            return claimed
-
-    def unpin(self, digests: Iterable[bytes]) -> None:
-        with self._lock:
-            for digest in digests:
-                self._counts[digest] -= 1
-                if self._counts[digest] <= 0:
-                    del self._counts[digest]
-
-    def delete_unless_pinned(self, digest: bytes, delete: Callable[[bytes], None]) -> bool:
-        """Delete `digest` unless an in-flight job relies on it; True if deleted."""
-        with self._lock:
-            if self._counts[digest] > 0:
-                return False
-            delete(digest)
-            return True
-
-
 class Persister:
     """Runs capture jobs in the background, in order, and commits their manifests."""
 
@@ -239,6 +194,7 @@ class Persister:
         self.tables = tables
         self._table_writer = None if tables is None else TableWriter(self._put_table)
         self._table_job: PersistJob | None = None
+        self._table_writes: list[Future[None]] = []
         self.codec = codec
         self.pool = pool
         self.listener = listener
@@ -274,6 +230,13 @@ class Persister:
         start_workers(self.pool, POOL_WORKERS)
         start_workers(self._writer, 1)
         start_workers(self._object_writers, OBJECT_WRITERS)
+        # The table objects of a commit, on threads of their own: behind the next capture's
+        # chunk writes they would wait for those.
+        self._table_writers = None if tables is None else ThreadPoolExecutor(
+            max_workers=TABLE_WRITERS, thread_name_prefix="arraysnap-tables",
+            initializer=lower_thread_priority)
+        if self._table_writers is not None:
+            start_workers(self._table_writers, TABLE_WRITERS)
 
     # -- caller side ---------------------------------------------------------------------
     def submit(self, job: PersistJob) -> None:
@@ -306,6 +269,8 @@ class Persister:
         self._reader.join()
         self._writer.shutdown(wait=True)  # commits wait for their objects: writers still run
         self._object_writers.shutdown(wait=True)
+        if self._table_writers is not None:
+            self._table_writers.shutdown(wait=True)
 
     # -- retrying ------------------------------------------------------------------------
     def retrying(self, action: Callable[[], T], job: PersistJob | None = None, *,
@@ -504,10 +469,15 @@ class Persister:
 
     def _write_manifest(self, job: PersistJob) -> tuple[Manifest, int, CaptureStat]:
         write_done = time.perf_counter()
-        # What the manifest points to (the replay log's records), then one barrier for it
-        # and the chunk objects, before the manifest.
+        # What the manifest points to (the table objects, the replay log's records), then
+        # one barrier for them and the chunk objects, before the manifest.
+        built = None
+        if self._table_writer is not None and self.tables is not None:
+            built = self.retrying(lambda: self._build_tables(job), job)
         self.retrying(self.listener.before_commit, job)
         self.retrying(self.objects.sync, job)
+        if built is not None and self.tables is not None:
+            self.retrying(self.tables.sync, job)  # present ones it reuses; written: synced
         written = sum(write.result() for write in job.writes)
         stats = {
             "pause_seconds": job.pause_seconds,
@@ -522,11 +492,6 @@ class Persister:
             # From the start of capture() to the manifest write, which cannot time itself.
             "durable_seconds": time.perf_counter() - job.started,
         }
-        built = None
-        if self._table_writer is not None and self.tables is not None:
-            self._table_job = job
-            built = self.retrying(lambda: self._table_writer.build(job.entries), job)  # type: ignore[union-attr]
-            self.retrying(self.tables.sync, job)
         manifest = Manifest(job.seq, job.step, job.wall_time, self._parent, self.codec.to_json(),
                             job.entries, job.state, job.rng, stats, job.provenance,
                             replay_position=job.replay_position,
@@ -542,13 +507,35 @@ class Persister:
                                    durable_seconds=now - job.started)
         return manifest, len(data), stat
 
+    def _build_tables(self, job: PersistJob) -> Built:
+        """The job's tables, their new objects written on the object writers at once (each
+        write waits for its fsync: one at a time they would add up in every commit)."""
+        assert self._table_writer is not None
+        self._table_job, self._table_writes = job, []
+        try:
+            built = self._table_writer.build(job.entries)
+        finally:
+            wait_for(self._table_writes)
+        for write in self._table_writes:
+            write.result()  # the first failure, if any
+        return built
+
     def _put_table(self, digest: bytes, data: bytes) -> None:
         """Write one table object for the job being committed, pinned until it commits."""
         job = self._table_job
-        assert job is not None and self.tables is not None
+        assert job is not None
         self.pins.pin((digest,))
         with self._lock:
             job.pinned.append(digest)
+        assert self._table_writers is not None
+        try:
+            self._table_writes.append(self._table_writers.submit(self._write_table, digest,
+                                                                 data))
+        except RuntimeError:  # the writers were shut down (interpreter exit): write here
+            self._write_table(digest, data)
+
+    def _write_table(self, digest: bytes, data: bytes) -> None:
+        assert self.tables is not None
         if not self.tables.put(digest, data):
             self.tables.reuse(digest)  # present: maybe from a capture that never committed
 

@@ -1,7 +1,7 @@
 """Maintenance: verify, retention (prune), gc, and the one model of a store's size.
 
 Everything that reads every snapshot or deletes anything lives here. Deleting a chunk
-object goes through the engine's :class:`~arraysnap.pipeline.Pins`, so an object an
+object goes through the engine's :class:`~arraysnap.pins.Pins`, so an object an
 in-flight capture relies on is never deleted from under it.
 
 >>> import arraysnap, numpy as np, tempfile
@@ -26,7 +26,8 @@ from ..codecs import CodecSpec
 from ..errors import ArraysnapError, CorruptSnapshotError
 from ..manifest import Manifest
 from ..objects import ChunkObjects
-from ..pipeline import Pins, manifest_key
+from ..pins import Pins
+from ..pipeline import manifest_key
 from ..replaylog import ReplayLog
 from ..results import Problem, PruneReport, SnapshotUsage, StoreUsage, VerifyReport
 from ..retention import Candidate, Retention
