@@ -47,7 +47,11 @@ def align_of(nbytes: int) -> int:
 
 
 def safe_filename(name: object) -> bool:
-    """Whether `name` can be a baseline file's name (no path, no hidden or odd names)."""
+    """Whether `name` can be a baseline file's name (no path, no hidden or odd names).
+
+    >>> safe_filename("s-0a1b.bin"), safe_filename("../etc/passwd.bin"), safe_filename(7)
+    (True, False, False)
+    """
     return (isinstance(name, str) and name.endswith(".bin") and "/" not in name
             and "\\" not in name and not name.startswith(".") and 4 < len(name) < 100)
 
@@ -87,6 +91,16 @@ def read_extents(directory: Path, marker: dict[str, Any], *,
 
 
 def view_of(file_map: FileMap, offset: int, layout: ChunkLayout) -> np.ndarray:
-    """Array `layout` at byte `offset` of `file_map` (kept alive by the view)."""
+    """Array `layout` at byte `offset` of `file_map` (kept alive by the view).
+
+    >>> import tempfile
+    >>> from arraysnap.layout import plan_layout
+    >>> from arraysnap.mapping import map_fd
+    >>> with tempfile.TemporaryFile() as handle:
+    ...     _ = handle.write(np.arange(4.0).tobytes() * 2)
+    ...     shared = map_fd(handle.fileno(), 64, shared=False)
+    >>> view_of(shared, 32, plan_layout((2, 2), np.dtype("f8"), "C", 1 << 20)).tolist()
+    [[0.0, 1.0], [2.0, 3.0]]
+    """
     return np.ndarray(layout.shape, dtype=layout.dtype, buffer=file_map, offset=offset,
                       order=layout.order)

@@ -92,6 +92,19 @@ class ReaderLeases:
 
     Outlives the store that made it when maps do: the last map's end releases the lock,
     and the last lock's release closes the descriptor.
+
+    >>> import gc, tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "leases"
+    >>> leases = ReaderLeases(LockFile(path, writable=True))
+    >>> class Holder: pass
+    >>> holder = Holder(); leases.acquire("s-1.bin")
+    True
+    >>> leases.keep("s-1.bin", holder); leases.close()   # the holder has the lease now
+    >>> LockFile(path, writable=True).try_lock(lock_byte("s-1.bin"), exclusive=True)
+    False
+    >>> del holder; _ = gc.collect()
+    >>> LockFile(path, writable=True).try_lock(lock_byte("s-1.bin"), exclusive=True)
+    True
     """
 
     def __init__(self, lock_file: LockFile) -> None:

@@ -98,7 +98,14 @@ def preserve(file_map: FileMap, start: int, stop: int) -> bool:
 
 
 def sync(file_map: FileMap, start: int, stop: int) -> None:
-    """Write the pages of shared map `file_map` holding ``[start, stop)`` to disk (msync)."""
+    """Write the pages of shared map `file_map` holding ``[start, stop)`` to disk (msync).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryFile() as handle:
+    ...     os.posix_fallocate(handle.fileno(), 0, PAGE)
+    ...     shared = map_fd(handle.fileno(), PAGE, shared=True)
+    >>> memoryview(shared)[:2] = b"ok"; sync(shared, 0, 2)
+    """
     low, high = _page_range(file_map, start, stop)
     if high > low:
         file_map.flush(low, high - low)
