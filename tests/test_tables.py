@@ -278,3 +278,16 @@ def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tm
         assert reader.restore(step=10).step == 10  # the fixture's own snapshots
     again = CliRunner().invoke(cli, ["upgrade", str(store)])
     assert again.exit_code == 0 and "already format 2" in again.output
+
+
+def test_bytes_written_counts_the_table_objects_a_capture_wrote(tmp_path):
+    """SnapshotInfo.bytes_written is what the capture added to the store: chunk objects,
+    table objects and the manifest."""
+    path = tmp_path / "s.snap"
+    arrays = {f"x{i:03d}": np.full(4, float(i)) for i in range(100)}
+    with arraysnap.open(path) as snap:
+        snap.capture(arrays, step=0).result()
+        before = _bytes_under(path, "chunks", "tables", "snapshots")
+        arrays["x050"] = arrays["x050"] + 1
+        info = snap.capture(arrays, step=1).result()
+        assert info.bytes_written == _bytes_under(path, "chunks", "tables", "snapshots") - before

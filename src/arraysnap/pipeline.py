@@ -194,7 +194,7 @@ class Persister:
         self.tables = tables
         self._table_writer = None if tables is None else TableWriter(self._put_table)
         self._table_job: PersistJob | None = None
-        self._table_writes: list[Future[None]] = []
+        self._table_writes: list[Future[int]] = []
         self.codec = codec
         self.pool = pool
         self.listener = listener
@@ -471,14 +471,14 @@ class Persister:
         write_done = time.perf_counter()
         # What the manifest points to (the table objects, the replay log's records), then
         # one barrier for them and the chunk objects, before the manifest.
-        built = None
+        built, table_bytes = None, 0
         if self._table_writer is not None and self.tables is not None:
-            built = self.retrying(lambda: self._build_tables(job), job)
+            built, table_bytes = self.retrying(lambda: self._build_tables(job), job)
         self.retrying(self.listener.before_commit, job)
         self.retrying(self.objects.sync, job)
         if built is not None and self.tables is not None:
             self.retrying(self.tables.sync, job)  # present ones it reuses; written: synced
-        written = sum(write.result() for write in job.writes)
+        written = sum(write.result() for write in job.writes) + table_bytes
         stats = {
             "pause_seconds": job.pause_seconds,
             "queue_seconds": job.queue_seconds,
@@ -507,18 +507,17 @@ class Persister:
                                    durable_seconds=now - job.started)
         return manifest, len(data), stat
 
-    def _build_tables(self, job: PersistJob) -> Built:
-        """The job's tables, their new objects written on the object writers at once (each
-        write waits for its fsync: one at a time they would add up in every commit)."""
+    def _build_tables(self, job: PersistJob) -> tuple[Built, int]:
+        """The job's tables and the bytes of table objects written for them; the new
+        objects are written on threads of their own at once (each write waits for its
+        fsync: one after another they would add up in every commit)."""
         assert self._table_writer is not None
         self._table_job, self._table_writes = job, []
         try:
             built = self._table_writer.build(job.entries)
         finally:
             wait_for(self._table_writes)
-        for write in self._table_writes:
-            write.result()  # the first failure, if any
-        return built
+        return built, sum(write.result() for write in self._table_writes)  # or its error
 
     def _put_table(self, digest: bytes, data: bytes) -> None:
         """Write one table object for the job being committed, pinned until it commits."""
@@ -532,12 +531,16 @@ class Persister:
             self._table_writes.append(self._table_writers.submit(self._write_table, digest,
                                                                  data))
         except RuntimeError:  # the writers were shut down (interpreter exit): write here
-            self._write_table(digest, data)
+            done: Future[int] = Future()
+            done.set_result(self._write_table(digest, data))
+            self._table_writes.append(done)
 
-    def _write_table(self, digest: bytes, data: bytes) -> None:
+    def _write_table(self, digest: bytes, data: bytes) -> int:
         assert self.tables is not None
-        if not self.tables.put(digest, data):
+        written = self.tables.put(digest, data)
+        if not written:
             self.tables.reuse(digest)  # present: maybe from a capture that never committed
+        return written
 
     def _stat(self, job: PersistJob, status: str, error: str | None) -> CaptureStat:
         return CaptureStat(
