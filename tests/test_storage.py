@@ -130,10 +130,12 @@ def test_temporaries_are_removed_and_listed_never(tmp_path: Path):
     storage = LocalStorage(tmp_path / "s")
     storage.create()
     storage.put_if_absent("chunks/ab/cd", b"x")
-    for leftover in ("chunks/ab/.tmp-cd.1", "snapshots/.tmp-000000000001.json.2", ".tmp-x.3"):
+    storage.put_if_absent("tables/ef/01", b"y")  # format 2's table objects: the same
+    for leftover in ("chunks/ab/.tmp-cd.1", "snapshots/.tmp-000000000001.json.2", ".tmp-x.3",
+                     "tables/ef/.tmp-01.4"):
         (tmp_path / "s" / leftover).write_bytes(b"half")
-    assert sorted(storage.list_prefix("")) == ["chunks/ab/cd"]
-    assert storage.remove_temporaries() == 3
+    assert sorted(storage.list_prefix("")) == ["chunks/ab/cd", "tables/ef/01"]
+    assert storage.remove_temporaries() == 4
 
 
 def test_create_refuses_a_folder_that_holds_something_else(tmp_path: Path):

@@ -295,14 +295,16 @@ class LocalStorage(Storage):
         return _FileLock(fd)
 
     def remove_temporaries(self) -> int:
-        # Where writes happen: the top, the manifests' folder and the objects' folders
-        # (plain strings: this runs at every writer's open, over 256 folders).
+        # Where writes happen: the top, the manifests' folder and the folders of the chunk
+        # and table objects (plain strings: this runs at every writer's open, over 512
+        # folders).
         root = os.fspath(self.path)
         folders = [root, os.path.join(root, "snapshots")]
-        chunks = os.path.join(root, "chunks")
-        if os.path.isdir(chunks) and not os.path.islink(chunks):
-            with os.scandir(chunks) as listing:
-                folders += [e.path for e in listing if e.is_dir(follow_symlinks=False)]
+        for objects in ("chunks", "tables"):
+            top = os.path.join(root, objects)
+            if os.path.isdir(top) and not os.path.islink(top):
+                with os.scandir(top) as listing:
+                    folders += [e.path for e in listing if e.is_dir(follow_symlinks=False)]
         removed = 0
         for folder in folders:
             try:
