@@ -165,7 +165,7 @@ class TableWriter:
             arrays = {}
             for name, entry in entries.items():
                 chunks, blocks = self._entry(entry)
-                arrays[name] = {**entry.to_json(), "chunks": chunks}
+                arrays[name] = {**layout_to_json(entry), "chunks": chunks}
                 used |= blocks
             return Built(arrays, None, frozenset(used))
         if len(self._names) != len(entries) or set(self._names) != set(entries):
@@ -261,6 +261,8 @@ class TableWriter:
             self._subtree.clear()
             self._entries.clear()
             self._data.clear()
+        if len(self._ends) > 4 * len(self._entries) + 1024:  # names that came and went
+            self._ends.clear()
 
 
 class TableReader:
