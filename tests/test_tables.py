@@ -291,3 +291,14 @@ def test_bytes_written_counts_the_table_objects_a_capture_wrote(tmp_path):
         arrays["x050"] = arrays["x050"] + 1
         info = snap.capture(arrays, step=1).result()
         assert info.bytes_written == _bytes_under(path, "chunks", "tables", "snapshots") - before
+
+
+def test_disk_usage_counts_the_table_objects(tmp_path):
+    path = tmp_path / "s.snap"
+    with arraysnap.open(path) as snap:
+        snap.capture({f"x{i:03d}": np.zeros(4) for i in range(100)}, step=0).result()
+        usage = snap.disk_usage()
+    assert usage.table_bytes == _bytes_under(path, "tables") > 0
+    assert usage.to_json()["table_bytes"] == usage.table_bytes
+    result = CliRunner().invoke(cli, ["du", str(path)])
+    assert result.exit_code == 0 and "; tables " in result.output

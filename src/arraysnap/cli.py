@@ -393,8 +393,8 @@ def du_command(store: Path, as_json: bool) -> None:
                   f"{usage.unreferenced_objects} unused "
                   f"objects of {size_text(usage.unreferenced_bytes)}"
                   f"{': run arraysnap gc' if usage.unreferenced_objects else ''}); manifests "
-                  f"{size_text(usage.manifest_bytes)}; baselines (a cache) "
-                  f"{size_text(usage.baseline_bytes)}")
+                  f"{size_text(usage.manifest_bytes)}; tables {size_text(usage.table_bytes)}; "
+                  f"baselines (a cache) {size_text(usage.baseline_bytes)}")
     for problem in usage.damaged:
         click.echo(f"not counted: {problem}", err=True)
 

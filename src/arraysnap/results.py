@@ -450,6 +450,7 @@ class StoreUsage:
     manifest_bytes: int
     baseline_bytes: int
     damaged: list[str] = field(default_factory=list)
+    table_bytes: int = 0  # format 2's table objects (shared by snapshots, like chunks)
 
     def to_json(self) -> dict[str, Any]:
         return {"snapshots": [s.to_json() for s in self.snapshots], "objects": self.objects,
@@ -457,4 +458,4 @@ class StoreUsage:
                 "unreferenced_objects": self.unreferenced_objects,
                 "unreferenced_bytes": self.unreferenced_bytes,
                 "manifest_bytes": self.manifest_bytes, "baseline_bytes": self.baseline_bytes,
-                "damaged": self.damaged}
+                "table_bytes": self.table_bytes, "damaged": self.damaged}

@@ -191,7 +191,18 @@ class Maintenance:
         return StoreUsage(rows, len(stored), sum(stored.values()), referenced,
                           len(unreferenced), sum(unreferenced),
                           sum(size for _, size in manifests.values()),
-                          self.baselines.stored_bytes(), damaged)
+                          self.baselines.stored_bytes(), damaged, self._table_bytes())
+
+    def _table_bytes(self) -> int:
+        if self.tables is None:
+            return 0
+        total = 0
+        for digest in self.tables.digests():
+            try:
+                total += self.tables.size(digest)
+            except FileNotFoundError:
+                continue  # removed by a concurrent gc
+        return total
 
     # -- deleting --------------------------------------------------------------------------
     def _all_manifests(self, action: str) -> dict[int, tuple[Manifest, int]]:
