@@ -219,12 +219,15 @@ class _Events(Listener):
 class Store:
     """A snapshot store; see :func:`arraysnap.open`.
 
+    Attributes: ``path``, ``mode``, ``codec``, ``chunk_bytes``, and ``format_version``, the
+    store's format (what its writers write; :func:`arraysnap.upgrade` raises it).
+
     >>> import arraysnap, numpy as np, tempfile
     >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
     ...     _ = snap.capture({"x": np.ones(3)}, step=5)
     ...     snap.wait()  # list() shows committed snapshots only
-    ...     [info.step for info in snap.list()]
-    [5]
+    ...     [info.step for info in snap.list()], snap.format_version == arraysnap.FORMAT_VERSION
+    ([5], True)
     """
 
     def __init__(self, storage: Storage, mode: str = "a", *, chunk_bytes: int | None = None,
