@@ -463,9 +463,11 @@ def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
     for name, value in arrays_json.items():
         if isinstance(value, dict) and not isinstance(value.get("chunks"), str):
             assert tables is not None
-            digests = tables.chunks(name, value.get("chunks"), used)
-            value = {**value, "chunks": base64.b64encode(digests).decode("ascii")}
-        arrays[name] = parse_array_entry(name, value)
+            check_array_name(name)
+            arrays[name] = entry_of(name, parse_layout(value, name),
+                                    tables.chunks(name, value.get("chunks"), used))
+        else:
+            arrays[name] = parse_array_entry(name, value)
     if tables_json is not None:
         _require(not arrays, "a manifest lists its arrays or refers to tables, not both")
         assert tables is not None
