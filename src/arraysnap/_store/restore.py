@@ -174,26 +174,20 @@ class Restorer:
         if leases is None:
             return {}
         leased = [filename for filename in by_file if leases.acquire(filename)]
-        try:
-            # Under the leases no writer changes these files; only now is the marker to be
-            # trusted (the writer may have moved on between the first read and the leases).
-            again = baselines.read_marker()
-            if again != marker:
-                return {}
-            arrays = {}
-            for filename in leased:
-                names = by_file[filename]
-                stop = max(extents[name][1] + layouts[name].nbytes for name in names)
-                file_map = self._map_file(baselines.dir / filename, stop)
-                if file_map is None:
-                    continue
-                leases.acquire(filename)  # held by the map, released when it goes
-                leases.keep(filename, file_map)
-                for name in names:
-                    arrays[name] = view_of(file_map, extents[name][1], layouts[name])
-        finally:
-            for filename in leased:
+        arrays: dict[str, np.ndarray] = {}
+        # Under the leases no writer changes these files; only now is the marker to be
+        # trusted (the writer may have moved on between the first read and the leases).
+        unchanged = baselines.read_marker() == marker
+        for filename in leased:
+            names = by_file[filename]
+            stop = max(extents[name][1] + layouts[name].nbytes for name in names)
+            file_map = self._map_file(baselines.dir / filename, stop) if unchanged else None
+            if file_map is None:
                 leases.release(filename)
+                continue
+            leases.keep(filename, file_map)  # the lease now lasts as long as the map
+            for name in names:
+                arrays[name] = view_of(file_map, extents[name][1], layouts[name])
         if verify:
             bad = [name for name, array in arrays.items()
                    if find_bad_chunks(as_bytes(array), manifest.arrays[name], self.pool)]
