@@ -58,9 +58,9 @@ class Objects(dict):
        st.data())
 def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data):
     objects = Objects()
-    writer = TableWriter(objects.put)
+    writer = TableWriter()
     entries = {name: entry(name, n, 0) for name, n in items}
-    built = writer.build(entries)
+    built = writer.build(entries, objects.put)
     writer.committed(built)
     reader = TableReader(objects.__getitem__)
     if built.tables is None:  # few arrays: listed in the manifest, as format 1 does
@@ -76,7 +76,7 @@ def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data)
     changed = dict(entries)
     changed[name] = entry(name, entries[name].n_chunks, 1)
     objects.written.clear()
-    rebuilt = writer.build(changed)
+    rebuilt = writer.build(changed, objects.put)
     blocks = -(-changed[name].n_chunks // BLOCK_CHUNKS) if changed[name].n_chunks > \
         INLINE_CHUNKS else 0
     depth = 0 if rebuilt.tables is None else rebuilt.tables["depth"]
@@ -87,12 +87,12 @@ def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data)
 
 def test_adding_an_array_rewrites_the_nodes_around_it_not_all_after_it():
     objects = Objects()
-    writer = TableWriter(objects.put)
+    writer = TableWriter()
     entries = {f"a{i:05d}": entry(f"a{i:05d}", 1, 0) for i in range(20 * FANOUT)}
-    writer.committed(writer.build(entries))
+    writer.committed(writer.build(entries, objects.put))
     objects.written.clear()
     entries["a00000x"] = entry("a00000x", 1, 0)  # sorts near the front
-    built = writer.build(entries)
+    built = writer.build(entries, objects.put)
     assert built.tables is not None
     assert len(objects.written) <= built.tables["depth"] + 1  # a leaf (maybe split), nodes
 

@@ -192,9 +192,7 @@ class Persister:
         self.objects = objects
         # Format 2: the manifests' tables go to table objects (None: format 1, whole tables).
         self.tables = tables
-        self._table_writer = None if tables is None else TableWriter(self._put_table)
-        self._table_job: PersistJob | None = None
-        self._table_writes: list[Future[int]] = []
+        self._table_writer = None if tables is None else TableWriter()
         self.codec = codec
         self.pool = pool
         self.listener = listener
@@ -510,30 +508,28 @@ class Persister:
     def _build_tables(self, job: PersistJob) -> tuple[Built, int]:
         """The job's tables and the bytes of table objects written for them; the new
         objects are written on threads of their own at once (each write waits for its
-        fsync: one after another they would add up in every commit)."""
-        assert self._table_writer is not None
-        self._table_job, self._table_writes = job, []
-        try:
-            built = self._table_writer.build(job.entries)
-        finally:
-            wait_for(self._table_writes)
-        return built, sum(write.result() for write in self._table_writes)  # or its error
+        fsync: one after another they would add up in every commit), pinned until the job
+        commits."""
+        assert self._table_writer is not None and self._table_writers is not None
+        writers = self._table_writers
+        writes: list[Future[int]] = []
 
-    def _put_table(self, digest: bytes, data: bytes) -> None:
-        """Write one table object for the job being committed, pinned until it commits."""
-        job = self._table_job
-        assert job is not None
-        self.pins.pin((digest,))
-        with self._lock:
-            job.pinned.append(digest)
-        assert self._table_writers is not None
+        def put(digest: bytes, data: bytes) -> None:
+            self.pins.pin((digest,))
+            with self._lock:
+                job.pinned.append(digest)
+            try:
+                writes.append(writers.submit(self._write_table, digest, data))
+            except RuntimeError:  # the writers were shut down (interpreter exit): write here
+                done: Future[int] = Future()
+                done.set_result(self._write_table(digest, data))
+                writes.append(done)
+
         try:
-            self._table_writes.append(self._table_writers.submit(self._write_table, digest,
-                                                                 data))
-        except RuntimeError:  # the writers were shut down (interpreter exit): write here
-            done: Future[int] = Future()
-            done.set_result(self._write_table(digest, data))
-            self._table_writes.append(done)
+            built = self._table_writer.build(job.entries, put)
+        finally:
+            wait_for(writes)
+        return built, sum(write.result() for write in writes)  # or its error
 
     def _write_table(self, digest: bytes, data: bytes) -> int:
         assert self.tables is not None

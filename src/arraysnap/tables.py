@@ -19,10 +19,10 @@ nodes above it and the manifest; unchanged ones are the objects earlier snapshot
 >>> import numpy as np
 >>> from arraysnap.manifest import ArrayEntry
 >>> stored = {}
->>> writer = TableWriter(lambda digest, data: stored.setdefault(digest, data))
+>>> writer = TableWriter()
 >>> entries = {f"a{i:03d}": ArrayEntry(f"a{i:03d}", (1,), np.dtype("f8"), "C", 0, 1,
 ...                                    bytes([i]) * 32) for i in range(200)}
->>> built = writer.build(entries)
+>>> built = writer.build(entries, lambda digest, data: stored.setdefault(digest, data))
 >>> built.arrays, built.tables["arrays"], len(stored) == len(built.digests)
 ({}, 200, True)
 >>> tables = TableReader(lambda digest: stored[digest])
@@ -94,15 +94,16 @@ class Built:
 class TableWriter:
     """Turns a snapshot's entries into table objects, writing only those not written before.
 
-    `put(digest, data)` stores a table object (create-only). What was built is remembered by
+    ``build``'s `put(digest, data)` stores a table object (create-only). What was built is
+    remembered by
     the identity of the entries, so an unchanged array costs a dictionary lookup. Every
     object a build uses that the last committed snapshot did not is put again (the
     storage finds most present): one written for a capture that failed may have been
     collected since.
     """
 
-    def __init__(self, put: Callable[[bytes, bytes], object]) -> None:
-        self._put = put
+    def __init__(self) -> None:
+        self._put: Callable[[bytes, bytes], object] = _no_put  # the build's, while it runs
         self._entries: dict[str, tuple[ArrayEntry, Any, frozenset[bytes]]] = {}
         # Leaves by their names: the entries they were built of (held, so that identity
         # means what it says), their digest and the blocks below them.
@@ -144,12 +145,17 @@ class TableWriter:
         self._written.add(digest)
         return digest
 
-    def build(self, entries: Mapping[str, ArrayEntry]) -> Built:
-        """The manifest's view of `entries`, writing the table objects it needs first."""
-        self._written = set()
-        built = self._build(entries)
-        for digest in built.digests - self._committed - self._written:
-            self._put(digest, self._data[digest])
+    def build(self, entries: Mapping[str, ArrayEntry],
+              put: Callable[[bytes, bytes], object]) -> Built:
+        """The manifest's view of `entries`, writing the table objects it needs with `put`
+        first."""
+        self._put, self._written = put, set()
+        try:
+            built = self._build(entries)
+            for digest in built.digests - self._committed - self._written:
+                put(digest, self._data[digest])
+        finally:
+            self._put = _no_put
         return built
 
     def committed(self, built: Built) -> None:
@@ -399,6 +405,10 @@ class TableReader:
             else:  # blocks: fetched when the entry is used, checked then
                 result.append((entry_of(name, parsed[index], b"", check_table=False), chunks))
         return result
+
+
+def _no_put(digest: bytes, data: bytes) -> None:
+    raise RuntimeError("table objects are written only during TableWriter.build")
 
 
 def _with_digests(entry: ArrayEntry, digests: bytes) -> ArrayEntry:
