@@ -41,7 +41,6 @@ import os
 import stat
 import uuid
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -416,17 +415,6 @@ class Baselines:
             if old.layout.nbytes:
                 np.copyto(extent.buffer, old.buffer)
             self._set(name, extent)
-
-    def bytes_to_place(self, layouts: Iterable[tuple[str, ChunkLayout]]) -> int:
-        """Bytes of new extents a capture of `layouts` would allocate, less what the
-        extents it replaces hold (an estimate: freed bytes are reused only when no map of
-        their file is held)."""
-        needed = 0
-        for name, layout in layouts:
-            extent = self._extents.get(name)
-            if extent is None or (extent.layout is not layout and extent.layout != layout):
-                needed += layout.nbytes - (0 if extent is None else extent.layout.nbytes)
-        return needed
 
     def free_bytes(self) -> int:
         """Bytes free for an unprivileged writer on the baselines' file system."""

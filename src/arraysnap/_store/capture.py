@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,14 @@ __all__ = ["Capturer", "Prepared", "check_state", "check_step", "prepare_arrays"
 
 log = logging.getLogger("arraysnap")
 
-Prepared = list[tuple[str, np.ndarray, ChunkLayout]]
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A capture's checked input: each array with the layout it is captured in, and the
+    baseline bytes the capture will allocate (arrays new or of a new shape, less the bytes
+    of the baselines they replace)."""
+
+    arrays: list[tuple[str, np.ndarray, ChunkLayout]]
+    new_bytes: int
 
 
 # -- input checks --------------------------------------------------------------------------
@@ -54,6 +62,7 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Pr
         raise TypeError(f"capture() takes a dict of name -> numpy array, got "
                         f"{type(arrays).__name__}")
     prepared = []
+    new_bytes = 0
     for name, array in arrays.items():
         layout = baselines.layout_of(name) if type(name) is str else None
         if layout is None:  # a name with a baseline was checked when it was first captured
@@ -70,9 +79,11 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Pr
         # does not force a whole re-capture.
         if (layout is None or layout.shape != array.shape or layout.dtype != array.dtype
                 or layout.order != order):
+            new_bytes -= 0 if layout is None else layout.nbytes
             layout = plan_layout(array.shape, array.dtype, order, chunk_bytes)
+            new_bytes += layout.nbytes
         prepared.append((name, array, layout))
-    return prepared
+    return Prepared(prepared, new_bytes)
 
 
 # Subclasses whose data is plain ndarray data: captured as their base array, and restored
@@ -200,7 +211,7 @@ class Capturer:
             raise TypeError(f"dims must be a dict of array name -> dimension names, got "
                             f"{type(dims).__name__}")
         given = dict(dims or {})
-        shapes = {name: array.shape for name, array, _ in prepared}
+        shapes = {name: array.shape for name, array, _ in prepared.arrays}
         unknown = sorted(set(given) - set(shapes), key=str)
         if unknown:
             raise ValueError(f"dims names arrays that are not captured: {unknown}; the "
@@ -262,7 +273,7 @@ class Capturer:
         """The error for a capture whose new baselines (arrays new, or of a new shape) would
         not fit on their file system, or None: a full disk is named before anything is
         written, not found half-way."""
-        needed = self.baselines.bytes_to_place((name, layout) for name, _, layout in prepared)
+        needed = prepared.new_bytes
         if needed <= 0:
             return None
         free = self.baselines.free_bytes()
@@ -280,8 +291,9 @@ class Capturer:
         deltas = []
         compared = 0
         try:
-            tracking.retain_only({name for name, _, _ in prepared})
-            for name, live, layout in prepared:
+            names = {name for name, _, _ in prepared.arrays}
+            tracking.retain_only(names)
+            for name, live, layout in prepared.arrays:
                 target = self.baselines.baseline(name, layout, live)
                 baseline, fresh = target.buffer, target.fresh
                 # Before the comparison: from here on, writes count for the next capture.
@@ -305,12 +317,12 @@ class Capturer:
                     tracking.unprotect_changed(name, changed)
                 deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
                                          self._dims.get(name)))
-            self.baselines.retain_only({name for name, _, _ in prepared})
+            self.baselines.retain_only(names)
         except BaseException:
             # Baselines already updated hold changes no snapshot has; forget them so the next
             # capture writes those arrays whole (dedup keeps unchanged chunks free).
             tracking.forget_all()
-            for name, _, _ in prepared:
+            for name, _, _ in prepared.arrays:
                 try:
                     self.baselines.forget(name)
                 except OSError as forget_error:
