@@ -239,9 +239,10 @@ def test_recovery_of_thousands_of_arrays_logs_one_line_not_one_per_array(store_p
     with arraysnap.open(store_path) as snap:
         snap.capture(arrays, step=0)
     shutil.rmtree(store_path / "mirror")
-    for chunk in (store_path / "chunks").rglob("*"):
-        if chunk.is_file():
-            chunk.unlink()
+    for folder in ("chunks", "packs"):
+        for chunk in (store_path / folder).rglob("*"):
+            if chunk.is_file():
+                chunk.unlink()
     with caplog.at_level("INFO", logger="arraysnap"):
         with arraysnap.open(store_path) as snap:
             lines = [r for r in caplog.records if "baselines of" in r.getMessage()]

@@ -20,7 +20,7 @@ from conftest import REPO, assert_bit_exact
 
 import arraysnap
 from arraysnap.cli import cli
-from arraysnap.testing import chunk_file
+from arraysnap.testing import chunk_ranges, chunk_references
 
 COMMANDS = ["ls", "show", "diff", "verify", "prune", "gc", "du", "export", "restore", "stats"]
 
@@ -53,6 +53,11 @@ def make_history(path: Path) -> dict[int, dict[str, np.ndarray]]:
     return held
 
 
+def _object_files(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for folder in ("chunks", "packs")
+            for p in (path / folder).rglob("*") if p.is_file()}
+
+
 @pytest.fixture
 def history(tmp_path: Path) -> tuple[Path, dict[int, dict[str, np.ndarray]]]:
     path = tmp_path / "run.snap"
@@ -60,9 +65,12 @@ def history(tmp_path: Path) -> tuple[Path, dict[int, dict[str, np.ndarray]]]:
 
 
 def flip_a_byte_of(store: Path, seq: int, name: str, chunk: int) -> Path:
-    victim = chunk_file(store, seq, name, chunk)
+    """Flip a byte in the middle of the stored bytes of one chunk (in its pack, or its own
+    object); return the file."""
+    relative, offset, length = chunk_ranges(store)[(seq, name, chunk)]
+    victim = store / relative
     data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x40
+    data[offset + (len(data) - offset if length < 0 else length) // 2] ^= 0x40
     victim.write_bytes(bytes(data))
     return victim
 
@@ -231,9 +239,12 @@ def test_prune_keep_last(history):
     code, out, _ = run("prune", path, "--keep-last", "1", "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["snapshots_removed"] == [1, 2] and report["chunks_removed"] > 0
+    assert report["snapshots_removed"] == [1, 2]
     with arraysnap.open(path, mode="r") as snap:
         assert [s.seq for s in snap.list()] == [3] and snap.verify().ok
+    # What is left is what snapshot 3 uses (here its packs: each holds some chunk of it).
+    used = {obj for obj, users in chunk_references(path).items()}
+    assert _object_files(path) == used and report["chunks_removed"] == 0
 
 
 def test_prune_needs_a_policy_and_the_lock(history):
@@ -286,13 +297,14 @@ def test_du_unique_and_shared_bytes(history):
     usage = json.loads(out)
     rows = usage["snapshots"]
     assert [row["seq"] for row in rows] == [1, 2, 3]
-    on_disk = sum(f.stat().st_size for f in (path / "chunks").rglob("*") if f.is_file())
+    on_disk = sum((path / f).stat().st_size for f in _object_files(path))
     assert usage["object_bytes"] == usage["referenced_bytes"] == on_disk
     assert sum(row["new_bytes"] for row in rows) == on_disk
     for row in rows:
         assert row["unique_bytes"] + row["shared_bytes"] == row["referenced_bytes"]
-    # u's chunk 2 changed at step 10 and stayed: step 0's old chunk 2 is unique to snapshot 1.
-    assert rows[0]["unique_bytes"] > 0
+    # Snapshot 3's pack (u's chunks 5, 6 and 7) is its alone; snapshot 1's pack holds chunks
+    # that the later ones still use, so all of it is shared.
+    assert rows[2]["unique_bytes"] > 0 and rows[0]["unique_bytes"] == 0
     # Snapshots 2 and 3 share everything but u's chunks 5, 6 and 7 (and, for 1 and 2, chunk 2).
     assert rows[1]["shared_bytes"] > rows[1]["unique_bytes"]
     code, out, _ = run("du", path)

@@ -130,8 +130,8 @@ def test_sigkill_at_every_kind_of_file_operation(tmp_path: Path):
     ops = operation_kinds(out)
     kinds = set(ops)
     # A sanity floor: else this test would test nothing.
-    assert {"write:chunks", "replace:snapshots", "unlink:snapshots", "unlink:chunks",
-            "write:mirror"} <= kinds, kinds
+    assert {"write:chunks", "write:packs", "replace:snapshots", "unlink:snapshots",
+            "unlink:chunks", "write:mirror"} <= kinds, kinds
     for target, after in kill_points(ops):
         path = tmp_path / f"kill-{target}-{after}"
         shutil.copytree(template, path)

@@ -17,15 +17,19 @@ import arraysnap
 from arraysnap.testing import (
     CHUNK_DAMAGE,
     baseline_extent,
+    chunk_ranges,
     chunk_references,
     damage_object,
     flip_bit,
+    truncate,
 )
 
 
-def build_integrity_store(path: Path, codec: str) -> list[dict[str, np.ndarray]]:
-    """Four snapshots of one 8-chunk array "u" (+ a small "t"); each step changes a chunk."""
-    u = np.random.default_rng(11).standard_normal((8, 512))
+def build_integrity_store(path: Path, codec: str, rows: int = 70) -> list[dict[str, np.ndarray]]:
+    """Four snapshots of one array "u" of `rows` chunks (+ a small "t"); each step changes a
+    chunk. (70 chunks, more than a pack takes: each is a chunk object of its own; at 8,
+    they are packed, see the tests of packs below.)"""
+    u = np.random.default_rng(11).standard_normal((rows, 512))
     captured = []
     with arraysnap.open(path, chunk_bytes=CHUNK, codec=codec) as snap:
         for step, chunk in enumerate([None, 2, 5, 6]):
@@ -141,3 +145,51 @@ def test_damaged_manifests_are_detected_never_misread(store_path: Path):
         snap.wait()
         assert_arrays(snap.restore().arrays, captured[0])
 
+
+
+# -- packs (format 3): the chunks of small arrays, many to an object ----------------------------
+PACK_DAMAGE = ("flip-in-chunk", "truncate-at-chunk", "empty", "delete", "replace-with-directory")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "none"])
+@pytest.mark.parametrize("how", PACK_DAMAGE)
+def test_damaged_packs_are_reported_with_their_array_and_chunk(store_path: Path, how: str,
+                                                               codec: str):
+    captured = build_integrity_store(store_path, codec, rows=8)
+    ranges = chunk_ranges(store_path)
+    assert all(obj.startswith("packs/") for obj, _, _ in ranges.values())
+    pack, offset, length = ranges[(1, "u", 2)]  # chunk 2 as first captured: snapshot 1 only
+    file = store_path / pack
+    if how == "flip-in-chunk":
+        flip_bit(file, offset + length // 2, 2)
+        hit = {(pack, offset)}
+    elif how == "truncate-at-chunk":
+        truncate(file, offset + length // 2)
+        hit = {(obj, start) for obj, start, size in ranges.values()
+               if obj == pack and start + size > offset + length // 2}
+    else:
+        if how == "empty":
+            file.write_bytes(b"")
+        else:
+            file.unlink()
+            if how == "replace-with-directory":
+                file.mkdir()
+        hit = {(obj, start) for obj, start, _ in ranges.values() if obj == pack}
+    expected = {use for use, (obj, start, _) in ranges.items() if (obj, start) in hit}
+    assert (1, "u", 2) in expected and (2, "u", 2) not in expected
+
+    for mode in ("r", "a"):
+        with arraysnap.open(store_path, mode=mode) as snap:  # type: ignore[arg-type]
+            report = snap.verify()
+            assert {(p.seq, p.array, p.chunk) for p in report.problems} == expected, str(report)
+            for seq in range(1, 5):
+                chunks = sorted((name, chunk) for s, name, chunk in expected if s == seq)
+                if not chunks or seq == 4:  # the latest comes from the (verified) baseline
+                    assert_arrays(snap.restore(seq=seq).arrays, captured[seq - 1])
+                    continue
+                with pytest.raises(arraysnap.CorruptSnapshotError) as caught:
+                    snap.restore(seq=seq)
+                message = str(caught.value)
+                assert any(f"array {name!r}" in message and f"chunk {chunk}" in message
+                           for name, chunk in chunks), message
+                assert "pack" in message

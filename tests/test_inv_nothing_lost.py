@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 from conftest import (
@@ -35,8 +36,10 @@ def open_faulty(plan: FaultPlan, **options: Any) -> arraysnap.Store:
 
 
 def fault_arrays(step: int) -> dict[str, np.ndarray]:
-    """Step 0, then step 1 with two chunks changed, a shape change, one array gone, one new."""
-    u = np.random.default_rng(5).standard_normal((16, 512))
+    """Step 0, then step 1 with two chunks changed, a shape change, one array gone, one new.
+    (u has 70 chunks, more than a pack takes: its changed chunks are chunk objects of their
+    own, the others' chunks go to a pack, so that a capture writes both kinds.)"""
+    u = np.random.default_rng(5).standard_normal((70, 512))
     arrays = {"u": u, "v": np.arange(3000, dtype=np.float32).reshape(30, 100),
               "w": np.full(600, 7.0)}
     if step >= 1:
@@ -95,6 +98,13 @@ def failed_capture_round(path: Path, op: str, index: int, err: int, *, reopen: b
         for name in sorted(set(after) - set(before)):
             if name.startswith("chunks/"):
                 assert_valid_object(path, name)
+            elif name.startswith("tables/"):  # content-addressed: whole if it hashes to its name
+                digest = blake3.blake3((path / name).read_bytes()).hexdigest()
+                assert digest == name.replace("tables/", "").replace("/", ""), f"{name} is torn"
+            elif name.startswith("packs/"):
+                # A pack the failed capture wrote, whole (written under a temporary name and
+                # renamed); no manifest uses it, so gc removes it.
+                assert (path / name).is_file() and (path / name).stat().st_size > 0, name
             else:
                 # fsync of the snapshots folder failed after the rename: the manifest is whole
                 # and may stay; it must then hold exactly the captured arrays (checked below).

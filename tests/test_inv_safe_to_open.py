@@ -17,7 +17,7 @@ from typing import Any
 import blake3
 import numpy as np
 import pytest
-from conftest import REPO, SCALE, TORTURE, assert_arrays, run_child
+from conftest import CHUNK, REPO, SCALE, TORTURE, assert_arrays, run_child
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -259,8 +259,8 @@ def test_hostile_rng_seed_sequence_cannot_hang_restore(template_store: Path):
 
 
 
-@pytest.mark.parametrize("what", ["manifest", "chunk-object", "settings", "journal-segment",
-                                  "history"])
+@pytest.mark.parametrize("what", ["manifest", "chunk-object", "pack", "settings",
+                                  "journal-segment", "history"])
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_special_files_in_a_store_give_an_error_not_a_hang(template_store: Path, what: str,
                                                             kind: str):
@@ -273,7 +273,11 @@ def test_special_files_in_a_store_give_an_error_not_a_hang(template_store: Path,
         target.parent.mkdir(exist_ok=True)
     elif what == "history":
         target = template_store / "history.jsonl"
-    else:
+    elif what == "pack":
+        target = next(p for p in (template_store / "packs").glob("*/*"))
+    else:  # a chunk object of its own: of an array too large for packs (70 chunks)
+        with arraysnap.open(template_store, chunk_bytes=CHUNK) as snap:
+            snap.capture({"big": np.arange(70 * CHUNK // 8, dtype=np.float64)}, step=8)
         target = next(p for p in (template_store / "chunks").glob("*/*"))
     target.unlink(missing_ok=True)
     if kind == "fifo":

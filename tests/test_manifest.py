@@ -9,6 +9,7 @@ import pytest
 
 from arraysnap.errors import CorruptSnapshotError, FormatVersionError
 from arraysnap.manifest import (
+    MANIFEST_VERSION,
     ArrayEntry,
     Manifest,
     _checksum,
@@ -77,8 +78,9 @@ def test_checksum_detects_any_edit():
 
 
 def test_newer_version_names_both_versions():
-    with pytest.raises(FormatVersionError, match=r"version 3.*version 2"):
-        parse_manifest(edit(sample(), lambda b: b.update(version=3)), expected_seq=7)
+    newer = MANIFEST_VERSION + 1
+    with pytest.raises(FormatVersionError, match=rf"version {newer}.*version {MANIFEST_VERSION}"):
+        parse_manifest(edit(sample(), lambda b: b.update(version=newer)), expected_seq=7)
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff\xfe", b"[]", b"{" * 100_000, b'{"format": 1}',

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -410,12 +412,13 @@ def test_chunk_objects_are_written_by_more_than_one_thread(store_path: Path):
     plan.add(Rule("put_if_absent", "chunks", before=enter, after=leave))
     gate = plan.gate("put_if_absent", "chunks")  # after enter(): writers wait inside
     with arraysnap.open(chunk_bytes=CHUNK, **options) as snap:
-        snap.capture({"u": np.zeros(16 * 512)}, step=0).result()
+        # 70 chunks: more than a pack takes, so each is a chunk object of its own.
+        snap.capture({"u": np.zeros(70 * 512)}, step=0).result()
         gate.close()
-        info = snap.capture({"u": np.arange(16 * 512.0)}, step=1)
+        info = snap.capture({"u": np.arange(70 * 512.0)}, step=1)
         assert two.wait(30), "one chunk object at a time"
         gate.open()
-        assert info.result().chunks_changed == 16
+        assert info.result().chunks_changed == 70
         assert snap.verify().ok
 
 
@@ -522,3 +525,25 @@ def test_a_mapping_kept_while_a_chunk_makes_room_is_dropped_for_it(monkeypatch):
     budget.give(*box["value"])
     budget.trim()
     assert budget.used == 0
+
+
+def test_a_large_chunk_waiting_for_room_a_pack_holds_does_not_wait_for_ever(store_path: Path):
+    """With a small buffer budget, a chunk larger than the budget waits until nothing else is
+    held; the open pack (small arrays' chunks, format 3) would be written only at the end of
+    the job, which waits for that chunk: the wait must first have the pack written. (In a
+    child process: were it to hang, the test fails instead of hanging too.)"""
+    script = textwrap.dedent(f"""
+        import numpy as np, arraysnap
+        rng = np.random.default_rng(8)
+        arrays = {{f"small{{i:02d}}": rng.random(64) for i in range(20)}}
+        arrays["big"] = rng.random(70 * (512 << 10) // 8)  # 70 chunks of 512 KiB, random
+        with arraysnap.open({str(store_path)!r}, chunk_bytes=512 << 10,
+                            buffer_bytes=256 << 10) as snap:
+            assert snap.capture(arrays, step=0).result().chunks_changed == 90
+            restored = snap.restore()
+            assert all(np.array_equal(restored.arrays[n], a) for n, a in arrays.items())
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -13,7 +13,9 @@ import zarr
 from conftest import assert_bit_exact, store_files
 
 import arraysnap
+from arraysnap._store.maintenance import stored_objects
 from arraysnap.codecs import parse_codec
+from arraysnap.packs import pack_key
 from arraysnap.testing import chunk_file
 
 
@@ -176,12 +178,13 @@ def test_proportional_writes_only_changed_chunks(store_path):
         assert first.chunks_changed == 32
         unchanged = snap.capture({"u": state}, step=1).result()
         assert unchanged.chunks_changed == 0
-        objects_before = sum(1 for _ in (store_path / "chunks").rglob("*") if _.is_file())
+        objects_before = _object_files(store_path)
         state[10, 0] += 1.0     # chunk 1 (rows 8-15)
         state[200, 5] += 1.0    # chunk 25
         two = snap.capture({"u": state}, step=2).result()
-    objects_after = sum(1 for _ in (store_path / "chunks").rglob("*") if _.is_file())
-    assert two.chunks_changed == 2 and objects_after - objects_before == 2
+    new = _object_files(store_path) - objects_before
+    # Both changed chunks in one pack (format 3): one object, one fsync.
+    assert two.chunks_changed == 2 and len(new) == 1 and next(iter(new)).startswith("packs/")
     codec = parse_codec("zstd")
     encoded = sum(len(codec.encode(state[r : r + 8].tobytes(), 8)) for r in (8, 200))
     manifest = (store_path / "snapshots" / f"{two.seq:012d}.json").stat().st_size
@@ -190,11 +193,23 @@ def test_proportional_writes_only_changed_chunks(store_path):
     assert unchanged.bytes_written < 8 << 10  # a manifest only
 
 
+def _object_files(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for folder in ("chunks", "packs")
+            for p in (path / folder).rglob("*") if p.is_file()}
+
+
 def test_identical_chunks_are_stored_once_across_arrays_and_snapshots(snap, store_path):
     zeros = np.zeros(4096 * 8, dtype="u1")  # 8 identical chunks
     info = snap.capture({"a": zeros, "b": zeros.copy()}, step=1).result()
     assert info.chunks_changed == 16 and info.chunks_deduplicated == 15
-    assert sum(1 for p in (store_path / "chunks").rglob("*") if p.is_file()) == 1
+    (pack,) = _object_files(store_path)  # one pack holding the one chunk
+    assert (store_path / pack).stat().st_size == len(parse_codec("zstd").encode(bytes(4096), 1))
+    # A chunk object of its own (an array too large for packs) is shared across snapshots.
+    big = np.zeros(4096 * 70, dtype="u1")
+    first = snap.capture({"big": big}, step=2).result()
+    second = snap.capture({"big": big.copy(), "again": big.copy()}, step=3).result()
+    assert first.chunks_deduplicated == 69 and second.chunks_deduplicated == 70
+    assert sum(1 for f in _object_files(store_path) if f.startswith("chunks/")) == 1
 
 
 def test_list_latest_and_stats(snap):
@@ -250,26 +265,28 @@ def test_read_only_store_never_writes(store_path):
 
 
 def test_prune_and_gc(snap, store_path):
-    u = np.zeros(4096 * 5, dtype="u1")
+    u = np.zeros(4096 * 70, dtype="u1")  # 70 chunks: chunk objects of their own
     for step in range(5):
         u[step * 4096] = step + 1  # one new chunk per snapshot
         u[1] = step + 1  # and a new version of chunk 0, so old versions become garbage
-        snap.capture({"u": u}, step=step)
+        # w changes whole at every step: its chunks are packed, each snapshot's in a pack
+        # that no later snapshot uses.
+        snap.capture({"u": u, "w": np.full(8192, step, dtype="u1")}, step=step)
     report = snap.prune(keep_last=2)
     assert report.snapshots_removed == (1, 2, 3)
     assert [s.step for s in snap.list()] == [3, 4]
     assert snap.verify().ok
     assert_bit_exact(snap.restore(step=3).arrays["u"], _expected_after(3))
-    used = {d for s in (4, 5) for r in snap._catalog.load(s)[0].arrays.values()
-            for d in (r.digest(i) for i in range(r.n_chunks))}
-    assert set(snap._objects.digests()) == used
-    assert report.chunks_removed > 0 and report.bytes_freed > 0
+    used = set().union(*(stored_objects(snap._catalog.load(s)[0]) for s in (4, 5)))
+    assert {len(d) for d in used} == {32, 16}  # chunk objects and packs
+    assert set(snap._objects.digests()) | set(snap._objects.pack_ids()) == used
+    assert report.chunks_removed >= 3 + 3 and report.bytes_freed > 0  # 3 of u's, 3 packs
     with pytest.raises(ValueError, match="positive integer"):
         snap.prune(keep_last=0)
 
 
 def _expected_after(step: int) -> np.ndarray:
-    u = np.zeros(4096 * 5, dtype="u1")
+    u = np.zeros(4096 * 70, dtype="u1")
     for s in range(step + 1):
         u[s * 4096] = s + 1
     u[1] = step + 1
@@ -394,7 +411,7 @@ def test_latest_is_always_the_last_listed(store_path):
         snap.capture({"u": np.arange(3.0)}, step=1)
         snap.capture({"u": np.arange(3.0) * 2}, step=2)
     newest = store_path / "snapshots" / f"{2:012d}.json"
-    newest.write_bytes(newest.read_bytes().replace(b'"version":2', b'"version":3'))
+    newest.write_bytes(newest.read_bytes().replace(b'"version":3', b'"version":4'))
     with arraysnap.open(store_path, mode="r") as reader:
         assert [info.seq for info in reader.list()] == [1]
         assert reader.latest() == reader.list()[-1]
@@ -676,3 +693,31 @@ def test_a_store_dropped_without_close_still_commits_what_it_captured(store_path
     assert info.result(timeout=20).step == 1
     with arraysnap.open(store_path, mode="r") as reader:
         assert [s.step for s in reader.list()] == [1]
+
+
+def test_a_pack_mostly_replaced_is_packed_again_and_then_freed(store_path):
+    """A pack whose chunks later captures mostly replaced is not kept alive for ever by the
+    few that stayed: the next capture packs those again, and once the snapshots that used
+    the old pack are pruned, it is deleted."""
+    arrays = {f"a{i:03d}": np.full(512, float(i)) for i in range(100)}
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        snap.capture(arrays, step=0).result()
+        (first,) = stored_objects(snap._catalog.load(1)[0])
+        for i in range(60):  # 60 of the 100 chunks of the first pack are replaced
+            arrays[f"a{i:03d}"] = arrays[f"a{i:03d}"] + 1
+        changed = snap.capture(arrays, step=1).result()
+        assert changed.chunks_changed == 60
+        assert first in stored_objects(snap._catalog.load(2)[0])  # 40 % of it still used
+        again = snap.capture(arrays, step=2).result()  # nothing changed: the 40 move
+        assert again.chunks_changed == 0
+        assert first not in stored_objects(snap._catalog.load(3)[0])
+        assert (store_path / pack_key(first)).exists()  # snapshots 1 and 2 still use it
+        snap.prune(keep_last=1)
+        assert not (store_path / pack_key(first)).exists()
+        assert snap.verify().ok
+        restored = snap.restore()
+        for name, array in arrays.items():
+            assert_bit_exact(restored.arrays[name], array)
+        settled = snap.capture(arrays, step=3).result()  # nothing more to move
+        assert stored_objects(snap._catalog.load(4)[0]) == stored_objects(
+            snap._catalog.load(3)[0]) and settled.bytes_written < 4096

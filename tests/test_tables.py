@@ -186,14 +186,20 @@ def _put_table(path: Path, data: bytes) -> str:
 LAYOUT = {"shape": [1], "dtype": "|u1", "order": "C", "split_axis": 0, "rows_per_chunk": 1}
 
 
-def _leaf(path: Path, rows: list) -> str:
-    return _put_table(path, json.dumps({"layouts": [LAYOUT], "arrays": rows}).encode())
+def _leaf(path: Path, rows: list, packs: list | None = None) -> str:
+    body: dict = {"layouts": [LAYOUT], "arrays": rows}
+    if packs is not None:
+        body["packs"] = packs
+    return _put_table(path, json.dumps(body).encode())
 
 
 @pytest.mark.parametrize("hostile", [
     "depth-too-deep", "count-lies", "names-out-of-order", "names-repeat", "not-a-digest",
     "leaf-is-a-list", "layout-index-out-of-range", "too-few-digests", "first-name-lies",
     "block-of-odd-size", "both-arrays-and-tables",
+    # format 3: where packed chunks are
+    "where-too-short", "where-pack-out-of-range", "where-negative-offset", "where-not-ints",
+    "where-past-the-pack", "where-with-blocks", "packs-not-ids", "pack-missing",
 ])
 def test_hostile_tables_give_a_clear_error_never_a_crash(tmp_path, hostile):
     path = tmp_path / "s.snap"
@@ -225,6 +231,22 @@ def test_hostile_tables_give_a_clear_error_never_a_crash(tmp_path, hostile):
         block = _put_table(path, b"\x00" * 33)
         tables["children"] = [["a", 2, _leaf(path, [["a", 0, {"blocks": [block]}],
                                                     ["b", 0, good]])]]
+    elif hostile.startswith(("where", "pack")):
+        packs, where = body["packs"], body["arrays"]["u"]["where"]  # u's zero byte, packed
+        bad = {"where-too-short": where[:2], "where-pack-out-of-range": [7, 0, where[2]],
+               "where-negative-offset": [0, -1, where[2]],
+               "where-not-ints": [0, 0.5, where[2]], "where-past-the-pack": [0, 1 << 30, 9],
+               "where-with-blocks": where, "packs-not-ids": where,
+               "pack-missing": where}[hostile]
+        chunks: object = good
+        if hostile == "where-with-blocks":
+            chunks = {"blocks": [_put_table(path, bytes(32))]}
+        if hostile == "packs-not-ids":
+            packs = ["../../etc/passwd"]
+        if hostile == "pack-missing":
+            packs = [base64.b64encode(bytes(16)).decode()]
+        tables["children"] = [["a", 2, _leaf(path, [["a", 0, chunks, bad], ["b", 0, good]],
+                                             packs)]]
     body["arrays"] = {} if hostile != "both-arrays-and-tables" else body["arrays"]
     body["tables"] = tables
     (path / "snapshots" / f"{1:012d}.json").write_bytes(_signed(body))
@@ -241,9 +263,11 @@ def test_the_hostile_template_itself_reads(tmp_path):
         snap.capture({"u": np.zeros(1, dtype="u1")}, step=0)
     body = _manifest(path, 1)
     good = base64.b64encode(blake3.blake3(b"\x00").digest()).decode()
-    rows = [["a", 0, good], ["b", 0, good]]
+    where = body["arrays"]["u"]["where"]  # u's zero byte, in a pack (format 3)
+    rows = [["a", 0, good, where], ["b", 0, good, where]]
+    tables = {"arrays": 2, "depth": 1, "children": [["a", 2, _leaf(path, rows, body["packs"])]]}
     body["arrays"] = {}
-    body["tables"] = {"arrays": 2, "depth": 1, "children": [["a", 2, _leaf(path, rows)]]}
+    body["tables"] = tables
     (path / "snapshots" / f"{1:012d}.json").write_bytes(_signed(body))
     with arraysnap.open(path, mode="r") as reader:
         assert set(reader.restore(seq=1).arrays) == {"a", "b"}  # chunk "u"'s zero byte
@@ -264,20 +288,44 @@ def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tm
         with pytest.raises(arraysnap.StoreLockedError):
             arraysnap.upgrade(store)
     result = CliRunner().invoke(cli, ["upgrade", str(store)])
-    assert result.exit_code == 0 and "from format 1 to format 2" in result.output
-    assert json.loads((store / "arraysnap.json").read_text())["version"] == 2
+    assert result.exit_code == 0 and "from format 1 to format 3" in result.output
+    assert json.loads((store / "arraysnap.json").read_text())["version"] == 3
     arrays["p003"] = arrays["p003"] + 1
     with arraysnap.open(store) as snap:
-        assert snap.format_version == 2
+        assert snap.format_version == 3
         snap.capture(arrays, step=40)
-    assert _manifest(store, 4)["version"] == 2 and "tables" in _manifest(store, 4)
+    assert _manifest(store, 4)["version"] == 3 and "tables" in _manifest(store, 4)
+    assert any((store / "packs").rglob("*"))
     with arraysnap.open(store, mode="r") as reader:
         assert reader.verify().ok
         assert_bit_exact(reader.restore(step=30).arrays["p003"], np.full(3, 3.0))
         assert_bit_exact(reader.restore(step=40).arrays["p003"], np.full(3, 4.0))
         assert reader.restore(step=10).step == 10  # the fixture's own snapshots
     again = CliRunner().invoke(cli, ["upgrade", str(store)])
-    assert again.exit_code == 0 and "already format 2" in again.output
+    assert again.exit_code == 0 and "already format 3" in again.output
+
+
+def test_a_writer_continues_a_format_2_store_in_format_2_until_it_is_upgraded(tmp_path):
+    """Format 2 has no packs: its writer writes chunk objects until the store is upgraded,
+    so that a release reading format 2 only still reads it."""
+    store = tmp_path / "v2.snap"
+    shutil.copytree(REPO / "tests" / "fixtures" / "v2-store", store)
+    arrays = {f"p{i:03d}": np.full(3, float(i)) for i in range(INLINE_ARRAYS + 10)}
+    with arraysnap.open(store) as snap:
+        assert snap.format_version == 2
+        snap.capture(arrays, step=30)
+    assert _manifest(store, 3)["version"] == 2 and not (store / "packs").exists()
+    assert arraysnap.upgrade(store) == 2
+    arrays["p003"] = arrays["p003"] + 1
+    with arraysnap.open(store) as snap:
+        assert snap.format_version == 3
+        snap.capture(arrays, step=40)
+    assert _manifest(store, 4)["version"] == 3 and any((store / "packs").rglob("*"))
+    with arraysnap.open(store, mode="r") as reader:
+        assert reader.verify().ok
+        assert_bit_exact(reader.restore(step=30).arrays["p003"], np.full(3, 3.0))
+        assert_bit_exact(reader.restore(step=40).arrays["p003"], np.full(3, 4.0))
+        assert reader.restore(step=10).step == 10  # the fixture's own snapshots
 
 
 def test_bytes_written_counts_the_table_objects_a_capture_wrote(tmp_path):
@@ -287,10 +335,11 @@ def test_bytes_written_counts_the_table_objects_a_capture_wrote(tmp_path):
     arrays = {f"x{i:03d}": np.full(4, float(i)) for i in range(100)}
     with arraysnap.open(path) as snap:
         snap.capture(arrays, step=0).result()
-        before = _bytes_under(path, "chunks", "tables", "snapshots")
+        before = _bytes_under(path, "chunks", "packs", "tables", "snapshots")
         arrays["x050"] = arrays["x050"] + 1
         info = snap.capture(arrays, step=1).result()
-        assert info.bytes_written == _bytes_under(path, "chunks", "tables", "snapshots") - before
+        assert info.bytes_written == (_bytes_under(path, "chunks", "packs", "tables", "snapshots")
+                                      - before)
 
 
 def test_disk_usage_counts_the_table_objects(tmp_path):

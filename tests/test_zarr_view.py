@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 import arraysnap
-from arraysnap.testing import chunk_file
+from arraysnap.testing import chunk_ranges
 
 
 def arrays() -> dict[str, np.ndarray]:
@@ -71,10 +71,10 @@ def test_corrupt_chunk_is_reported_through_zarr(store_path):
     with arraysnap.open(store_path, chunk_bytes=64) as snap:
         snap.capture({"u": np.arange(100.0)})
         store = snap.zarr_store()
-        victim = chunk_file(store_path, 1, "u", 3)
-    data = bytearray(victim.read_bytes())
-    data[-1] ^= 1
-    victim.write_bytes(bytes(data))
+        victim, offset, length = chunk_ranges(store_path)[(1, "u", 3)]
+    data = bytearray((store_path / victim).read_bytes())
+    data[offset + length - 1] ^= 1
+    (store_path / victim).write_bytes(bytes(data))
     array = zarr.open_array(store, path="u", mode="r")
     with pytest.raises(arraysnap.CorruptSnapshotError, match="array 'u', chunk 3"):
         array[...]

@@ -63,6 +63,26 @@ class Held:
             self.size = data.nbytes
             mapping[: self.size] = data
 
+    @classmethod
+    def empty(cls, mapping: mmap.mmap) -> Held:
+        """A buffer over `mapping` that `append` fills (a pack)."""
+        held = cls.__new__(cls)
+        held.map, held.size = mapping, 0
+        return held
+
+    def append(self, data: memoryview | RawFrame) -> int:
+        """Copy `data` (bytes-like, or a `RawFrame`) after what is held; return its offset."""
+        assert self.map is not None, "appended after release"
+        offset = self.size
+        with memoryview(self.map) as whole, whole[offset:] as rest:
+            if isinstance(data, RawFrame):
+                self.size += data.write_into(rest)
+            else:
+                view = memoryview(data).cast("B")
+                rest[: view.nbytes] = view
+                self.size += view.nbytes
+        return offset
+
     def write_with(self, put: Callable[[memoryview], T]) -> T:
         assert self.map is not None, "written after release"
         with memoryview(self.map) as whole, whole[: self.size] as data:
@@ -91,27 +111,40 @@ class Budget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        # Called (without the lock) before waiting for room: the pack being filled holds
+        # room that only its write gives back, so it is written first (see packer.py).
+        self.before_wait: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._waiting = 0
         self._free: list[mmap.mmap] = []
 
     def acquire(self, amount: int) -> int:
         amount = min(amount, self.limit)  # one chunk larger than the budget still passes
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self.used + amount > self.limit:
-                    if self._free:
-                        # Kept for reuse: they make way first, before any wait (one given
-                        # back after this chunk's _reuse() was kept, as nobody waited yet:
-                        # waiting for it would be waiting for ever).
-                        self._drop(self._free.pop())
-                        continue
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self.used += amount
-        return amount
+        while True:
+            with self._cond:
+                self._waiting += 1
+                try:
+                    while self.used + amount > self.limit:
+                        if self._free:
+                            # Kept for reuse: they make way first, before any wait (one
+                            # given back after this chunk's _reuse() was kept, as nobody
+                            # waited yet: waiting for it would be waiting for ever).
+                            self._drop(self._free.pop())
+                            continue
+                        if self.before_wait is not None:
+                            break
+                        self._cond.wait()
+                    else:
+                        self.used += amount
+                        return amount
+                finally:
+                    self._waiting -= 1
+            assert self.before_wait is not None
+            self.before_wait()
+            with self._cond:
+                if self.used + amount > self.limit:
+                    # Briefly: a pack opened since holds room again, and is written next time.
+                    self._cond.wait(0.05)
 
     def release(self, amount: int) -> None:
         with self._cond:
@@ -123,21 +156,32 @@ class Budget:
         (waiting for room); return it and the bytes counted for it, which `give` hands back."""
         view = data if isinstance(data, RawFrame) else memoryview(data).cast("B")
         try:
-            need = held_bytes(view.nbytes)
-            mapping = self._reuse(need)
-            if mapping is not None:
-                return Held(mapping, view), min(len(mapping), self.limit)
-            counted = self.acquire(need)
-            try:
-                mapping = mmap.mmap(-1, need, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
-                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            except BaseException:
-                self.release(counted)
-                raise
+            mapping, counted = self._mapping(held_bytes(view.nbytes))
             return Held(mapping, view), counted
         finally:
             if isinstance(view, memoryview):
                 view.release()
+
+    def hold_empty(self, capacity: int) -> tuple[Held, int]:
+        """An empty buffer of at least `capacity` bytes for `Held.append` (a pack), counted
+        whole (waiting for room); return it and the bytes counted, which `give` hands back."""
+        mapping, counted = self._mapping(held_bytes(capacity))
+        return Held.empty(mapping), counted
+
+    def _mapping(self, need: int) -> tuple[mmap.mmap, int]:
+        """A mapping of `need` bytes (one kept for reuse, or a new one once there is room)
+        and the bytes counted for it."""
+        mapping = self._reuse(need)
+        if mapping is not None:
+            return mapping, min(len(mapping), self.limit)
+        counted = self.acquire(need)
+        try:
+            mapping = mmap.mmap(-1, need, flags=mmap.MAP_PRIVATE | _MAP_POPULATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.release(counted)
+            raise
+        return mapping, counted
 
     def _reuse(self, need: int) -> mmap.mmap | None:
         with self._cond:

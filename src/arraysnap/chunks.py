@@ -66,7 +66,9 @@ def find_bad_chunks(
 
 
 def _corrupt(entry: ArrayEntry, index: int, seq: int, reason: str) -> CorruptSnapshotError:
-    detail = f" (object {entry.digest(index).hex()[:16]})"
+    location = entry.location(index)
+    detail = (f" (object {entry.digest(index).hex()[:16]})" if location is None else
+              f" (in pack {location.pack.hex()[:16]} at {location.offset}+{location.length})")
     return CorruptSnapshotError(reason, seq=seq, array=entry.name, chunk=index, detail=detail)
 
 
@@ -89,9 +91,11 @@ def read_object(objects: ChunkObjects, entry: ArrayEntry, index: int, seq: int) 
     """The stored (encoded) bytes of chunk `index`; CorruptSnapshotError if unreadable."""
     try:
         # Compressed data never grows much; a bound per chunk keeps a hostile object small.
-        return objects.get(entry.digest(index), limit=2 * entry.layout.chunk_bytes + 65536)
+        return objects.read(entry.digest(index), entry.location(index),
+                            limit=2 * entry.layout.chunk_bytes + 65536)
     except FileNotFoundError:
-        raise _corrupt(entry, index, seq, "chunk object is missing") from None
+        what = "chunk object" if entry.location(index) is None else "pack"
+        raise _corrupt(entry, index, seq, f"{what} is missing") from None
     except (OSError, ValueError) as err:
         raise _corrupt(entry, index, seq, f"chunk object cannot be read: {err}") from None
 

@@ -29,6 +29,7 @@ import numpy as np
 from .errors import CorruptSnapshotError, FormatVersionError
 from .layout import ChunkLayout, Order
 from .objects import DIGEST_BYTES
+from .packs import Location, parse_pack_list, where_from_json
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -49,7 +50,7 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "arraysnap-snapshot"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: packed chunks; 2: table objects; 1: whole tables
 MAX_MANIFEST_BYTES = 1 << 28
 _MAX_NDIM = 64
 _MAX_ELEMENTS = 1 << 60
@@ -187,6 +188,9 @@ class ArrayEntry:
     dims: tuple[str, ...] | None = None
     # Derived from the fields above; given by a reader that parsed it once for many entries.
     layout: ChunkLayout = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    # Format 3: where each chunk is, a Location in a pack or None for a chunk object of its
+    # own; None when every chunk is an object of its own.
+    where: tuple[Location | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -200,7 +204,14 @@ class ArrayEntry:
     def digest(self, index: int) -> bytes:
         return self.digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES]
 
+    def location(self, index: int) -> Location | None:
+        """Where chunk `index` is packed; None when it is a chunk object of its own."""
+        return None if self.where is None else self.where[index]
+
     def to_json(self) -> dict[str, Any]:
+        """The entry of a format-1 manifest (which has no packs)."""
+        if self.where is not None:
+            raise ValueError(f"array {self.name!r} has packed chunks: format 1 cannot list it")
         return {**layout_to_json(self), "chunks": base64.b64encode(self.digests).decode("ascii")}
 
 
@@ -246,11 +257,11 @@ class Manifest:
     table_digests: frozenset[bytes] = frozenset()
 
     def body(self, tables: Any = None) -> dict[str, Any]:
-        """The manifest's JSON body: format 1, or format 2 with `tables` (a
+        """The manifest's JSON body: format 1, or format 2 or 3 with `tables` (a
         ``tables.Built``) in place of the full chunk table."""
         body: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
-            "version": 1 if tables is None else MANIFEST_VERSION,
+            "version": 1 if tables is None else tables.version,
             "seq": self.seq,
             "step": self.step,
             "time": self.time,
@@ -267,15 +278,28 @@ class Manifest:
             body["journal"] = self.replay_position
         if tables is not None and tables.tables is not None:
             body["tables"] = tables.tables
+        if tables is not None and tables.packs:
+            body["packs"] = tables.packs
         return body
 
     def chunk_digests(self) -> set[bytes]:
-        """Every chunk object this snapshot uses, by digest."""
+        """Every chunk object this snapshot uses, by digest (packed chunks are not objects
+        of their own: see `pack_ids`)."""
         found: set[bytes] = set()
         for entry in self.arrays.values():
             table = entry.digests
-            found.update(table[i : i + DIGEST_BYTES] for i in range(0, len(table), DIGEST_BYTES))
+            if entry.where is None:
+                found.update(table[i : i + DIGEST_BYTES]
+                             for i in range(0, len(table), DIGEST_BYTES))
+            else:
+                found.update(table[i * DIGEST_BYTES : (i + 1) * DIGEST_BYTES]
+                             for i, location in enumerate(entry.where) if location is None)
         return found
+
+    def pack_ids(self) -> set[bytes]:
+        """Every pack object (format 3) this snapshot uses a chunk of."""
+        return {location.pack for entry in self.arrays.values() if entry.where is not None
+                for location in entry.where if location is not None}
 
     def to_json(self, tables: Any = None) -> bytes:
         body = self.body(tables)
@@ -353,9 +377,10 @@ def parse_layout(value: object, name: str = "array") -> ParsedLayout:
 
 
 def parse_array_entry(name: str, value: object, *, layout: ParsedLayout | None = None,
-                      check_table: bool = True) -> ArrayEntry:
+                      check_table: bool = True, packs: list[bytes] | None = None) -> ArrayEntry:
     """Validate one array entry of a manifest (or of a table leaf, whose `layout` is
-    parsed once for all entries that share it)."""
+    parsed once for all entries that share it); `packs` is the manifest's list of packs
+    (format 3), which an entry's ``where`` refers to."""
     check_array_name(name)
     if layout is None:
         layout = parse_layout(value, name)
@@ -366,18 +391,23 @@ def parse_array_entry(name: str, value: object, *, layout: ParsedLayout | None =
         digests = base64.b64decode(chunks, validate=True)  # type: ignore[arg-type]
     except (binascii.Error, ValueError):
         raise ValueError("chunks is not valid base64") from None
-    return entry_of(name, layout, digests, check_table=check_table)
+    where = None
+    if "where" in value:
+        _require(packs is not None, "where is only valid in format 3")
+        where = where_from_json(value["where"], layout.n_chunks, packs or [])
+    return entry_of(name, layout, digests, check_table=check_table, where=where)
 
 
 def entry_of(name: str, layout: ParsedLayout, digests: bytes, *,
-             check_table: bool = True) -> ArrayEntry:
-    """The entry of array `name` (already checked) with `layout` and chunk `digests`;
-    ValueError unless there is one digest per chunk."""
+             check_table: bool = True,
+             where: tuple[Location | None, ...] | None = None) -> ArrayEntry:
+    """The entry of array `name` (already checked) with `layout`, chunk `digests` and
+    (format 3) `where` its chunks are; ValueError unless there is one digest per chunk."""
     _require(not check_table or len(digests) == layout.n_chunks * DIGEST_BYTES,
              f"chunk table has {len(digests) // DIGEST_BYTES} digests, layout needs "
              f"{layout.n_chunks}")
     return ArrayEntry(name, layout.shape, layout.dtype, layout.order, layout.split_axis,
-                      layout.rows_per_chunk, digests, layout.dims, layout.layout)
+                      layout.rows_per_chunk, digests, layout.dims, layout.layout, where)
 
 
 class TableSource(Protocol):
@@ -413,7 +443,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
             f"version {MANIFEST_VERSION} and older; upgrade arraysnap"
         )
     try:
-        _require(version in (1, MANIFEST_VERSION), f"unknown manifest version {version!r}")
+        _require(version in (1, 2, MANIFEST_VERSION), f"unknown manifest version {version!r}")
         checksum = body.pop("checksum", None)
         _require(isinstance(checksum, str), "checksum missing")
         try:
@@ -436,7 +466,8 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
         if version == 1:
             arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
         else:
-            arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, used)
+            packs = parse_pack_list(body.get("packs", [])) if version >= 3 else None
+            arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, used, packs)
         state = body.get("state")
         _require(state is None or isinstance(state, dict), "state must be an object or null")
         codec = body.get("codec")
@@ -453,7 +484,8 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
 
 
 def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
-                     tables: TableSource | None, used: set[bytes]) -> dict[str, ArrayEntry]:
+                     tables: TableSource | None, used: set[bytes],
+                     packs: list[bytes] | None) -> dict[str, ArrayEntry]:
     needs_tables = tables_json is not None or any(
         isinstance(value, dict) and not isinstance(value.get("chunks"), str)
         for value in arrays_json.values())
@@ -464,10 +496,12 @@ def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
         if isinstance(value, dict) and not isinstance(value.get("chunks"), str):
             assert tables is not None
             check_array_name(name)
+            _require("where" not in value, f"array {name!r}: an array whose digests are in "
+                     "blocks is never packed")
             arrays[name] = entry_of(name, parse_layout(value, name),
                                     tables.chunks(name, value.get("chunks"), used))
         else:
-            arrays[name] = parse_array_entry(name, value)
+            arrays[name] = parse_array_entry(name, value, packs=packs)
     if tables_json is not None:
         _require(not arrays, "a manifest lists its arrays or refers to tables, not both")
         assert tables is not None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from .packs import PACK_ID_BYTES, PACK_PREFIX, Location, pack_key
 from .storage import DEFAULT_GET_LIMIT, Storage
 
 __all__ = ["DIGEST_BYTES", "ChunkObjects", "object_key"]
@@ -87,6 +88,47 @@ class ChunkObjects:
 
     def delete(self, digest: bytes) -> None:
         self.storage.delete(self.key(digest))
+
+    def read(self, digest: bytes, location: Location | None,
+             limit: int = DEFAULT_GET_LIMIT) -> bytes:
+        """A chunk's stored bytes: its own object, or (format 3) its range of a pack;
+        FileNotFoundError when absent, OSError when unreadable or larger than `limit`."""
+        if location is None:
+            return self.get(digest, limit=limit)
+        if location.length > limit:
+            raise OSError(f"a packed chunk of {location.length} bytes is larger than a chunk "
+                          f"can be ({limit})")
+        data = self.storage.get_range(pack_key(location.pack), location.offset, location.length)
+        if len(data) != location.length:
+            raise OSError(f"pack {location.pack.hex()[:16]} ends before its chunk at "
+                          f"{location.offset}+{location.length}")
+        return data
+
+    # -- packs (format 3) -----------------------------------------------------------------
+    def put_pack(self, pack: bytes, data: bytes | memoryview) -> int:
+        """Write a pack (create-only); return the bytes written. Present already is an
+        earlier attempt of this very write whose reply was lost: ids are never reused."""
+        if not self.storage.put_if_absent(pack_key(pack), data):
+            return 0
+        return len(memoryview(data).cast("B"))
+
+    def has_pack(self, pack: bytes) -> bool:
+        return self.storage.exists(pack_key(pack))
+
+    def pack_size(self, pack: bytes) -> int:
+        return self.storage.size(pack_key(pack))
+
+    def delete_pack(self, pack: bytes) -> None:
+        self.storage.delete(pack_key(pack))
+
+    def pack_ids(self) -> Iterator[bytes]:
+        """Every stored pack's id (keys of any other shape are skipped)."""
+        for key in self.storage.list_prefix(PACK_PREFIX):
+            parts = key.split("/")
+            if len(parts) == 3 and len(parts[1]) == 2:
+                name = parts[1] + parts[2]
+                if len(name) == 2 * PACK_ID_BYTES and _is_hex(name):
+                    yield bytes.fromhex(name)
 
     def digests(self) -> Iterator[bytes]:
         """Every stored object's digest (keys of any other shape are skipped)."""

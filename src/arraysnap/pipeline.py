@@ -39,8 +39,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import blake3
 import numpy as np
@@ -48,12 +47,15 @@ import numpy as np
 from .budget import Budget, Held
 from .chunks import padded_chunk
 from .codecs import CodecSpec
-from .layout import ChunkLayout
+from .commit import manifest_key, put_manifest
+from .jobs import ArrayDelta, PersistJob
 from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
+from .packer import Packer, pack_capacity
+from .packs import PACK_BYTES, PACKED_CHUNKS, Location
 from .pins import Pins
-from .results import CaptureInfo, CaptureStat
-from .storage import Storage
+from .repack import PackUsage
+from .results import CaptureStat
 from .tables import Built, TableWriter
 from .threads import lower_thread_priority, start_workers
 
@@ -77,68 +79,6 @@ POOL_WORKERS = 2
 DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
 TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
                               errno.ETIMEDOUT})
-
-
-def manifest_key(seq: int) -> str:
-    """The storage key of snapshot `seq`'s manifest.
-
-    >>> manifest_key(7)
-    'snapshots/000000000007.json'
-    """
-    return f"snapshots/{seq:012d}.json"
-
-
-def put_manifest(storage: Storage, seq: int, data: bytes) -> None:
-    """Write snapshot `seq`'s manifest create-only (the commit point) and make it durable.
-
-    A key that exists already is fine only if it holds these very bytes: an earlier attempt
-    of this commit that landed although its reply was lost.
-    """
-    key = manifest_key(seq)
-    if not storage.put_if_absent(key, data) and storage.get(key) != data:
-        raise FileExistsError(errno.EEXIST, f"snapshot {seq} exists already in "
-                              f"{storage.describe()}: is another writer at work?", key)
-    storage.barrier()
-
-
-@dataclass(slots=True)
-class ArrayDelta:
-    """One array of a capture: its layout, its baseline buffer and the chunks that changed."""
-
-    name: str
-    layout: ChunkLayout
-    baseline: np.ndarray
-    changed: np.ndarray
-    fresh: bool
-    dims: tuple[str, ...] | None = None
-
-
-@dataclass(slots=True)
-class PersistJob:
-    seq: int
-    step: int | None
-    wall_time: float
-    arrays: list[ArrayDelta]
-    state: dict[str, Any] | None
-    rng: Any
-    provenance: dict[str, Any]
-    pause_seconds: float
-    queue_seconds: float
-    started: float
-    replay_position: int
-    capture: CaptureInfo
-    chunks_read: threading.Event = field(default_factory=threading.Event)
-    # Filled in by the reader for the writer.
-    entries: dict[str, ArrayEntry] = field(default_factory=dict)
-    changed: dict[str, np.ndarray] = field(default_factory=dict)
-    writes: list[Future[int]] = field(default_factory=list)
-    pinned: list[bytes] = field(default_factory=list)
-    error: BaseException | None = None
-    chunks_changed: int = 0
-    chunks_deduplicated: int = 0
-    encode_seconds: float = 0.0
-    read_done: float = 0.0
-    retries: int = 0
 
 
 _scratch = threading.local()
@@ -188,17 +128,25 @@ class Persister:
                  listener: Listener, pins: Pins, committed: Mapping[str, ArrayEntry],
                  parent: int | None, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
-                 tables: ChunkObjects | None = None) -> None:
+                 tables: ChunkObjects | None = None, packs: bool = False) -> None:
         self.objects = objects
-        # Format 2: the manifests' tables go to table objects (None: format 1, whole tables).
+        # Format 2: the manifests' tables go to table objects (None: format 1, whole tables);
+        # format 3 also packs small chunks.
         self.tables = tables
-        self._table_writer = None if tables is None else TableWriter()
+        self._table_writer = None if tables is None else TableWriter(3 if packs else 2)
         self.codec = codec
         self.pool = pool
         self.listener = listener
         self.pins = pins
         self.retry_delays = tuple(retry_delays)
         self.budget = Budget(buffer_bytes)
+        self._packer = None if not packs or tables is None else Packer(
+            self.budget, pack_capacity(buffer_bytes, PACK_BYTES), self._submit_pack,
+            self._pin_pack)
+        if self._packer is not None:
+            self.budget.before_wait = self._packer.flush
+        self._pack_usage = PackUsage(objects.pack_size) if self._packer is not None else None
+        self._usage_known = False  # built from the tables at the first job (reader thread)
         # Held by a commit (after its objects are written) and by pruning on ENOSPC in an
         # object writer: freeing space never races a commit.
         self._commit_lock = threading.RLock()
@@ -322,6 +270,7 @@ class Persister:
                     with self._lock:
                         self._broken = False
                         self._tables = dict(self._committed)
+                    self._usage_known = False
                 self._read(job)
             except BaseException as err:  # noqa: BLE001 - handed to the writer, never lost
                 job.error = err
@@ -350,11 +299,21 @@ class Persister:
 
     def _read(self, job: PersistJob) -> None:
         start = time.perf_counter()
+        usage = self._pack_usage
+        repack: dict[str, list[int]] = {}
+        if usage is not None and self._packer is not None:
+            if not self._usage_known:
+                usage.reset(self._tables)
+                self._usage_known = True
+            repack = usage.to_repack(self._packer.capacity)
         work = []
         for delta in job.arrays:
             indices, digests = self._indices(delta)
-            job.changed[delta.name] = indices
             job.chunks_changed += len(indices)
+            again = repack.get(delta.name)
+            if again and len(digests) == delta.layout.n_chunks * DIGEST_BYTES:
+                indices = np.union1d(indices, np.asarray(again, dtype=np.intp))
+            job.changed[delta.name] = indices
             work.append((delta, indices, digests))
         futures = [[self.pool.submit(self._read_chunk, job, delta, int(i)) for i in indices]
                    for delta, indices, _ in work]
@@ -362,6 +321,8 @@ class Persister:
         # a task still reading it while the next capture writes would name an object by the
         # digest of other bytes.
         wait_for(f for group in futures for f in group)
+        if self._packer is not None:
+            self._packer.flush()  # the job's last pack: its chunks were all added
         for (delta, indices, digests), group in zip(work, futures, strict=True):
             previous = self._tables.get(delta.name)
             if (not len(indices) and previous is not None and previous.dims == delta.dims
@@ -369,22 +330,46 @@ class Persister:
                 # Unchanged: the same entry, so that what was built of it is reused.
                 job.entries[delta.name] = previous
                 continue
+            where = self._where(delta, previous)
             for index, future in zip(indices, group, strict=True):
                 digest = future.result()
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
+                if where is not None:
+                    where[int(index)] = job.located.get(digest)
             layout = delta.layout
-            job.entries[delta.name] = ArrayEntry(delta.name, layout.shape, layout.dtype,
-                                                  layout.order, layout.split_axis,
-                                                  layout.rows_per_chunk, bytes(digests),
-                                                  delta.dims)
+            job.entries[delta.name] = ArrayEntry(
+                delta.name, layout.shape, layout.dtype, layout.order, layout.split_axis,
+                layout.rows_per_chunk, bytes(digests), delta.dims, layout,
+                None if where is None or not any(where) else tuple(where))
+        if usage is not None:
+            for name, entry in job.entries.items():
+                previous = self._tables.get(name)
+                if previous is not entry:
+                    usage.update(previous, entry)
+            for name in self._tables.keys() - job.entries.keys():
+                usage.update(self._tables[name], None)
         self._tables = dict(job.entries)
         job.encode_seconds = time.perf_counter() - start
+
+    def _where(self, delta: ArrayDelta, previous: ArrayEntry | None
+               ) -> list[Location | None] | None:
+        """The locations to fill for `delta`'s entry (those of unchanged chunks as they
+        were); None when its chunks are never packed."""
+        if self._packer is None or delta.layout.n_chunks > PACKED_CHUNKS:
+            return None
+        if (delta.fresh or previous is None or previous.layout != delta.layout
+                or previous.where is None):
+            return [None] * delta.layout.n_chunks
+        return list(previous.where)
 
     def _read_chunk(self, job: PersistJob, delta: ArrayDelta, index: int) -> bytes:
         # At most one chunk in flight per pool thread (a view of the baseline, or a padded
         # copy in the thread's scratch buffer) plus the codec's output, freed right here.
         raw = _chunk_of(delta, index)
         digest = blake3.blake3(raw).digest()
+        if self._packer is not None and delta.layout.n_chunks <= PACKED_CHUNKS:
+            if self._pack_chunk(job, delta, raw, digest):
+                return digest
         # Pinned before the existence check, so retention cannot delete it between the
         # two. A digest another in-flight chunk pinned is written by that one.
         claimed = self.pins.claim(digest)
@@ -399,20 +384,56 @@ class Persister:
         encoded = self.codec.encode_lazily(raw, delta.layout.dtype.itemsize)
         buffer, held = self.budget.hold(encoded)
         del encoded, raw  # freed by the thread that allocated it, before anything else
-        try:
-            write = self._object_writers.submit(self._write_object, job, digest, buffer, held)
-        except RuntimeError:  # the writers were shut down (interpreter exit): never hang
-            write = Future()
-            write.set_result(self._write_object(job, digest, buffer, held))
-        job.writes.append(write)
+        self._submit(job, lambda data: self.objects.put(digest, data), buffer, held)
         return digest
 
-    def _write_object(self, job: PersistJob, digest: bytes, buffer: Held, held: int) -> int:
+    def _pack_chunk(self, job: PersistJob, delta: ArrayDelta, raw: np.ndarray,
+                    digest: bytes) -> bool:
+        """Pack the chunk with `digest` (once a job); False if it is too large for a pack.
+        Packed chunks are deduplicated within a job only: a chunk that a capture found
+        changed seldom equals one of an older snapshot's, and looking for that would cost
+        a request a chunk."""
+        assert self._packer is not None
+        with self._lock:
+            if digest in job.located:  # packed by another chunk (or being): this is it
+                job.chunks_deduplicated += 1
+                return True
+            job.located[digest] = None
+        encoded = self.codec.encode_lazily(raw, delta.layout.dtype.itemsize)
+        location = self._packer.add(job, encoded)
+        del encoded
+        if location is None:  # an object of its own (located None): the caller writes it
+            return False
+        with self._lock:
+            job.located[digest] = location
+        return True
+
+    def _pin_pack(self, job: PersistJob, pack: bytes) -> None:
+        self.pins.pin((pack,))
+        with self._lock:
+            job.pinned.append(pack)
+
+    def _submit_pack(self, job: PersistJob, pack: bytes, buffer: Held, held: int) -> None:
+        if self._pack_usage is not None:
+            self._pack_usage.written(pack, buffer.size)
+        self._submit(job, lambda data: self.objects.put_pack(pack, data), buffer, held)
+
+    def _submit(self, job: PersistJob, put: Callable[[memoryview], int], buffer: Held,
+                held: int) -> None:
+        try:
+            write = self._object_writers.submit(self._write_object, job, put, buffer, held)
+        except RuntimeError:  # the writers were shut down (interpreter exit): never hang
+            write = Future()
+            write.set_result(self._write_object(job, put, buffer, held))
+        job.writes.append(write)
+
+    def _write_object(self, job: PersistJob, put: Callable[[memoryview], int], buffer: Held,
+                      held: int) -> int:
+        """Write a chunk object or a pack with `put`, then give its buffer back."""
         try:
             if job.error is not None:
                 return 0
-            return self.retrying(
-                lambda: buffer.write_with(lambda data: self.objects.put(digest, data)), job)
+            return self.retrying(lambda: buffer.write_with(put), job)
         except BaseException as err:  # noqa: BLE001 - the commit of this job reports it
             job.error = job.error or err
             return 0
@@ -438,11 +459,14 @@ class Persister:
                 # holds that job's changes too, and is whole if all its objects exist. Pinned
                 # first, so that freeing space (ENOSPC) cannot delete them before the commit.
                 digests = {entry.digest(i) for entry in job.entries.values()
-                           for i in range(entry.n_chunks)}
-                self.pins.pin(digests)
+                           for i in range(entry.n_chunks) if entry.location(i) is None}
+                packs = {location.pack for entry in job.entries.values()
+                         for location in entry.where or () if location is not None}
+                self.pins.pin(digests | packs)
                 with self._lock:
-                    job.pinned.extend(digests)
-                missing = sum(not self.objects.has(d) for d in digests)
+                    job.pinned.extend(digests | packs)
+                missing = (sum(not self.objects.has(d) for d in digests)
+                           + sum(not self.objects.has_pack(p) for p in packs))
                 if missing:
                     job.error = RuntimeError(
                         f"an earlier capture failed to persist, and {missing} of the chunk "

@@ -330,7 +330,8 @@ class Store:
         self._persister = Persister(self._objects, self.codec, self._pool, _Events(self), pins,
                                     recovered.tables, head.seq if head else None,
                                     buffer_bytes=buffer_bytes, retry_delays=retry_delays,
-                                    tables=self._tables if self.format_version >= 2 else None)
+                                    tables=self._tables if self.format_version >= 2 else None,
+                                    packs=self.format_version >= 3)
 
     @property
     def retention(self) -> Retention:
@@ -630,17 +631,18 @@ class Store:
     def disk_usage(self, *, progress: Progress | None = None) -> StoreUsage:
         """Bytes per snapshot (what it uses, alone and shared) and for the whole store.
 
-        Chunk objects count their stored (encoded) size; a missing one counts 0 bytes
-        (``verify()`` reports it); damaged manifests are named in ``damaged``.
+        Chunk objects and packs count their stored (encoded) size, a pack whole for every
+        snapshot that uses a chunk of it (it is kept, and freed, whole); a missing one counts
+        0 bytes (``verify()`` reports it); damaged manifests are named in ``damaged``.
         `progress(done, total)` is called as manifests are read.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap", codec="none") as snap:
-        ...     _ = snap.capture({"u": np.zeros(4), "v": np.ones(4)})
-        ...     _ = snap.capture({"u": np.zeros(4), "v": np.full(4, 2.0)})
+        ...     _ = snap.capture({"u": np.zeros(4), "v": np.ones(4)})    # one pack: u and v
+        ...     _ = snap.capture({"u": np.zeros(4), "v": np.full(4, 2.0)})  # a pack: v
         ...     usage = snap.disk_usage()
         >>> [(s.unique_bytes, s.shared_bytes) for s in usage.snapshots], usage.object_bytes
-        ([(32, 32), (32, 32)], 96)
+        ([(0, 64), (32, 64)], 96)
         """
         self._settled()
         return self._maintenance.disk_usage(progress)

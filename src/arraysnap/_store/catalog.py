@@ -22,9 +22,9 @@ import logging
 import re
 import threading
 
+from ..commit import manifest_key
 from ..errors import ArraysnapError, CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError
 from ..manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from ..pipeline import manifest_key
 from ..results import SnapshotInfo
 from ..storage import Storage
 from ..tables import MAX_NODE_BYTES, TableReader, table_key

@@ -1,16 +1,17 @@
 """Maintenance: verify, retention (prune), gc, and the one model of a store's size.
 
 Everything that reads every snapshot or deletes anything lives here. Deleting a chunk
-object goes through the engine's :class:`~arraysnap.pins.Pins`, so an object an
-in-flight capture relies on is never deleted from under it.
+object or a pack goes through the engine's :class:`~arraysnap.pins.Pins`, so an object an
+in-flight capture relies on is never deleted from under it. A pack (format 3) is kept, and
+counted, whole while any snapshot uses a chunk of it.
 
 >>> import arraysnap, numpy as np, tempfile
 >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap", codec="none") as snap:
-...     _ = snap.capture({"u": np.zeros(4), "v": np.ones(4)})
-...     _ = snap.capture({"u": np.zeros(4), "v": np.full(4, 2.0)})
+...     _ = snap.capture({"u": np.zeros(4), "v": np.ones(4)})  # one pack of u and v
+...     _ = snap.capture({"u": np.zeros(4), "v": np.full(4, 2.0)})  # and one of v
 ...     snap.wait()
 ...     [(s.unique_bytes, s.shared_bytes) for s in snap.disk_usage().snapshots]
-[(32, 32), (32, 32)]
+[(0, 64), (32, 64)]
 """
 
 from __future__ import annotations
@@ -23,30 +24,38 @@ from collections.abc import Callable, Iterable, Mapping
 from ..baselines import Baselines
 from ..chunks import load_chunk
 from ..codecs import CodecSpec
+from ..commit import manifest_key
 from ..errors import ArraysnapError, CorruptSnapshotError
 from ..manifest import Manifest
 from ..objects import ChunkObjects
+from ..packs import PACK_ID_BYTES, Location
 from ..pins import Pins
-from ..pipeline import manifest_key
 from ..replaylog import ReplayLog
 from ..results import Problem, PruneReport, SnapshotUsage, StoreUsage, VerifyReport
 from ..retention import Candidate, Retention
 from .catalog import Catalog
 
-__all__ = ["Maintenance", "Progress", "Usage"]
+__all__ = ["Maintenance", "Progress", "Usage", "stored_objects"]
 
 log = logging.getLogger("arraysnap")
 
 Progress = Callable[[int, int], None]
 
 
+def stored_objects(manifest: Manifest) -> set[bytes]:
+    """The objects a snapshot's chunks are in: chunk objects by digest, packs by id (a pack
+    is kept, and counted, whole while any snapshot uses a chunk of it)."""
+    return manifest.chunk_digests() | manifest.pack_ids()
+
+
 class Usage:
-    """The size of a set of snapshots (their chunk objects and manifests), as some are taken
-    away: what retention's ``max_bytes`` weighs and what ``disk_usage()`` reports.
+    """The size of a set of snapshots (their chunk objects, packs and manifests), as some
+    are taken away: what retention's ``max_bytes`` weighs and what ``disk_usage()`` reports.
 
     >>> class M:  # a stand-in manifest: two snapshots sharing object b"a"
     ...     def __init__(self, digests): self.digests = digests
     ...     def chunk_digests(self): return self.digests
+    ...     def pack_ids(self): return set()
     >>> usage = Usage({1: (M({b"a", b"b"}), 10), 2: (M({b"a"}), 10)}, lambda d: 100)
     >>> usage.total, usage.size_without([1])
     (220, 110)
@@ -54,7 +63,8 @@ class Usage:
 
     def __init__(self, manifests: Mapping[int, tuple[Manifest, int]],
                  size_of: Callable[[bytes], int]) -> None:
-        self._sets = {seq: manifest.chunk_digests() for seq, (manifest, _) in manifests.items()}
+        # A snapshot's objects: chunk objects by digest (32 bytes) and packs by id (16).
+        self._sets = {seq: stored_objects(manifest) for seq, (manifest, _) in manifests.items()}
         self._manifest_bytes = {seq: size for seq, (_, size) in manifests.items()}
         self.refs: Counter[bytes] = Counter()
         for digests in self._sets.values():
@@ -128,12 +138,12 @@ class Maintenance:
             except ArraysnapError as err:
                 problems.append(Problem(seq, None, None, getattr(err, "reason", str(err))))
         total = sum(entry.n_chunks for m in loaded for entry in m.arrays.values())
-        checked: dict[bytes, str | None] = {}
+        checked: dict[tuple[bytes, Location | None], str | None] = {}
         done = 0
         for manifest in loaded:
             for name, entry in manifest.arrays.items():
                 for index in range(entry.n_chunks):
-                    digest = entry.digest(index)
+                    digest = (entry.digest(index), entry.location(index))
                     if digest not in checked:
                         try:
                             load_chunk(self.objects, self.codec, entry, index, verify=True,
@@ -152,10 +162,13 @@ class Maintenance:
 
     # -- size ------------------------------------------------------------------------------
     def _size_of(self, digest: bytes) -> int:
+        """The stored size of a chunk object (by digest) or a pack (by id)."""
         size = self._object_sizes.get(digest)
         if size is None:
             try:
-                size = self._object_sizes[digest] = self.objects.size(digest)
+                size = self._object_sizes[digest] = (
+                    self.objects.pack_size(digest) if len(digest) == PACK_ID_BYTES
+                    else self.objects.size(digest))
             except OSError:
                 return 0  # missing: verify reports it; it takes no room
         return size
@@ -182,6 +195,11 @@ class Maintenance:
                 stored[digest] = self.objects.size(digest)
             except FileNotFoundError:
                 continue  # removed by a concurrent gc
+        for pack in self.objects.pack_ids():
+            try:
+                stored[pack] = self.objects.pack_size(pack)
+            except FileNotFoundError:
+                continue
         usage = Usage(manifests, lambda digest: stored.get(digest, 0))
         rows = usage.snapshots({seq: m.step for seq, (m, _) in manifests.items()},
                                {seq: sum(r.n_chunks for r in m.arrays.values())
@@ -234,13 +252,13 @@ class Maintenance:
         used: set[bytes] = set()
         for seq, (manifest, _) in manifests.items():
             if seq not in gone:
-                used.update(manifest.chunk_digests())
+                used.update(stored_objects(manifest))
         dropped: set[bytes] = set()
         for seq in gone:
-            dropped.update(manifests[seq][0].chunk_digests())
+            dropped.update(stored_objects(manifests[seq][0]))
         if dry_run:
             sizes = [self._size_of(digest) for digest in dropped - used
-                     if self.objects.has(digest)]
+                     if self._has(digest)]
             return PruneReport(tuple(sorted(gone)), len(sizes), sum(sizes))
         storage = self.objects.storage
         for seq in sorted(gone):
@@ -265,9 +283,10 @@ class Maintenance:
         used: set[bytes] = set()
         tables: set[bytes] = set()
         for manifest, _ in self._all_manifests("gc").values():
-            used.update(manifest.chunk_digests())
+            used.update(stored_objects(manifest))
             tables |= manifest.table_digests
         unused = [d for d in self.objects.digests() if d not in used]
+        unused += [p for p in self.objects.pack_ids() if p not in used]
         removed, freed = self._delete_objects(unused)
         if self.tables is not None:
             self._delete_tables({d for d in self.tables.digests() if d not in tables})
@@ -298,18 +317,26 @@ class Maintenance:
             log.error("arraysnap: pruning to free space failed: %r", err)
         return freed
 
+    def _has(self, digest: bytes) -> bool:
+        if len(digest) == PACK_ID_BYTES:
+            return self.objects.has_pack(digest)
+        return self.objects.has(digest)
+
     def _delete_objects(self, digests: Iterable[bytes]) -> tuple[int, int]:
+        """Delete chunk objects (by digest) and packs (by id) unless pinned."""
         removed = freed = 0
         for digest in digests:
+            is_pack = len(digest) == PACK_ID_BYTES
+            delete = self.objects.delete_pack if is_pack else self.objects.delete
             try:
-                size = self.objects.size(digest)
+                size = self.objects.pack_size(digest) if is_pack else self.objects.size(digest)
             except FileNotFoundError:
                 continue
             if self.pins is not None:
-                if not self.pins.delete_unless_pinned(digest, self.objects.delete):
+                if not self.pins.delete_unless_pinned(digest, delete):
                     continue
             else:
-                self.objects.delete(digest)
+                delete(digest)
             self._object_sizes.pop(digest, None)
             removed += 1
             freed += size

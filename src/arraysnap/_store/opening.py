@@ -36,7 +36,9 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "FORMAT_NAME", "FORMAT_VERSION", "SETTINGS_KEY
 log = logging.getLogger("arraysnap")
 
 FORMAT_NAME = "arraysnap"
-FORMAT_VERSION = 2  # 2: table objects (see arraysnap.tables); 1: whole tables in manifests
+# 3: small chunks in pack objects (arraysnap.packs); 2: table objects (arraysnap.tables);
+# 1: whole tables in manifests
+FORMAT_VERSION = 3
 DEFAULT_CHUNK_BYTES = 1 << 20
 SETTINGS_KEY = "arraysnap.json"
 _MAX_SETTINGS_BYTES = 1 << 20

@@ -295,12 +295,12 @@ class LocalStorage(Storage):
         return _FileLock(fd)
 
     def remove_temporaries(self) -> int:
-        # Where writes happen: the top, the manifests' folder and the folders of the chunk
-        # and table objects (plain strings: this runs at every writer's open, over 512
+        # Where writes happen: the top, the manifests' folder and the folders of the chunk,
+        # table and pack objects (plain strings: this runs at every writer's open, over 768
         # folders).
         root = os.fspath(self.path)
         folders = [root, os.path.join(root, "snapshots")]
-        for objects in ("chunks", "tables"):
+        for objects in ("chunks", "tables", "packs"):
             top = os.path.join(root, objects)
             if os.path.isdir(top) and not os.path.islink(top):
                 with os.scandir(top) as listing:

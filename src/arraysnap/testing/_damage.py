@@ -9,7 +9,7 @@ internals, so a test can name exactly the file it damages.
 ...     _ = snap.capture({"u": np.arange(1024.0)}, step=1)
 >>> victim = chunk_file(path, 1, "u", 1)
 >>> victim.relative_to(path).parts[0], object_intact(path, victim)
-('chunks', True)
+('packs', True)
 >>> _ = flip_bits(victim, random.Random(0), 1)
 >>> object_intact(path, victim)
 False
@@ -31,7 +31,8 @@ from arraysnap.codecs import CodecSpec, parse_codec
 from arraysnap.extents import read_extents
 from arraysnap.leases import LEASES, LockFile, lock_byte
 
-__all__ = ["BASELINE_DAMAGE", "CHUNK_DAMAGE", "chunk_file", "chunk_references", "damage_baselines",
+__all__ = ["BASELINE_DAMAGE", "CHUNK_DAMAGE", "chunk_file", "chunk_ranges", "chunk_references",
+           "damage_baselines", "damaged_chunks",
            "damage_object", "flip_bit", "flip_bits", "leftover_temporaries", "manifest_files",
            "baseline_extent", "baseline_files", "baseline_leased", "object_intact", "read_marker",
            "store_codec", "store_files", "truncate", "write_marker"]
@@ -92,13 +93,60 @@ def leftover_temporaries(path: Path, *, baselines: bool = True) -> list[str]:
     return found if baselines else [p for p in found if not p.startswith("mirror/")]
 
 
-def _digests(record: dict[str, Any]) -> bytes:
-    return base64.b64decode(record["chunks"])
+def _table_object(path: Path, ref: str) -> bytes:
+    hexdigest = base64.b64decode(ref).hex()
+    return (path / "tables" / hexdigest[:2] / hexdigest[2:]).read_bytes()
+
+
+def _digests(path: Path, record: dict[str, Any]) -> bytes:
+    chunks = record["chunks"]
+    if isinstance(chunks, str):
+        return base64.b64decode(chunks)
+    return b"".join(_table_object(path, ref) for ref in chunks["blocks"])
+
+
+def _arrays(path: Path, body: dict[str, Any]) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """Each array of a manifest: its record (``chunks``, and ``where`` if packed) and the
+    packs that ``where`` refers to, from the manifest or from the leaves of its tree."""
+    arrays = {name: (record, body.get("packs", [])) for name, record in body["arrays"].items()}
+    pending = [(body["tables"]["depth"], body["tables"]["children"])] if "tables" in body else []
+    while pending:
+        depth, children = pending.pop()
+        for _, _, ref in children:
+            node = json.loads(_table_object(path, ref))
+            if depth > 1:
+                pending.append((depth - 1, node["children"]))
+                continue
+            for row in node["arrays"]:
+                record = {"chunks": row[2]} if len(row) == 3 else {"chunks": row[2],
+                                                                   "where": row[3]}
+                arrays[row[0]] = (record, node.get("packs", []))
+    return arrays
+
+
+def _chunks_of(path: Path, record: dict[str, Any],
+               pack_list: list[str]) -> list[tuple[str, int, int, bytes]]:
+    """(object path, offset, length or -1 for all of it, digest) of each chunk of an array
+    of a manifest: a chunk object of its own, or a range of a pack (format 3)."""
+    digests = _digests(path, record)
+    packs = [base64.b64decode(p).hex() for p in pack_list]
+    where = record.get("where")
+    chunks = []
+    for index in range(len(digests) // DIGEST_BYTES):
+        digest = digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES]
+        pack, offset, length = where[3 * index : 3 * index + 3] if where else (-1, 0, -1)
+        if pack == -1:
+            hexdigest = digest.hex()
+            chunks.append((f"chunks/{hexdigest[:2]}/{hexdigest[2:]}", 0, -1, digest))
+        else:
+            chunks.append((f"packs/{packs[pack][:2]}/{packs[pack][2:]}", offset, length, digest))
+    return chunks
 
 
 def chunk_file(path: Path, seq: int, array: str, index: int) -> Path:
-    """The file of chunk `index` of `array` in snapshot `seq` of the local store at `path`,
-    from the manifest file itself (see the module doc for an example).
+    """The file that holds chunk `index` of `array` in snapshot `seq` of the local store at
+    `path` (its chunk object, or the pack it is in), from the manifest file itself (see the
+    module doc for an example).
 
     >>> import tempfile
     >>> chunk_file(Path(tempfile.mkdtemp()), 1, "u", 0)  # doctest: +ELLIPSIS
@@ -107,16 +155,16 @@ def chunk_file(path: Path, seq: int, array: str, index: int) -> Path:
     FileNotFoundError: ...
     """
     body = json.loads((path / "snapshots" / f"{seq:012d}.json").read_bytes())
-    digests = _digests(body["arrays"][array])
-    if not 0 <= index < len(digests) // DIGEST_BYTES:
-        raise IndexError(f"array {array!r} of snapshot {seq} has "
-                         f"{len(digests) // DIGEST_BYTES} chunks, not chunk {index}")
-    hexdigest = digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES].hex()
-    return path / "chunks" / hexdigest[:2] / hexdigest[2:]
+    chunks = _chunks_of(path, *_arrays(path, body)[array])
+    if not 0 <= index < len(chunks):
+        raise IndexError(f"array {array!r} of snapshot {seq} has {len(chunks)} chunks, "
+                         f"not chunk {index}")
+    return path / chunks[index][0]
 
 
 def chunk_references(path: Path) -> dict[str, list[tuple[int, str, int]]]:
-    """Object path (relative to the store) -> every (seq, array, chunk) whose manifest uses it.
+    """Object path (relative to the store: a chunk object or a pack) -> every (seq, array,
+    chunk) whose manifest uses it.
 
     >>> import tempfile, numpy as np, arraysnap
     >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s", chunk_bytes=4096) as snap:
@@ -126,13 +174,71 @@ def chunk_references(path: Path) -> dict[str, list[tuple[int, str, int]]]:
     """
     refs: dict[str, list[tuple[int, str, int]]] = collections.defaultdict(list)
     for seq, data in sorted(manifest_files(path).items()):
-        body = json.loads(data)
-        for name, record in body["arrays"].items():
-            digests = _digests(record)
-            for index in range(len(digests) // DIGEST_BYTES):
-                hexdigest = digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES].hex()
-                refs[f"chunks/{hexdigest[:2]}/{hexdigest[2:]}"].append((seq, name, index))
+        for name, (record, packs) in _arrays(path, json.loads(data)).items():
+            for index, (obj, _, _, _) in enumerate(_chunks_of(path, record, packs)):
+                refs[obj].append((seq, name, index))
     return refs
+
+
+def chunk_ranges(path: Path) -> dict[tuple[int, str, int], tuple[str, int, int]]:
+    """(seq, array, chunk) -> (object path relative to the store, offset, length) of every
+    chunk of every manifest: a range of a pack (format 3), or all of a chunk object (offset
+    0, length -1).
+
+    >>> import tempfile, numpy as np, arraysnap
+    >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s", chunk_bytes=4096) as snap:
+    ...     _ = snap.capture({"u": np.zeros(1024), "v": np.ones(512)}).result()
+    ...     ranges = chunk_ranges(snap.path)
+    >>> sorted(ranges)  # u's two chunks are equal: stored once
+    [(1, 'u', 0), (1, 'u', 1), (1, 'v', 0)]
+    >>> ranges[1, "u", 0] == ranges[1, "u", 1] != ranges[1, "v", 0]
+    True
+    """
+    ranges = {}
+    for seq, data in sorted(manifest_files(path).items()):
+        for name, (record, packs) in _arrays(path, json.loads(data)).items():
+            for index, (obj, offset, length, _) in enumerate(_chunks_of(path, record, packs)):
+                ranges[(seq, name, index)] = (obj, offset, length)
+    return ranges
+
+
+def damaged_chunks(path: Path, objects: set[str] | None = None,
+                   codec: CodecSpec | None = None) -> set[tuple[int, str, int]]:
+    """Every (seq, array, chunk) whose stored bytes (in `objects` only, if given) no longer
+    decode to the content its digest names: the chunks a damage of those files hit, exactly
+    (a bit flipped in a pack hits the one chunk whose range holds it).
+
+    >>> import tempfile, numpy as np, arraysnap
+    >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s", chunk_bytes=4096) as snap:
+    ...     _ = snap.capture({"u": np.arange(1024.0)}).result()
+    >>> pack, offset, length = chunk_ranges(snap.path)[(1, "u", 1)]
+    >>> _ = flip_bit(snap.path / pack, offset + 3)
+    >>> damaged_chunks(snap.path)
+    {(1, 'u', 1)}
+    """
+    codec = codec or store_codec(path)
+    verdicts: dict[tuple[str, int, int], bool] = {}
+    damaged = set()
+    for seq, data in sorted(manifest_files(path).items()):
+        for name, (record, packs) in _arrays(path, json.loads(data)).items():
+            for index, (obj, offset, length, digest) in enumerate(
+                    _chunks_of(path, record, packs)):
+                if objects is not None and obj not in objects:
+                    continue
+                key = (obj, offset, length)
+                if key not in verdicts:
+                    try:
+                        with open(path / obj, "rb") as file:
+                            file.seek(offset)
+                            stored = file.read() if length < 0 else file.read(length)
+                        good = (len(stored) == length or length < 0) and \
+                            blake3.blake3(codec.decode(stored)).digest() == digest
+                    except Exception:  # noqa: BLE001 - unreadable or undecodable: damaged
+                        good = False
+                    verdicts[key] = good
+                if not verdicts[key]:
+                    damaged.add((seq, name, index))
+    return damaged
 
 
 def store_codec(path: Path) -> CodecSpec:
@@ -148,13 +254,24 @@ def store_codec(path: Path) -> CodecSpec:
 
 def object_intact(path: Path, obj: str | Path, codec: CodecSpec | None = None) -> bool:
     """Whether a chunk object (a path, or one relative to the store) still decodes to the
-    bytes its name (a blake3 digest) promises (see the module doc)."""
+    bytes its name (a blake3 digest) promises, or a pack to the bytes each chunk the
+    manifests place in it promises (see the module doc)."""
     relative = Path(obj).relative_to(path).as_posix() if Path(obj).is_absolute() else str(obj)
+    codec = codec or store_codec(path)
     try:
-        raw = (codec or store_codec(path)).decode((path / relative).read_bytes())
+        data = (path / relative).read_bytes()
+        if relative.startswith("chunks/"):
+            digest = relative.replace("chunks/", "").replace("/", "")
+            return blake3.blake3(codec.decode(data)).hexdigest() == digest
+        for seq_data in manifest_files(path).values():
+            for record, packs in _arrays(path, json.loads(seq_data)).values():
+                for where, offset, length, digest in _chunks_of(path, record, packs):
+                    if where == relative and blake3.blake3(codec.decode(
+                            data[offset : offset + length])).digest() != digest:
+                        return False
+        return True
     except Exception:  # noqa: BLE001 - any failure to read or decode means damaged
         return False
-    return blake3.blake3(raw).hexdigest() == relative.replace("chunks/", "").replace("/", "")
 
 
 def baseline_files(path: Path) -> list[Path]:
@@ -286,8 +403,8 @@ def damage_object(path: Path, how: str, victim: str, other: str = "") -> set[str
 
     >>> import tempfile, numpy as np, arraysnap
     >>> with arraysnap.open(Path(tempfile.mkdtemp()) / "s", chunk_bytes=4096) as snap:
-    ...     _ = snap.capture({"u": np.arange(1024.0)}).result()
-    >>> a, b = sorted(chunk_references(snap.path))
+    ...     _ = snap.capture({"u": np.arange(512.0 * 70)}).result()  # 70 chunk objects
+    >>> a, b = sorted(chunk_references(snap.path))[:2]
     >>> sorted(damage_object(snap.path, "swap", a, b)) == [a, b]
     True
     """

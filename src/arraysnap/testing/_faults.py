@@ -7,8 +7,8 @@ for the baselines. Every call is named by its *operation* and its *area*:
 
 - storage operations (``get``, ``get_range``, ``exists``, ``size``, ``list_prefix``,
   ``put_if_absent``, ``put_atomic``, ``append``, ``delete``, ``barrier``), whose area is the
-  key's first part ("chunks", "snapshots", "journal") or "root" for a top-level key (and for
-  a barrier, which names no key);
+  key's first part ("chunks", "snapshots", "journal"; packs of chunks are in "chunks" too)
+  or "root" for a top-level key (and for a barrier, which names no key);
 - file operations (``write``, ``fsync``, ``replace``, ``unlink``, ``fsync_dir``) below the
   storage and in the baselines, whose area is the first folder of the path inside the store
   ("chunks", "snapshots", "journal", "mirror"), "root" at the top, "other" outside.
@@ -64,17 +64,19 @@ FILE_OPERATIONS = ("write", "fsync", "replace", "unlink", "fsync_dir")
 # The area that stands for every area: ("write", ANY) counts the writes of the whole store.
 ANY = "*"
 # Folders of a store whose own entry (an fsync_dir of the folder itself) belongs to them.
-_FOLDERS = ("chunks", "snapshots", "mirror", "journal", "tmp")
+_FOLDERS = ("chunks", "packs", "snapshots", "mirror", "journal", "tmp")
+_AREA_OF = {"packs": "chunks"}  # the chunks' data, in objects of their own or in packs
 
 
 def key_area(key: str) -> str:
-    """The area of a storage key: its first part, or "root" for a top-level key.
+    """The area of a storage key: its first part, or "root" for a top-level key; packs
+    (format 3) hold chunks, and are in the area "chunks" with the chunk objects.
 
-    >>> key_area("chunks/ab/cd"), key_area("arraysnap.json"), key_area("")
-    ('chunks', 'root', 'root')
+    >>> key_area("chunks/ab/cd"), key_area("packs/ab/cd"), key_area("arraysnap.json")
+    ('chunks', 'chunks', 'root')
     """
     first, slash, _ = key.partition("/")
-    return first if slash else "root"
+    return _AREA_OF.get(first, first) if slash else "root"
 
 
 def path_area(root: str, where: str) -> str:
@@ -90,7 +92,9 @@ def path_area(root: str, where: str) -> str:
     if not where.startswith(root + "/"):
         return "other"
     inside = where[len(root) + 1 :].split("/")
-    return inside[0] if len(inside) > 1 or inside[0] in _FOLDERS else "root"
+    if len(inside) > 1 or inside[0] in _FOLDERS:
+        return _AREA_OF.get(inside[0], inside[0])
+    return "root"
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,9 @@ from arraysnap.errors import (
 from arraysnap.testing._damage import (
     chunk_references,
     damage_baselines,
+    damaged_chunks,
     flip_bits,
     manifest_files,
-    object_intact,
     store_codec,
     truncate,
 )
@@ -61,8 +61,8 @@ class CorruptionEvents(TortureBase):
         return None, problem, step
 
     def corrupt_chunks(self) -> None:
-        """Flip bits in, truncate, empty, delete, overwrite or swap chunk objects; the damage
-        must be named by verify() and make restore() of older snapshots raise."""
+        """Flip bits in, truncate, empty, delete, overwrite or swap chunk objects and packs;
+        the damage must be named by verify() and make restore() of older snapshots raise."""
         scratch = self.scratch_copy()
         failures = len(self.tally.failures)
         refs = chunk_references(scratch)
@@ -91,9 +91,12 @@ class CorruptionEvents(TortureBase):
             first, second = file.read_bytes(), (scratch / other).read_bytes()
             file.write_bytes(second)
             (scratch / other).write_bytes(first)
-        damaged = [obj for obj in touched if not object_intact(scratch, obj, codec)]
-        expected = {use for obj in damaged for use in refs[obj]}
-        what = f"chunk object {how} ({len(damaged)} damaged, used {len(expected)} times)"
+        # Exactly the chunks whose bytes changed: in a pack, those whose ranges were hit.
+        expected = damaged_chunks(scratch, set(touched), codec)
+        damaged = sorted({obj for obj in touched
+                          if any(refs_use in expected for refs_use in refs[obj])})
+        kind = "pack" if victim.startswith("packs/") else "chunk object"
+        what = f"{kind} {how} ({len(damaged)} damaged, used {len(expected)} times)"
         for mode in ("r", "a"):
             with arraysnap.open(scratch, mode=mode, chunk_bytes=CHUNK_BYTES) as snap:
                 here = f"{what}, mode {mode!r}"

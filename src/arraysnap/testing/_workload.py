@@ -2,7 +2,7 @@
 
 So any snapshot of any crashed run can be checked by recomputing what was captured. Two
 sizes: :data:`TORTURE_WORKLOAD` (about 4 MiB, for 64 KiB chunks) and :data:`SMALL_WORKLOAD`
-(about 300 KiB, for the test suite's 4 KiB chunks). Both change a few rows of "u" every step,
+(about 400 KiB, for the test suite's 4 KiB chunks). Both change a few rows of "u" every step,
 the shape of "v" every 5 steps, the Fortran-ordered big-endian "f" every 3, and let "w"
 come and go.
 
@@ -172,12 +172,13 @@ def array_difference(actual: np.ndarray, expected: np.ndarray) -> str | None:
 TORTURE_WORKLOAD = Workload(u_rows=32, u_cols=(64 << 10) // 8, v_rows=40, v_growth=24,
                             v_cols=4096, f_shape=(300, 256), rec_length=500, rec_b=True,
                             table_length=1 << 17, w_length=9000)
-# "u" has one 4 KiB chunk per row.
-SMALL_WORKLOAD = Workload(u_rows=48, u_cols=512, v_rows=30, v_growth=17, v_cols=100,
+# "u" has one 4 KiB chunk per row: 72 chunks, more than a pack takes (format 3), so that
+# its chunks are objects of their own and the other arrays' are packed.
+SMALL_WORKLOAD = Workload(u_rows=72, u_cols=512, v_rows=30, v_growth=17, v_cols=100,
                           f_shape=(64, 40), rec_length=50, rec_b=False, table_length=0,
                           w_length=700)
 # The small workload and 2,000 small arrays: a table tree, shared baseline files.
-MANY_WORKLOAD = Workload(u_rows=48, u_cols=512, v_rows=30, v_growth=17, v_cols=100,
+MANY_WORKLOAD = Workload(u_rows=72, u_cols=512, v_rows=30, v_growth=17, v_cols=100,
                          f_shape=(64, 40), rec_length=50, rec_b=False, table_length=0,
                          w_length=700, many=2000)
 
