@@ -286,7 +286,7 @@ def test_gc_removes_unused_objects(history):
     assert code == 0 and json.loads(out) == {"chunks_removed": 1, "bytes_freed": 100}
     assert not stray.exists()
     code, out, _ = run("gc", path)
-    assert code == 0 and "removed 0 unused chunk objects" in out
+    assert code == 0 and "removed 0 unused chunk objects and packs" in out
 
 
 # -- du --------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def test_du_unique_and_shared_bytes(history):
     # Snapshots 2 and 3 share everything but u's chunks 5, 6 and 7 (and, for 1 and 2, chunk 2).
     assert rows[1]["shared_bytes"] > rows[1]["unique_bytes"]
     code, out, _ = run("du", path)
-    assert code == 0 and "unique" in out and "chunk objects: " in out
+    assert code == 0 and "unique" in out and "chunk objects and packs: " in out
 
 
 # -- export, restore -------------------------------------------------------------------------

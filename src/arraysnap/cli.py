@@ -115,7 +115,7 @@ def ls_command(store: Path, as_json: bool) -> None:
     """List the snapshots of STORE, oldest first.
 
     Columns: seq, step, capture time, arrays, chunks changed / scanned, bytes written
-    (chunk objects + manifest), blocked (how long capture() held the program: waiting for
+    (the objects + manifest), blocked (how long capture() held the program: waiting for
     the previous capture to read its chunks, then the pause) and the pause itself (the
     comparison and copy of changed chunks).
     Damaged snapshots are left out and named on stderr; run verify.
@@ -294,7 +294,7 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
 def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
                   keep_within: float | None, max_bytes: int | None, dry_run: bool,
                   as_json: bool) -> None:
-    """Remove old snapshots of STORE by a retention policy, then unused chunk objects.
+    """Remove old snapshots of STORE by a retention policy, then unused chunk objects and packs.
 
     A snapshot is kept if any rule keeps it; the newest is always kept. Needs the
     writer's lock: stop the job writing to STORE first (or prune from inside it with
@@ -328,18 +328,18 @@ def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
         removed = ", ".join(map(str, report.snapshots_removed)) or "none"
         if dry_run:
             click.echo(f"would remove snapshots: {removed}; {report.chunks_removed} chunk "
-                       f"objects, {size_text(report.bytes_freed)} would be freed (dry run: "
-                       "nothing was removed)")
+                       f"objects and packs, {size_text(report.bytes_freed)} would be freed "
+                       "(dry run: nothing was removed)")
         else:
-            click.echo(f"removed snapshots: {removed}; {report.chunks_removed} chunk objects, "
-                       f"{size_text(report.bytes_freed)} freed")
+            click.echo(f"removed snapshots: {removed}; {report.chunks_removed} chunk objects "
+                       f"and packs, {size_text(report.bytes_freed)} freed")
 
 
 @cli.command("gc")
 @store_argument
 @json_option
 def gc_command(store: Path, as_json: bool) -> None:
-    """Delete chunk objects of STORE that no snapshot uses.
+    """Delete chunk objects and packs of STORE that no snapshot uses.
 
     Such objects are left by a writer killed before its commit, or by a prune that was
     interrupted. Needs the writer's lock.
@@ -348,12 +348,12 @@ def gc_command(store: Path, as_json: bool) -> None:
     Example:
       arraysnap gc run.snap
     """
-    with open_store(store, "a") as opened, status("collecting unused chunk objects"):
+    with open_store(store, "a") as opened, status("collecting unused objects"):
         report = opened.gc()
     if as_json:
         echo_json({"chunks_removed": report.chunks_removed, "bytes_freed": report.bytes_freed})
     else:
-        click.echo(f"removed {report.chunks_removed} unused chunk objects, "
+        click.echo(f"removed {report.chunks_removed} unused chunk objects and packs, "
                    f"{size_text(report.bytes_freed)} freed")
 
 
@@ -388,7 +388,7 @@ def du_command(store: Path, as_json: bool) -> None:
                       size_text(row.manifest_bytes))
     console = stdout()
     console.print(table)
-    console.print(f"chunk objects: {usage.objects}, {size_text(usage.object_bytes)} "
+    console.print(f"chunk objects and packs: {usage.objects}, {size_text(usage.object_bytes)} "
                   f"({size_text(usage.referenced_bytes)} in use, "
                   f"{usage.unreferenced_objects} unused "
                   f"objects of {size_text(usage.unreferenced_bytes)}"

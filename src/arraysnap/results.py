@@ -59,7 +59,8 @@ class SnapshotInfo:
 
     ``blocked_seconds`` is how long ``capture()`` held the caller: waiting for the previous
     capture to have read its chunks, then the ``pause_seconds`` that compared and copied.
-    ``bytes_written`` counts the chunk objects this capture added plus its manifest;
+    ``bytes_written`` counts the objects this capture added (chunk objects, packs and table
+    objects) plus its manifest;
     ``state`` and ``rng_state`` are the JSON the capture stored (``restore()`` turns the
     latter back into generators); ``parent`` is the seq of the snapshot before it.
 
@@ -411,7 +412,8 @@ def parse_capture_stat(value: object) -> CaptureStat | None:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotUsage:
-    """Bytes of one snapshot's chunk objects: all it uses, only it uses, shared, first added.
+    """Bytes of one snapshot's chunk objects and packs (a pack counted whole): all it uses,
+    only it uses, shared, first added.
 
     ``unique_bytes`` is what pruning this snapshot alone would free; ``new_bytes`` counts
     the objects no older snapshot uses (about what its capture wrote).

@@ -131,7 +131,7 @@ def plot_history(rows: list[dict[str, Any]], out: Path, title: str) -> None:
     written_kib = [(row.get("bytes_written") or 0) / 1024 for row in rows]
     written.bar(seqs, written_kib, color="tab:orange", width=0.8)
     written.set_ylabel("KiB")
-    written.set_title("bytes written (chunk objects + manifest)", loc="left", fontsize="medium")
+    written.set_title("bytes written (objects + manifest)", loc="left", fontsize="medium")
     # The first capture writes everything: on a linear axis it would flatten all others.
     for axes, values in ((pause, held + pauses + durable), (written, written_kib)):
         positive = [value for value in values if value > 0]
