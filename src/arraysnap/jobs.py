@@ -1,5 +1,6 @@
-"""What a capture hands the engine (``PersistJob``, one ``ArrayDelta`` an array), and what
-the engine's stages fill in as the job goes through them (see ``pipeline.py``).
+"""The engine's interface (see ``pipeline.py``): what a capture hands it (``PersistJob``, one
+``ArrayDelta`` an array), which its stages fill in as the job goes through them, and the
+``Listener`` it tells what happened.
 
 >>> import numpy as np
 >>> from arraysnap.layout import plan_layout
@@ -11,6 +12,7 @@ True
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from .layout import ChunkLayout
-from .manifest import ArrayEntry
+from .manifest import ArrayEntry, Manifest
 from .packs import Location
-from .results import CaptureInfo
+from .results import CaptureInfo, CaptureStat
 
-__all__ = ["ArrayDelta", "PersistJob"]
+__all__ = ["ArrayDelta", "Listener", "PersistJob"]
 
 
 @dataclass(slots=True)
@@ -69,3 +71,31 @@ class PersistJob:
     encode_seconds: float = 0.0
     read_done: float = 0.0
     retries: int = 0
+
+
+class Listener(ABC):
+    """What the engine tells its store, and asks it; called on the committer's thread.
+
+    >>> class Quiet(Listener):
+    ...     def committed(self, job, manifest, manifest_bytes, stat): pass
+    ...     def failed(self, job, error, stat): pass
+    >>> Quiet().free_space(), Quiet().before_commit()
+    (0, None)
+    """
+
+    @abstractmethod
+    def committed(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
+                  stat: CaptureStat) -> None:
+        """Snapshot `job.seq` is durable: its manifest is written and synced."""
+
+    @abstractmethod
+    def failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
+        """Snapshot `job.seq` will never commit; its changes go into the next job."""
+
+    def before_commit(self) -> None:  # noqa: B027 - most stores have nothing to add
+        """Write what the manifest will point to (the replay log's records); the barrier
+        that follows makes it durable with the chunk objects."""
+
+    def free_space(self) -> int:
+        """The disk is full: free what the store's policy allows; return the bytes freed."""
+        return 0

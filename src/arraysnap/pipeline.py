@@ -30,16 +30,14 @@ lost (invariant 3), and the reader starts again from the last committed tables.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import queue
 import threading
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import blake3
 import numpy as np
@@ -48,7 +46,7 @@ from .budget import Budget, Held
 from .chunks import padded_chunk
 from .codecs import CodecSpec
 from .commit import manifest_key, put_manifest
-from .jobs import ArrayDelta, PersistJob
+from .jobs import ArrayDelta, Listener, PersistJob
 from .manifest import ArrayEntry, Manifest
 from .objects import DIGEST_BYTES, ChunkObjects
 from .packer import Packer, pack_capacity
@@ -56,6 +54,7 @@ from .packs import PACK_BYTES, PACKED_CHUNKS, Location
 from .pins import Pins
 from .repack import PackUsage
 from .results import CaptureStat
+from .retry import DEFAULT_RETRY_DELAYS, retry
 from .tables import Built, TableWriter
 from .threads import lower_thread_priority, start_workers
 
@@ -76,9 +75,9 @@ OBJECT_WRITERS = 4
 TABLE_WRITERS = 8  # a commit's table objects (format 2), written at once
 # Threads of a store's pool, which hashes, encodes and assembles chunks (both release the GIL).
 POOL_WORKERS = 2
-DEFAULT_RETRY_DELAYS = (0.05, 0.2, 1.0, 3.0)
-TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EIO, errno.EBUSY,
-                              errno.ETIMEDOUT})
+# Chunks of at most BATCH_BYTES / BATCH_CHUNKS are read BATCH_CHUNKS to a pool task.
+BATCH_CHUNKS = 64
+BATCH_BYTES = 4 << 20
 
 
 _scratch = threading.local()
@@ -91,34 +90,6 @@ def _chunk_of(delta: ArrayDelta, index: int) -> np.ndarray:
     if buffer is None or buffer.size < delta.layout.chunk_bytes:
         buffer = _scratch.buffer = np.empty(delta.layout.chunk_bytes, dtype=np.uint8)
     return padded_chunk(delta.baseline, delta.layout, index, buffer)
-
-
-class Listener(ABC):
-    """What the engine tells its store, and asks it; called on the committer's thread.
-
-    >>> class Quiet(Listener):
-    ...     def committed(self, job, manifest, manifest_bytes, stat): pass
-    ...     def failed(self, job, error, stat): pass
-    >>> Quiet().free_space(), Quiet().before_commit()
-    (0, None)
-    """
-
-    @abstractmethod
-    def committed(self, job: PersistJob, manifest: Manifest, manifest_bytes: int,
-                  stat: CaptureStat) -> None:
-        """Snapshot `job.seq` is durable: its manifest is written and synced."""
-
-    @abstractmethod
-    def failed(self, job: PersistJob, error: BaseException, stat: CaptureStat) -> None:
-        """Snapshot `job.seq` will never commit; its changes go into the next job."""
-
-    def before_commit(self) -> None:  # noqa: B027 - most stores have nothing to add
-        """Write what the manifest will point to (the replay log's records); the barrier
-        that follows makes it durable with the chunk objects."""
-
-    def free_space(self) -> int:
-        """The disk is full: free what the store's policy allows; return the bytes freed."""
-        return 0
 
 
 class Persister:
@@ -221,32 +192,17 @@ class Persister:
     # -- retrying ------------------------------------------------------------------------
     def retrying(self, action: Callable[[], T], job: PersistJob | None = None, *,
                  free_space: bool = True) -> T:
-        """Run `action`, retrying transient errors with backoff and ENOSPC after pruning.
+        """Run `action`, retrying transient errors with backoff and ENOSPC after pruning
+        (which holds the commit lock: pruning must never race a commit)."""
+        def prune() -> int:
+            with self._commit_lock:
+                return self.listener.free_space()
 
-        Freeing space holds the commit lock: pruning must never race a commit.
-        """
-        delays = iter(self.retry_delays)
-        pruned = not free_space
-        while True:
-            try:
-                return action()
-            except OSError as err:
-                if err.errno == errno.ENOSPC and not pruned and self.retry_delays:
-                    pruned = True
-                    with self._commit_lock:
-                        freed = self.listener.free_space()
-                    log.warning("arraysnap: disk full; retention freed %d bytes, retrying",
-                                freed)
-                    if freed:
-                        continue
-                    raise
-                delay = next(delays, None) if err.errno in TRANSIENT_ERRNOS else None
-                if delay is None:
-                    raise
-                if job is not None:
-                    job.retries += 1
-                log.warning("arraysnap: %r; retrying in %.2f s", err, delay)
-                time.sleep(delay)
+        def count() -> None:
+            if job is not None:
+                job.retries += 1
+
+        return retry(action, self.retry_delays, prune if free_space else None, count)
 
     # -- reader stage --------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -315,12 +271,11 @@ class Persister:
                 indices = np.union1d(indices, np.asarray(again, dtype=np.intp))
             job.changed[delta.name] = indices
             work.append((delta, indices, digests))
-        futures = [[self.pool.submit(self._read_chunk, job, delta, int(i)) for i in indices]
-                   for delta, indices, _ in work]
+        tasks, futures = self._submit_reads(job, work)
         # Every chunk task must be finished, failed or not, before the baseline is released:
         # a task still reading it while the next capture writes would name an object by the
         # digest of other bytes.
-        wait_for(f for group in futures for f in group)
+        wait_for(tasks)
         if self._packer is not None:
             self._packer.flush()  # the job's last pack: its chunks were all added
         for (delta, indices, digests), group in zip(work, futures, strict=True):
@@ -331,8 +286,8 @@ class Persister:
                 job.entries[delta.name] = previous
                 continue
             where = self._where(delta, previous)
-            for index, future in zip(indices, group, strict=True):
-                digest = future.result()
+            for index, (future, within) in zip(indices, group, strict=True):
+                digest = future.result() if within < 0 else future.result()[within]
                 digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
                 if where is not None:
                     where[int(index)] = job.located.get(digest)
@@ -350,6 +305,40 @@ class Persister:
                 usage.update(self._tables[name], None)
         self._tables = dict(job.entries)
         job.encode_seconds = time.perf_counter() - start
+
+    def _submit_reads(self, job: PersistJob, work: list[tuple[ArrayDelta, np.ndarray, Any]]
+                      ) -> tuple[list[Future[Any]], list[list[tuple[Future[Any], int]]]]:
+        """Submit the job's chunk tasks: one a chunk, or one for a batch of the chunks of
+        small arrays (a future of its own cost more than hashing and encoding an 8 KiB
+        chunk). Returns the tasks and, for each chunk, its task and its place in the batch
+        (-1: a task of its own)."""
+        tasks: list[Future[Any]] = []
+        refs: list[list[tuple[Future[Any], int]]] = []
+        batch: list[tuple[ArrayDelta, int, list[tuple[Future[Any], int]]]] = []
+
+        def submit_batch() -> None:
+            items = [(delta, index) for delta, index, _ in batch]
+            task = self.pool.submit(lambda: [self._read_chunk(job, d, i) for d, i in items])
+            tasks.append(task)
+            for within, (_, _, group) in enumerate(batch):
+                group.append((task, within))
+            batch.clear()
+
+        for delta, indices, _ in work:
+            group: list[tuple[Future[Any], int]] = []
+            refs.append(group)
+            small = delta.layout.chunk_bytes <= BATCH_BYTES // BATCH_CHUNKS
+            for index in indices:
+                if not small:
+                    tasks.append(self.pool.submit(self._read_chunk, job, delta, int(index)))
+                    group.append((tasks[-1], -1))
+                    continue
+                batch.append((delta, int(index), group))
+                if len(batch) >= BATCH_CHUNKS:
+                    submit_batch()
+        if batch:
+            submit_batch()
+        return tasks, refs
 
     def _where(self, delta: ArrayDelta, previous: ArrayEntry | None
                ) -> list[Location | None] | None:
