@@ -721,3 +721,24 @@ def test_a_pack_mostly_replaced_is_packed_again_and_then_freed(store_path):
         settled = snap.capture(arrays, step=3).result()  # nothing more to move
         assert stored_objects(snap._catalog.load(4)[0]) == stored_objects(
             snap._catalog.load(3)[0]) and settled.bytes_written < 4096
+
+
+def test_packing_again_an_array_whose_shape_changed_reads_its_new_chunks_only(store_path):
+    """The chunks to pack again are those of the array's old layout: an array that also
+    changed shape is written whole in its new one (an old chunk index is no index of it)."""
+    rng = np.random.default_rng(12)
+    arrays = {f"a{i:03d}": rng.random(2048) for i in range(100)}  # 4 distinct chunks each
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        snap.capture(arrays, step=0).result()
+        for i in range(60):
+            arrays[f"a{i:03d}"] = arrays[f"a{i:03d}"] + 1
+        snap.capture(arrays, step=1).result()  # the first pack is now mostly dead
+        (first,) = stored_objects(snap._catalog.load(1)[0])
+        arrays["a080"] = np.arange(512.0)  # 1 chunk now, 4 before
+        info = snap.capture(arrays, step=2).result()
+        assert info.arrays["a080"].n_chunks == 1
+        assert first not in stored_objects(snap._catalog.load(3)[0])  # packed again
+        restored = snap.restore()
+        for name, array in arrays.items():
+            assert_bit_exact(restored.arrays[name], array)
+        assert snap.verify().ok

@@ -267,7 +267,9 @@ class Persister:
             indices, digests = self._indices(delta)
             job.chunks_changed += len(indices)
             again = repack.get(delta.name)
-            if again and len(digests) == delta.layout.n_chunks * DIGEST_BYTES:
+            previous = self._tables.get(delta.name)
+            if (again and not delta.fresh and previous is not None
+                    and previous.layout == delta.layout):  # else all are read anyway
                 indices = np.union1d(indices, np.asarray(again, dtype=np.intp))
             job.changed[delta.name] = indices
             work.append((delta, indices, digests))

@@ -43,8 +43,9 @@ class PackUsage:
 
     def __init__(self, size_of: Callable[[bytes], int]) -> None:
         self._size_of = size_of
-        # pack -> {(array, chunk): length} for the chunks the newest tables have there
-        self._users: dict[bytes, dict[tuple[str, int], int]] = {}
+        # pack -> {(array, chunk): (offset, length)} for the chunks the newest tables have
+        # there (equal chunks of a capture share one place)
+        self._users: dict[bytes, dict[tuple[str, int], tuple[int, int]]] = {}
         self._sizes: dict[bytes, int] = {}
         self._sparse: dict[bytes, None] = {}  # in the order found
 
@@ -91,7 +92,8 @@ class PackUsage:
         for index in indices:  # type: ignore[attr-defined]
             location = entry.where[index] if index < len(entry.where) else None
             if location is not None:
-                self._users.setdefault(location.pack, {})[(entry.name, index)] = location.length
+                self._users.setdefault(location.pack, {})[(entry.name, index)] = (
+                    location.offset, location.length)
 
     def _check(self, pack: bytes) -> None:
         users = self._users.get(pack)
@@ -107,7 +109,7 @@ class PackUsage:
             except OSError as err:  # verify() reports a missing pack; nothing to do here
                 log.debug("arraysnap: size of pack %s: %r", pack.hex()[:16], err)
                 return
-        if 2 * sum(users.values()) < size:
+        if 2 * sum(length for _, length in set(users.values())) < size:
             self._sparse[pack] = None
 
     def to_repack(self, limit: int) -> dict[str, list[int]]:
@@ -119,7 +121,7 @@ class PackUsage:
             if total >= limit:
                 break
             del self._sparse[pack]
-            for (name, index), length in self._users.get(pack, {}).items():
+            for (name, index), (_, length) in self._users.get(pack, {}).items():
                 chosen.setdefault(name, []).append(index)
                 total += length
         return chosen
