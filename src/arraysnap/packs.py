@@ -49,6 +49,9 @@ class Location(NamedTuple):
     length: int
 
 
+_tuple_new = tuple.__new__  # a Location without NamedTuple's Python-level __new__
+
+
 def pack_key(pack: bytes) -> str:
     """The storage key of the pack with id `pack`."""
     text = pack.hex()
@@ -84,6 +87,11 @@ def where_from_json(value: object, n_chunks: int,
                     packs: Sequence[bytes]) -> tuple[Location | None, ...]:
     """Validate an entry's ``where`` list against its chunk count and its container's
     `packs`; ValueError for anything malformed."""
+    if n_chunks == 1 and type(value) is list and len(value) == 3:  # most entries: one chunk
+        index, offset, length = value
+        if (type(index) is int and type(offset) is int and type(length) is int
+                and 0 <= index < len(packs) and 0 <= offset < _MAX_OFFSET and 0 < length):
+            return (_tuple_new(Location, (packs[index], offset, length)),)
     if (not isinstance(value, list) or len(value) != 3 * n_chunks
             or not all(type(item) is int for item in value)):
         raise ValueError(f"where must list [pack, offset, length] for each of {n_chunks} "

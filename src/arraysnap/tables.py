@@ -416,16 +416,17 @@ class TableReader:
         parsed = [parse_layout(layout) for layout in layouts]
         packs = parse_pack_list(body.get("packs", []))
         result: list[ArrayEntry | tuple[ArrayEntry, Any]] = []
+        layouts_count = len(parsed)
         for row in rows:
-            if (not isinstance(row, list) or len(row) not in (3, 4) or type(row[1]) is not int
-                    or not 0 <= row[1] < len(parsed)):
+            if (type(row) is not list or not 3 <= len(row) <= 4 or type(row[1]) is not int
+                    or not 0 <= row[1] < layouts_count):
                 raise ValueError("a leaf row must be [name, layout, chunks] or [name, layout, "
                                  "chunks, where]")
-            name, index, chunks = row[:3]
+            name, index, chunks = row[0], row[1], row[2]
             check_array_name(name)
-            if isinstance(chunks, str):
-                try:
-                    digests = base64.b64decode(chunks, validate=True)
+            if type(chunks) is str:
+                try:  # what b64decode(validate=True) does, without its Python-level checks
+                    digests = binascii.a2b_base64(chunks, strict_mode=True)
                 except (binascii.Error, ValueError):
                     raise ValueError(f"array {name!r}: chunks is not valid base64") from None
                 where = None
