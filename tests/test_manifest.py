@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import arraysnap.manifest as manifest_module
 from arraysnap.errors import CorruptSnapshotError, FormatVersionError
 from arraysnap.manifest import (
     MANIFEST_VERSION,
@@ -112,3 +116,26 @@ def test_bad_names(name):
 @pytest.mark.parametrize("name", ["u", "temperature.K", "ü", "a b", "...x", "_x", "x" * 200])
 def test_good_names(name):
     assert check_array_name(name) == name
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=8)
+       | st.sampled_from([".", "..", "...", "zarr.json", "__x", "_x", "a" * 255, "a" * 256]))
+def test_the_plain_name_fast_path_accepts_exactly_what_the_full_checks_accept(name):
+    """check_array_name() passes plain ASCII names with one regular expression: it must
+    accept exactly the names its checks one by one accept."""
+    def full(value: str) -> bool:
+        saved = manifest_module._PLAIN_NAME
+        manifest_module._PLAIN_NAME = re.compile(r"(?!)")  # matches nothing: the full checks
+        try:
+            return manifest_module.check_array_name(value) == value
+        except (ValueError, TypeError):
+            return False
+        finally:
+            manifest_module._PLAIN_NAME = saved
+
+    try:
+        fast = manifest_module.check_array_name(name) == name
+    except (ValueError, TypeError):
+        fast = False
+    assert fast == full(name)
