@@ -406,7 +406,8 @@ def upgrade_command(store: Path) -> None:
 
     A writer continues an older store in its own format, so that older arraysnap releases
     can still read it; after upgrade, writers write the current format (format 2: tables
-    whose costs follow what changed). Nothing written is rewritten; releases that read only
+    whose costs follow what changed; format 3: small arrays' chunks in packs). Nothing
+    written is rewritten; releases that read only
     the older format refuse the store from then on.
 
     \b

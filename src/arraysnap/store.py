@@ -170,7 +170,8 @@ def upgrade(path: str | os.PathLike[str] | Storage) -> int:
 
     A writer continues an older store in its own format, so that older releases of
     arraysnap can still read it; after ``upgrade`` writers write the current format (for
-    format 2: table objects, whose costs follow what changed). Nothing already written
+    format 2: table objects, whose costs follow what changed; for format 3: the chunks of
+    small arrays packed, many to an object). Nothing already written
     changes, and releases that read only the older format refuse the store from then on
     (``FormatVersionError``). Takes the writer's lock: ``StoreLockedError`` while a job
     writes the store.
