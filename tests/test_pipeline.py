@@ -20,6 +20,7 @@ from conftest import assert_bit_exact
 import arraysnap
 from arraysnap import budget as budget_module
 from arraysnap import pipeline
+from arraysnap.codecs import CodecSpec
 from arraysnap.testing import Call, FaultPlan, Gate, Rule
 
 CHUNK = 4096
@@ -547,3 +548,22 @@ def test_a_large_chunk_waiting_for_room_a_pack_holds_does_not_wait_for_ever(stor
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_chunk_too_large_for_a_pack_is_encoded_once(store_path: Path, monkeypatch):
+    """A small array's chunk is encoded to see whether it fits a pack; one that does not is
+    written as an object of its own from that encoding, not encoded a second time."""
+    calls = []
+    original = CodecSpec.encode_lazily
+
+    def counting(self, raw, itemsize):
+        calls.append(len(memoryview(raw).cast("B")))
+        return original(self, raw, itemsize)
+
+    monkeypatch.setattr(CodecSpec, "encode_lazily", counting)
+    u = np.random.default_rng(3).random(4 * (2 << 20) // 8)  # 4 chunks of 2 MiB of noise
+    with arraysnap.open(store_path, chunk_bytes=2 << 20) as snap:
+        snap.capture({"u": u, "small": np.arange(10.0)}, step=0).result()
+        assert sorted(calls) == [80] + [2 << 20] * 4
+        assert sum(1 for p in (store_path / "chunks").rglob("*") if p.is_file()) == 4
+        assert np.array_equal(snap.restore().arrays["u"], u)

@@ -358,8 +358,10 @@ class Persister:
         # copy in the thread's scratch buffer) plus the codec's output, freed right here.
         raw = _chunk_of(delta, index)
         digest = blake3.blake3(raw).digest()
+        encoded = None
         if self._packer is not None and delta.layout.n_chunks <= PACKED_CHUNKS:
-            if self._pack_chunk(job, delta, raw, digest):
+            encoded = self._pack_chunk(job, delta, raw, digest)
+            if encoded is None:
                 return digest
         # Pinned before the existence check, so retention cannot delete it between the
         # two. A digest another in-flight chunk pinned is written by that one.
@@ -372,15 +374,17 @@ class Persister:
             with self._lock:  # pool threads count concurrently
                 job.chunks_deduplicated += 1
             return digest
-        encoded = self.codec.encode_lazily(raw, delta.layout.dtype.itemsize)
+        if encoded is None:
+            encoded = self.codec.encode_lazily(raw, delta.layout.dtype.itemsize)
         buffer, held = self.budget.hold(encoded)
         del encoded, raw  # freed by the thread that allocated it, before anything else
         self._submit(job, lambda data: self.objects.put(digest, data), buffer, held)
         return digest
 
     def _pack_chunk(self, job: PersistJob, delta: ArrayDelta, raw: np.ndarray,
-                    digest: bytes) -> bool:
-        """Pack the chunk with `digest` (once a job); False if it is too large for a pack.
+                    digest: bytes) -> Any:
+        """Pack the chunk with `digest` (once a job) and return None; or return it encoded
+        when it is too large for a pack, for the caller to write as an object of its own.
         Packed chunks are deduplicated within a job only: a chunk that a capture found
         changed seldom equals one of an older snapshot's, and looking for that would cost
         a request a chunk."""
@@ -388,16 +392,16 @@ class Persister:
         with self._lock:
             if digest in job.located:  # packed by another chunk (or being): this is it
                 job.chunks_deduplicated += 1
-                return True
+                return None
             job.located[digest] = None
         encoded = self.codec.encode_lazily(raw, delta.layout.dtype.itemsize)
         location = self._packer.add(job, encoded)
-        del encoded
         if location is None:  # an object of its own (located None): the caller writes it
-            return False
+            return encoded
+        del encoded
         with self._lock:
             job.located[digest] = location
-        return True
+        return None
 
     def _pin_pack(self, job: PersistJob, pack: bytes) -> None:
         self.pins.pin((pack,))
