@@ -97,6 +97,12 @@ def start_child(kind: str, store: object, *args: object, **popen: object
                             **popen)  # type: ignore[call-overload]
 
 
+def object_files(path: Path) -> set[str]:
+    """The files of a store's chunk objects and packs, relative to the store."""
+    return {p.relative_to(path).as_posix() for folder in ("chunks", "packs")
+            for p in (path / folder).rglob("*") if p.is_file()}
+
+
 def assert_arrays(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
     """The same names, each bit-exact."""
     assert sorted(actual) == sorted(expected)

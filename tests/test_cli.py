@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import REPO, assert_bit_exact
+from conftest import REPO, assert_bit_exact, object_files
 
 import arraysnap
 from arraysnap.cli import cli
@@ -51,11 +51,6 @@ def make_history(path: Path) -> dict[int, dict[str, np.ndarray]]:
             held[step] = {"u": u.copy(), "v": v.copy(), "f": f.copy(order="F")}
             snap.capture({"u": u, "v": v, "f": f}, step=step, state={"t": step / 10}, rng=rng)
     return held
-
-
-def _object_files(path: Path) -> set[str]:
-    return {p.relative_to(path).as_posix() for folder in ("chunks", "packs")
-            for p in (path / folder).rglob("*") if p.is_file()}
 
 
 @pytest.fixture
@@ -244,7 +239,7 @@ def test_prune_keep_last(history):
         assert [s.seq for s in snap.list()] == [3] and snap.verify().ok
     # What is left is what snapshot 3 uses (here its packs: each holds some chunk of it).
     used = {obj for obj, users in chunk_references(path).items()}
-    assert _object_files(path) == used and report["chunks_removed"] == 0
+    assert object_files(path) == used and report["chunks_removed"] == 0
 
 
 def test_prune_needs_a_policy_and_the_lock(history):
@@ -297,7 +292,7 @@ def test_du_unique_and_shared_bytes(history):
     usage = json.loads(out)
     rows = usage["snapshots"]
     assert [row["seq"] for row in rows] == [1, 2, 3]
-    on_disk = sum((path / f).stat().st_size for f in _object_files(path))
+    on_disk = sum((path / f).stat().st_size for f in object_files(path))
     assert usage["object_bytes"] == usage["referenced_bytes"] == on_disk
     assert sum(row["new_bytes"] for row in rows) == on_disk
     for row in rows:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_bit_exact, store_files
+from conftest import assert_bit_exact, object_files, store_files
 
 import arraysnap
 from arraysnap._store.maintenance import stored_objects
 from arraysnap.codecs import parse_codec
-from arraysnap.packs import pack_key
+from arraysnap.objects import pack_key
 from arraysnap.testing import chunk_file
 
 
@@ -178,11 +178,11 @@ def test_proportional_writes_only_changed_chunks(store_path):
         assert first.chunks_changed == 32
         unchanged = snap.capture({"u": state}, step=1).result()
         assert unchanged.chunks_changed == 0
-        objects_before = _object_files(store_path)
+        objects_before = object_files(store_path)
         state[10, 0] += 1.0     # chunk 1 (rows 8-15)
         state[200, 5] += 1.0    # chunk 25
         two = snap.capture({"u": state}, step=2).result()
-    new = _object_files(store_path) - objects_before
+    new = object_files(store_path) - objects_before
     # Both changed chunks in one pack (format 3): one object, one fsync.
     assert two.chunks_changed == 2 and len(new) == 1 and next(iter(new)).startswith("packs/")
     codec = parse_codec("zstd")
@@ -193,23 +193,18 @@ def test_proportional_writes_only_changed_chunks(store_path):
     assert unchanged.bytes_written < 8 << 10  # a manifest only
 
 
-def _object_files(path: Path) -> set[str]:
-    return {p.relative_to(path).as_posix() for folder in ("chunks", "packs")
-            for p in (path / folder).rglob("*") if p.is_file()}
-
-
 def test_identical_chunks_are_stored_once_across_arrays_and_snapshots(snap, store_path):
     zeros = np.zeros(4096 * 8, dtype="u1")  # 8 identical chunks
     info = snap.capture({"a": zeros, "b": zeros.copy()}, step=1).result()
     assert info.chunks_changed == 16 and info.chunks_deduplicated == 15
-    (pack,) = _object_files(store_path)  # one pack holding the one chunk
+    (pack,) = object_files(store_path)  # one pack holding the one chunk
     assert (store_path / pack).stat().st_size == len(parse_codec("zstd").encode(bytes(4096), 1))
     # A chunk object of its own (an array too large for packs) is shared across snapshots.
     big = np.zeros(4096 * 70, dtype="u1")
     first = snap.capture({"big": big}, step=2).result()
     second = snap.capture({"big": big.copy(), "again": big.copy()}, step=3).result()
     assert first.chunks_deduplicated == 69 and second.chunks_deduplicated == 70
-    assert sum(1 for f in _object_files(store_path) if f.startswith("chunks/")) == 1
+    assert sum(1 for f in object_files(store_path) if f.startswith("chunks/")) == 1
 
 
 def test_list_latest_and_stats(snap):

@@ -274,6 +274,16 @@ def test_the_hostile_template_itself_reads(tmp_path):
 
 
 # -- format 1 stores ----------------------------------------------------------------------
+def _assert_upgraded_store_reads(store: Path) -> None:
+    """The fixture's snapshots, one captured before the upgrade (step 30) and one after (40)
+    all verify and restore."""
+    with arraysnap.open(store, mode="r") as reader:
+        assert reader.verify().ok
+        assert_bit_exact(reader.restore(step=30).arrays["p003"], np.full(3, 3.0))
+        assert_bit_exact(reader.restore(step=40).arrays["p003"], np.full(3, 4.0))
+        assert reader.restore(step=10).step == 10  # the fixture's own snapshots
+
+
 def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tmp_path):
     store = tmp_path / "v1.snap"
     shutil.copytree(REPO / "tests" / "fixtures" / "v1-store", store)
@@ -296,11 +306,7 @@ def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tm
         snap.capture(arrays, step=40)
     assert _manifest(store, 4)["version"] == 3 and "tables" in _manifest(store, 4)
     assert any((store / "packs").rglob("*"))
-    with arraysnap.open(store, mode="r") as reader:
-        assert reader.verify().ok
-        assert_bit_exact(reader.restore(step=30).arrays["p003"], np.full(3, 3.0))
-        assert_bit_exact(reader.restore(step=40).arrays["p003"], np.full(3, 4.0))
-        assert reader.restore(step=10).step == 10  # the fixture's own snapshots
+    _assert_upgraded_store_reads(store)
     again = CliRunner().invoke(cli, ["upgrade", str(store)])
     assert again.exit_code == 0 and "already format 3" in again.output
 
@@ -321,11 +327,7 @@ def test_a_writer_continues_a_format_2_store_in_format_2_until_it_is_upgraded(tm
         assert snap.format_version == 3
         snap.capture(arrays, step=40)
     assert _manifest(store, 4)["version"] == 3 and any((store / "packs").rglob("*"))
-    with arraysnap.open(store, mode="r") as reader:
-        assert reader.verify().ok
-        assert_bit_exact(reader.restore(step=30).arrays["p003"], np.full(3, 3.0))
-        assert_bit_exact(reader.restore(step=40).arrays["p003"], np.full(3, 4.0))
-        assert reader.restore(step=10).step == 10  # the fixture's own snapshots
+    _assert_upgraded_store_reads(store)
 
 
 def test_bytes_written_counts_the_table_objects_a_capture_wrote(tmp_path):

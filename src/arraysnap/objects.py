@@ -16,10 +16,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from .packs import PACK_ID_BYTES, PACK_PREFIX, Location, pack_key
+from .packs import PACK_ID_BYTES, PACK_PREFIX, Location
 from .storage import DEFAULT_GET_LIMIT, Storage
 
-__all__ = ["DIGEST_BYTES", "ChunkObjects", "object_key"]
+__all__ = ["DIGEST_BYTES", "ChunkObjects", "object_key", "pack_key"]
 
 DIGEST_BYTES = 32
 PREFIX = "chunks/"
@@ -33,6 +33,15 @@ def object_key(digest: bytes, prefix: str = PREFIX) -> str:
     """
     hexdigest = digest.hex()
     return f"{prefix}{hexdigest[:2]}/{hexdigest[2:]}"
+
+
+def pack_key(pack: bytes) -> str:
+    """The storage key of the pack (format 3) with id `pack`.
+
+    >>> pack_key(bytes(16))
+    'packs/00/000000000000000000000000000000'
+    """
+    return object_key(pack, PACK_PREFIX)
 
 
 class ChunkObjects:
@@ -123,21 +132,22 @@ class ChunkObjects:
 
     def pack_ids(self) -> Iterator[bytes]:
         """Every stored pack's id (keys of any other shape are skipped)."""
-        for key in self.storage.list_prefix(PACK_PREFIX):
-            parts = key.split("/")
-            if len(parts) == 3 and len(parts[1]) == 2:
-                name = parts[1] + parts[2]
-                if len(name) == 2 * PACK_ID_BYTES and _is_hex(name):
-                    yield bytes.fromhex(name)
+        return _names(self.storage, PACK_PREFIX, PACK_ID_BYTES)
 
     def digests(self) -> Iterator[bytes]:
         """Every stored object's digest (keys of any other shape are skipped)."""
-        for key in self.storage.list_prefix(self.prefix):
-            parts = key.split("/")
-            if len(parts) == 3 and len(parts[1]) == 2:
-                name = parts[1] + parts[2]
-                if len(name) == 2 * DIGEST_BYTES and _is_hex(name):
-                    yield bytes.fromhex(name)
+        return _names(self.storage, self.prefix, DIGEST_BYTES)
+
+
+def _names(storage: Storage, prefix: str, nbytes: int) -> Iterator[bytes]:
+    """The names (`nbytes` long) of the objects under `prefix`, as ``object_key`` spells
+    them; keys of any other shape are skipped."""
+    for key in storage.list_prefix(prefix):
+        parts = key.split("/")
+        if len(parts) == 3 and len(parts[1]) == 2:
+            name = parts[1] + parts[2]
+            if len(name) == 2 * nbytes and _is_hex(name):
+                yield bytes.fromhex(name)
 
 
 def _is_hex(text: str) -> bool:

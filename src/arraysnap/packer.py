@@ -2,10 +2,11 @@
 
 The pool threads that encode a job's chunks append the small ones to the job's open pack
 (one at a time); a full pack, and the last one of a job, goes to the object writers like a
-chunk object. What a pack holds is counted by the buffer budget as it is appended. A pack
-being filled holds room that only its write gives back, so a thread that must wait for
-room first has the open pack written (``Budget.before_wait``): without that, a large chunk
-could wait for room that the pack holds while the pack waits for the job's last chunk.
+chunk object. A pack is counted by the buffer budget whole, from the moment it is opened,
+and its mapping is reused like a held chunk's. A pack being filled holds room that only its
+write gives back, so a thread that must wait for room first has the open pack written
+(``Budget.before_wait``): without that, a large chunk could wait for room that the pack
+holds while the pack waits for the job's last chunk.
 
 >>> from arraysnap.budget import Budget
 >>> written = []
@@ -85,8 +86,7 @@ class Packer:
             pack = new_pack_id()
             if self._opened is not None:
                 self._opened(job, pack)
-            with self._lock:
-                self._flush_locked()
+            with self._lock:  # _append wrote any open pack; only this thread opens one
                 self._open = (job, pack, held, counted)
                 location = self._append(job, data, nbytes)
         assert location is not None

@@ -5,16 +5,15 @@ an fsync here, one request on an object store. For a state of many small arrays 
 the first capture 15-25 times slower than ``np.savez`` of the same arrays, and a capture's
 requests followed the number of arrays instead of its bytes. In format 3 a capture packs
 the encoded chunks of arrays of at most ``PACKED_CHUNKS`` chunks into *pack objects*
-(``packs/ab/cdef…``, named by 16 random bytes: a pack is written once, create-only), and
-an array's entry says where each of its chunks is: ``Location(pack, offset, length)``.
-Larger arrays, and chunks too large to be worth packing, stay chunk objects of their own.
+(``packs/ab/cdef…``, see ``objects.pack_key``; named by 16 random bytes: a pack is written
+once, create-only), and an array's entry says where each of its chunks is:
+``Location(pack, offset, length)``. Larger arrays, and chunks too large to be worth packing,
+stay chunk objects of their own.
 
 A pack holds encoded chunks back to back and nothing else: what is in it and where is in
 the entries that use it, and each chunk is checked against its blake3 digest (of the raw
 bytes) as before. A pack is kept while any kept snapshot uses any chunk of it.
 
->>> pack_key(bytes(16))
-'packs/00/000000000000000000000000000000'
 >>> where = (Location(b"p" * 16, 0, 10), None)
 >>> packs, listed = [], {}
 >>> text = where_to_json(where, packs, listed)
@@ -31,7 +30,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 __all__ = ["PACKED_CHUNKS", "PACK_BYTES", "PACK_ID_BYTES", "PACK_PREFIX", "Location",
-           "new_pack_id", "pack_key", "pack_list_to_json", "parse_pack_list",
+           "new_pack_id", "pack_list_to_json", "parse_pack_list",
            "where_from_json", "where_to_json"]
 
 PACK_PREFIX = "packs/"
@@ -50,12 +49,6 @@ class Location(NamedTuple):
 
 
 _tuple_new = tuple.__new__  # a Location without NamedTuple's Python-level __new__
-
-
-def pack_key(pack: bytes) -> str:
-    """The storage key of the pack with id `pack`."""
-    text = pack.hex()
-    return f"{PACK_PREFIX}{text[:2]}/{text[2:]}"
 
 
 def new_pack_id() -> bytes:

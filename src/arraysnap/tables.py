@@ -46,7 +46,7 @@ import blake3
 
 from .bulk import paused_collector
 from .manifest import ArrayEntry, check_array_name, entry_of, layout_to_json, parse_layout
-from .objects import DIGEST_BYTES
+from .objects import DIGEST_BYTES, object_key
 from .packs import PACKED_CHUNKS, pack_list_to_json, parse_pack_list, where_from_json, where_to_json
 
 __all__ = ["BLOCK_CHUNKS", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS", "PREFIX", "Built",
@@ -76,8 +76,7 @@ def table_key(digest: bytes) -> str:
     >>> table_key(bytes(32))[:10]
     'tables/00/'
     """
-    hexdigest = digest.hex()
-    return f"{PREFIX}{hexdigest[:2]}/{hexdigest[2:]}"
+    return object_key(digest, PREFIX)
 
 
 def _ends_node(name: str, level: int) -> bool:

@@ -16,10 +16,11 @@ counted, whole while any snapshot uses a chunk of it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from ..baselines import Baselines
 from ..chunks import load_chunk
@@ -161,14 +162,25 @@ class Maintenance:
         return VerifyReport(len(seqs), total, tuple(problems))
 
     # -- size ------------------------------------------------------------------------------
+    def _calls(self, name: bytes) -> tuple[Callable[[bytes], int], Callable[[bytes], bool],
+                                           Callable[[bytes], None]]:
+        """Size, exists and delete for a stored object: a chunk object by its digest, or a
+        pack (format 3) by its 16-byte id."""
+        objects = self.objects
+        if len(name) == PACK_ID_BYTES:
+            return objects.pack_size, objects.has_pack, objects.delete_pack
+        return objects.size, objects.has, objects.delete
+
+    def _stored_names(self) -> Iterator[bytes]:
+        """Every stored chunk object's digest and pack's id."""
+        return itertools.chain(self.objects.digests(), self.objects.pack_ids())
+
     def _size_of(self, digest: bytes) -> int:
         """The stored size of a chunk object (by digest) or a pack (by id)."""
         size = self._object_sizes.get(digest)
         if size is None:
             try:
-                size = self._object_sizes[digest] = (
-                    self.objects.pack_size(digest) if len(digest) == PACK_ID_BYTES
-                    else self.objects.size(digest))
+                size = self._object_sizes[digest] = self._calls(digest)[0](digest)
             except OSError:
                 return 0  # missing: verify reports it; it takes no room
         return size
@@ -190,16 +202,11 @@ class Maintenance:
             if progress is not None:
                 progress(position + 1, len(seqs))
         stored = {}
-        for digest in self.objects.digests():
+        for name in self._stored_names():
             try:
-                stored[digest] = self.objects.size(digest)
+                stored[name] = self._calls(name)[0](name)
             except FileNotFoundError:
                 continue  # removed by a concurrent gc
-        for pack in self.objects.pack_ids():
-            try:
-                stored[pack] = self.objects.pack_size(pack)
-            except FileNotFoundError:
-                continue
         usage = Usage(manifests, lambda digest: stored.get(digest, 0))
         rows = usage.snapshots({seq: m.step for seq, (m, _) in manifests.items()},
                                {seq: sum(r.n_chunks for r in m.arrays.values())
@@ -258,7 +265,7 @@ class Maintenance:
             dropped.update(stored_objects(manifests[seq][0]))
         if dry_run:
             sizes = [self._size_of(digest) for digest in dropped - used
-                     if self._has(digest)]
+                     if self._calls(digest)[1](digest)]
             return PruneReport(tuple(sorted(gone)), len(sizes), sum(sizes))
         storage = self.objects.storage
         for seq in sorted(gone):
@@ -285,8 +292,7 @@ class Maintenance:
         for manifest, _ in self._all_manifests("gc").values():
             used.update(stored_objects(manifest))
             tables |= manifest.table_digests
-        unused = [d for d in self.objects.digests() if d not in used]
-        unused += [p for p in self.objects.pack_ids() if p not in used]
+        unused = [name for name in self._stored_names() if name not in used]
         removed, freed = self._delete_objects(unused)
         if self.tables is not None:
             self._delete_tables({d for d in self.tables.digests() if d not in tables})
@@ -317,19 +323,13 @@ class Maintenance:
             log.error("arraysnap: pruning to free space failed: %r", err)
         return freed
 
-    def _has(self, digest: bytes) -> bool:
-        if len(digest) == PACK_ID_BYTES:
-            return self.objects.has_pack(digest)
-        return self.objects.has(digest)
-
     def _delete_objects(self, digests: Iterable[bytes]) -> tuple[int, int]:
         """Delete chunk objects (by digest) and packs (by id) unless pinned."""
         removed = freed = 0
         for digest in digests:
-            is_pack = len(digest) == PACK_ID_BYTES
-            delete = self.objects.delete_pack if is_pack else self.objects.delete
+            size_of, _, delete = self._calls(digest)
             try:
-                size = self.objects.pack_size(digest) if is_pack else self.objects.size(digest)
+                size = size_of(digest)
             except FileNotFoundError:
                 continue
             if self.pins is not None:

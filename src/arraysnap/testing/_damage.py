@@ -259,17 +259,10 @@ def object_intact(path: Path, obj: str | Path, codec: CodecSpec | None = None) -
     relative = Path(obj).relative_to(path).as_posix() if Path(obj).is_absolute() else str(obj)
     codec = codec or store_codec(path)
     try:
-        data = (path / relative).read_bytes()
-        if relative.startswith("chunks/"):
-            digest = relative.replace("chunks/", "").replace("/", "")
-            return blake3.blake3(codec.decode(data)).hexdigest() == digest
-        for seq_data in manifest_files(path).values():
-            for record, packs in _arrays(path, json.loads(seq_data)).values():
-                for where, offset, length, digest in _chunks_of(path, record, packs):
-                    if where == relative and blake3.blake3(codec.decode(
-                            data[offset : offset + length])).digest() != digest:
-                        return False
-        return True
+        if not relative.startswith("chunks/"):  # a pack: the chunks placed in it
+            return not damaged_chunks(path, {relative}, codec)
+        digest = relative.replace("chunks/", "").replace("/", "")
+        return blake3.blake3(codec.decode((path / relative).read_bytes())).hexdigest() == digest
     except Exception:  # noqa: BLE001 - any failure to read or decode means damaged
         return False
 
