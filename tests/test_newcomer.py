@@ -231,14 +231,15 @@ def test_a_capture_that_fails_with_a_bug_spends_no_seq(snap, monkeypatch):
     from arraysnap._store import capture as capture_module
 
     snap.capture({"u": np.zeros(3)}, step=0)
-    real = capture_module.scan_and_copy
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the pause")
 
-    monkeypatch.setattr(capture_module, "scan_and_copy", broken)
-    with pytest.raises(RuntimeError, match="a bug"):
-        snap.capture({"u": np.ones(3)}, step=1)
-    monkeypatch.setattr(capture_module, "scan_and_copy", real)
+    # Both comparisons: one by one, and in bulk (np.ones may land where np.zeros was).
+    with monkeypatch.context() as patched:
+        patched.setattr(capture_module, "scan_and_copy", broken)
+        patched.setattr(capture_module, "compare_many", broken)
+        with pytest.raises(RuntimeError, match="a bug"):
+            snap.capture({"u": np.ones(3)}, step=1)
     assert snap.capture({"u": np.ones(3)}, step=1).result().seq == 2
     assert_bit_exact(snap.restore().arrays["u"], np.ones(3))

@@ -134,6 +134,7 @@ class Baselines:
         self._open_file: _File | None = None  # the shared file new extents go to
         self._lock_file: LockFile | None = None
         self._generation = 0
+        self._epoch = 0  # see `epoch`
         self._table_written = True  # the table on disk is the one in memory
         self._table_durable = True
         self._marked_dirty = False
@@ -316,6 +317,7 @@ class Baselines:
         file.holes.sort()
 
     def _set(self, name: str, extent: _Extent | None) -> None:
+        self._epoch += 1
         old = self._extents.pop(name, None)
         if extent is not None:
             self._extents[name] = extent
@@ -327,6 +329,7 @@ class Baselines:
         """Take over the extents the marker's table gives the arrays of `layouts` (of the
         right size, in regular files of the store); returns the names adopted. A table from
         before shared files is migrated: each array's file is copied into a new extent."""
+        self._epoch += 1
         extents = None if marker is None else read_extents(self.dir, marker)
         if not extents:
             return set()
@@ -472,6 +475,29 @@ class Baselines:
             return moved.in_place
         return Target(extent.buffer, False, True) if held else extent.in_place
 
+    @property
+    def epoch(self) -> int:
+        """A count that changes whenever an extent is placed, moved or dropped: while it
+        stays the same, every array's baseline buffer is where it was."""
+        return self._epoch
+
+    def steady(self, epoch: int) -> bool:
+        """Whether every baseline may be updated in place where it was at `epoch`: no extent
+        placed, moved or dropped since, every file this writer's to update (its lock taken
+        again after a commit let it go), and no map this process handed out still held.
+        Then ``baseline()`` would return each array's buffer as it is (``in_place``), and
+        a pause may compare and copy without asking array by array."""
+        if epoch != self._epoch:
+            return False
+        for file in self._files.values():
+            if not file.exclusive:
+                file.exclusive = self._locks().try_lock(lock_byte(file.name), exclusive=True)
+                if not file.exclusive:
+                    return False
+            if file.handed_out and file.live_maps():
+                return False
+        return True
+
     def preserve(self, name: str, indices: np.ndarray) -> None:
         """Before chunks `indices` of `name` are updated in place: maps handed out in this
         process keep their current bytes there (their own copy of those pages)."""
@@ -546,6 +572,7 @@ class Baselines:
         """Close the baselines. Maps handed out in this process may outlive the store: their
         files stay under a lease until the last map is gone, so that the next writer
         (another store, in this process or another) moves instead of writing in place."""
+        self._epoch += 1
         lock_file, self._lock_file = self._lock_file, None
         leases = None if lock_file is None else ReaderLeases(lock_file)
         for file in self._files.values():

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from ._delta import compare_many as _compare_many
 from ._delta import scan_and_copy as _kernel
 from .layout import ChunkLayout
 
-__all__ = ["PARALLEL_BYTES", "as_bytes", "scan_and_copy"]
+__all__ = ["PARALLEL_BYTES", "as_bytes", "compare_many", "scan_and_copy"]
 
 # Below this much to compare, a second thread costs more than it saves.
 PARALLEL_BYTES = 16 << 20
@@ -166,3 +167,46 @@ def _scan_gathered(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
         length = stop - start
         _kernel(gathered, baseline[start:stop], length, length, candidates[index : index + 1],
                 changed[index : index + 1], copy)
+
+
+def compare_many(live: np.ndarray, baseline: np.ndarray, nbytes: np.ndarray,
+                 which: np.ndarray, pool: Executor | None = None) -> np.ndarray:
+    """Compare many whole buffers with their baselines; copy those that differ; return
+    uint8 flags, one per buffer, set for each buffer found changed.
+
+    `live` and `baseline` are int64 addresses of the buffers, `nbytes` their sizes; only the
+    buffers at the indices `which` are compared. The caller keeps every buffer alive, of at
+    least that size, and the baselines writable: the addresses are only as good as that
+    promise (the pause over a roster of small arrays is the one caller). With a `pool` and
+    PARALLEL_BYTES or more to compare, two threads share the work.
+
+    >>> a, b = np.arange(4, dtype="u1"), np.zeros(4, dtype="u1")
+    >>> flags = compare_many(np.array([a.ctypes.data]), np.array([b.ctypes.data]),
+    ...                      np.array([4]), np.array([0]))
+    >>> flags.tolist(), b.tolist()
+    ([1], [0, 1, 2, 3])
+    """
+    count = len(nbytes)
+    live = np.ascontiguousarray(live, dtype=np.int64)
+    baseline = np.ascontiguousarray(baseline, dtype=np.int64)
+    nbytes = np.ascontiguousarray(nbytes, dtype=np.int64)
+    which = np.ascontiguousarray(which, dtype=np.intp)
+    if live.shape != (count,) or baseline.shape != (count,):
+        raise ValueError(f"compare_many needs {count} live and baseline addresses")
+    if len(which) and (which.min() < 0 or which.max() >= count):
+        raise ValueError(f"compare_many: indices must be in [0, {count})")
+    if (nbytes < 0).any():
+        raise ValueError("compare_many: sizes must not be negative")
+    changed = np.zeros(count, dtype=np.uint8)
+    if pool is not None and len(which) > 1 and int(nbytes[which].sum()) >= PARALLEL_BYTES:
+        work = np.cumsum(nbytes[which])
+        cut = 1 + int(np.searchsorted(work, work[-1] / 2))
+        cut = min(cut, len(which) - 1)
+        other = pool.submit(_compare_many, live, baseline, nbytes, which[cut:], changed)
+        try:
+            _compare_many(live, baseline, nbytes, which[:cut], changed)
+        finally:
+            other.result()
+    else:
+        _compare_many(live, baseline, nbytes, which, changed)
+    return changed

@@ -433,7 +433,7 @@ class Store:
         self._check_writable("capture")
         capturer, persister = self._capturer, self._persister
         assert capturer is not None and persister is not None
-        prepared = prepare_arrays(arrays, self.chunk_bytes, self._baselines)
+        prepared = prepare_arrays(arrays, self.chunk_bytes, self._baselines, capturer.roster)
         names = capturer.dims_for(prepared, dims)
         step = check_step(step)
         state_json = check_state(state)

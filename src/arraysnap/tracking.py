@@ -13,6 +13,11 @@ The mechanism is Linux's (6.7 and later, no privileges needed):
 - the ``PAGEMAP_SCAN`` ioctl on ``/proc/self/pagemap`` lists the pages whose bit is clear
   (written) and protects them again, atomically, in one call.
 
+An array of 1 MiB or more has a *watch* of its own, read chunk by chunk. Smaller arrays
+(those the capture's roster compares in bulk) are tracked many at a time: ``watch_many``
+registers a few *spans*, each over arrays that lie close together in memory, and
+``candidates_many`` flags the arrays a written page overlaps.
+
 A first write to a protected page costs a fault (about 2 µs here). Most programs write the
 same memory again and again (a field updated every step), so the pages of the chunks a
 capture found changed are *unprotected* after the comparison: the next scan reports them as
@@ -56,6 +61,7 @@ import numpy as np
 
 from .errors import ArraysnapWarning
 from .layout import ChunkLayout
+from .memmaps import mapping_kinds
 from .writetracker import PAGE, WriteTracker, tracking_unavailable_reason
 
 __all__ = ["AUDIT_EVERY", "MIN_TRACKED_BYTES", "Audit", "Tracking", "WriteTracker",
@@ -63,9 +69,13 @@ __all__ = ["AUDIT_EVERY", "MIN_TRACKED_BYTES", "Audit", "Tracking", "WriteTracke
 
 log = logging.getLogger("arraysnap")
 
-# Smaller arrays are compared whole: a watch costs an ioctl and a mapping split.
+# Smaller arrays get no watch of their own (a watch costs an ioctl and a mapping split):
+# spans (`watch_many`) track them many at a time.
 MIN_TRACKED_BYTES = 1 << 20
 MAX_WATCHES = 4096
+# Small arrays closer than this in memory share a span: one registration and one scan.
+SPAN_GAP = 64 << 10
+MAX_SPANS = 1024
 # Each tracked capture of an array audits a different 1/AUDIT_EVERY of its chunks.
 AUDIT_EVERY = 32
 
@@ -103,18 +113,65 @@ _ranges_lock = threading.Lock()
 _watched_ranges: dict[int, tuple[int, int]] = {}
 
 
-def _claim_range(watch: _Watch) -> bool:
+def _claim_range(owner: object, low: int, high: int) -> bool:
     with _ranges_lock:
-        if any(watch.start < end and start < watch.end
-               for start, end in _watched_ranges.values()):
+        if any(low < end and start < high for start, end in _watched_ranges.values()):
             return False
-        _watched_ranges[id(watch)] = (watch.start, watch.end)
+        _watched_ranges[id(owner)] = (low, high)
         return True
 
 
-def _release_range(watch: _Watch) -> None:
+def _release_range(owner: object) -> None:
     with _ranges_lock:
-        _watched_ranges.pop(id(watch), None)
+        _watched_ranges.pop(id(owner), None)
+
+
+@dataclass(slots=True, eq=False)
+class _Span:
+    """One registered range of memory holding many small arrays (a roster's)."""
+
+    start: int
+    end: int
+
+
+@dataclass(slots=True, eq=False)
+class _Spans:
+    """The spans over a roster's small arrays and what the last scan found written."""
+
+    spans: list[_Span]
+    lows: np.ndarray  # the spans' starts, sorted
+    highs: np.ndarray
+    previous: np.ndarray | None = None  # the last capture's written arrays
+    captures: int = 0
+
+    def inside(self, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """uint8 flags of the byte ranges that lie wholly inside one span."""
+        index = np.searchsorted(self.lows, starts, side="right") - 1
+        valid = index >= 0
+        clipped = np.where(valid, index, 0)
+        return (valid & (ends <= self.highs[clipped]) & (ends > starts)).astype(np.uint8)
+
+
+def _ranges_hit(starts: np.ndarray, ends: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """uint8 flags of the byte ranges ``[starts[i], ends[i])`` that overlap any of `runs`
+    (sorted, disjoint ``[first, end)`` rows): the last run that begins before a range ends
+    is the one that reaches furthest."""
+    if not len(runs):
+        return np.zeros(len(starts), dtype=np.uint8)
+    index = np.searchsorted(runs[:, 0], ends, side="left") - 1
+    valid = index >= 0
+    return (valid & (runs[np.where(valid, index, 0), 1] > starts)).astype(np.uint8)
+
+
+def _clusters(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
+    """Page-aligned ranges covering the byte ranges, one per group of ranges less than
+    SPAN_GAP apart."""
+    order = np.argsort(starts, kind="stable")
+    low, reach = starts[order], np.maximum.accumulate(ends[order])
+    breaks = np.flatnonzero(low[1:] > reach[:-1] + SPAN_GAP) + 1
+    firsts = low[np.concatenate(([0], breaks))] // PAGE * PAGE
+    lasts = -(-reach[np.concatenate((breaks - 1, [len(low) - 1]))] // PAGE) * PAGE
+    return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
 
 
 def _chunk_starts(layout: ChunkLayout) -> np.ndarray:
@@ -211,6 +268,7 @@ class Tracking:
         self._baseline_dir = None if baseline_dir is None else os.path.realpath(baseline_dir)
         self._tracker: WriteTracker | None = None
         self._watches: dict[str, _Watch] = {}
+        self._spans: _Spans | None = None
         self.disabled_reason: str | None = None
         if mode is False:
             self.disabled_reason = "track_writes=False"
@@ -236,6 +294,7 @@ class Tracking:
             with _ranges_lock:  # the child's copy of the parent's registry
                 _watched_ranges.clear()
             self._watches.clear()
+            self._spans = None
             return None
         return tracker
 
@@ -303,22 +362,137 @@ class Tracking:
         flags[low:high] = 1
         return flags, audit
 
+    # -- many small arrays: spans ----------------------------------------------------------
+    def watch_many(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Track the byte ranges ``[starts[i], ends[i])`` of many small arrays (a roster's)
+        with a few spans of memory, each over arrays less than SPAN_GAP apart; replaces the
+        spans of an earlier call. Must run before those arrays are compared: writes from
+        here on count for the next capture. Ranges in memory that may not be tracked (a
+        shared or file mapping, another watch's range) stay outside every span, and
+        ``candidates_many`` always flags them."""
+        self.forget_many()
+        if not len(starts):
+            return
+        tracker = self._get_tracker()
+        if tracker is None:
+            return
+        clusters = _clusters(starts, ends)[:MAX_SPANS]
+        spans = []
+        for (low, high), kind in zip(clusters, mapping_kinds(clusters, self._baseline_dir),
+                                     strict=True):
+            if isinstance(kind, str):
+                log.debug("arraysnap: a span of small arrays not tracked: %s", kind)
+                continue
+            span = _Span(low, high)
+            if not _claim_range(span, low, high):
+                continue
+            try:
+                tracker.register(low, high - low)
+            except OSError as err:
+                log.debug("arraysnap: a span of small arrays not tracked: %s", err)
+                _release_range(span)
+                continue
+            try:
+                tracker.protect(low, high - low)
+            except OSError as err:
+                log.debug("arraysnap: a span of small arrays not tracked: %s", err)
+                tracker.unregister(low, high - low)
+                _release_range(span)
+                continue
+            spans.append(span)
+        if spans:
+            self._spans = _Spans(spans, np.array([span.start for span in spans], np.int64),
+                                 np.array([span.end for span in spans], np.int64))
+
+    def candidates_many(self, starts: np.ndarray,
+                        ends: np.ndarray) -> tuple[np.ndarray | None, Audit | None]:
+        """The ranges of ``watch_many`` (the same arrays, in the same order; an array that
+        moved has its new range) to compare, as uint8 flags (None: all of them), and the
+        audit to check the comparison with (``audit_many``): written since the last call,
+        written before it (compared once more, as in ``candidates``), outside every span, or
+        in the audit's rolling slice of the arrays. Protects the written pages again."""
+        spans = self._spans
+        tracker = self._usable_tracker()
+        if spans is None or tracker is None:
+            return None, None
+        try:
+            runs = [(span.start + first, span.start + end) for span in spans.spans
+                    for first, end in tracker.written(span.start, span.end - span.start)]
+        except OSError as err:
+            log.info("arraysnap: write tracking of small arrays lost (%s); comparing them "
+                     "all", err)
+            self.forget_many()
+            return None, None
+        written = _ranges_hit(starts, ends, np.array(runs, dtype=np.int64).reshape(-1, 2))
+        flags = written | (1 - spans.inside(starts, ends))
+        if spans.previous is not None and len(spans.previous) == len(flags):
+            flags |= spans.previous
+        spans.previous = written
+        spans.captures += 1
+        low, high = audit_slice(spans.captures - 1, len(flags))
+        audit = Audit(flags, low, high)
+        flags = flags.copy()
+        flags[low:high] = 1
+        return flags, audit
+
+    def audit_many(self, names: list[str], audit: Audit, changed: np.ndarray) -> None:
+        """``audit`` for the arrays of ``candidates_many``: `changed` holds the positions of
+        the arrays found changed, `names` names every position."""
+        missed = audit.missed(changed)
+        if missed:
+            self._missed(f"array {names[missed[0]]!r} changed (and {len(missed) - 1} more "
+                         "small arrays) though write tracking did not see it written")
+
+    def unprotect_many(self, starts: np.ndarray, ends: np.ndarray,
+                       changed: np.ndarray) -> None:
+        """``unprotect_changed`` for the arrays of ``candidates_many`` at positions
+        `changed`: their pages stay writable until the next scan."""
+        spans = self._spans
+        tracker = self._usable_tracker()
+        if spans is None or tracker is None or not len(changed):
+            return
+        low, high = starts[changed], ends[changed]
+        inside = spans.inside(low, high).astype(bool)
+        if not inside.any():
+            return
+        low = low[inside] // PAGE * PAGE
+        high = -(-high[inside] // PAGE) * PAGE
+        try:  # one call per run of adjacent pages
+            for first, end in _clusters(low, high):
+                tracker.unprotect(first, end - first)
+        except OSError as err:  # still correct: the pages stay protected, writes fault
+            log.debug("arraysnap: could not unprotect small arrays: %s", err)
+
+    def forget_many(self) -> None:
+        """Drop the spans of ``watch_many``."""
+        spans, self._spans = self._spans, None
+        if spans is None:
+            return
+        tracker = self._usable_tracker()
+        for span in spans.spans:
+            if tracker is not None:
+                tracker.unregister(span.start, span.end - span.start)
+            _release_range(span)
+
+    # -- audits ----------------------------------------------------------------------------
     def audit(self, name: str, audit: Audit, changed: np.ndarray) -> None:
         """Check a comparison's `changed` chunk indices against what tracking said in the
         audited slice; a change it missed switches tracking off (with a warning)."""
         missed = audit.missed(changed)
         if missed:
-            reason = (f"array {name!r} changed in {len(missed)} chunks (first: {missed[:5]}) "
-                      "that write tracking did not see written")
-            self.disable(reason)  # first: the warning may be turned into an error
-            warnings.warn(
-                f"arraysnap: {reason}. Something fills it without writing through this "
-                "process's page tables: a device writing into pinned memory (RDMA, "
-                "GPUDirect), or direct or asynchronous I/O (O_DIRECT, AIO, io_uring) still "
-                "in flight across two captures. Tracking is off for the rest of the run and "
-                "every capture compares everything; this capture stored the change. Pass "
-                "open(..., track_writes=False) to skip tracking for this program",
-                ArraysnapWarning, stacklevel=4)
+            self._missed(f"array {name!r} changed in {len(missed)} chunks (first: "
+                         f"{missed[:5]}) that write tracking did not see written")
+
+    def _missed(self, reason: str) -> None:
+        self.disable(reason)  # first: the warning may be turned into an error
+        warnings.warn(
+            f"arraysnap: {reason}. Something fills it without writing through this "
+            "process's page tables: a device writing into pinned memory (RDMA, "
+            "GPUDirect), or direct or asynchronous I/O (O_DIRECT, AIO, io_uring) still "
+            "in flight across two captures. Tracking is off for the rest of the run and "
+            "every capture compares everything; this capture stored the change. Pass "
+            "open(..., track_writes=False) to skip tracking for this program",
+            ArraysnapWarning, stacklevel=5)
 
     def unprotect_changed(self, name: str, changed: np.ndarray) -> None:
         """After a comparison found `changed` (chunk indices) in `name`: leave those chunks'
@@ -357,7 +531,7 @@ class Tracking:
         end = (address + live.nbytes) // PAGE * PAGE
         if end - start < PAGE:
             return
-        mapping = _mapping_kind(start, end, self._baseline_dir)
+        mapping = mapping_kinds([(start, end)], self._baseline_dir)[0]
         if isinstance(mapping, str):
             log.debug("arraysnap: %r not tracked: %s", name, mapping)
             return
@@ -367,7 +541,7 @@ class Tracking:
         edges = edges[edges[:, 1] > edges[:, 0]]
         watch = _Watch(address, live.nbytes, live.shape, live.strides, live.dtype, layout,
                        start, end, starts, _chunks_of(starts, layout.n_chunks, edges))
-        if not _claim_range(watch):
+        if not _claim_range(watch, watch.start, watch.end):
             return  # views of one buffer: scanning one would re-protect the other's pages
         try:
             tracker.register(start, end - start)
@@ -398,6 +572,7 @@ class Tracking:
         """Drop every watch: the baselines changed other than by a capture's comparison."""
         for name in list(self._watches):
             self.forget(name)
+        self.forget_many()
 
     def retain_only(self, names: set[str]) -> None:
         """Drop the watches of arrays no longer captured."""
@@ -410,40 +585,4 @@ class Tracking:
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None
-
-
-def _mapping_kind(start: int, end: int, baseline_dir: str | None) -> bool | str:
-    """Whether ``[start, end)`` may be tracked: False if it lies in private writable
-    anonymous mappings, True if (also) in a private map of a file in `baseline_dir`, else a
-    string saying why not. Shared mappings change without writes through our page tables;
-    a private file map shows changes to the file in pages it has not copied. The store's
-    baseline files are the ones known never to change under a map it handed out: its writer
-    preserves those maps' pages before it writes, or moves what it writes elsewhere, and
-    any other store's writer finds them under a lease (see ``arraysnap.baselines``)."""
-    position = start
-    file_backed = False
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                low, high = (int(part, 16) for part in fields[0].split("-"))
-                if high <= position or low >= end:
-                    continue
-                if low > position:
-                    return "a gap in the mapping"
-                permissions = fields[1]
-                path = fields[5].strip() if len(fields) == 6 else ""
-                if not permissions.startswith("rw") or permissions[3] != "p":
-                    return f"mapping {permissions} is not private and writable"
-                if path and not (path == "[heap]" or path.startswith("[anon:")):
-                    if baseline_dir is None or not path.startswith(baseline_dir + "/"):
-                        return f"mapping of {path}"
-                    file_backed = True
-                position = high
-                if position >= end:
-                    return file_backed
-    except OSError as err:
-        return f"/proc/self/maps: {err}"
-    return "not mapped"
-
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._version import __version__
 from ..baselines import Baselines
-from ..delta import scan_and_copy
+from ..delta import compare_many, scan_and_copy
 from ..history import History
 from ..layout import ChunkLayout, memory_order, plan_layout
 from ..manifest import Manifest, check_array_name, check_dims
@@ -40,6 +40,7 @@ from ..replaylog import ReplayLog
 from ..results import CaptureInfo, CaptureStat
 from ..tracking import Tracking
 from .failures import FailurePolicy, wrap
+from .roster import HIT, Roster
 
 __all__ = ["Capturer", "Prepared", "check_state", "check_step", "prepare_arrays", "provenance"]
 
@@ -49,41 +50,87 @@ log = logging.getLogger("arraysnap")
 class Prepared:
     """A capture's checked input: each array with the layout it is captured in, and the
     baseline bytes the capture will allocate (arrays new or of a new shape, less the bytes
-    of the baselines they replace)."""
+    of the baselines they replace).
+
+    With a `roster` (see ``roster.py``), `arrays` holds only the arrays it does not vouch
+    for, at roster `positions`; `hits` flags (HIT) the positions it vouches for, whose
+    arrays, names and layouts are the roster's, and `values` holds every array in order.
+    """
 
     arrays: list[tuple[str, np.ndarray, ChunkLayout]]
     new_bytes: int
+    roster: Roster | None = None
+    hits: np.ndarray | None = None
+    values: list[np.ndarray] | None = None
+    positions: list[int] | None = None
+
+    def everything(self) -> list[tuple[str, np.ndarray, ChunkLayout]]:
+        """Every array with its layout, in the caller's order."""
+        if self.roster is None or self.values is None or self.positions is None:
+            return self.arrays
+        items = [(name, value, layout) for name, value, layout
+                 in zip(self.roster.names, self.values, self.roster.layouts, strict=True)]
+        for position, item in zip(self.positions, self.arrays, strict=True):
+            items[position] = item
+        return items
 
 
 # -- input checks --------------------------------------------------------------------------
-def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines) -> Prepared:
-    """Each array with the chunk layout it is captured in; TypeError/ValueError if unfit."""
+def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines,
+                   roster: Roster | None = None) -> Prepared:
+    """Each array with the chunk layout it is captured in; TypeError/ValueError if unfit.
+
+    With a `roster` and a dict of the same names in the same order, only the arrays the
+    roster does not vouch for are checked (the rest are as they were when checked last).
+    """
     if not isinstance(arrays, Mapping):
         raise TypeError(f"capture() takes a dict of name -> numpy array, got "
                         f"{type(arrays).__name__}")
+    if roster is not None and type(arrays) is dict and len(arrays) == len(roster):
+        hits, values = roster.match(arrays)
+        if hits.all():  # the same names: check the arrays that are not the same
+            positions = np.flatnonzero(hits != HIT).tolist()
+            prepared, new_bytes = [], 0
+            for position in positions:
+                name, array, layout, grown = _prepare_one(roster.names[position],
+                                                          values[position], chunk_bytes,
+                                                          baselines)
+                prepared.append((name, array, layout))
+                new_bytes += grown
+            return Prepared(prepared, new_bytes, roster, hits == HIT, values, positions)
     prepared = []
     new_bytes = 0
     for name, array in arrays.items():
-        layout = baselines.layout_of(name) if type(name) is str else None
-        if layout is None:  # a name with a baseline was checked when it was first captured
-            check_array_name(name)
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy array; "
-                            "pass np.asarray(value)")
-        array = _plain_array(name, array)
-        if array.dtype.hasobject:
-            raise TypeError(f"array {name!r} has dtype {array.dtype}, which holds Python "
-                            "objects; arraysnap stores raw bytes only (use a fixed-size dtype)")
-        order = memory_order(array)
-        # Keep the array's existing chunking when it is unchanged, so that a new chunk_bytes
-        # does not force a whole re-capture.
-        if (layout is None or layout.shape != array.shape or layout.dtype != array.dtype
-                or layout.order != order):
-            new_bytes -= 0 if layout is None else layout.nbytes
-            layout = plan_layout(array.shape, array.dtype, order, chunk_bytes)
-            new_bytes += layout.nbytes
+        name, array, layout, grown = _prepare_one(name, array, chunk_bytes, baselines)
         prepared.append((name, array, layout))
+        new_bytes += grown
     return Prepared(prepared, new_bytes)
+
+
+def _prepare_one(name: object, array: object, chunk_bytes: int,
+                 baselines: Baselines) -> tuple[str, np.ndarray, ChunkLayout, int]:
+    """One array checked: its name, plain array, layout and new baseline bytes."""
+    layout = baselines.layout_of(name) if type(name) is str else None
+    if layout is None:  # a name with a baseline was checked when it was first captured
+        check_array_name(name)
+    assert isinstance(name, str)
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"array {name!r} is a {type(array).__name__}, not a numpy array; "
+                        "pass np.asarray(value)")
+    array = _plain_array(name, array)
+    if array.dtype.hasobject:
+        raise TypeError(f"array {name!r} has dtype {array.dtype}, which holds Python "
+                        "objects; arraysnap stores raw bytes only (use a fixed-size dtype)")
+    order = memory_order(array)
+    grown = 0
+    # Keep the array's existing chunking when it is unchanged, so that a new chunk_bytes
+    # does not force a whole re-capture.
+    if (layout is None or layout.shape != array.shape or layout.dtype != array.dtype
+            or layout.order != order):
+        grown -= 0 if layout is None else layout.nbytes
+        layout = plan_layout(array.shape, array.dtype, order, chunk_bytes)
+        grown += layout.nbytes
+    return name, array, layout, grown
 
 
 # Subclasses whose data is plain ndarray data: captured as their base array, and restored
@@ -177,6 +224,7 @@ class Capturer:
         self._state_lock = threading.Lock()
         self._baseline_seq = head.seq if head is not None else None
         self._last_captured: int | None = None
+        self._roster: Roster | None = None
         self._dims: dict[str, tuple[str, ...]] = {} if head is None else {
             name: entry.dims for name, entry in head.arrays.items() if entry.dims is not None}
 
@@ -201,6 +249,8 @@ class Capturer:
         """The baseline of `name` was repaired to equal snapshot `seq` (a restore found
         damage): tracking must look at it afresh."""
         self.tracking.forget(name)
+        self.tracking.forget_many()
+        self._roster = None
         with self._state_lock:
             self.baselines.mark_committed(seq)
 
@@ -210,8 +260,10 @@ class Capturer:
         if dims is not None and not isinstance(dims, Mapping):
             raise TypeError(f"dims must be a dict of array name -> dimension names, got "
                             f"{type(dims).__name__}")
+        if dims is None and prepared.roster is not None and not prepared.arrays:
+            return self._dims  # the same arrays as last time: the same names
         given = dict(dims or {})
-        shapes = {name: array.shape for name, array, _ in prepared.arrays}
+        shapes = {name: array.shape for name, array, _ in prepared.everything()}
         unknown = sorted(set(given) - set(shapes), key=str)
         if unknown:
             raise ValueError(f"dims names arrays that are not captured: {unknown}; the "
@@ -252,7 +304,7 @@ class Capturer:
         except OSError as err:
             return self._failed(seq, step, started, err), None
         try:
-            deltas, compared = self._compare(prepared)
+            deltas, compared, n_chunks, n_changed = self._compare(prepared)
         except OSError as err:
             self.next_seq += 1  # the history records this failed capture under its seq
             return self._failed(seq, step, started, err), None
@@ -261,8 +313,7 @@ class Capturer:
         self.next_seq += 1
         now = time.perf_counter()
         pause = now - pause_start
-        info = CaptureInfo(seq, step, pause, sum(d.layout.n_chunks for d in deltas),
-                           sum(len(d.changed) for d in deltas), chunks_compared=compared,
+        info = CaptureInfo(seq, step, pause, n_chunks, n_changed, chunks_compared=compared,
                            blocked_seconds=now - started)
         job = PersistJob(seq, step, time.time(), deltas, state, rng, provenance(), pause,
                          pause_start - started, started, replay_position, info)
@@ -286,50 +337,115 @@ class Capturer:
             "latest snapshot, a file per GiB of small arrays and one per large array), or "
             "capture less"))
 
-    def _compare(self, prepared: Prepared) -> tuple[list[ArrayDelta], int]:
-        tracking = self.tracking
-        deltas = []
-        compared = 0
+    @property
+    def roster(self) -> Roster | None:
+        """What the last pause saw of each array (None after a failure or a repair)."""
+        return self._roster
+
+    def _compare(self, prepared: Prepared) -> tuple[list[ArrayDelta], int, int, int]:
+        """The pause's comparison: the engine's entries, the chunks compared, the chunks in
+        all, the chunks changed."""
+        roster = prepared.roster
         try:
-            names = {name for name, _, _ in prepared.arrays}
-            tracking.retain_only(names)
-            for name, live, layout in prepared.arrays:
-                target = self.baselines.baseline(name, layout, live)
-                baseline, fresh = target.buffer, target.fresh
-                # Before the comparison: from here on, writes count for the next capture.
-                candidates, audit = tracking.candidates(name, live, layout, fresh)
-                compared += (layout.n_chunks if candidates is None
-                             else int(np.count_nonzero(candidates)))
-                # A fresh baseline: every chunk counts as changed.
-                flags = (np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
-                         if fresh or target.held else None)
-                if target.held:
-                    # Maps a restore() handed out show these bytes: compare first, let them
-                    # keep their own copy of just the chunks that changed, then copy.
-                    scan_and_copy(live, baseline, layout, flags, self.pool, candidates,
-                                  copy=False)
-                    self.baselines.preserve(name, np.flatnonzero(flags))
-                    candidates = flags.copy()  # type: ignore[union-attr]
-                changed = scan_and_copy(live, baseline, layout, flags, self.pool, candidates)
-                if audit is not None:
-                    tracking.audit(name, audit, changed)
-                if not fresh:
-                    tracking.unprotect_changed(name, changed)
-                deltas.append(ArrayDelta(name, layout, baseline, changed, fresh,
-                                         self._dims.get(name)))
-            self.baselines.retain_only(names)
+            if (roster is not None and roster is self._roster
+                    and self.baselines.steady(roster.epoch)):
+                return self._compare_roster(prepared, roster)
+            self._roster = None
+            return self._compare_each(prepared.everything())
         except BaseException:
             # Baselines already updated hold changes no snapshot has; forget them so the next
             # capture writes those arrays whole (dedup keeps unchanged chunks free).
-            tracking.forget_all()
-            for name, _, _ in prepared.arrays:
+            self._roster = None
+            self.tracking.forget_all()
+            for name, _, _ in prepared.everything():
                 try:
                     self.baselines.forget(name)
                 except OSError as forget_error:
                     log.error("arraysnap: could not drop the %r baseline: %r", name,
                               forget_error)
             raise
-        return deltas, compared
+
+    def _compare_each(self, items: list[tuple[str, np.ndarray, ChunkLayout]]
+                      ) -> tuple[list[ArrayDelta], int, int, int]:
+        """Compare array by array, and record the roster the next pause starts from."""
+        tracking = self.tracking
+        names = [name for name, _, _ in items]
+        name_set = set(names)
+        tracking.retain_only(name_set)
+        roster = Roster(names, [live for _, live, _ in items],
+                        [layout for _, _, layout in items])
+        # Before the comparison: from here on, writes count for the next capture.
+        tracking.watch_many(roster.starts, roster.ends)
+        deltas = []
+        compared = 0
+        for name, live, layout in items:
+            delta, count = self._compare_one(name, live, layout)
+            deltas.append(delta)
+            compared += count
+        self.baselines.retain_only(name_set)
+        roster.settle(deltas, self.baselines.epoch, self._dims)
+        self._roster = roster
+        return deltas, compared, roster.n_chunks, sum(len(delta.changed) for delta in deltas)
+
+    def _compare_roster(self, prepared: Prepared,
+                        roster: Roster) -> tuple[list[ArrayDelta], int, int, int]:
+        """Compare the small arrays the roster vouches for in bulk, where tracking saw them
+        written; the others one by one."""
+        assert prepared.hits is not None and prepared.values is not None
+        assert prepared.positions is not None
+        tracking = self.tracking
+        if roster.dims is not self._dims:
+            roster.redim(self._dims)
+        bulk = roster.bulk & prepared.hits
+        candidates, audit = tracking.candidates_many(roster.starts, roster.ends)
+        which = np.flatnonzero(bulk if candidates is None else bulk & candidates.astype(bool))
+        # A hit is the recorded array at the recorded address: the roster's starts are the
+        # live buffers.
+        flags = compare_many(roster.starts, roster.baselines, roster.nbytes, which, self.pool)
+        changed = np.flatnonzero(flags)
+        if audit is not None:
+            tracking.audit_many(roster.names, audit, changed)
+        tracking.unprotect_many(roster.starts, roster.ends, changed)
+        deltas = roster.deltas(changed)
+        compared, n_changed = len(which), len(changed)
+        one_by_one = dict(zip(prepared.positions, prepared.arrays, strict=True))
+        for position in np.flatnonzero(~bulk).tolist():
+            name, live, layout = one_by_one.get(position) or (
+                roster.names[position], prepared.values[position], roster.layouts[position])
+            delta, count = self._compare_one(name, live, layout)
+            deltas[position] = delta
+            compared += count
+            n_changed += len(delta.changed)
+            if position in one_by_one:
+                roster.replace(position, prepared.values[position], delta)
+        roster.epoch = self.baselines.epoch
+        return deltas, compared, roster.n_chunks, n_changed
+
+    def _compare_one(self, name: str, live: np.ndarray,
+                     layout: ChunkLayout) -> tuple[ArrayDelta, int]:
+        """Compare one array with its baseline (write tracking's candidates, if any)."""
+        tracking = self.tracking
+        target = self.baselines.baseline(name, layout, live)
+        baseline, fresh = target.buffer, target.fresh
+        # Before the comparison: from here on, writes count for the next capture.
+        candidates, audit = tracking.candidates(name, live, layout, fresh)
+        compared = (layout.n_chunks if candidates is None
+                    else int(np.count_nonzero(candidates)))
+        # A fresh baseline: every chunk counts as changed.
+        flags = (np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
+                 if fresh or target.held else None)
+        if target.held:
+            # Maps a restore() handed out show these bytes: compare first, let them
+            # keep their own copy of just the chunks that changed, then copy.
+            scan_and_copy(live, baseline, layout, flags, self.pool, candidates, copy=False)
+            self.baselines.preserve(name, np.flatnonzero(flags))
+            candidates = flags.copy()  # type: ignore[union-attr]
+        changed = scan_and_copy(live, baseline, layout, flags, self.pool, candidates)
+        if audit is not None:
+            tracking.audit(name, audit, changed)
+        if not fresh:
+            tracking.unprotect_changed(name, changed)
+        return ArrayDelta(name, layout, baseline, changed, fresh, self._dims.get(name)), compared
 
     def _failed(self, seq: int, step: int | None, started: float,
                 err: OSError) -> CaptureInfo:
