@@ -13,6 +13,8 @@ extensions = [
     Extension("arraysnap._delta", ["src/arraysnap/_delta.pyx"], extra_compile_args=["-O3"],
               extra_link_args=LINK_ARGS),
     Extension("arraysnap._mapping", ["src/arraysnap/_mapping.pyx"], extra_link_args=LINK_ARGS),
+    Extension("arraysnap._leaves", ["src/arraysnap/_leaves.pyx"], extra_compile_args=["-O2"],
+              extra_link_args=LINK_ARGS),
     # Reads ndarray fields in C: built against NumPy's headers (NumPy 2's are compatible
     # with NumPy 1.26 at run time).
     Extension("arraysnap._roster", ["src/arraysnap/_roster.pyx"], extra_compile_args=["-O2"],

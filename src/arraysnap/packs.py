@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-__all__ = ["PACKED_CHUNKS", "PACK_BYTES", "PACK_ID_BYTES", "PACK_PREFIX", "Location",
+__all__ = ["MAX_OFFSET", "PACKED_CHUNKS", "PACK_BYTES", "PACK_ID_BYTES", "PACK_PREFIX", "Location",
            "new_pack_id", "pack_list_to_json", "parse_pack_list",
            "where_from_json", "where_to_json"]
 
@@ -37,7 +37,7 @@ PACK_PREFIX = "packs/"
 PACK_ID_BYTES = 16
 PACK_BYTES = 4 << 20  # a pack is written once it holds this much (less with a small budget)
 PACKED_CHUNKS = 64  # arrays of at most this many chunks are packed (their entries list them)
-_MAX_OFFSET = 1 << 40
+MAX_OFFSET = 1 << 40  # a location's offset is below this (a pack is far smaller)
 
 
 class Location(NamedTuple):
@@ -83,7 +83,7 @@ def where_from_json(value: object, n_chunks: int,
     if n_chunks == 1 and type(value) is list and len(value) == 3:  # most entries: one chunk
         index, offset, length = value
         if (type(index) is int and type(offset) is int and type(length) is int
-                and 0 <= index < len(packs) and 0 <= offset < _MAX_OFFSET and 0 < length):
+                and 0 <= index < len(packs) and 0 <= offset < MAX_OFFSET and 0 < length):
             return (_tuple_new(Location, (packs[index], offset, length)),)
     if (not isinstance(value, list) or len(value) != 3 * n_chunks
             or not all(type(item) is int for item in value)):
@@ -95,7 +95,7 @@ def where_from_json(value: object, n_chunks: int,
         if index == -1:
             where.append(None)
             continue
-        if not 0 <= index < len(packs) or not 0 <= offset < _MAX_OFFSET or not 0 < length:
+        if not 0 <= index < len(packs) or not 0 <= offset < MAX_OFFSET or not 0 < length:
             raise ValueError(f"where names pack {index} at {offset}+{length}: out of range")
         where.append(Location(packs[index], offset, length))
     return tuple(where)

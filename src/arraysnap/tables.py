@@ -44,10 +44,19 @@ from typing import Any
 
 import blake3
 
+from ._leaves import add_entries, parse_rows
 from .bulk import paused_collector
-from .manifest import ArrayEntry, check_array_name, entry_of, layout_to_json, parse_layout
+from .manifest import ArrayEntry, ParsedLayout, check_array_name, layout_to_json, parse_layout
 from .objects import DIGEST_BYTES, object_key
-from .packs import PACKED_CHUNKS, pack_list_to_json, parse_pack_list, where_from_json, where_to_json
+from .packs import (
+    MAX_OFFSET,
+    PACKED_CHUNKS,
+    Location,
+    pack_list_to_json,
+    parse_pack_list,
+    where_from_json,
+    where_to_json,
+)
 
 __all__ = ["BLOCK_CHUNKS", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS", "PREFIX", "Built",
            "TableReader", "TableWriter", "table_key"]
@@ -295,6 +304,9 @@ class TableWriter:
             self._ends.clear()
 
 
+_REMEMBERED_LAYOUTS = 4096
+
+
 class TableReader:
     """Reads table objects (`fetch(digest)` returns the stored bytes), checking each
     against its name, and keeps recently read nodes: snapshots share most of them."""
@@ -304,6 +316,7 @@ class TableReader:
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
         self._cached_bytes = 0
+        self._layouts: dict[tuple[Any, ...], ParsedLayout] = {}
 
     def _object(self, digest: bytes) -> bytes:
         data = self._fetch(digest)
@@ -382,14 +395,11 @@ class TableReader:
             used.add(digest)
             before = len(entries)
             if depth == 1:
-                first = None
-                for item in self._cached(digest, self._parse_leaf):
-                    entry = self._blocks_of(item, used)
-                    if last and entry.name <= last[0]:
-                        raise ValueError("table names are not in order (or repeat)")
-                    last[:] = [entry.name]
-                    entries[entry.name] = entry
-                    first = entry.name if first is None else first
+                first, newest = add_entries(self._cached(digest, self._parse_leaf), entries,
+                                            last[0] if last else None,
+                                            lambda item: self._blocks_of(item, used))
+                if newest is not None:
+                    last[:] = [newest]
             else:
                 first = self._children(self._cached(digest, _parse_inner), depth - 1, entries,
                                        used, last)
@@ -407,39 +417,39 @@ class TableReader:
         digests = self.chunks(partial.name, chunks, used)
         return _with_digests(partial, digests)
 
+    def _layout(self, value: object) -> ParsedLayout:
+        """``parse_layout(value)``, remembered: the leaves of a store of many arrays repeat
+        a few layouts (parsing one took 14 µs, for each of 500 leaves at 10,000 arrays).
+        Only layouts of plain field types are remembered, keyed by their values and so by
+        their types too (a JSON ``true`` must not pass for the ``1`` it equals)."""
+        if type(value) is dict:
+            shape, dtype, dims = value.get("shape"), value.get("dtype"), value.get("dims")
+            fields = (value.get("order"), value.get("split_axis"), value.get("rows_per_chunk"))
+            if (type(shape) is list and all(type(d) is int for d in shape)
+                    and type(dtype) is str and type(fields[0]) is str
+                    and type(fields[1]) is int and type(fields[2]) is int
+                    and (dims is None or (type(dims) is list
+                                          and all(type(d) is str for d in dims)))):
+                key = (tuple(shape), dtype, *fields, None if dims is None else tuple(dims))
+                found = self._layouts.get(key)
+                if found is None:
+                    found = parse_layout(value)
+                    if len(self._layouts) >= _REMEMBERED_LAYOUTS:
+                        self._layouts.clear()
+                    self._layouts[key] = found
+                return found
+        return parse_layout(value)
+
     def _parse_leaf(self, data: bytes) -> list[ArrayEntry | tuple[ArrayEntry, Any]]:
         body = _json(data)
         layouts, rows = body.get("layouts"), body.get("arrays")
         if not isinstance(layouts, list) or not isinstance(rows, list) or len(rows) > MAX_ARRAYS:
             raise ValueError("a leaf must hold layouts and arrays")
-        parsed = [parse_layout(layout) for layout in layouts]
+        parsed = [self._layout(layout) for layout in layouts]
         packs = parse_pack_list(body.get("packs", []))
         result: list[ArrayEntry | tuple[ArrayEntry, Any]] = []
-        layouts_count = len(parsed)
-        for row in rows:
-            if (type(row) is not list or not 3 <= len(row) <= 4 or type(row[1]) is not int
-                    or not 0 <= row[1] < layouts_count):
-                raise ValueError("a leaf row must be [name, layout, chunks] or [name, layout, "
-                                 "chunks, where]")
-            name, index, chunks = row[0], row[1], row[2]
-            check_array_name(name)
-            if type(chunks) is str:
-                try:  # what b64decode(validate=True) does, without its Python-level checks
-                    digests = binascii.a2b_base64(chunks, strict_mode=True)
-                except (binascii.Error, ValueError):
-                    raise ValueError(f"array {name!r}: chunks is not valid base64") from None
-                where = None
-                if len(row) == 4:
-                    try:
-                        where = where_from_json(row[3], parsed[index].n_chunks, packs)
-                    except ValueError as err:
-                        raise ValueError(f"array {name!r}: {err}") from None
-                result.append(entry_of(name, parsed[index], digests, where=where))
-            elif len(row) == 4:
-                raise ValueError(f"array {name!r}: an array whose digests are in blocks is "
-                                 "never packed")
-            else:  # blocks: fetched when the entry is used, checked then
-                result.append((entry_of(name, parsed[index], b"", check_table=False), chunks))
+        parse_rows(rows, parsed, packs, check_array_name, where_from_json, ArrayEntry,
+                   DIGEST_BYTES, Location, MAX_OFFSET, result)
         return result
 
 
