@@ -41,13 +41,23 @@ import os
 import stat
 import uuid
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from .extents import MARKER, MARKER_VERSION, SMALL_ALIGN, TABLE, align_of, read_extents, view_of
+from .extents import (
+    MARKER,
+    MARKER_VERSION,
+    SMALL_ALIGN,
+    TABLE,
+    BaselineFile,
+    Extent,
+    Target,
+    align_of,
+    read_extents,
+    view_of,
+)
 from .fsio import TMP_PREFIX, FileOps, read_regular_file
 from .layout import ChunkLayout
 from .leases import LEASES, LockFile, ReaderLeases, lock_byte
@@ -74,64 +84,15 @@ def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
-class Target(NamedTuple):
-    """Where a capture writes an array: `buffer`, the flat bytes; `fresh`, a new extent
-    (every chunk counts as changed); `held`, maps handed out in this process may show
-    these bytes: call ``Baselines.preserve`` with the chunks about to change first.
-    (A named tuple: a pause over thousands of arrays makes one per array.)"""
-
-    buffer: np.ndarray
-    fresh: bool
-    held: bool
-
-
-@dataclass(eq=False, slots=True)
-class _File:
-    """One baseline file and the writer's shared map of it."""
-
-    name: str
-    path: Path
-    capacity: int  # bytes of address space mapped
-    size: int  # bytes allocated (the file's length)
-    own: bool  # one array's file, not shared
-    map: FileMap
-    buffer: np.ndarray
-    end: int = 0  # extents are placed below this; above it the file is unused
-    holes: list[tuple[int, int]] = field(default_factory=list)
-    users: int = 0
-    exclusive: bool = False
-    handed_out: list[weakref.ref[FileMap]] = field(default_factory=list)
-
-    def live_maps(self) -> list[FileMap]:
-        maps = [ref() for ref in self.handed_out]
-        self.handed_out = [ref for ref, held in zip(self.handed_out, maps, strict=True)
-                           if held is not None]
-        return [held for held in maps if held is not None]
-
-
-@dataclass(eq=False, slots=True)
-class _Extent:
-    layout: ChunkLayout
-    file: _File | None  # None for an empty array
-    offset: int
-    buffer: np.ndarray = field(init=False)  # the array's bytes in the file's map
-    in_place: Target = field(init=False)  # the target of a capture that updates in place
-
-    def __post_init__(self) -> None:
-        self.buffer = (np.zeros(0, dtype=np.uint8) if self.file is None else
-                       self.file.buffer[self.offset : self.offset + self.layout.nbytes])
-        self.in_place = Target(self.buffer, False, False)
-
-
 class Baselines:
     """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
 
     def __init__(self, root: Path, ops: FileOps | None = None) -> None:
         self.dir = root / "mirror"
         self.ops = ops or FileOps()
-        self._extents: dict[str, _Extent] = {}
-        self._files: dict[str, _File] = {}
-        self._open_file: _File | None = None  # the shared file new extents go to
+        self._extents: dict[str, Extent] = {}
+        self._files: dict[str, BaselineFile] = {}
+        self._open_file: BaselineFile | None = None  # the shared file new extents go to
         self._lock_file: LockFile | None = None
         self._generation = 0
         self._epoch = 0  # see `epoch`
@@ -219,15 +180,15 @@ class Baselines:
             self._lock_file = LockFile(self.dir / LEASES, writable=True)
         return self._lock_file
 
-    def _map(self, name: str, capacity: int, size: int, own: bool) -> _File:
+    def _map(self, name: str, capacity: int, size: int, own: bool) -> BaselineFile:
         path = self.dir / name
         file_map = map_file(path, capacity, shared=True)
-        file = _File(name, path, capacity, size, own, file_map,
+        file = BaselineFile(name, path, capacity, size, own, file_map,
                      np.frombuffer(file_map, dtype=np.uint8))
         self._files[name] = file
         return file
 
-    def _new_file(self, own: bool, nbytes: int) -> _File:
+    def _new_file(self, own: bool, nbytes: int) -> BaselineFile:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"{'a' if own else 's'}-{uuid.uuid4().hex}.bin"
         capacity = _round_up(nbytes, PAGE) if own else SHARED_FILE_BYTES
@@ -247,7 +208,7 @@ class Baselines:
         file.exclusive = self._locks().try_lock(lock_byte(name), exclusive=True)
         return file
 
-    def _grow(self, file: _File, end: int) -> None:
+    def _grow(self, file: BaselineFile, end: int) -> None:
         # Doubling up to steps of GROW_BYTES: few calls for a first capture of many arrays,
         # little unused space for a small state.
         step = min(max(file.size, PAGE), GROW_BYTES)
@@ -259,7 +220,7 @@ class Baselines:
             os.close(fd)
         file.size = size
 
-    def _reusable(self, file: _File) -> bool:
+    def _reusable(self, file: BaselineFile) -> bool:
         """Whether freed bytes of `file` may be written: no map of it is held anywhere."""
         if file.live_maps():
             return False
@@ -267,15 +228,15 @@ class Baselines:
             file.exclusive = self._locks().try_lock(lock_byte(file.name), exclusive=True)
         return file.exclusive
 
-    def _place(self, layout: ChunkLayout, avoid: _File | None = None) -> _Extent:
+    def _place(self, layout: ChunkLayout, avoid: BaselineFile | None = None) -> Extent:
         """A new extent for `layout`, in bytes nobody holds a map of."""
         nbytes = layout.nbytes
         if nbytes == 0:
-            return _Extent(layout, None, 0)
+            return Extent(layout, None, 0)
         if nbytes >= OWN_FILE_BYTES:
             file = self._new_file(True, nbytes)
             file.end, file.users = file.capacity, 1
-            return _Extent(layout, file, 0)
+            return Extent(layout, file, 0)
         align, length = align_of(nbytes), _round_up(nbytes, SMALL_ALIGN)
         for file in self._files.values():
             if file.own or file is avoid or not file.holes or not self._reusable(file):
@@ -288,7 +249,7 @@ class Baselines:
                                                                  (offset + length, stop))
                                                if hole[1] > hole[0]]
                     file.users += 1
-                    return _Extent(layout, file, offset)
+                    return Extent(layout, file, offset)
         file = self._open_file
         if file is None or file is avoid or _round_up(file.end, align) + length > file.capacity:
             file = self._open_file = self._new_file(False, length)
@@ -297,9 +258,9 @@ class Baselines:
             self._grow(file, offset + length)
         file.end = offset + length
         file.users += 1
-        return _Extent(layout, file, offset)
+        return Extent(layout, file, offset)
 
-    def _free(self, extent: _Extent) -> None:
+    def _free(self, extent: Extent) -> None:
         file = extent.file
         if file is None:
             return
@@ -316,7 +277,7 @@ class Baselines:
         file.holes.append((start, stop))
         file.holes.sort()
 
-    def _set(self, name: str, extent: _Extent | None) -> None:
+    def _set(self, name: str, extent: Extent | None) -> None:
         self._epoch += 1
         old = self._extents.pop(name, None)
         if extent is not None:
@@ -336,32 +297,39 @@ class Baselines:
         legacy = marker is not None and marker.get("version") != MARKER_VERSION
         adopted: set[str] = set()
         claimed: dict[str, list[tuple[int, int, str]]] = {}
-        for name, layout in layouts.items():
-            if name not in extents:
+        files = self._files
+        for name, layout in layouts.items():  # (a loop run for every array of a store)
+            found = extents.get(name)
+            if found is None:
                 continue
-            filename, offset = extents[name]
-            if layout.nbytes == 0:
+            filename, offset = found
+            nbytes = layout.nbytes
+            if nbytes == 0:
                 if filename is None:
-                    self._extents[name] = _Extent(layout, None, 0)
+                    self._extents[name] = Extent(layout, None, 0)
                     adopted.add(name)
                 continue
-            file = self._files.get(filename) if filename else None
+            file = files.get(filename) if filename else None
             if file is None and filename is not None:
                 file = self._adopt_file(filename, legacy)
-            if file is None or offset % align_of(layout.nbytes) or (
-                    offset + layout.nbytes > file.size):
+            if (file is None or offset % (PAGE if nbytes >= PAGE else SMALL_ALIGN)
+                    or offset + nbytes > file.size):
                 continue
-            claimed.setdefault(file.name, []).append(
-                (offset, offset + _round_up(layout.nbytes, SMALL_ALIGN), name))
-        for file in list(self._files.values()):
-            used = []
+            spans = claimed.get(file.name)
+            if spans is None:
+                spans = claimed[file.name] = []
+            spans.append((offset, offset - (-nbytes // SMALL_ALIGN) * SMALL_ALIGN, name))
+        for file in list(files.values()):
+            used: list[tuple[int, int]] = []
+            end = -1
             for start, stop, name in sorted(claimed.get(file.name, [])):
-                if used and start < used[-1][1]:
+                if start < end:
                     continue  # two arrays in the same bytes: a damaged table; rebuild it
                 used.append((start, stop))
-                file.users += 1
-                self._extents[name] = _Extent(layouts[name], file, start)
+                end = stop
+                self._extents[name] = Extent(layouts[name], file, start)
                 adopted.add(name)
+            file.users += len(used)
             # Bytes no adopted array uses may still be in maps an earlier store handed out:
             # holes, written only once no map of the file is held anywhere.
             file.end = file.size
@@ -389,7 +357,7 @@ class Baselines:
         """Whether the extent table on disk is the one in memory."""
         return self._table_written
 
-    def _adopt_file(self, filename: str, legacy: bool) -> _File | None:
+    def _adopt_file(self, filename: str, legacy: bool) -> BaselineFile | None:
         path = self.dir / filename
         try:
             # O_NOFOLLOW: a planted link must not make the writer write outside the store.

@@ -1,4 +1,5 @@
-"""Where each array's baseline bytes are: the extent table and the marker's names for it.
+"""Where each array's baseline bytes are: the extents and files the baselines keep in
+memory, the extent table on disk and the marker's names for it.
 
 The baselines (``arraysnap.baselines``) keep arrays at *extents* of a few shared files. The
 table ``mirror/extents.json`` maps each array to its file and offset; the marker
@@ -18,8 +19,10 @@ True
 from __future__ import annotations
 
 import json
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -27,14 +30,77 @@ from .fsio import read_regular_file
 from .layout import ChunkLayout
 from .mapping import PAGE, FileMap
 
-__all__ = ["MARKER", "MARKER_VERSION", "SMALL_ALIGN", "TABLE", "align_of", "read_extents",
-           "safe_filename", "view_of"]
+__all__ = ["MARKER", "MARKER_VERSION", "SMALL_ALIGN", "TABLE", "BaselineFile", "Extent",
+           "Target", "align_of", "read_extents", "safe_filename", "view_of"]
 
 MARKER = "state.json"
 TABLE = "extents.json"
 MARKER_VERSION = 2
 SMALL_ALIGN = 64  # arrays under a page start at a multiple of this, not of a page
 _MAX_TABLE_BYTES = 1 << 28
+
+
+class Target(NamedTuple):
+    """Where a capture writes an array: `buffer`, the flat bytes; `fresh`, a new extent
+    (every chunk counts as changed); `held`, maps handed out in this process may show
+    these bytes: call ``Baselines.preserve`` with the chunks about to change first.
+    (A named tuple: a pause over thousands of arrays makes one per array.)"""
+
+    buffer: np.ndarray
+    fresh: bool
+    held: bool
+
+
+@dataclass(eq=False, slots=True)
+class BaselineFile:
+    """One baseline file and the writer's shared map of it (``arraysnap.baselines`` owns
+    them; the extents of its arrays point into it)."""
+
+    name: str
+    path: Path
+    capacity: int  # bytes of address space mapped
+    size: int  # bytes allocated (the file's length)
+    own: bool  # one array's file, not shared
+    map: FileMap
+    buffer: np.ndarray
+    end: int = 0  # extents are placed below this; above it the file is unused
+    holes: list[tuple[int, int]] = field(default_factory=list)
+    users: int = 0
+    exclusive: bool = False
+    handed_out: list[weakref.ref[FileMap]] = field(default_factory=list)
+
+    def live_maps(self) -> list[FileMap]:
+        maps = [ref() for ref in self.handed_out]
+        self.handed_out = [ref for ref, held in zip(self.handed_out, maps, strict=True)
+                           if held is not None]
+        return [held for held in maps if held is not None]
+
+
+@dataclass(eq=False, slots=True)
+class Extent:
+    """Where one array's baseline bytes are: a file (None for an empty array) and an
+    offset."""
+
+    layout: ChunkLayout
+    file: BaselineFile | None  # None for an empty array
+    offset: int
+    # Made when first asked for: an open adopts 10,000 extents, a pause may use a few.
+    _target: Target | None = None
+
+    @property
+    def in_place(self) -> Target:
+        """The target of a capture that updates the array in place."""
+        target = self._target
+        if target is None:
+            buffer = (np.zeros(0, dtype=np.uint8) if self.file is None else
+                      self.file.buffer[self.offset : self.offset + self.layout.nbytes])
+            target = self._target = Target(buffer, False, False)
+        return target
+
+    @property
+    def buffer(self) -> np.ndarray:
+        """The array's bytes in the file's map."""
+        return self.in_place.buffer
 
 
 def align_of(nbytes: int) -> int:
