@@ -28,7 +28,7 @@ __all__ = ["FileOps", "TMP_PREFIX", "read_regular_file"]
 TMP_PREFIX = ".tmp-"
 
 
-def read_regular_file(path: Path, limit: int) -> bytes:
+def read_regular_file(path: Path | str, limit: int) -> bytes:
     """The bytes of `path`, a regular file of at most `limit` bytes; OSError otherwise.
 
     Never blocks (a FIFO is refused, not opened for a writer that never comes) and never
@@ -41,7 +41,15 @@ def read_regular_file(path: Path, limit: int) -> bytes:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than {limit}", str(path))
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
+        if info.st_size < 1 << 20:  # one read, asking for a byte more than there is
+            first = os.read(fd, info.st_size + 1)
+            if len(first) == info.st_size:  # all of it, and the end of the file
+                return first
+            parts, total = [first], len(first)  # short, or it grew: read on, to the limit
+            if total > limit:
+                raise OSError(errno.EFBIG, f"more than {limit} bytes", str(path))
         while chunk := os.read(fd, min(1 << 20, limit + 1 - total)):
             parts.append(chunk)
             total += len(chunk)
