@@ -395,7 +395,9 @@ class Capturer:
         assert prepared.positions is not None
         tracking = self.tracking
         if roster.dims is not self._dims:
-            roster.redim(self._dims)
+            if roster.dims != self._dims:
+                roster.redim(self._dims)
+            roster.dims = self._dims
         bulk = roster.bulk & prepared.hits
         candidates, audit = tracking.candidates_many(roster.starts, roster.ends)
         which = np.flatnonzero(bulk if candidates is None else bulk & candidates.astype(bool))
