@@ -253,12 +253,41 @@ def test_arrays_held_from_a_restore_keep_their_bytes_while_small_arrays_change(s
         for step in range(2, 6):
             for i in range(0, 300, 7):
                 arrays[f"a{i:03d}"][step] = -step
-            snap.capture(arrays, step=step)
+            info = snap.capture(arrays, step=step)
             snap.wait()
+            assert info.chunks_changed == len(range(0, 300, 7))
+            if REASON is None:  # the roster vouched for the rest, held maps or not
+                assert info.chunks_compared < 300
             for name in ("a000", "a007", "a001"):
                 assert_bit_exact(held[name], truth[name])
         restored = snap.restore().arrays
         assert all(np.array_equal(restored[name], arrays[name]) for name in arrays)
+
+
+def test_a_run_resumed_from_restored_arrays_updates_them_in_place_and_keeps_older_maps(
+        store_path):
+    """The resume pattern: the arrays restore() returned are the live state from then on;
+    an earlier restore's maps keep their bytes."""
+    rng = np.random.default_rng(8)
+    with arraysnap.open(store_path) as snap:
+        capture_twice(snap, {f"a{i:03d}": rng.random(64) for i in range(200)})
+    with arraysnap.open(store_path) as snap:
+        arrays = dict(snap.restore().arrays)  # maps of the baselines, written in place
+        before = snap.restore().arrays  # another restore, held throughout
+        truth = {name: np.array(array) for name, array in before.items()}
+        for step in range(2, 8):
+            for i in range(step, 200, 9):
+                arrays[f"a{i:03d}"][i % 64] += 1.0
+            info = snap.capture(arrays, step=step)
+            snap.wait()
+            assert info.chunks_changed == len(range(step, 200, 9))
+            for name in ("a002", "a011", "a100"):
+                assert_bit_exact(before[name], truth[name])
+        latest = snap.restore().arrays
+        assert all(np.array_equal(latest[name], arrays[name]) for name in arrays)
+    with arraysnap.open(store_path, mode="r") as reader:
+        assert all(np.array_equal(reader.restore().arrays[name], arrays[name])
+                   for name in arrays)
 
 
 def test_a_failed_pause_drops_the_roster_and_the_next_capture_stores_everything(
@@ -313,3 +342,23 @@ def test_spans_overlapping_another_watch_are_left_untracked():
         assert flags is None or flags.tolist() == [1, 1]  # inside no span: always compared
     finally:
         tracked.close()
+
+
+def test_where_maps_cannot_be_preserved_a_held_restore_makes_the_pause_move_arrays(
+        store_path, monkeypatch):
+    from arraysnap import baselines as baselines_module
+
+    monkeypatch.setattr(baselines_module, "preserving_supported", lambda: False)
+    monkeypatch.setattr(baselines_module, "preserve", lambda *args: False)  # before 5.14
+    rng = np.random.default_rng(9)
+    arrays = {f"a{i:03d}": rng.random(100) for i in range(120)}
+    with arraysnap.open(store_path) as snap:
+        capture_twice(snap, arrays)
+        held = snap.restore(verify=False).arrays
+        truth = {name: np.array(array) for name, array in held.items()}
+        arrays["a005"][3] = -1.0
+        info = snap.capture(arrays, step=2)
+        snap.wait()
+        assert info.chunks_changed == 1
+        assert all(np.array_equal(held[name], truth[name]) for name in held)
+        assert_bit_exact(snap.restore().arrays["a005"], arrays["a005"])

@@ -72,9 +72,11 @@ def compare_many(
     const long long[::1] nbytes,
     const Py_ssize_t[::1] which,
     unsigned char[::1] changed,
+    bint copy=True,
 ):
     """For each index ``i`` in `which`: if the ``nbytes[i]`` bytes at address ``live[i]``
-    differ from those at ``baseline[i]``, copy them there and set ``changed[i] = 1``.
+    differ from those at ``baseline[i]``, copy them there (unless not `copy`) and set
+    ``changed[i] = 1``.
 
     Returns the number of arrays found changed. The addresses are raw pointers: the caller
     keeps every buffer alive and of that size. Runs without the GIL.
@@ -85,7 +87,8 @@ def compare_many(
         for k in range(which.shape[0]):
             i = which[k]
             if memcmp(<const void *>live[i], <const void *>baseline[i], nbytes[i]) != 0:
-                memcpy(<void *>baseline[i], <const void *>live[i], nbytes[i])
+                if copy:
+                    memcpy(<void *>baseline[i], <const void *>live[i], nbytes[i])
                 changed[i] = 1
                 count += 1
     return count

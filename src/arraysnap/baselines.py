@@ -451,10 +451,11 @@ class Baselines:
 
     def steady(self, epoch: int) -> bool:
         """Whether every baseline may be updated in place where it was at `epoch`: no extent
-        placed, moved or dropped since, every file this writer's to update (its lock taken
-        again after a commit let it go), and no map this process handed out still held.
-        Then ``baseline()`` would return each array's buffer as it is (``in_place``), and
-        a pause may compare and copy without asking array by array."""
+        placed, moved or dropped since, and every file this writer's to update (its lock
+        taken again after a commit let it go; maps this process handed out, if any, can be
+        preserved). Then ``baseline()`` would return each array's buffer where it is, and a
+        pause may compare and copy without asking array by array, calling ``preserve``
+        first for what changes while ``held()``."""
         if epoch != self._epoch:
             return False
         for file in self._files.values():
@@ -462,9 +463,14 @@ class Baselines:
                 file.exclusive = self._locks().try_lock(lock_byte(file.name), exclusive=True)
                 if not file.exclusive:
                     return False
-            if file.handed_out and file.live_maps():
+            if file.handed_out and file.live_maps() and not preserving_supported():
                 return False
         return True
+
+    def held(self) -> bool:
+        """Whether maps this process handed out (``hand_out``) are still alive: bytes about
+        to change must be preserved in them first."""
+        return any(file.handed_out and file.live_maps() for file in self._files.values())
 
     def preserve(self, name: str, indices: np.ndarray) -> None:
         """Before chunks `indices` of `name` are updated in place: maps handed out in this

@@ -170,9 +170,10 @@ def _scan_gathered(live: np.ndarray, baseline: np.ndarray, layout: ChunkLayout,
 
 
 def compare_many(live: np.ndarray, baseline: np.ndarray, nbytes: np.ndarray,
-                 which: np.ndarray, pool: Executor | None = None) -> np.ndarray:
-    """Compare many whole buffers with their baselines; copy those that differ; return
-    uint8 flags, one per buffer, set for each buffer found changed.
+                 which: np.ndarray, pool: Executor | None = None, *,
+                 copy: bool = True) -> np.ndarray:
+    """Compare many whole buffers with their baselines; copy those that differ (unless not
+    `copy`); return uint8 flags, one per buffer, set for each buffer found changed.
 
     `live` and `baseline` are int64 addresses of the buffers, `nbytes` their sizes; only the
     buffers at the indices `which` are compared. The caller keeps every buffer alive, of at
@@ -202,11 +203,12 @@ def compare_many(live: np.ndarray, baseline: np.ndarray, nbytes: np.ndarray,
         work = np.cumsum(nbytes[which])
         cut = 1 + int(np.searchsorted(work, work[-1] / 2))
         cut = min(cut, len(which) - 1)
-        other = pool.submit(_compare_many, live, baseline, nbytes, which[cut:], changed)
+        other = pool.submit(_compare_many, live, baseline, nbytes, which[cut:], changed,
+                            copy)
         try:
-            _compare_many(live, baseline, nbytes, which[:cut], changed)
+            _compare_many(live, baseline, nbytes, which[:cut], changed, copy)
         finally:
             other.result()
     else:
-        _compare_many(live, baseline, nbytes, which, changed)
+        _compare_many(live, baseline, nbytes, which, changed, copy)
     return changed

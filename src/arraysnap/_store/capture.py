@@ -46,6 +46,8 @@ __all__ = ["Capturer", "Prepared", "check_state", "check_step", "prepare_arrays"
 
 log = logging.getLogger("arraysnap")
 
+_ONE_CHUNK = np.zeros(1, dtype=np.intp)  # the chunk of an array the roster compares in bulk
+
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """A capture's checked input: each array with the layout it is captured in, and the
@@ -403,8 +405,19 @@ class Capturer:
         which = np.flatnonzero(bulk if candidates is None else bulk & candidates.astype(bool))
         # A hit is the recorded array at the recorded address: the roster's starts are the
         # live buffers.
-        flags = compare_many(roster.starts, roster.baselines, roster.nbytes, which, self.pool)
-        changed = np.flatnonzero(flags)
+        if self.baselines.held():
+            # Maps a restore() handed out show these bytes: compare first, let them keep
+            # their own copy of just the arrays that changed, then copy (as _compare_one).
+            flags = compare_many(roster.starts, roster.baselines, roster.nbytes, which,
+                                 self.pool, copy=False)
+            changed = np.flatnonzero(flags)
+            for position in changed.tolist():
+                self.baselines.preserve(roster.names[position], _ONE_CHUNK)
+            compare_many(roster.starts, roster.baselines, roster.nbytes, changed, self.pool)
+        else:
+            flags = compare_many(roster.starts, roster.baselines, roster.nbytes, which,
+                                 self.pool)
+            changed = np.flatnonzero(flags)
         if audit is not None:
             tracking.audit_many(roster.names, audit, changed)
         tracking.unprotect_many(roster.starts, roster.ends, changed)
