@@ -48,6 +48,7 @@ __all__ = [
     "parse_array_entry",
     "parse_layout",
     "parse_manifest",
+    "seal_manifest",
 ]
 
 MANIFEST_FORMAT = "arraysnap-snapshot"
@@ -310,9 +311,22 @@ class Manifest:
                 for location in entry.where if location is not None}
 
     def to_json(self, tables: Any = None) -> bytes:
-        body = self.body(tables)
-        body["checksum"] = _checksum(body)
-        return json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return seal_manifest(self.body(tables))
+
+
+def seal_manifest(body: Mapping[str, Any]) -> bytes:
+    """The bytes of a manifest of `body` with the checksum that matches it (any
+    ``checksum`` in `body` is replaced): what a writer stores, and how the tests and the
+    fuzzer make a hostile manifest that passes its checksum.
+
+    >>> parse_manifest(seal_manifest({"format": "x"}))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    arraysnap.errors.CorruptSnapshotError: manifest: not an arraysnap manifest
+    """
+    sealed = {key: value for key, value in body.items() if key != "checksum"}
+    sealed["checksum"] = _checksum(sealed)
+    return json.dumps(sealed, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def _checksum(body: Mapping[str, Any]) -> str:
@@ -485,7 +499,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
         journal = body.get("journal")
         _require(journal is None or (_is_int(journal) and journal >= 0),
                  "journal must be a non-negative integer")
-    except (ValueError, OverflowError) as err:
+    except (ValueError, OverflowError, TypeError) as err:  # TypeError: a value's type
         raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
                     stats, provenance, journal, frozenset(used))

@@ -33,7 +33,7 @@ import blake3
 from .errors import CorruptSnapshotError
 from .storage import Storage
 
-__all__ = ["MAX_RECORD_BYTES", "ReplayLog"]
+__all__ = ["MAX_RECORD_BYTES", "ReplayLog", "encode_record", "record_line"]
 
 log = logging.getLogger("arraysnap")
 
@@ -47,6 +47,16 @@ _LINE = re.compile(rb'^\{"n":(\d{1,18}),"c":"([0-9a-f]{16})","r":(.*)\}$', re.DO
 
 def _check(text: str) -> str:
     return blake3.blake3(text.encode("utf-8")).hexdigest()[:16]
+
+
+def record_line(number: int, text: str) -> str:
+    """The line of a segment holding record `number`, whose JSON is `text` (with the check
+    a reader verifies; the fuzzer writes hostile lines with it).
+
+    >>> record_line(3, "{}")
+    '{"n":3,"c":"6e46dd10defc9b56","r":{}}\\n'
+    """
+    return f'{{"n":{number},"c":"{_check(text)}","r":{text}}}\n'
 
 
 def encode_record(record: object) -> str:
@@ -183,7 +193,7 @@ class ReplayLog:
                 raise ValueError("the replay log is closed")
             number = self.position
             self.position += 1
-            self._buffer.append(f'{{"n":{number},"c":"{_check(text)}","r":{text}}}\n')
+            self._buffer.append(record_line(number, text))
             return number
 
     def _write_buffer(self) -> None:

@@ -462,8 +462,11 @@ class TableReader:
         parsed = [self._layout(layout) for layout in layouts]
         packs = parse_pack_list(body.get("packs", []))
         result: list[ArrayEntry | tuple[ArrayEntry, Any]] = []
-        parse_rows(rows, parsed, packs, check_array_name, where_from_json, ArrayEntry,
-                   DIGEST_BYTES, Location, MAX_OFFSET, result)
+        try:
+            parse_rows(rows, parsed, packs, check_array_name, where_from_json, ArrayEntry,
+                       DIGEST_BYTES, Location, MAX_OFFSET, result)
+        except TypeError as err:  # a name that is not a string: damage, as any other
+            raise ValueError(f"a leaf row: {err}") from None
         return result
 
 
