@@ -53,9 +53,11 @@ def test_a_leaf_naming_an_array_by_a_non_string_is_damage_not_a_crash(name):
         parse_manifest(seal_manifest(body), 1, TableReader(lambda wanted: leaf))
 
 
-def test_a_sealed_manifest_reaches_past_its_checksum():
+def test_a_sealed_manifest_reaches_past_its_checksum(tmp_path, monkeypatch):
     """The fuzzer seals what it makes as a writer would: a seed sealed again parses whole,
     so what the fuzzer changes is read by the parser, not stopped at the checksum."""
+    monkeypatch.setattr(fuzz, "_workdir", tmp_path)
+    monkeypatch.setattr(fuzz, "_seeds", None)
     seeds = fuzz._state()
     for seed in seeds.manifests:
         manifest = parse_manifest(seal_manifest(json.loads(seed)), None,
