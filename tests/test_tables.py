@@ -284,13 +284,20 @@ def _assert_upgraded_store_reads(store: Path) -> None:
         assert reader.restore(step=10).step == 10  # the fixture's own snapshots
 
 
-def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tmp_path):
-    store = tmp_path / "v1.snap"
-    shutil.copytree(REPO / "tests" / "fixtures" / "v1-store", store)
+def _captured_in_fixture(tmp_path, version):
+    """A copy of the committed fixture store of `version`, captured into once at step 30
+    by a writer that keeps its format; the store and the arrays captured."""
+    store = tmp_path / f"v{version}.snap"
+    shutil.copytree(REPO / "tests" / "fixtures" / f"v{version}-store", store)
     arrays = {f"p{i:03d}": np.full(3, float(i)) for i in range(INLINE_ARRAYS + 10)}
     with arraysnap.open(store) as snap:
-        assert snap.format_version == 1
+        assert snap.format_version == version
         snap.capture(arrays, step=30)
+    return store, arrays
+
+
+def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tmp_path):
+    store, arrays = _captured_in_fixture(tmp_path, 1)
     newest = _manifest(store, 3)
     assert newest["version"] == 1 and "tables" not in newest and not (store / "tables").exists()
     assert json.loads((store / "arraysnap.json").read_text())["version"] == 1
@@ -314,12 +321,7 @@ def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tm
 def test_a_writer_continues_a_format_2_store_in_format_2_until_it_is_upgraded(tmp_path):
     """Format 2 has no packs: its writer writes chunk objects until the store is upgraded,
     so that a release reading format 2 only still reads it."""
-    store = tmp_path / "v2.snap"
-    shutil.copytree(REPO / "tests" / "fixtures" / "v2-store", store)
-    arrays = {f"p{i:03d}": np.full(3, float(i)) for i in range(INLINE_ARRAYS + 10)}
-    with arraysnap.open(store) as snap:
-        assert snap.format_version == 2
-        snap.capture(arrays, step=30)
+    store, arrays = _captured_in_fixture(tmp_path, 2)
     assert _manifest(store, 3)["version"] == 2 and not (store / "packs").exists()
     assert arraysnap.upgrade(store) == 2
     arrays["p003"] = arrays["p003"] + 1

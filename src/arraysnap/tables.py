@@ -112,6 +112,17 @@ class Built:
 _REMEMBERED_LAYOUTS = 4096  # distinct layouts a writer or reader keeps parsed or encoded
 
 
+def _remembered(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by `make` the first time; a full cache starts again empty."""
+    found = cache.get(key)
+    if found is None:
+        found = make()
+        if len(cache) >= _REMEMBERED_LAYOUTS:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
 class TableWriter:
     """Turns a snapshot's entries into table objects, writing only those not written before.
 
@@ -264,15 +275,11 @@ class TableWriter:
         """An entry's layout fields as JSON, and their text (which tells equal layouts of a
         leaf apart), remembered by layout: many arrays share a few, and a JSON text an entry
         cost a fifth of building a leaf."""
-        key = (entry.layout, entry.dims)
-        found = self._layout_texts.get(key)
-        if found is None:
+        def encode() -> tuple[dict[str, Any], str]:
             layout = layout_to_json(entry)
-            found = (layout, json.dumps(layout, sort_keys=True))
-            if len(self._layout_texts) >= _REMEMBERED_LAYOUTS:
-                self._layout_texts.clear()
-            self._layout_texts[key] = found
-        return found
+            return layout, json.dumps(layout, sort_keys=True)
+
+        return _remembered(self._layout_texts, (entry.layout, entry.dims), encode)
 
     def _inner_level(self, children: list[tuple[str, int, bytes]], depth: int,
                      used: set[bytes]) -> list[tuple[str, int, bytes]]:
@@ -445,13 +452,7 @@ class TableReader:
                     and (dims is None or (type(dims) is list
                                           and all(type(d) is str for d in dims)))):
                 key = (tuple(shape), dtype, *fields, None if dims is None else tuple(dims))
-                found = self._layouts.get(key)
-                if found is None:
-                    found = parse_layout(value)
-                    if len(self._layouts) >= _REMEMBERED_LAYOUTS:
-                        self._layouts.clear()
-                    self._layouts[key] = found
-                return found
+                return _remembered(self._layouts, key, lambda: parse_layout(value))
         return parse_layout(value)
 
     def _parse_leaf(self, data: bytes) -> list[ArrayEntry | tuple[ArrayEntry, Any]]:

@@ -126,6 +126,28 @@ def _release_range(owner: object) -> None:
         _watched_ranges.pop(id(owner), None)
 
 
+def _track_range(tracker: WriteTracker, owner: object, low: int, high: int,
+                 what: str) -> bool:
+    """Claim ``[low, high)`` for `owner` (a watch or a span), register it and protect it;
+    False, with nothing left claimed or registered, where any step fails."""
+    if not _claim_range(owner, low, high):
+        return False  # views of one buffer: scanning one would re-protect the other's pages
+    try:
+        tracker.register(low, high - low)
+    except OSError as err:  # EBUSY: registered by a userfaultfd outside this store
+        log.debug("arraysnap: %s not tracked: %s", what, err)
+        _release_range(owner)
+        return False
+    try:
+        tracker.protect(low, high - low)
+    except OSError as err:
+        log.debug("arraysnap: %s not tracked: %s", what, err)
+        tracker.unregister(low, high - low)
+        _release_range(owner)
+        return False
+    return True
+
+
 @dataclass(slots=True, eq=False)
 class _Span:
     """One registered range of memory holding many small arrays (a roster's)."""
@@ -163,12 +185,12 @@ def _ranges_hit(starts: np.ndarray, ends: np.ndarray, runs: np.ndarray) -> np.nd
     return (valid & (runs[np.where(valid, index, 0), 1] > starts)).astype(np.uint8)
 
 
-def _clusters(starts: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
-    """Page-aligned ranges covering the byte ranges, one per group of ranges less than
-    SPAN_GAP apart."""
+def _clusters(starts: np.ndarray, ends: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """Page-aligned ranges covering the byte ranges, one per group of ranges at most `gap`
+    bytes apart."""
     order = np.argsort(starts, kind="stable")
     low, reach = starts[order], np.maximum.accumulate(ends[order])
-    breaks = np.flatnonzero(low[1:] > reach[:-1] + SPAN_GAP) + 1
+    breaks = np.flatnonzero(low[1:] > reach[:-1] + gap) + 1
     firsts = low[np.concatenate(([0], breaks))] // PAGE * PAGE
     lasts = -(-reach[np.concatenate((breaks - 1, [len(low) - 1]))] // PAGE) * PAGE
     return list(zip(firsts.tolist(), lasts.tolist(), strict=True))
@@ -218,6 +240,16 @@ def audit_slice(capture: int, n_chunks: int) -> tuple[int, int]:
     """
     part = capture % AUDIT_EVERY
     return part * n_chunks // AUDIT_EVERY, (part + 1) * n_chunks // AUDIT_EVERY
+
+
+def _audited(flags: np.ndarray, capture: int) -> tuple[np.ndarray, Audit]:
+    """Tracking's `flags` with tracked capture number `capture`'s audit slice set too, and
+    the audit that checks the comparison against them."""
+    low, high = audit_slice(capture, len(flags))
+    audit = Audit(flags, low, high)
+    flags = flags.copy()
+    flags[low:high] = 1
+    return flags, audit
 
 
 def _index_runs(indices: np.ndarray) -> list[tuple[int, int]]:
@@ -356,11 +388,7 @@ class Tracking:
         watch.captures += 1
         if fresh:
             return None, None
-        low, high = audit_slice(watch.captures - 1, layout.n_chunks)
-        audit = Audit(flags, low, high)
-        flags = flags.copy()
-        flags[low:high] = 1
-        return flags, audit
+        return _audited(flags, watch.captures - 1)
 
     # -- many small arrays: spans ----------------------------------------------------------
     def watch_many(self, starts: np.ndarray, ends: np.ndarray) -> None:
@@ -376,7 +404,7 @@ class Tracking:
         tracker = self._get_tracker()
         if tracker is None:
             return
-        clusters = _clusters(starts, ends)[:MAX_SPANS]
+        clusters = _clusters(starts, ends, SPAN_GAP)[:MAX_SPANS]
         spans = []
         for (low, high), kind in zip(clusters, mapping_kinds(clusters, self._baseline_dir),
                                      strict=True):
@@ -384,22 +412,8 @@ class Tracking:
                 log.debug("arraysnap: a span of small arrays not tracked: %s", kind)
                 continue
             span = _Span(low, high)
-            if not _claim_range(span, low, high):
-                continue
-            try:
-                tracker.register(low, high - low)
-            except OSError as err:
-                log.debug("arraysnap: a span of small arrays not tracked: %s", err)
-                _release_range(span)
-                continue
-            try:
-                tracker.protect(low, high - low)
-            except OSError as err:
-                log.debug("arraysnap: a span of small arrays not tracked: %s", err)
-                tracker.unregister(low, high - low)
-                _release_range(span)
-                continue
-            spans.append(span)
+            if _track_range(tracker, span, low, high, "a span of small arrays"):
+                spans.append(span)
         if spans:
             self._spans = _Spans(spans, np.array([span.start for span in spans], np.int64),
                                  np.array([span.end for span in spans], np.int64))
@@ -429,11 +443,7 @@ class Tracking:
             flags |= spans.previous
         spans.previous = written
         spans.captures += 1
-        low, high = audit_slice(spans.captures - 1, len(flags))
-        audit = Audit(flags, low, high)
-        flags = flags.copy()
-        flags[low:high] = 1
-        return flags, audit
+        return _audited(flags, spans.captures - 1)
 
     def audit_many(self, names: list[str], audit: Audit, changed: np.ndarray) -> None:
         """``audit`` for the arrays of ``candidates_many``: `changed` holds the positions of
@@ -458,7 +468,7 @@ class Tracking:
         low = low[inside] // PAGE * PAGE
         high = -(-high[inside] // PAGE) * PAGE
         try:  # one call per run of adjacent pages
-            for first, end in _clusters(low, high):
+            for first, end in _clusters(low, high, 0):
                 tracker.unprotect(first, end - first)
         except OSError as err:  # still correct: the pages stay protected, writes fault
             log.debug("arraysnap: could not unprotect small arrays: %s", err)
@@ -541,22 +551,8 @@ class Tracking:
         edges = edges[edges[:, 1] > edges[:, 0]]
         watch = _Watch(address, live.nbytes, live.shape, live.strides, live.dtype, layout,
                        start, end, starts, _chunks_of(starts, layout.n_chunks, edges))
-        if not _claim_range(watch, watch.start, watch.end):
-            return  # views of one buffer: scanning one would re-protect the other's pages
-        try:
-            tracker.register(start, end - start)
-        except OSError as err:  # EBUSY: registered by a userfaultfd outside this store
-            log.debug("arraysnap: %r not tracked: %s", name, err)
-            _release_range(watch)
-            return
-        try:
-            tracker.protect(start, end - start)
-        except OSError as err:
-            log.debug("arraysnap: %r not tracked: %s", name, err)
-            tracker.unregister(start, end - start)
-            _release_range(watch)
-            return
-        self._watches[name] = watch
+        if _track_range(tracker, watch, start, end, repr(name)):
+            self._watches[name] = watch
 
     def forget(self, name: str) -> None:
         """Drop `name`'s watch (its next capture compares everything)."""
