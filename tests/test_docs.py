@@ -24,6 +24,10 @@ FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 @pytest.mark.parametrize("module_name", MODULES)
 def test_docstring_examples(module_name):
+    if module_name == "arraysnap.testing._forgetting":
+        from arraysnap.testing.powerloss import fuse_unavailable
+        if fuse_unavailable() is not None:  # it is the FUSE file system itself
+            pytest.skip(str(fuse_unavailable()))
     module = importlib.import_module(module_name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
     assert result.failed == 0

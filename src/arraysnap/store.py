@@ -62,7 +62,7 @@ from ._store.signals import Cadence, parse_signals
 from .baselines import Baselines
 from .codecs import CodecSpec, parse_codec
 from .diff import SnapshotDiff, diff_snapshots
-from .errors import ArraysnapError, ArraysnapWarning, ReadOnlyStoreError
+from .errors import ArraysnapError, ArraysnapWarning, ReadOnlyStoreError, StoreWriteError
 from .fsio import FileOps
 from .history import History
 from .manifest import Manifest
@@ -322,8 +322,16 @@ class Store:
         self._storage.remove_temporaries()
         head = self._catalog.newest_valid()
         seqs = self._catalog.seqs()
-        recovered = recover_baselines(head, self._baselines, self._objects, self.codec,
-                                      self._pool)
+        try:
+            recovered = recover_baselines(head, self._baselines, self._objects, self.codec,
+                                          self._pool)
+        except OSError as err:
+            if isinstance(err, ArraysnapError):
+                raise
+            raise StoreWriteError(
+                err.errno, f"{self._storage}: opening for writing rebuilds the baselines in "
+                f"{self._baselines.dir} and could not ({err.strerror}); free some space "
+                "there (or fix the disk), or open the store with mode='r' to read it") from err
         assert self._tracking is not None
         self._capturer = Capturer(self._baselines, self._tracking, self._pool, self._history,
                                   self._failures, self._replay_log, head,

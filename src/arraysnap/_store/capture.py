@@ -478,4 +478,9 @@ class Capturer:
         with self._state_lock:
             seq = self._baseline_seq
         if seq is not None:
-            self.baselines.mark_clean(seq)
+            try:
+                self.baselines.mark_clean(seq)
+            except OSError as err:
+                # A full disk at close: the snapshots are committed; the next open checks
+                # the baselines against the latest instead of trusting a marker.
+                log.warning("arraysnap: could not mark the baselines clean at close: %r", err)

@@ -195,7 +195,12 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
         _report_rollback(baselines.dir.parent, head.seq, rolled_back, interrupted)
     baselines.remove_strays()
     if repaired or not trusted or not baselines.table_on_disk():
-        baselines.mark_clean(head.seq)
+        try:
+            baselines.mark_clean(head.seq)
+        except OSError as err:
+            # A full disk: the baselines are right, only unmarked; the next open checks
+            # them again instead of trusting them.
+            log.warning("arraysnap: could not mark the rebuilt baselines clean: %r", err)
     return Recovered(head, tables)
 
 

@@ -32,7 +32,12 @@ from ..bulk import paused_collector
 from ..chunks import assemble, find_bad_chunks, load_chunk
 from ..codecs import CodecSpec
 from ..delta import as_bytes
-from ..errors import CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError
+from ..errors import (
+    CorruptSnapshotError,
+    FormatVersionError,
+    SnapshotNotFoundError,
+    StoreWriteError,
+)
 from ..extents import align_of, read_extents, view_of
 from ..leases import LEASES, LockFile, ReaderLeases
 from ..manifest import ArrayEntry, Manifest
@@ -85,13 +90,24 @@ class Restorer:
             + "; ".join(str(problem) for problem in skipped)
         )
 
-    def restore_manifest(self, manifest: Manifest, verify: bool) -> Restored:
+    def restore_manifest(self, manifest: Manifest, verify: bool,
+                         into: Mapping[str, np.ndarray] | None = None) -> Restored:
+        """The snapshot of `manifest`; with `into`, only those arrays, copied into them
+        (chunk objects decoded straight into the caller's buffers: no scratch file)."""
         with paused_collector():  # thousands of views, none in a cycle
             arrays = self._map_baselines(manifest, verify)
-        missing = [entry for name, entry in manifest.arrays.items() if name not in arrays]
-        if missing:
-            arrays.update(self._materialize(missing, verify=verify, seq=manifest.seq))
-        arrays = {name: arrays[name] for name in manifest.arrays}  # in the snapshot's order
+        if into is not None:
+            for name, target in into.items():
+                if name in arrays:
+                    np.copyto(target, arrays[name])
+                else:
+                    self._assemble_into(target, manifest.arrays[name], verify, manifest.seq)
+            arrays = dict(into)
+        else:
+            missing = [entry for name, entry in manifest.arrays.items() if name not in arrays]
+            if missing:
+                arrays.update(self._materialize(missing, verify=verify, seq=manifest.seq))
+            arrays = {name: arrays[name] for name in manifest.arrays}  # the snapshot's order
         try:
             rng = rng_from_json(manifest.rng)
         except (ValueError, TypeError) as err:
@@ -123,11 +139,22 @@ class Restorer:
                 )
             if not target.flags.writeable:
                 raise ValueError(f"array {name!r}: the target is read-only")
-        restored = self.restore_manifest(manifest, verify)
-        for name, target in arrays.items():
-            np.copyto(target, restored.arrays[name])
-        return Restored(dict(arrays), restored.step, restored.seq, restored.time,
-                        restored.state, restored.rng, restored.info, events=restored.events)
+        return self.restore_manifest(manifest, verify, into=arrays)
+
+    def _assemble_into(self, target: np.ndarray, entry: ArrayEntry, verify: bool,
+                       seq: int) -> None:
+        layout = entry.layout
+        if not layout.nbytes:
+            return
+        order = layout.order
+        if target.flags.c_contiguous if order == "C" else target.flags.f_contiguous:
+            flat = target.reshape(-1, order=order).view(np.uint8)  # the caller's bytes
+            assemble(flat, self.objects, self.codec, entry, self.pool, verify=verify, seq=seq)
+            return
+        flat = np.empty(layout.nbytes, dtype=np.uint8)  # a strided target: via memory
+        assemble(flat, self.objects, self.codec, entry, self.pool, verify=verify, seq=seq)
+        np.copyto(target, np.ndarray(layout.shape, dtype=layout.dtype, buffer=flat,
+                                     order=order))
 
     # -- mapping the baselines -------------------------------------------------------------
     def _map_baselines(self, manifest: Manifest, verify: bool) -> dict[str, np.ndarray]:
@@ -243,7 +270,14 @@ class Restorer:
             directory.mkdir(exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, prefix="restore-") as handle:
             # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
-            os.posix_fallocate(handle.fileno(), 0, total)
+            try:
+                os.posix_fallocate(handle.fileno(), 0, total)
+            except OSError as err:
+                where = directory if directory is not None else tempfile.gettempdir()
+                raise StoreWriteError(
+                    err.errno, f"restoring snapshot {seq} needs {total} bytes in {where} to "
+                    f"assemble its arrays ({err.strerror}); free some space there, or "
+                    "restore_into() arrays of your own") from err
             shared = np.frombuffer(map_fd(handle.fileno(), total, shared=True), dtype=np.uint8)
             for entry, offset in zip(entries, offsets, strict=True):
                 assemble(shared[offset : offset + entry.layout.nbytes], self.objects,

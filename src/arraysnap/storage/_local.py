@@ -294,7 +294,10 @@ class LocalStorage(Storage):
                 "at a time: stop it, or open this store with mode='r' to read"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
+        try:
+            os.pwrite(fd, holder.encode(), 0)
+        except OSError:
+            pass  # only for another writer's message: a full disk must not stop an open
         return _FileLock(fd)
 
     def remove_temporaries(self) -> int:

@@ -31,6 +31,10 @@ refuse-or-restore, special-files, audit
     A restore of a hostile store (``refused: ...``); every operation on a store with special
     files in it (``NAME ok|ArraysnapError|FOREIGN ...``); the audit events of the given
     prefixes that reading a hostile store raises.
+power
+    Capture, restore, prune, gc and close on a forgetting file system
+    (:mod:`arraysnap.testing.powerloss`), marking each instant a ``wait()`` returned
+    (``committed-SEQ-STEP``), a prune began and ended, or a capture failed (a full disk).
 full-disk
     Capture into ``STORE/run.snap`` until the disk (a small file system holding a file
     ``STORE/filler``) is full; then free it and capture again; print a JSON summary.
@@ -324,6 +328,66 @@ def full_disk(root: str) -> None:
                      "same": same}))
 
 
+def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
+                  rounds: int) -> None:
+    """The power-loss tests' routine on the store at `path`: `rounds` rounds of one capture,
+    two in flight, a held restore, a prune or a gc; a capture left pending at close. Each
+    instant a snapshot is known durable is marked by looking up ``marks/committed-SEQ-STEP``
+    (the forgetting file system journals the lookup); a failed capture (a full disk) is
+    marked ``failed-STEP`` and answered with a prune and a gc."""
+    def mark(label: str) -> None:
+        os.path.exists(os.path.join(marks, label))
+
+    snap = arraysnap.open(path, chunk_bytes=chunk_bytes)
+    mark("opened")
+    step = _next_step(snap)
+
+    def commit(count: int) -> None:
+        nonlocal step
+        infos = []
+        try:
+            for _ in range(count):
+                infos.append(workload.capture(snap, step))
+                step += 1
+            snap.wait()
+        except (OSError, arraysnap.ArraysnapError):
+            mark(f"failed-{step - 1}")
+            _tidy(keep=1)
+            return
+        for info in infos:
+            mark(f"committed-{info.seq}-{info.step}")
+
+    def _tidy(keep: int) -> None:
+        mark("pruning")
+        try:
+            report = snap.prune(keep_last=keep)
+            snap.gc()
+        except (OSError, arraysnap.ArraysnapError):
+            mark("prune-failed")
+            return
+        mark("pruned-" + "-".join(map(str, report.snapshots_removed)))
+
+    for round_ in range(rounds):
+        commit(1)
+        commit(2)
+        try:
+            restored = snap.restore()  # held while the next capture runs
+        except arraysnap.StoreWriteError:  # too full to assemble it (a full disk)
+            mark("restore-failed")
+            restored = None
+        commit(1)
+        del restored
+        if round_ % 2:
+            _tidy(keep=2)
+        else:
+            snap.gc()
+            mark("collected")
+    info = workload.capture(snap, step)
+    snap.close()  # commits the pending capture
+    mark(f"committed-{info.seq}-{info.step}")
+    mark("closed")
+
+
 # The children that need nothing but the store.
 _ON_STORE: dict[str, Callable[[str], None]] = {
     "hold-lock": hold_lock, "reader-holds": reader_holds, "second-writer": second_writer,
@@ -337,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("kind", choices=["loop", "kill", "die-at", "hold-lock", "reader-holds",
                                          "reader-during-writes", "reader-check",
                                          "second-writer", "refuse-or-restore",
-                                         "special-files", "audit", "full-disk"])
+                                         "special-files", "audit", "full-disk", "power"])
     parser.add_argument("store")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="small")
     parser.add_argument("--chunk-bytes", type=int, default=4096)
@@ -349,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--area", default="", help="die-at: its area")
     parser.add_argument("--match", default="", help="die-at: part of its key or path")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--marks", default="", help="power: the folder marks are looked up in")
     parser.add_argument("--mode", choices=["r", "a"], default="r")
     parser.add_argument("prefixes", nargs="*", help="audit: the event prefixes to report")
     return parser
@@ -377,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         reader_during_writes(args.store, args.rounds)
     elif args.kind == "reader-check":
         reader_check(args.store, args.mode)
+    elif args.kind == "power":
+        power_routine(args.store, workload, args.chunk_bytes, args.marks, args.rounds)
     elif args.kind == "audit":
         audit(args.store, args.prefixes)
     else:

@@ -1,0 +1,288 @@
+"""The journaling FUSE file system under the power-loss tests (run as a process of its own).
+
+``python -m arraysnap.testing._forgetting BACKING MOUNT JOURNAL [--hold-at N]
+[--capacity BYTES]`` mounts MOUNT as a pass-through of the folder BACKING and journals, in
+the order it performs them, every operation that changes what a power cut could keep:
+creates, writes (data included), truncations, fallocate, renames, unlinks, folder creation
+and removal, and the barriers (fsync and fdatasync of a file, fsync of a folder). It decides
+nothing about durability itself: :mod:`arraysnap.testing._crashstates` replays the journal
+and says what a cut after any operation may leave. Writes through shared memory maps arrive
+here as the kernel writes the pages back (at msync, fsync or when it chooses), as on any
+file system.
+
+The journal (``JOURNAL`` a folder) is ``ops.jsonl``, one JSON object per operation, and
+``data.bin``, the bytes of the writes (``"data": [offset, length]``). Each line is written
+(unbuffered) before the operation returns to the kernel, so a journal read after the
+process under test died holds every operation that process saw complete.
+
+``--hold-at N`` freezes the file system when its N-th journaled operation (counting from 1)
+arrives: that one is not performed and every later call blocks for ever, as on a machine
+whose power just went; the file ``JOURNAL/held`` then appears. Looking up a name under
+``/.powercut/`` journals a ``mark`` (the name is its label) and answers "no such file": a
+process under test marks the instant it saw something complete. ``--capacity`` makes the
+file system full (ENOSPC) once the files in it would hold more than BYTES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import mfusepy as fuse
+
+__all__ = ["MARK_FOLDER", "main"]
+
+MARK_FOLDER = ".powercut"
+
+
+class Journaling(fuse.Operations):
+    """Pass-through operations on `backing`, journaled into the folder `journal`."""
+
+    use_ns = True
+
+    def __init__(self, backing: str, journal: str, hold_at: int, capacity: int) -> None:
+        self.root = os.path.realpath(backing)
+        self.folder = Path(journal)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._ops = os.open(self.folder / "ops.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._data = os.open(self.folder / "data.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        self._data_end = os.fstat(self._data).st_size
+        self._lock = threading.Lock()
+        self._count = 0
+        self._hold_at = hold_at
+        self._frozen = threading.Event()
+        self._capacity = capacity
+        self._used = sum(entry.stat().st_size for entry in _files(self.root))
+
+    # -- journal --------------------------------------------------------------------------
+    def _record(self, op: str, data: bytes | None = None, **fields: Any) -> None:
+        """Journal one operation; called holding the lock, after the operation succeeded."""
+        if data is not None:
+            fields["data"] = [self._data_end, len(data)]
+            os.write(self._data, data)
+            self._data_end += len(data)
+        os.write(self._ops, (json.dumps({"op": op, **fields}) + "\n").encode())
+
+    def _enter(self, counted: bool = True) -> None:
+        """Take the lock and count one journaled operation; freeze for ever at the one to
+        hold at, and every call after it."""
+        self._lock.acquire()
+        if self._frozen.is_set():
+            self._lock.release()
+            threading.Event().wait()
+        if not counted:
+            return
+        self._count += 1
+        if self._count == self._hold_at:
+            self._frozen.set()
+            (self.folder / "held").write_text(str(self._count))
+            self._lock.release()
+            threading.Event().wait()
+
+    def _run(self, op: str, action: Any, data: bytes | None = None, *, counted: bool = True,
+             handle: bool = False, **fields: Any) -> Any:
+        """Perform `action` and journal it; with `handle`, its result is the file handle."""
+        self._enter(counted)
+        try:
+            result = action()
+            if handle:
+                fields["fh"] = result
+            self._record(op, data, **fields)
+            return result
+        except OSError as err:
+            raise fuse.FuseOSError(err.errno or errno.EIO) from None
+        finally:
+            self._lock.release()
+
+    def _full(self, growth: int) -> None:
+        if self._capacity and growth > 0 and self._used + growth > self._capacity:
+            raise OSError(errno.ENOSPC, "full")
+        self._used += growth
+
+    def _real(self, path: str) -> str:
+        return self.root + path
+
+    # -- reading --------------------------------------------------------------------------
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        if path.startswith(f"/{MARK_FOLDER}/"):
+            self._run("mark", lambda: None, counted=False, label=path[len(MARK_FOLDER) + 2:])
+            raise fuse.FuseOSError(errno.ENOENT)
+        if path == f"/{MARK_FOLDER}":
+            path = "/"  # a folder to look names up in, never listed
+        try:
+            info = os.fstat(fh) if fh is not None else os.lstat(self._real(path))
+        except OSError as err:
+            raise fuse.FuseOSError(err.errno or errno.EIO) from None
+        return {key: getattr(info, key) for key in (
+            "st_mode", "st_nlink", "st_size", "st_uid", "st_gid", "st_atime_ns",
+            "st_mtime_ns", "st_ctime_ns", "st_blocks")} | {
+            "st_atime": info.st_atime_ns, "st_mtime": info.st_mtime_ns,
+            "st_ctime": info.st_ctime_ns}
+
+    def readdir(self, path: str, fh: int) -> list[str]:
+        try:
+            return [".", "..", *os.listdir(self._real(path))]
+        except OSError as err:
+            raise fuse.FuseOSError(err.errno or errno.EIO) from None
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return os.pread(fh, size, offset)
+
+    def statfs(self, path: str) -> dict[str, int]:
+        info = os.statvfs(self.root)
+        return {key: getattr(info, key) for key in (
+            "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+            "f_favail", "f_flag", "f_namemax")}
+
+    def access(self, path: str, amode: int) -> int:
+        if not os.access(self._real(path), amode):
+            raise fuse.FuseOSError(errno.EACCES)
+        return 0
+
+    # -- files ----------------------------------------------------------------------------
+    def open(self, path: str, flags: int) -> int:
+        # Opening changes nothing a power cut could keep (a truncation on open is journaled
+        # on its own); the journal names the handle so that writes through it stay tied to
+        # the file after a rename or an unlink of its name.
+        fd = int(self._run("open", lambda: os.open(self._real(path), flags & ~os.O_TRUNC),
+                           counted=False, handle=True, path=path))
+        if flags & os.O_TRUNC:
+            self.truncate(path, 0, fd)
+        return fd
+
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        return int(self._run("create", lambda: os.open(
+            self._real(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode), handle=True,
+            path=path))
+
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        def action() -> int:
+            self._full(max(0, offset + len(data) - os.fstat(fh).st_size))
+            return os.pwrite(fh, data, offset)
+        return int(self._run("write", action, data, fh=fh, offset=offset))
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        def action() -> None:
+            size = os.fstat(fh).st_size if fh is not None else os.lstat(self._real(path)).st_size
+            self._full(length - size)
+            if fh is not None:
+                os.ftruncate(fh, length)
+            else:
+                os.truncate(self._real(path), length)
+        self._run("truncate", action, fh=fh, path=path if fh is None else None, size=length)
+        return 0
+
+    def fallocate(self, path: str, mode: int, offset: int, size: int, fh: int) -> int:
+        if mode:
+            raise fuse.FuseOSError(errno.EOPNOTSUPP)  # only the plain kind is carried
+
+        def action() -> None:
+            self._full(max(0, offset + size - os.fstat(fh).st_size))
+            os.posix_fallocate(fh, offset, size)
+        self._run("fallocate", action, fh=fh, offset=offset, length=size)
+        return 0
+
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        self._run("fsync", lambda: os.fsync(fh), fh=fh)
+        return 0
+
+    def flush(self, path: str, fh: int) -> int:
+        return 0
+
+    def release(self, path: str, fh: int) -> int:
+        self._run("release", lambda: os.close(fh), counted=False, fh=fh)
+        return 0
+
+    def utimens(self, path: str, times: Any = None) -> int:
+        os.utime(self._real(path), ns=times)
+        return 0
+
+    def chmod(self, path: str, mode: int) -> int:
+        os.chmod(self._real(path), mode)
+        return 0
+
+    # -- names ----------------------------------------------------------------------------
+    def mkdir(self, path: str, mode: int) -> int:
+        self._run("mkdir", lambda: os.mkdir(self._real(path), mode), path=path)
+        return 0
+
+    def rmdir(self, path: str) -> int:
+        self._run("rmdir", lambda: os.rmdir(self._real(path)), path=path)
+        return 0
+
+    def unlink(self, path: str) -> int:
+        def action() -> None:
+            info = os.lstat(self._real(path))
+            os.unlink(self._real(path))
+            if info.st_nlink == 1:
+                self._used -= info.st_size
+        self._run("unlink", action, path=path)
+        return 0
+
+    def rename(self, old: str, new: str) -> int:
+        def action() -> None:
+            try:
+                replaced = os.lstat(self._real(new))
+            except FileNotFoundError:
+                replaced = None
+            os.rename(self._real(old), self._real(new))
+            if replaced is not None and replaced.st_nlink == 1:
+                self._used -= replaced.st_size
+        self._run("rename", action, old=old, new=new)
+        return 0
+
+    def symlink(self, target: str, source: str) -> int:
+        raise fuse.FuseOSError(errno.EPERM)  # arraysnap never makes one; nor does this
+
+    def link(self, target: str, source: str) -> int:
+        raise fuse.FuseOSError(errno.EPERM)
+
+    def opendir(self, path: str) -> int:
+        return 0
+
+    def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+        def action() -> None:
+            fd = os.open(self._real(path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._run("fsyncdir", action, path=path)
+        return 0
+
+
+def _files(root: str) -> list[os.DirEntry[str]]:
+    found, pending = [], [root]
+    while pending:
+        with os.scandir(pending.pop()) as listing:
+            for entry in listing:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    found.append(entry)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arraysnap.testing._forgetting")
+    parser.add_argument("backing")
+    parser.add_argument("mount")
+    parser.add_argument("journal")
+    parser.add_argument("--hold-at", type=int, default=0)
+    parser.add_argument("--capacity", type=int, default=0)
+    args = parser.parse_args(argv)
+    operations = Journaling(args.backing, args.journal, args.hold_at, args.capacity)
+    # hard_remove: an unlinked open file goes at once (no ".fuse_hidden" renames);
+    # default_permissions: the kernel checks modes, as a local file system does.
+    fuse.FUSE(operations, args.mount, foreground=True, hard_remove=True,
+              default_permissions=True, fsname="arraysnap-forgetting")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
