@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
@@ -10,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import assert_bit_exact, object_files, store_files
+from conftest import WORKLOAD, assert_bit_exact, capture_step, object_files, store_files
 
 import arraysnap
 from arraysnap._store.maintenance import stored_objects
 from arraysnap.codecs import parse_codec
 from arraysnap.objects import pack_key
-from arraysnap.testing import chunk_file
+from arraysnap.testing import FaultPlan, chunk_file
 
 
 def dtype_zoo() -> list[np.ndarray]:
@@ -232,6 +233,45 @@ def test_restore_into_fills_caller_buffers(snap):
         snap.restore_into({"v": np.empty(4)})
     with pytest.raises(KeyError, match="no array 'w'"):
         snap.restore_into({"w": np.empty(4)})
+
+
+def test_restore_into_an_old_snapshot_decodes_into_any_target_layout(store_path):
+    """An older snapshot is decoded from chunk objects straight into the caller's arrays:
+    C and Fortran order, a strided view, structured, 0-d and empty arrays."""
+    rec = np.zeros(50, dtype=[("a", "<i4"), ("b", ">f8")])
+    rec["a"], rec["b"] = np.arange(50), np.sqrt(np.arange(50))
+    first = {"c": np.arange(3000.0).reshape(30, 100), "f": np.asfortranarray(
+        np.arange(600, dtype=">i4").reshape(20, 30)), "r": rec, "z": np.array(7.5),
+        "e": np.zeros((0, 4))}
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        old = snap.capture(first, step=1).result()
+        snap.capture({n: np.asarray(a + 1) if a.dtype.names is None else a
+                      for n, a in first.items()},
+                     step=2).result()
+        backing = np.full((30, 200), -1.0)
+        targets = {"c": backing[:, ::2], "f": np.zeros((20, 30), ">i4", order="F"),
+                   "r": np.zeros_like(rec), "z": np.zeros(()), "e": np.zeros((0, 4))}
+        restored = snap.restore_into(targets, seq=old.seq)
+    for name, array in first.items():
+        assert restored.arrays[name] is targets[name]
+        assert np.array_equal(targets[name], array), name
+    assert (backing[:, 1::2] == -1.0).all()  # the view's gaps are untouched
+
+
+def test_close_and_open_on_a_full_disk_keep_the_store(store_path):
+    """A disk full when close() marks the baselines clean: close does not raise, and the
+    next open checks the baselines instead of trusting them."""
+    plan = FaultPlan(store_path)
+    with arraysnap.open(plan.storage, chunk_bytes=4096, _baseline_ops=plan.baseline_ops,
+                        _retry_delays=()) as snap:
+        capture_step(snap, 0).result()
+        capture_step(snap, 1).result()
+        full = plan.fail("write", "mirror", errno.ENOSPC, times=None)
+    assert full.errors  # close() met the full disk, and said so only in a warning
+    plan.remove(full)
+    with arraysnap.open(store_path, chunk_bytes=4096) as snap:
+        assert WORKLOAD.difference(snap.restore(verify=False), 1) is None
+        assert snap.verify().ok
 
 
 def test_restored_arrays_are_copy_on_write(store_path):
