@@ -1,10 +1,10 @@
-"""Torture arraysnap: kill writers, fail their storage and corrupt their stores.
+"""Torture arraysnap: kill writers, fail their storage, corrupt their stores, cut their power.
 
 Usage::
 
     python -m arraysnap.torture [--minutes M] [--seconds S] [--dir DIR] [--seed N] [--json FILE]
 
-Runs three families of events in rotation until the time is up (default 10 minutes):
+Runs four families of events in rotation until the time is up (default 10 minutes):
 
 kills
     A child process captures a deterministic workload in a loop (with prune and gc now and
@@ -25,6 +25,15 @@ corruptions
     baseline files and their marker). Damage must be detected (``verify()`` names snapshot,
     array and chunk; ``restore()`` raises :class:`~arraysnap.CorruptSnapshotError`) or, for
     the mirror, repaired. Wrong data must never be returned.
+power cuts
+    A writer on a forgetting FUSE file system (:mod:`arraysnap.testing.powerloss`) frozen
+    at a random file operation and killed; every change no fsync made durable is dropped and
+    the store opened as after a reboot (with a new boot id), now and then cut again during
+    that recovery, or on a full disk; and crash states of recorded runs, random mixtures of
+    the changes since each file's and folder's last fsync kept and lost. Then: every
+    snapshot whose ``wait()`` returned before the cut is listed and restores bit-exactly
+    (the latest also with ``verify=False``), everything listed verifies, a further capture
+    works. Without FUSE these events are counted as skipped.
 
 Each store is small (a few MiB, 64 KiB chunks) and replaced by a fresh one every
 ``EVENTS_PER_STORE`` events. The stores live in ``--dir`` or in a new temporary folder under

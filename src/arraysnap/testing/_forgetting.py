@@ -135,9 +135,15 @@ class Journaling(fuse.Operations):
 
     def statfs(self, path: str) -> dict[str, int]:
         info = os.statvfs(self.root)
-        return {key: getattr(info, key) for key in (
+        answer = {key: getattr(info, key) for key in (
             "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
             "f_favail", "f_flag", "f_namemax")}
+        if self._capacity:  # a small disk says so, as a full one would
+            with self._lock:
+                free = max(0, self._capacity - self._used)
+            answer["f_blocks"] = self._capacity // info.f_frsize
+            answer["f_bfree"] = answer["f_bavail"] = free // info.f_frsize
+        return answer
 
     def access(self, path: str, amode: int) -> int:
         if not os.access(self._real(path), amode):

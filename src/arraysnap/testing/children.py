@@ -345,13 +345,15 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
     def commit(count: int) -> None:
         nonlocal step
         infos = []
+        trying = step
         try:
             for _ in range(count):
+                trying = step
                 infos.append(workload.capture(snap, step))
                 step += 1
             snap.wait()
         except (OSError, arraysnap.ArraysnapError):
-            mark(f"failed-{step - 1}")
+            mark(f"failed-{trying}")
             _tidy(keep=1)
             return
         for info in infos:
@@ -382,9 +384,14 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
         else:
             snap.gc()
             mark("collected")
-    info = workload.capture(snap, step)
-    snap.close()  # commits the pending capture
-    mark(f"committed-{info.seq}-{info.step}")
+    try:
+        info = workload.capture(snap, step)
+        snap.close()  # commits the pending capture
+    except (OSError, arraysnap.ArraysnapError):
+        mark(f"failed-{step}")
+        snap.close()
+    else:
+        mark(f"committed-{info.seq}-{info.step}")
     mark("closed")
 
 

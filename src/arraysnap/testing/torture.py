@@ -29,15 +29,16 @@ from arraysnap.testing._torture_base import EVENTS_PER_STORE
 from arraysnap.testing._torture_damage import CorruptionEvents
 from arraysnap.testing._torture_faults import FaultEvents
 from arraysnap.testing._torture_kills import KillEvents
+from arraysnap.testing._torture_power import PowerEvents
 
 __all__ = ["Torture", "main"]
 
 PROGRESS_EVERY = 30.0
 
 
-class Torture(KillEvents, FaultEvents, CorruptionEvents):
-    """Runs kill, fault and corruption events in rotation on small stores under `workdir`
-    (see the module doc for an example)."""
+class Torture(KillEvents, FaultEvents, CorruptionEvents, PowerEvents):
+    """Runs kill, fault, corruption and power-cut events in rotation on small stores under
+    `workdir` (see the module doc for an example)."""
 
     def run(self, seconds: float) -> float:
         """Rotate events for `seconds`; return the time taken."""
@@ -50,10 +51,11 @@ class Torture(KillEvents, FaultEvents, CorruptionEvents):
                   ("prune", self.fault_in_prune)]
         corruptions = [("chunk objects", self.corrupt_chunks), ("mirror", self.corrupt_baselines),
                        ("manifest", self.corrupt_manifest), ("settings", self.corrupt_settings)]
+        powers = [("live cut", self.power_cut_live), ("crash states", self.power_cut_states)]
         rounds = 0
         while time.monotonic() < deadline:
             for family, choices in (("kill", kills), ("fault", faults),
-                                    ("corruption", corruptions)):
+                                    ("corruption", corruptions), ("power", powers)):
                 if time.monotonic() >= deadline:
                     break
                 if self.needs_fresh_store or self.events_on_store >= EVENTS_PER_STORE:
@@ -73,6 +75,7 @@ class Torture(KillEvents, FaultEvents, CorruptionEvents):
         return (f"[{elapsed:5.0f} s] {self.events} events on {self.stores} stores: "
                 f"{c['kills']} kills survived, {c['faults']} faults, "
                 f"{c['corruptions detected']} corruptions detected, "
+                f"{c['power cuts']} power cuts, "
                 f"{c['mirror damage repaired']} mirror repairs; "
                 f"{self.tally.passed} checks passed, {len(self.tally.failures)} failed")
 
@@ -89,6 +92,14 @@ class Torture(KillEvents, FaultEvents, CorruptionEvents):
             f"  faults: {c['faults EIO']} EIO, {c['faults ENOSPC']} ENOSPC; "
             f"{c['faults in prune']} in prune/gc; {c['faults not reached']} armed past the "
             "last call",
+            f"  power cuts: {c['power cuts live']} live at random operations "
+            f"({c['power cuts during recovery']} cut again during the recovery, "
+            f"{c['power cuts on a full disk']} on a full disk, {c['power cuts past the end']} "
+            f"runs finished first); {c['crash states checked']} crash states of "
+            f"{c['power routines recorded']} recorded runs ({c['crash states at barriers']} at "
+            f"barriers, {c['crash states mixed']} random mixtures)"
+            + (f"; {c['power cuts skipped']} skipped: no FUSE" if c['power cuts skipped']
+               else ""),
             f"  corruptions: {c['chunk objects damaged']} chunk objects, "
             f"{c['manifests damaged']} manifests, {c['settings damaged']} arraysnap.json; "
             f"{c['corruptions harmless']} changed nothing that matters (checked)",
@@ -101,6 +112,7 @@ class Torture(KillEvents, FaultEvents, CorruptionEvents):
             f"kills survived: {c['kills']}",
             f"faults injected: {c['faults']}",
             f"corruptions detected: {c['corruptions detected']}",
+            f"power cuts survived: {c['power cuts']}",
             f"mirror damage repaired: {c['mirror damage repaired']}",
             *(f"{line}: {self.tally.category(key)}" for key, line in CATEGORY_LINES.items()),
             f"elapsed: {elapsed:.1f} s",
@@ -119,6 +131,7 @@ class Torture(KillEvents, FaultEvents, CorruptionEvents):
             "kills_survived": c["kills"],
             "faults_injected": c["faults"],
             "corruptions_detected": c["corruptions detected"],
+            "power_cuts_survived": c["power cuts"],
             "mirror_damage_repaired": c["mirror damage repaired"],
             "snapshots_lost": self.tally.category(LOST),
             "wrong_data_returned": self.tally.category(WRONG),
@@ -196,7 +209,7 @@ def _run(args: argparse.Namespace, seconds: float, seed: int) -> tuple[Torture, 
         else:
             for child in workdir.iterdir():
                 if child.name.startswith(("store-", "scratch-", "saved-mirror-",
-                                          "child-stderr")):
+                                          "child-stderr", "power-")):
                     if child.is_dir():
                         shutil.rmtree(child, ignore_errors=True)
                     else:
