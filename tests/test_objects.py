@@ -78,3 +78,45 @@ def test_an_object_reused_by_a_new_snapshot_gets_its_folder_synced(tmp_path):
     objects.reuse(digest)
     objects.sync()
     assert (tmp_path / object_key(digest)).parent in synced
+
+
+def test_assemble_raises_only_after_every_chunk_task_ended(monkeypatch):
+    """A chunk that fails must not leave others writing into the buffer after the error
+    (a restore_into() caller may reuse it at once)."""
+    import threading
+    import types
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from arraysnap import chunks
+    from arraysnap.errors import CorruptSnapshotError
+
+    release = threading.Event()
+
+    def load(objects, codec, entry, index, *, verify, seq):
+        if index == 0:
+            raise CorruptSnapshotError("damaged on purpose", seq=seq)
+        release.wait(10)
+        return bytes([index]) * 4
+
+    monkeypatch.setattr(chunks, "load_chunk", load)
+    layout = types.SimpleNamespace(chunk_range=lambda i: (4 * i, 4 * i + 4))
+    entry = types.SimpleNamespace(layout=layout, n_chunks=2)
+    buffer = np.zeros(8, dtype=np.uint8)
+    outcome = []
+
+    def run():
+        try:
+            chunks.assemble(buffer, None, None, entry, pool, verify=True, seq=1)
+        except CorruptSnapshotError as err:
+            outcome.append(err)
+
+    with ThreadPoolExecutor(2) as pool:
+        caller = threading.Thread(target=run)
+        caller.start()
+        caller.join(0.5)
+        assert caller.is_alive()  # chunk 0 failed, chunk 1 still running: not returned yet
+        release.set()
+        caller.join(10)
+    assert len(outcome) == 1 and buffer[4:].tolist() == [1] * 4

@@ -17,7 +17,7 @@ import arraysnap
 from arraysnap._store.maintenance import stored_objects
 from arraysnap.codecs import parse_codec
 from arraysnap.objects import pack_key
-from arraysnap.testing import FaultPlan, chunk_file
+from arraysnap.testing import FaultPlan, chunk_file, read_marker
 
 
 def dtype_zoo() -> list[np.ndarray]:
@@ -259,8 +259,8 @@ def test_restore_into_an_old_snapshot_decodes_into_any_target_layout(store_path)
 
 
 def test_close_and_open_on_a_full_disk_keep_the_store(store_path):
-    """A disk full when close() marks the baselines clean: close does not raise, and the
-    next open checks the baselines instead of trusting them."""
+    """A disk full when close() marks the baselines clean: close does not raise, the
+    marker is not a synced one (trusted across a reboot), and the store opens and restores."""
     plan = FaultPlan(store_path)
     with arraysnap.open(plan.storage, chunk_bytes=4096, _baseline_ops=plan.baseline_ops,
                         _retry_delays=()) as snap:
@@ -269,6 +269,7 @@ def test_close_and_open_on_a_full_disk_keep_the_store(store_path):
         full = plan.fail("write", "mirror", errno.ENOSPC, times=None)
     assert full.errors  # close() met the full disk, and said so only in a warning
     plan.remove(full)
+    assert read_marker(store_path).get("synced") is not True
     with arraysnap.open(store_path, chunk_bytes=4096) as snap:
         assert WORKLOAD.difference(snap.restore(verify=False), 1) is None
         assert snap.verify().ok

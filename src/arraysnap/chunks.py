@@ -12,6 +12,7 @@ b'\\x03\\x00'
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -121,6 +122,11 @@ def assemble(
         start, stop = layout.chunk_range(index)
         buffer[start:stop] = np.frombuffer(raw, dtype=np.uint8, count=stop - start)
 
-    for _ in pool.map(fill, range(entry.n_chunks) if indices is None else indices):
-        pass
+    tasks = [pool.submit(fill, index)
+             for index in (range(entry.n_chunks) if indices is None else indices)]
+    # Every task ends before an error is raised: none may write into `buffer` after this
+    # returns (the caller may reuse it, or unmap it).
+    concurrent.futures.wait(tasks)
+    for task in tasks:
+        task.result()
 

@@ -9,6 +9,8 @@ True
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "ArraysnapWarning",
     "StoreWriteError",
@@ -18,6 +20,7 @@ __all__ = [
     "ReadOnlyStoreError",
     "SnapshotNotFoundError",
     "StoreLockedError",
+    "space_error",
 ]
 
 
@@ -102,6 +105,20 @@ class StoreWriteError(ArraysnapError, OSError):
     >>> error.errno == errno.ENOSPC, isinstance(error, OSError)
     (True, True)
     """
+
+
+def space_error(err: OSError, what: str, otherwise: str) -> StoreWriteError:
+    """A :class:`StoreWriteError` for `err`, met while `what`: the fix it names is to free
+    space on a full disk, to check the disk otherwise, or `otherwise`.
+
+    >>> import errno
+    >>> error = space_error(OSError(errno.ENOSPC, "full"), "writing x", "write elsewhere")
+    >>> error.errno == errno.ENOSPC, error.strerror
+    (True, 'writing x ([Errno 28] full); free some space there, or write elsewhere')
+    """
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    advice = "free some space there" if full else "check that disk and its permissions"
+    return StoreWriteError(err.errno or errno.EIO, f"{what} ({err}); {advice}, or {otherwise}")
 
 
 class ArraysnapWarning(UserWarning):

@@ -62,7 +62,7 @@ from ._store.signals import Cadence, parse_signals
 from .baselines import Baselines
 from .codecs import CodecSpec, parse_codec
 from .diff import SnapshotDiff, diff_snapshots
-from .errors import ArraysnapError, ArraysnapWarning, ReadOnlyStoreError, StoreWriteError
+from .errors import ArraysnapError, ArraysnapWarning, ReadOnlyStoreError, space_error
 from .fsio import FileOps
 from .history import History
 from .manifest import Manifest
@@ -328,10 +328,9 @@ class Store:
         except OSError as err:
             if isinstance(err, ArraysnapError):
                 raise
-            raise StoreWriteError(
-                err.errno, f"{self._storage}: opening for writing rebuilds the baselines in "
-                f"{self._baselines.dir} and could not ({err.strerror}); free some space "
-                "there (or fix the disk), or open the store with mode='r' to read it") from err
+            raise space_error(err, f"{self._storage}: opening for writing rebuilds the "
+                              f"baselines in {self._baselines.dir} and could not",
+                              "open the store with mode='r' to read it") from err
         assert self._tracking is not None
         self._capturer = Capturer(self._baselines, self._tracking, self._pool, self._history,
                                   self._failures, self._replay_log, head,
@@ -560,8 +559,10 @@ class Store:
                      seq: int | None = None, verify: bool = True) -> Restored:
         """Restore into buffers the caller owns (same shapes and dtypes); return the rest.
 
-        Every array of the snapshot named in `arrays` is copied into it; the returned
-        ``Restored`` holds the caller's arrays in ``.arrays``.
+        Every array of the snapshot named in `arrays` is decoded into it (no scratch file:
+        this works on a full disk); the returned ``Restored`` holds the caller's arrays in
+        ``.arrays``. If it raises (a damaged chunk), the buffers may hold part of the
+        snapshot: restore again from another one.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:

@@ -481,6 +481,7 @@ class Capturer:
             try:
                 self.baselines.mark_clean(seq)
             except OSError as err:
-                # A full disk at close: the snapshots are committed; the next open checks
-                # the baselines against the latest instead of trusting a marker.
+                # A full disk at close: the snapshots are committed; the marker stays as
+                # the commit left it (trusted in this boot only, or dirty), so after a
+                # reboot the next open checks the baselines.
                 log.warning("arraysnap: could not mark the baselines clean at close: %r", err)

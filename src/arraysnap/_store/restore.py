@@ -36,7 +36,7 @@ from ..errors import (
     CorruptSnapshotError,
     FormatVersionError,
     SnapshotNotFoundError,
-    StoreWriteError,
+    space_error,
 )
 from ..extents import align_of, read_extents, view_of
 from ..leases import LEASES, LockFile, ReaderLeases
@@ -266,18 +266,22 @@ class Restorer:
             return {entry.name: np.empty(entry.layout.shape, dtype=entry.layout.dtype,
                                          order=entry.layout.order) for entry in entries}
         directory = self._scratch_dir
-        if directory is not None:
-            directory.mkdir(exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory, prefix="restore-") as handle:
+        handle = None
+        try:
+            if directory is not None:
+                directory.mkdir(exist_ok=True)
+            handle = tempfile.TemporaryFile(dir=directory, prefix="restore-")
             # Allocated, not sparse: a full disk fails here, not as SIGBUS in a mapped write.
-            try:
-                os.posix_fallocate(handle.fileno(), 0, total)
-            except OSError as err:
-                where = directory if directory is not None else tempfile.gettempdir()
-                raise StoreWriteError(
-                    err.errno, f"restoring snapshot {seq} needs {total} bytes in {where} to "
-                    f"assemble its arrays ({err.strerror}); free some space there, or "
-                    "restore_into() arrays of your own") from err
+            os.posix_fallocate(handle.fileno(), 0, total)
+        except OSError as err:
+            if handle is not None:
+                handle.close()
+            where = directory if directory is not None else tempfile.gettempdir()
+            raise space_error(err, f"restoring snapshot {seq} needs {total} bytes in {where} "
+                              "to assemble its arrays",
+                              "restore_into() arrays of your own (which needs no space)"
+                              ) from err
+        with handle:
             shared = np.frombuffer(map_fd(handle.fileno(), total, shared=True), dtype=np.uint8)
             for entry, offset in zip(entries, offsets, strict=True):
                 assemble(shared[offset : offset + entry.layout.nbytes], self.objects,

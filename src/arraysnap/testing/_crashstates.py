@@ -7,8 +7,8 @@ a power cut then may leave on disk, under the rules that POSIX and Linux file sy
 and no more:
 
 - a file's data and size are durable as of its last fsync (or fdatasync); of what was
-  written since, any part may be lost and any part kept (pages are written back in any
-  order);
+  written since, any page may be lost and any kept (pages are written back in any order),
+  and a grown size may be kept without the data;
 - a folder's entries (creations, renames, removals in it) are durable as of its last fsync;
   any of those made since may be lost, each on its own (a rename is one change of each
   folder it touches);
@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CrashState", "FileSystemModel", "Journal"]
+__all__ = ["PAGE", "CrashState", "FileSystemModel", "Journal"]
+
+PAGE = 4096  # the unit in which written data is kept or lost
 
 
 @dataclass(slots=True)
@@ -74,6 +76,27 @@ def _apply_data(content: bytearray, change: tuple[Any, ...]) -> None:
         end = change[1] + change[2]
         if end > len(content):
             content.extend(bytes(end - len(content)))
+
+
+def _changes(kind: str, op: dict[str, Any], data: bytes | None,
+             size: int) -> list[tuple[Any, ...]]:
+    """The changes one operation makes, each of which a cut may keep or lose on its own:
+    a write's pages, and the growth of the size apart from the data."""
+    if kind == "truncate":
+        return [("truncate", op["size"])]
+    if kind == "fallocate":
+        return [("fallocate", op["offset"], op["length"])]
+    assert data is not None
+    offset = op["offset"]
+    changes: list[tuple[Any, ...]] = []
+    if offset + len(data) > size:
+        changes.append(("fallocate", 0, offset + len(data)))  # the size, without the data
+    start = offset
+    while start < offset + len(data):
+        stop = min(offset + len(data), (start // PAGE + 1) * PAGE)
+        changes.append(("write", start, data[start - offset:stop - offset]))
+        start = stop
+    return changes
 
 
 def _apply_name(entries: dict[str, int], change: tuple[Any, ...]) -> None:
@@ -187,12 +210,9 @@ class FileSystemModel:
             self._handles.pop(op["fh"], None)
         elif kind in ("write", "truncate", "fallocate"):
             node = self._file(op)
-            change: tuple[Any, ...] = (
-                ("write", op["offset"], data) if kind == "write"
-                else ("truncate", op["size"]) if kind == "truncate"
-                else ("fallocate", op["offset"], op["length"]))
-            _apply_data(node.live, change)
-            node.pending.append(change)
+            for change in _changes(kind, op, data, len(node.live)):
+                _apply_data(node.live, change)
+                node.pending.append(change)
         elif kind == "fsync":
             node = self._file(op)
             node.durable, node.pending = bytes(node.live), []
@@ -247,19 +267,22 @@ class FileSystemModel:
         files: dict[str, bytes] = {}
         folders: set[str] = set()
         seen = {0}
+        contents: dict[int, bytes] = {}  # one content per file, however many names it has
         pending = [(0, "")]
         while pending:
             number, prefix = pending.pop()
             for name, child in entries(self._folder(number)).items():
-                if child in seen:
-                    continue  # a folder renamed into its own subtree by lost changes
-                seen.add(child)
                 node = self._nodes[child]
                 if isinstance(node, _Folder):
+                    if child in seen:
+                        continue  # a folder renamed into its own subtree by lost changes
+                    seen.add(child)
                     folders.add(prefix + name)
                     pending.append((child, f"{prefix}{name}/"))
-                else:
-                    files[prefix + name] = content(node)
+                else:  # a file may keep two names (a rename's removal lost, not its new one)
+                    if child not in contents:
+                        contents[child] = content(node)
+                    files[prefix + name] = contents[child]
         return CrashState(files, frozenset(folders))
 
 

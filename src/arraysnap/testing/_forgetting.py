@@ -16,8 +16,9 @@ The journal (``JOURNAL`` a folder) is ``ops.jsonl``, one JSON object per operati
 process under test died holds every operation that process saw complete.
 
 ``--hold-at N`` freezes the file system when its N-th journaled operation (counting from 1)
-arrives: that one is not performed and every later call blocks for ever, as on a machine
-whose power just went; the file ``JOURNAL/held`` then appears. Looking up a name under
+arrives: that one is not performed and every later call that could change anything blocks
+for ever, as on a machine whose power just went (reads still answer); the file
+``JOURNAL/held`` then appears. Looking up a name under
 ``/.powercut/`` journals a ``mark`` (the name is its label) and answers "no such file": a
 process under test marks the instant it saw something complete. ``--capacity`` makes the
 file system full (ENOSPC) once the files in it would hold more than BYTES.
@@ -29,6 +30,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,9 @@ class Journaling(fuse.Operations):
         self._frozen = threading.Event()
         self._capacity = capacity
         self._used = sum(entry.stat().st_size for entry in _files(self.root))
+        # Open handles: the file's inode, and whether its last name is gone (its bytes
+        # count until the last handle is released, as on a disk).
+        self._open: dict[int, tuple[int, bool]] = {}
 
     # -- journal --------------------------------------------------------------------------
     def _record(self, op: str, data: bytes | None = None, **fields: Any) -> None:
@@ -80,29 +85,45 @@ class Journaling(fuse.Operations):
         self._count += 1
         if self._count == self._hold_at:
             self._frozen.set()
-            (self.folder / "held").write_text(str(self._count))
-            self._lock.release()
+            try:
+                (self.folder / "held").write_text(str(self._count))
+            finally:
+                self._lock.release()
             threading.Event().wait()
 
     def _run(self, op: str, action: Any, data: bytes | None = None, *, counted: bool = True,
-             handle: bool = False, **fields: Any) -> Any:
+             handle: bool = False, journaled: bool = True, **fields: Any) -> Any:
         """Perform `action` and journal it; with `handle`, its result is the file handle."""
         self._enter(counted)
         try:
             result = action()
             if handle:
                 fields["fh"] = result
-            self._record(op, data, **fields)
+            if journaled:
+                self._record(op, data, **fields)
             return result
         except OSError as err:
             raise fuse.FuseOSError(err.errno or errno.EIO) from None
         finally:
             self._lock.release()
 
-    def _full(self, growth: int) -> None:
+    def _full(self, growth: int) -> int:
+        """`growth`, if the files may grow by that much; ENOSPC if not."""
         if self._capacity and growth > 0 and self._used + growth > self._capacity:
             raise OSError(errno.ENOSPC, "full")
-        self._used += growth
+        return growth
+
+    def _drop_name(self, path: str) -> None:
+        """A name of a file goes: its bytes stop counting once no handle holds it."""
+        info = os.lstat(self._real(path))
+        if info.st_nlink > 1 or stat.S_ISDIR(info.st_mode):
+            return
+        holders = [fh for fh, (ino, _) in self._open.items() if ino == info.st_ino]
+        if holders:
+            for fh in holders:
+                self._open[fh] = (info.st_ino, True)
+        else:
+            self._used -= info.st_size
 
     def _real(self, path: str) -> str:
         return self.root + path
@@ -155,31 +176,41 @@ class Journaling(fuse.Operations):
         # Opening changes nothing a power cut could keep (a truncation on open is journaled
         # on its own); the journal names the handle so that writes through it stay tied to
         # the file after a rename or an unlink of its name.
-        fd = int(self._run("open", lambda: os.open(self._real(path), flags & ~os.O_TRUNC),
-                           counted=False, handle=True, path=path))
+        fd = int(self._run("open", lambda: self._opened(os.open(
+            self._real(path), flags & ~os.O_TRUNC)), counted=False, handle=True, path=path))
         if flags & os.O_TRUNC:
             self.truncate(path, 0, fd)
         return fd
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
-        return int(self._run("create", lambda: os.open(
-            self._real(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode), handle=True,
+        return int(self._run("create", lambda: self._opened(os.open(
+            self._real(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)), handle=True,
             path=path))
+
+    def _opened(self, fd: int) -> int:
+        self._open[fd] = (os.fstat(fd).st_ino, False)
+        return fd
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         def action() -> int:
-            self._full(max(0, offset + len(data) - os.fstat(fh).st_size))
-            return os.pwrite(fh, data, offset)
+            growth = self._full(max(0, offset + len(data) - os.fstat(fh).st_size))
+            written = os.pwrite(fh, data, offset)
+            self._used += growth
+            return written
         return int(self._run("write", action, data, fh=fh, offset=offset))
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        if fh is None and path is None:
+            raise fuse.FuseOSError(errno.EBADF)
+
         def action() -> None:
             size = os.fstat(fh).st_size if fh is not None else os.lstat(self._real(path)).st_size
-            self._full(length - size)
+            growth = self._full(length - size)
             if fh is not None:
                 os.ftruncate(fh, length)
             else:
                 os.truncate(self._real(path), length)
+            self._used += growth
         self._run("truncate", action, fh=fh, path=path if fh is None else None, size=length)
         return 0
 
@@ -188,8 +219,9 @@ class Journaling(fuse.Operations):
             raise fuse.FuseOSError(errno.EOPNOTSUPP)  # only the plain kind is carried
 
         def action() -> None:
-            self._full(max(0, offset + size - os.fstat(fh).st_size))
+            growth = self._full(max(0, offset + size - os.fstat(fh).st_size))
             os.posix_fallocate(fh, offset, size)
+            self._used += growth
         self._run("fallocate", action, fh=fh, offset=offset, length=size)
         return 0
 
@@ -201,15 +233,24 @@ class Journaling(fuse.Operations):
         return 0
 
     def release(self, path: str, fh: int) -> int:
-        self._run("release", lambda: os.close(fh), counted=False, fh=fh)
+        def action() -> None:
+            inode, orphan = self._open.pop(fh, (0, False))
+            if orphan and not any(other == inode for other, _ in self._open.values()):
+                self._used -= os.fstat(fh).st_size
+            os.close(fh)
+        self._run("release", action, counted=False, fh=fh)
         return 0
 
     def utimens(self, path: str, times: Any = None) -> int:
-        os.utime(self._real(path), ns=times)
+        # Times and modes are not journaled (arraysnap relies on neither), but a frozen
+        # file system changes nothing.
+        self._run("utimens", lambda: os.utime(self._real(path), ns=times), counted=False,
+                  journaled=False)
         return 0
 
     def chmod(self, path: str, mode: int) -> int:
-        os.chmod(self._real(path), mode)
+        self._run("chmod", lambda: os.chmod(self._real(path), mode), counted=False,
+                  journaled=False)
         return 0
 
     # -- names ----------------------------------------------------------------------------
@@ -223,22 +264,16 @@ class Journaling(fuse.Operations):
 
     def unlink(self, path: str) -> int:
         def action() -> None:
-            info = os.lstat(self._real(path))
+            self._drop_name(path)
             os.unlink(self._real(path))
-            if info.st_nlink == 1:
-                self._used -= info.st_size
         self._run("unlink", action, path=path)
         return 0
 
     def rename(self, old: str, new: str) -> int:
         def action() -> None:
-            try:
-                replaced = os.lstat(self._real(new))
-            except FileNotFoundError:
-                replaced = None
+            if os.path.lexists(self._real(new)):
+                self._drop_name(new)
             os.rename(self._real(old), self._real(new))
-            if replaced is not None and replaced.st_nlink == 1:
-                self._used -= replaced.st_size
         self._run("rename", action, old=old, new=new)
         return 0
 
@@ -260,6 +295,21 @@ class Journaling(fuse.Operations):
                 os.close(fd)
         self._run("fsyncdir", action, path=path)
         return 0
+
+
+class _Mount(fuse.FUSE):
+    """mfusepy's FUSE, passing the handle of a truncation and refusing rename flags
+    (libfuse 3 gives both; mfusepy 3.1 drops them)."""
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        fh = fip.contents.fh if fip else None
+        return int(self.operations.truncate(
+            None if path is None else path.decode(self.encoding, self.errors), length, fh))
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        if flags:  # RENAME_NOREPLACE, RENAME_EXCHANGE: not carried
+            return -errno.EINVAL
+        return int(self.rename_fuse_2(old, new))
 
 
 def _files(root: str) -> list[os.DirEntry[str]]:
@@ -285,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     operations = Journaling(args.backing, args.journal, args.hold_at, args.capacity)
     # hard_remove: an unlinked open file goes at once (no ".fuse_hidden" renames);
     # default_permissions: the kernel checks modes, as a local file system does.
-    fuse.FUSE(operations, args.mount, foreground=True, hard_remove=True,
+    _Mount(operations, args.mount, foreground=True, hard_remove=True,
               default_permissions=True, fsname="arraysnap-forgetting")
     return 0
 

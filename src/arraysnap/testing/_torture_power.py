@@ -20,25 +20,16 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from arraysnap.testing._processes import child_command
 from arraysnap.testing._tally import LOST, UNEXPECTED
 from arraysnap.testing._torture_base import TortureBase
-from arraysnap.testing.powerloss import (
-    MARKS,
-    Cut,
-    ForgettingMount,
-    Journal,
-    check_after_cut,
-    crash_states,
-    fuse_unavailable,
-)
+from arraysnap.testing.powercuts import FULL_DISK, live_cut, record
+from arraysnap.testing.powerloss import Cut, check_after_cut, crash_states, fuse_unavailable
 
 __all__ = ["PowerEvents"]
 
 # Operations of one power routine of two rounds (about 1,400): live cuts are drawn below.
 ROUTINE_OPS = 1400
 STATES_PER_EVENT = 12
-FULL_DISK = (900_000, 1_000_000)  # capacities at which the routine's captures fail
 
 
 class PowerEvents(TortureBase):
@@ -64,10 +55,6 @@ class PowerEvents(TortureBase):
         self._power_runs += 1
         return self.workdir / f"power-{self._power_runs:05d}"
 
-    def _routine(self, mount: ForgettingMount, rounds: int) -> list[str]:
-        return child_command("power", mount.mount / "run.snap", "--marks",
-                             mount.mount / MARKS, "--rounds", rounds)
-
     def power_cut_live(self) -> None:
         """Freeze a writer at a random operation, cut, boot again and check the store."""
         if self._skipped():
@@ -78,13 +65,9 @@ class PowerEvents(TortureBase):
         hold = self.rng.randrange(1, ROUTINE_OPS)
         again = self.rng.random() < 0.3
         failures = len(self.tally.failures)
-        with ForgettingMount(workdir, capacity=capacity, hold_at=hold) as mount:
-            held = mount.run(self._routine(mount, 2))
-            labels = mount.cut(hold_at=self.rng.randrange(2, 120) if again else 0)
-            if again:
-                mount.run(self._routine(mount, 1))
-                labels += mount.cut()
-            problems = check_after_cut(mount.mount / "run.snap", labels, capture=not full)
+        cut = live_cut(workdir, hold_at=hold, capacity=capacity,
+                       again_at=self.rng.randrange(2, 120) if again else 0)
+        held, problems = cut.held, cut.problems
         self.counts["power cuts"] += 1
         self.counts["power cuts live" if held else "power cuts past the end"] += 1
         if again:
@@ -125,11 +108,7 @@ class PowerEvents(TortureBase):
         shutil.rmtree(scratch, ignore_errors=True)
 
     def _record(self) -> Iterator[Cut]:
-        workdir = self._power_dir()
-        with ForgettingMount(workdir) as mount:
-            mount.run(self._routine(mount, 2))
-            journal = Journal.read(mount.journal_dir)
-        shutil.rmtree(workdir / "live-0", ignore_errors=True)
+        base, journal = record(self._power_dir())
         self.counts["power routines recorded"] += 1
-        return crash_states(workdir / "boot-0", journal, cuts=len(journal.ops) // 10, variants=2,
+        return crash_states(base, journal, cuts=len(journal.ops) // 10, variants=2,
                             seed=self.rng.randrange(1 << 30))

@@ -338,7 +338,11 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
     def mark(label: str) -> None:
         os.path.exists(os.path.join(marks, label))
 
-    snap = arraysnap.open(path, chunk_bytes=chunk_bytes)
+    try:
+        snap = arraysnap.open(path, chunk_bytes=chunk_bytes)
+    except arraysnap.StoreWriteError:  # a disk too full to rebuild the baselines
+        mark("open-failed")
+        return
     mark("opened")
     step = _next_step(snap)
 
@@ -363,11 +367,19 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
         mark("pruning")
         try:
             report = snap.prune(keep_last=keep)
-            snap.gc()
         except (OSError, arraysnap.ArraysnapError):
             mark("prune-failed")
             return
         mark("pruned-" + "-".join(map(str, report.snapshots_removed)))
+        _collect()
+
+    def _collect() -> None:
+        try:
+            snap.gc()
+        except (OSError, arraysnap.ArraysnapError):
+            mark("gc-failed")
+            return
+        mark("collected")
 
     for round_ in range(rounds):
         commit(1)
@@ -382,14 +394,16 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
         if round_ % 2:
             _tidy(keep=2)
         else:
-            snap.gc()
-            mark("collected")
+            _collect()
     try:
         info = workload.capture(snap, step)
         snap.close()  # commits the pending capture
     except (OSError, arraysnap.ArraysnapError):
         mark(f"failed-{step}")
-        snap.close()
+        try:
+            snap.close()  # closed already, or raising what the pending capture met
+        except (OSError, arraysnap.ArraysnapError):
+            pass
     else:
         mark(f"committed-{info.seq}-{info.step}")
     mark("closed")

@@ -81,27 +81,32 @@ def fuse_unavailable() -> str | None:
 
 
 def expected_snapshots(labels: list[str]) -> tuple[dict[int, int], dict[int, int]]:
-    """From the marks made before a cut: the snapshots that must survive it (seq: step)
-    and those that may be gone, removed by a prune that began before the cut."""
+    """From the marks made before a cut (of one boot or several in a row): the snapshots
+    that must survive it (seq: step) and those that may be gone, removed by a prune.
+
+    A prune may remove any snapshot durable when it began but the newest then; what it
+    did remove is marked when it returns. One that failed, or was cut, may have removed
+    any of them.
+    """
     acked: dict[int, int] = {}
-    pruned: set[int] = set()
-    pruning = False
+    maybe: set[int] = set()
+    exposed: set[int] = set()  # what the prune under way may remove
     for label in labels:
         parts = label.split("-")
         if parts[0] == "committed":
             acked[int(parts[1])] = int(parts[2])
         elif parts[0] == "pruning":
-            pruning = True
+            newest = max(acked, default=None)
+            exposed = {seq for seq in acked if seq != newest}
         elif parts[0] == "pruned":
-            pruned.update(int(p) for p in parts[1:] if p)
-            pruning = False
-        elif parts[0] == "prune" and parts[1] == "failed":
-            pruning = False
-    # A prune in flight at the cut may have removed any snapshot but the newest.
-    newest = max(acked, default=None)
-    maybe = {seq for seq in acked if seq in pruned or (pruning and seq != newest)}
+            maybe.update(int(p) for p in parts[1:] if p)
+            exposed = set()
+        elif label in ("prune-failed", "opened"):  # failed, or cut by a power loss
+            maybe |= exposed
+            exposed = set()
+    maybe |= exposed
     return ({s: acked[s] for s in sorted(acked) if s not in maybe},
-            {s: acked[s] for s in sorted(maybe)})
+            {s: acked[s] for s in sorted(maybe) if s in acked})
 
 
 def check_after_cut(path: Path, labels: list[str], workload: Workload = SMALL_WORKLOAD,
@@ -115,26 +120,24 @@ def check_after_cut(path: Path, labels: list[str], workload: Workload = SMALL_WO
         return [f"the store is gone, but snapshot {sorted(must)} was durable"] if must else []
     try:
         with arraysnap.open(path, mode="r") as reader:
-            read_seqs = [info.seq for info in reader.list()]
+            read = {info.seq: info.step for info in reader.list()}
+            # A reader maps the baselines when their marker vouches for them: it must not
+            # vouch across a reboot unless it was made durable.
+            problems += _latest_unverified(reader, read, workload, "a reader's")
         snap = arraysnap.open(path, chunk_bytes=4096)
     except arraysnap.ArraysnapError as err:
         return [f"open failed: {type(err).__name__}: {err}"]
     try:
         listed = {info.seq: info.step for info in snap.list()}
-        if sorted(listed) != sorted(read_seqs):
-            problems.append(f"the writer lists {sorted(listed)}, a reader {sorted(read_seqs)}")
+        if sorted(listed) != sorted(read):
+            problems.append(f"the writer lists {sorted(listed)}, a reader {sorted(read)}")
         for seq, step in must.items():
             if listed.get(seq) != step:
                 problems.append(f"snapshot {seq} (step {step}) was durable before the cut and "
                                 f"is {'missing' if seq not in listed else 'changed'}")
-        if listed:
-            # First, and without verifying: the baselines must not be trusted unless the
-            # marker that vouches for them was made durable (or this boot wrote it).
-            latest = max(listed)
-            difference = workload.difference(snap.restore(verify=False), listed[latest])
-            if difference is not None:
-                problems.append(f"the latest snapshot {latest}, restored with verify=False, "
-                                f"is wrong: {difference}")
+        # First, and without verifying: the writer's recovery must not have trusted the
+        # baselines on a marker no fsync made durable either.
+        problems += _latest_unverified(snap, listed, workload, "the writer's")
         for seq, step in listed.items():
             if seq in maybe and maybe[seq] != step:
                 problems.append(f"snapshot {seq} is listed with step {step}, not {maybe[seq]}")
@@ -155,6 +158,16 @@ def check_after_cut(path: Path, labels: list[str], workload: Workload = SMALL_WO
     finally:
         snap.close()
     return problems
+
+
+def _latest_unverified(snap: arraysnap.Store, listed: dict[int, int], workload: Workload,
+                       who: str) -> list[str]:
+    if not listed:
+        return []
+    latest = max(listed)
+    difference = workload.difference(snap.restore(verify=False), listed[latest])
+    return [] if difference is None else [
+        f"{who} restore(verify=False) of snapshot {latest} is wrong: {difference}"]
 
 
 def _restore(snap: arraysnap.Store, seq: int, step: int,
@@ -271,6 +284,7 @@ class ForgettingMount:
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mount):
             if self._daemon.poll() is not None or time.monotonic() > deadline:
+                self._stop()
                 raise RuntimeError("the forgetting file system did not mount: " + (
                     self.workdir / f"fuse-{self.boots}.log").read_text()[-2000:])
             time.sleep(0.02)
@@ -280,13 +294,24 @@ class ForgettingMount:
             self._daemon.kill()
             self._daemon.wait()
             self._daemon = None
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], capture_output=True,
-                       check=False)
+        # A mount whose process died answers "not connected": ismount() says False then,
+        # the kernel's table still lists it.
+        if self._mounted():
+            done = subprocess.run(["fusermount3", "-u", "-z", str(self.mount)],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0 or self._mounted():
+                raise RuntimeError(f"cannot unmount {self.mount}: {done.stderr.strip()}")
+
+    def _mounted(self) -> bool:
+        with open("/proc/self/mounts") as table:
+            return any(line.split()[1].replace("\\040", " ") == str(self.mount)
+                       for line in table)
 
     # -- a writer and a cut ---------------------------------------------------------------
     def run(self, command: list[str], *, timeout: float = 120) -> bool:
         """Run `command` on the mount with a boot id of its own; return True if the file
-        system froze at its hold point (the process is then killed), False if it ended."""
+        system froze at its hold point (the process is then killed), False if it ended
+        (RuntimeError if it failed: a crashed writer is not a finished run)."""
         boot = self.workdir / f"boot-id-{self.boots}"
         boot.write_text(str(uuid.uuid4()) + "\n")
         wrapped = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -305,7 +330,12 @@ class ForgettingMount:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{command} ran longer than {timeout} s")
                 time.sleep(0.005)
-            return held.exists()
+            if held.exists():
+                return True
+            if self._writer.returncode != 0:
+                raise RuntimeError(f"the writer failed (exit code {self._writer.returncode}) "
+                                   f"before any cut: {self.writer_output()[-3000:]}")
+            return False
         finally:
             if self._writer.poll() is None:
                 os.killpg(self._writer.pid, signal.SIGKILL)
