@@ -40,7 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAGE", "CrashState", "FileSystemModel", "Journal"]
+__all__ = ["MARKS", "PAGE", "CrashState", "FileSystemModel", "Journal"]
+
+# The folder under a forgetting file system's root in which looking a name up journals a
+# mark (the name is its label): how a process under test marks an instant.
+MARKS = ".powercut"
 
 PAGE = 4096  # the unit in which written data is kept or lost
 
@@ -322,6 +326,15 @@ class Journal:
     def marks(self) -> list[tuple[int, str]]:
         """Each mark's label with its index among the operations."""
         return [(i, op["label"]) for i, op in enumerate(self.ops) if op["op"] == "mark"]
+
+    def labels(self, before: int | None = None) -> list[str]:
+        """The labels marked before operation `before` (None: all of them)."""
+        return [label for i, label in self.marks() if before is None or i < before]
+
+    def apply(self, model: FileSystemModel, before: int | None = None) -> None:
+        """Apply the operations before `before` (None: all of them) to `model`."""
+        for op in self.ops[:before]:
+            model.apply(op, self.data(op))
 
     def barriers(self) -> list[int]:
         """The indices of the fsyncs of files and folders."""

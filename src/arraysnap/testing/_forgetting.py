@@ -37,9 +37,9 @@ from typing import Any
 
 import mfusepy as fuse
 
-__all__ = ["MARK_FOLDER", "main"]
+from arraysnap.testing._crashstates import MARKS
 
-MARK_FOLDER = ".powercut"
+__all__ = ["main"]
 
 
 class Journaling(fuse.Operations):
@@ -107,11 +107,15 @@ class Journaling(fuse.Operations):
         finally:
             self._lock.release()
 
-    def _full(self, growth: int) -> int:
-        """`growth`, if the files may grow by that much; ENOSPC if not."""
+    def _sized(self, before: int, after: int, action: Any) -> Any:
+        """Do `action`, which makes a file of `before` bytes `after` bytes long, if the
+        disk has room for it (ENOSPC if not); count the difference."""
+        growth = after - before
         if self._capacity and growth > 0 and self._used + growth > self._capacity:
             raise OSError(errno.ENOSPC, "full")
-        return growth
+        result = action()
+        self._used += growth
+        return result
 
     def _drop_name(self, path: str) -> None:
         """A name of a file goes: its bytes stop counting once no handle holds it."""
@@ -130,10 +134,10 @@ class Journaling(fuse.Operations):
 
     # -- reading --------------------------------------------------------------------------
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        if path.startswith(f"/{MARK_FOLDER}/"):
-            self._run("mark", lambda: None, counted=False, label=path[len(MARK_FOLDER) + 2:])
+        if path.startswith(f"/{MARKS}/"):
+            self._run("mark", lambda: None, counted=False, label=path[len(MARKS) + 2:])
             raise fuse.FuseOSError(errno.ENOENT)
-        if path == f"/{MARK_FOLDER}":
+        if path == f"/{MARKS}":
             path = "/"  # a folder to look names up in, never listed
         try:
             info = os.fstat(fh) if fh is not None else os.lstat(self._real(path))
@@ -193,10 +197,9 @@ class Journaling(fuse.Operations):
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         def action() -> int:
-            growth = self._full(max(0, offset + len(data) - os.fstat(fh).st_size))
-            written = os.pwrite(fh, data, offset)
-            self._used += growth
-            return written
+            size = os.fstat(fh).st_size
+            return int(self._sized(size, max(size, offset + len(data)),
+                                   lambda: os.pwrite(fh, data, offset)))
         return int(self._run("write", action, data, fh=fh, offset=offset))
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
@@ -205,12 +208,8 @@ class Journaling(fuse.Operations):
 
         def action() -> None:
             size = os.fstat(fh).st_size if fh is not None else os.lstat(self._real(path)).st_size
-            growth = self._full(length - size)
-            if fh is not None:
-                os.ftruncate(fh, length)
-            else:
-                os.truncate(self._real(path), length)
-            self._used += growth
+            self._sized(size, length, lambda: os.ftruncate(fh, length) if fh is not None
+                        else os.truncate(self._real(path), length))
         self._run("truncate", action, fh=fh, path=path if fh is None else None, size=length)
         return 0
 
@@ -219,9 +218,9 @@ class Journaling(fuse.Operations):
             raise fuse.FuseOSError(errno.EOPNOTSUPP)  # only the plain kind is carried
 
         def action() -> None:
-            growth = self._full(max(0, offset + size - os.fstat(fh).st_size))
-            os.posix_fallocate(fh, offset, size)
-            self._used += growth
+            before = os.fstat(fh).st_size
+            self._sized(before, max(before, offset + size),
+                        lambda: os.posix_fallocate(fh, offset, size))
         self._run("fallocate", action, fh=fh, offset=offset, length=size)
         return 0
 

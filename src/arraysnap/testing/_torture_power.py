@@ -22,8 +22,8 @@ from pathlib import Path
 
 from arraysnap.testing._tally import LOST, UNEXPECTED
 from arraysnap.testing._torture_base import TortureBase
-from arraysnap.testing.powercuts import FULL_DISK, live_cut, record
-from arraysnap.testing.powerloss import Cut, check_after_cut, crash_states, fuse_unavailable
+from arraysnap.testing.powercuts import FULL_DISK, check_crash_states, live_cut, record
+from arraysnap.testing.powerloss import Cut, fuse_unavailable
 
 __all__ = ["PowerEvents"]
 
@@ -36,7 +36,7 @@ class PowerEvents(TortureBase):
     """Power-cut events of the torture."""
 
     _power_runs = 0
-    _states: Iterator[Cut] | None = None
+    _states: Iterator[tuple[Cut, list[str]]] | None = None
 
     @property
     def power_skip(self) -> str | None:
@@ -83,18 +83,15 @@ class PowerEvents(TortureBase):
         up): random mixtures of lost and kept changes, and every barrier."""
         if self._skipped():
             return
-        scratch = self.workdir / "power-state"
         for _ in range(STATES_PER_EVENT):
-            cut = next(self._states, None) if self._states is not None else None
-            if cut is None:
+            checked = next(self._states, None) if self._states is not None else None
+            if checked is None:
                 self._states = self._record()
-                cut = next(self._states, None)
-                if cut is None:
+                checked = next(self._states, None)
+                if checked is None:
                     self.tally.fail((UNEXPECTED,), "a recorded power routine gave no state")
                     return
-            shutil.rmtree(scratch, ignore_errors=True)
-            cut.state.write(scratch)
-            problems = check_after_cut(scratch / "run.snap", list(cut.labels))
+            cut, problems = checked
             self.counts["power cuts"] += 1
             self.counts["crash states checked"] += 1
             self.counts["crash states at barriers" if cut.variant == 0
@@ -103,12 +100,17 @@ class PowerEvents(TortureBase):
                                     f"crash state before operation {cut.index} (variant "
                                     f"{cut.variant}): {'; '.join(problems)}"):
                 kept = self.workdir / f"power-state-{cut.index}-{cut.variant}"
-                scratch.rename(kept)
+                self._scratch.rename(kept)
                 self.keep(kept)
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(self._scratch, ignore_errors=True)
 
-    def _record(self) -> Iterator[Cut]:
+    @property
+    def _scratch(self) -> Path:
+        return self.workdir / "power-state"
+
+    def _record(self) -> Iterator[tuple[Cut, list[str]]]:
         base, journal = record(self._power_dir())
         self.counts["power routines recorded"] += 1
-        return crash_states(base, journal, cuts=len(journal.ops) // 10, variants=2,
-                            seed=self.rng.randrange(1 << 30))
+        return check_crash_states(self._scratch, base, journal,
+                                  instants=len(journal.ops) // 10,
+                                  seed=self.rng.randrange(1 << 30))

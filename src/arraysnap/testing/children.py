@@ -349,7 +349,6 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
     def commit(count: int) -> None:
         nonlocal step
         infos = []
-        trying = step
         try:
             for _ in range(count):
                 trying = step
@@ -358,12 +357,12 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
             snap.wait()
         except (OSError, arraysnap.ArraysnapError):
             mark(f"failed-{trying}")
-            _tidy(keep=1)
+            tidy(keep=1)
             return
         for info in infos:
             mark(f"committed-{info.seq}-{info.step}")
 
-    def _tidy(keep: int) -> None:
+    def tidy(keep: int) -> None:
         mark("pruning")
         try:
             report = snap.prune(keep_last=keep)
@@ -371,9 +370,9 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
             mark("prune-failed")
             return
         mark("pruned-" + "-".join(map(str, report.snapshots_removed)))
-        _collect()
+        collect()
 
-    def _collect() -> None:
+    def collect() -> None:
         try:
             snap.gc()
         except (OSError, arraysnap.ArraysnapError):
@@ -392,9 +391,9 @@ def power_routine(path: str, workload: Workload, chunk_bytes: int, marks: str,
         commit(1)
         del restored
         if round_ % 2:
-            _tidy(keep=2)
+            tidy(keep=2)
         else:
-            _collect()
+            collect()
     try:
         info = workload.capture(snap, step)
         snap.close()  # commits the pending capture

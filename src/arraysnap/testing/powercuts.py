@@ -39,15 +39,16 @@ from arraysnap.testing.powerloss import (
     fuse_unavailable,
 )
 
-__all__ = ["FULL_DISK", "LiveCut", "Tally", "campaign", "check_crash_states", "live_cut",
+__all__ = ["FULL_DISK", "STORE", "LiveCut", "Tally", "campaign", "check_crash_states", "live_cut",
            "main", "middle_state", "record", "routine"]
 
 FULL_DISK = (900_000, 1_000_000)  # capacities at which the power routine's captures fail
+STORE = "run.snap"  # the power routine's store, at the root of its mount
 
 
 def routine(mount: ForgettingMount, rounds: int = 2) -> list[str]:
     """The command of the power routine (``children power``) on `mount`'s store."""
-    return child_command("power", mount.mount / "run.snap", "--marks", mount.mount / MARKS,
+    return child_command("power", mount.mount / STORE, "--marks", mount.mount / MARKS,
                          "--rounds", rounds)
 
 
@@ -75,7 +76,7 @@ def live_cut(workdir: Path, *, hold_at: int, capacity: int = 0, again_at: int = 
         if again_at:
             held_again = mount.run(routine(mount, 1))
             labels += mount.cut()
-        problems = check_after_cut(mount.mount / "run.snap", labels, capture=not capacity)
+        problems = check_after_cut(mount.mount / STORE, labels, capture=not capacity)
     return LiveCut(held, labels, problems, held_again)
 
 
@@ -96,9 +97,8 @@ def middle_state(base: Path, journal: Journal) -> tuple[CrashState, list[str]]:
     not durable lost) and the marks made before it: a store whose recovery has work to do."""
     model = FileSystemModel.of_folder(base)
     middle = journal.barriers()[len(journal.barriers()) * 3 // 5]
-    for _ in journal.replay(model, {middle}):
-        break
-    return model.crash_state(), [label for i, label in journal.marks() if i < middle]
+    journal.apply(model, middle)
+    return model.crash_state(), journal.labels(middle)
 
 
 def check_crash_states(scratch: Path, base: Path, journal: Journal, *, instants: int,
@@ -109,7 +109,7 @@ def check_crash_states(scratch: Path, base: Path, journal: Journal, *, instants:
     for cut in crash_states(base, journal, cuts=instants, variants=2, seed=seed):
         shutil.rmtree(scratch, ignore_errors=True)
         cut.state.write(scratch)
-        yield cut, check_after_cut(scratch / "run.snap", [*labels, *cut.labels])
+        yield cut, check_after_cut(scratch / STORE, [*labels, *cut.labels])
     shutil.rmtree(scratch, ignore_errors=True)
 
 

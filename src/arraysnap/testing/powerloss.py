@@ -48,14 +48,12 @@ from pathlib import Path
 import numpy as np
 
 import arraysnap
-from arraysnap.testing._crashstates import CrashState, FileSystemModel, Journal
+from arraysnap.testing._crashstates import MARKS, CrashState, FileSystemModel, Journal
 from arraysnap.testing._workload import SMALL_WORKLOAD, Workload
 
 __all__ = ["MARKS", "CrashState", "Cut", "FileSystemModel", "ForgettingMount", "Journal",
            "check_after_cut", "crash_states", "expected_snapshots", "fuse_unavailable"]
 
-MARKS = ".powercut"  # looked up under the mount's root: see _forgetting
-STORE = "run.snap"
 
 
 def fuse_unavailable() -> str | None:
@@ -208,11 +206,10 @@ def crash_states(base: Path, journal: Journal, *, cuts: int, variants: int,
     barriers = journal.barriers()
     at_barrier = set(barriers[1:]) | {len(journal.ops)}
     drawn = set(rng.sample(range(1, len(journal.ops) + 1), min(cuts, len(journal.ops))))
-    marks = journal.marks()
     model = FileSystemModel.of_folder(base)
     seen: set[bytes] = set()
     for index in journal.replay(model, at_barrier | drawn):
-        labels = tuple(label for i, label in marks if i < index)
+        labels = tuple(journal.labels(index))
         states = [(0, model.crash_state())] if index in at_barrier else []
         if index in drawn:
             states += [(v, model.crash_state(rng)) for v in range(1, variants + 1)]
@@ -354,13 +351,12 @@ class ForgettingMount:
         self._stop()
         journal = Journal.read(self.journal_dir)
         model = FileSystemModel.of_folder(self._base)
-        for _ in journal.replay(model, set()):
-            pass
+        journal.apply(model)
         self.boots += 1
         self._base = self.workdir / f"boot-{self.boots}"
         model.crash_state().write(self._base)
         self._start(hold_at)
-        return [label for _, label in journal.marks()]
+        return journal.labels()
 
     def close(self) -> None:
         self._stop()
