@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from arraysnap import CorruptSnapshotError
-from arraysnap.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, parse_manifest, seal_manifest
+from arraysnap.manifest import MANIFEST_FORMAT, parse_manifest, seal_manifest
 from arraysnap.tables import TableReader
 from arraysnap.testing import fuzz
 
@@ -42,15 +42,15 @@ def test_a_leaf_naming_an_array_by_a_non_string_is_damage_not_a_crash(name):
     store) for a leaf row whose name was not a string."""
     leaf = _leaf_with_name(name)
     digest = blake3.blake3(leaf).digest()
-    reader = TableReader(lambda wanted: leaf)
+    reader = TableReader(lambda wanted, location: leaf)
     tables = {"arrays": 1, "depth": 1,
               "children": [["a", 1, base64.b64encode(digest).decode()]]}
     with pytest.raises(ValueError, match="array names must be strings"):
         reader.read(tables)
-    body = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "seq": 1, "step": None,
+    body = {"format": MANIFEST_FORMAT, "version": 3, "seq": 1, "step": None,
             "parent": None, "time": 0.0, "arrays": {}, "tables": tables, "codec": {}}
     with pytest.raises(CorruptSnapshotError, match="array names must be strings"):
-        parse_manifest(seal_manifest(body), 1, TableReader(lambda wanted: leaf))
+        parse_manifest(seal_manifest(body), 1, TableReader(lambda wanted, location: leaf))
 
 
 def test_a_sealed_manifest_reaches_past_its_checksum(tmp_path, monkeypatch):

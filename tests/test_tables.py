@@ -1,4 +1,5 @@
-"""Format 2's table objects: round trips, costs that follow the change, damage and hostility."""
+"""Format 2's table objects (format 4: nodes in packs): round trips, costs that follow the
+change, damage and hostility."""
 
 from __future__ import annotations
 
@@ -18,14 +19,17 @@ from hypothesis import strategies as st
 import arraysnap
 from arraysnap.cli import cli
 from arraysnap.manifest import ArrayEntry
+from arraysnap.packs import Location
 from arraysnap.tables import (
     BLOCK_CHUNKS,
     FANOUT,
     INLINE_ARRAYS,
     INLINE_CHUNKS,
+    MAX_NODE_BYTES,
+    PACKED_NODES,
     TableReader,
-    TableWriter,
 )
+from arraysnap.tablewriter import TableWriter
 
 SIGNED_KEYS = ("format", "version", "seq", "step", "time", "parent", "codec", "arrays",
                "state", "rng", "stats", "provenance")
@@ -38,17 +42,27 @@ def entry(name: str, n_chunks: int, salt: int) -> ArrayEntry:
 
 
 class Objects(dict):
-    """A table-object store that counts what is written."""
+    """A table-object store that counts what is written, with the packs of format 4."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written: list[bytes] = []
+        self.packs: dict[bytes, bytes] = {}
 
     def put(self, digest: bytes, data: bytes) -> None:
         assert blake3.blake3(data).digest() == digest
         if digest not in self:
             self.written.append(digest)
         self[digest] = data
+
+    def put_pack(self, pack: bytes, data: bytes) -> None:
+        assert pack not in self.packs  # written once, create-only
+        self.packs[pack] = data
+
+    def fetch(self, digest: bytes, location: Location | None) -> bytes:
+        if location is None:
+            return self[digest]
+        return self.packs[location.pack][location.offset : location.offset + location.length]
 
 
 @settings(max_examples=60, deadline=None)
@@ -57,18 +71,20 @@ class Objects(dict):
                 unique_by=lambda item: item[0]),
        st.data())
 def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data):
+    version = data.draw(st.sampled_from([2, PACKED_NODES]))
     objects = Objects()
-    writer = TableWriter()
+    writer = TableWriter(version)
     entries = {name: entry(name, n, 0) for name, n in items}
-    built = writer.build(entries, objects.put)
+    built = writer.build(entries, objects.put, objects.put_pack)
     writer.committed(built)
-    reader = TableReader(objects.__getitem__)
+    reader = TableReader(objects.fetch)
     if built.tables is None:  # few arrays: listed in the manifest, as format 1 does
         assert len(entries) <= INLINE_ARRAYS and list(built.arrays) == list(entries)
     else:
-        read, used = reader.read(built.tables)
+        read, used, packs = reader.read(built.tables, version)
         assert read == entries and list(read) == sorted(entries)  # name order
-        assert used == built.digests
+        assert used == built.objects and packs == built.table_packs
+        assert len(packs) == (version >= PACKED_NODES)  # one pack a build
     if not entries:
         return
     # Change one array: what is written is its blocks, one leaf and the nodes above.
@@ -76,25 +92,78 @@ def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data)
     changed = dict(entries)
     changed[name] = entry(name, entries[name].n_chunks, 1)
     objects.written.clear()
-    rebuilt = writer.build(changed, objects.put)
+    rebuilt = writer.build(changed, objects.put, objects.put_pack)
     blocks = -(-changed[name].n_chunks // BLOCK_CHUNKS) if changed[name].n_chunks > \
         INLINE_CHUNKS else 0
     depth = 0 if rebuilt.tables is None else rebuilt.tables["depth"]
-    assert len(objects.written) <= blocks + depth
+    assert len(objects.written) + len(rebuilt.packed - built.packed) <= blocks + depth
     if rebuilt.tables is not None:
-        assert reader.read(rebuilt.tables)[0] == changed
+        assert reader.read(rebuilt.tables, version)[0] == changed
 
 
-def test_adding_an_array_rewrites_the_nodes_around_it_not_all_after_it():
+@pytest.mark.parametrize("version", [2, PACKED_NODES])
+def test_adding_an_array_rewrites_the_nodes_around_it_not_all_after_it(version):
     objects = Objects()
-    writer = TableWriter()
-    entries = {f"a{i:05d}": entry(f"a{i:05d}", 1, 0) for i in range(20 * FANOUT)}
-    writer.committed(writer.build(entries, objects.put))
+    writer = TableWriter(version)
+    first = writer.build({f"a{i:05d}": entry(f"a{i:05d}", 1, 0) for i in range(20 * FANOUT)},
+                         objects.put, objects.put_pack)
+    writer.committed(first)
     objects.written.clear()
+    entries = {f"a{i:05d}": entry(f"a{i:05d}", 1, 0) for i in range(20 * FANOUT)}
     entries["a00000x"] = entry("a00000x", 1, 0)  # sorts near the front
-    built = writer.build(entries, objects.put)
+    built = writer.build(entries, objects.put, objects.put_pack)
     assert built.tables is not None
-    assert len(objects.written) <= built.tables["depth"] + 1  # a leaf (maybe split), nodes
+    # A leaf (maybe split) and the nodes above.
+    assert len(objects.written) + len(built.packed - first.packed) <= built.tables["depth"] + 1
+
+
+def test_a_node_a_build_did_not_commit_is_packed_again_never_referred_to_where_it_was():
+    """Format 4: a node whose pack may never have been written (a failed commit), or may be
+    collected (only a pruned snapshot used it), goes into the next build's pack again, and
+    so do the nodes above it, which name it where it now is."""
+    objects = Objects()
+    writer = TableWriter(PACKED_NODES)
+    names = [f"a{i:04d}" for i in range(2000)]  # a tree of depth 2
+
+    def entries(changed: str | None = None) -> dict[str, ArrayEntry]:
+        return {name: entry(name, 1, int(name == changed)) for name in names}
+
+    built_one = writer.build(entries(), objects.put, objects.put_pack)
+    writer.committed(built_one)
+    assert built_one.tables["depth"] == 2
+    (pack_one,) = built_one.table_packs
+
+    def lost(pack: bytes, data: bytes) -> None:
+        raise OSError("the pack's write failed")
+
+    with pytest.raises(OSError):
+        writer.build(entries("a0100"), objects.put, lost)  # never committed nor written
+    built_two = writer.build(entries("a0100"), objects.put, objects.put_pack)
+    writer.committed(built_two)
+    assert TableReader(objects.fetch).read(built_two.tables, PACKED_NODES)[0] == \
+        entries("a0100")
+    # Back to the first snapshot's arrays: the leaf holding a0100 is the first snapshot's
+    # leaf again, which the last committed snapshot does not use (it may be gone with the
+    # first snapshot): it is packed again, and every node naming it names it there.
+    one_leaves: set[bytes] = set()
+    TableReader(lambda d, location: one_leaves.add(d) or objects.fetch(d, location)).read(
+        built_one.tables, PACKED_NODES)
+    built_three = writer.build(entries(), objects.put, objects.put_pack)
+    (new_pack,) = built_three.table_packs - {pack_one}
+    refs: dict[bytes, set[bytes]] = {}
+
+    def fetch(digest: bytes, location: Location | None) -> bytes:
+        assert location is not None
+        refs.setdefault(digest, set()).add(location.pack)
+        return objects.fetch(digest, location)
+
+    assert TableReader(fetch).read(built_three.tables, PACKED_NODES)[0] == entries()
+    two_nodes = built_two.packed
+    moved = {digest for digest in refs if digest not in two_nodes}
+    assert len(moved & one_leaves) == 1  # the leaf, as snapshot 1 had it
+    assert len(moved - one_leaves) == 1  # the inner node above it, new: it names it anew
+    assert all(refs[digest] == {new_pack} for digest in moved)
+    assert all(refs[digest] != {new_pack} for digest in refs.keys() - moved)
 
 
 def test_a_capture_of_many_arrays_writes_what_changed_not_the_table(tmp_path):
@@ -140,21 +209,30 @@ def _table_file(path: Path, ref: str) -> Path:
     return path / "tables" / name[:2] / name[2:]
 
 
+def _pack_file(path: Path, ref: str) -> Path:
+    name = base64.b64decode(ref).hex()
+    return path / "packs" / name[:2] / name[2:]
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete", "truncate"])
 def test_a_damaged_table_object_is_reported_never_read_as_other_arrays(tmp_path, damage):
     path = tmp_path / "s.snap"
     arrays = _tree_store(path)
-    leaf = _table_file(path, _manifest(path, 2)["tables"]["children"][0][2])
-    assert _manifest(path, 2)["tables"]["depth"] == 1
-    # The first leaf holds x005, which step 1 changed: only snapshot 2 uses it.
+    tables = _manifest(path, 2)["tables"]
+    assert tables["depth"] == 1
+    # The first leaf holds x005, which step 1 changed: only snapshot 2 uses it, and (format
+    # 4) it is all of snapshot 2's pack of nodes.
+    _first, _count, _ref, pack, offset, length = tables["children"][0]
+    leaf = _pack_file(path, tables["packs"][pack])
+    assert leaf.stat().st_size == offset + length
     if damage == "flip":
         raw = bytearray(leaf.read_bytes())
-        raw[len(raw) // 2] ^= 0x01
+        raw[offset + length // 2] ^= 0x01
         leaf.write_bytes(bytes(raw))
     elif damage == "delete":
         leaf.unlink()
     else:
-        leaf.write_bytes(leaf.read_bytes()[:10])
+        leaf.write_bytes(leaf.read_bytes()[: offset + 10])
     with arraysnap.open(path, mode="r") as reader:
         with pytest.raises(arraysnap.CorruptSnapshotError, match="table object"):
             reader.restore(step=1, verify=False)
@@ -206,6 +284,7 @@ def test_hostile_tables_give_a_clear_error_never_a_crash(tmp_path, hostile):
     with arraysnap.open(path) as snap:
         snap.capture({"u": np.zeros(1, dtype="u1")}, step=0)
     body = _manifest(path, 1)
+    body["version"] = 3  # a tree of table objects of their own (formats 2 and 3)
     good = base64.b64encode(bytes(32)).decode()
     rows = [["a", 0, good], ["b", 0, good]]
     tables = {"arrays": 2, "depth": 1, "children": [["a", 2, _leaf(path, rows)]]}
@@ -262,6 +341,7 @@ def test_the_hostile_template_itself_reads(tmp_path):
     with arraysnap.open(path) as snap:
         snap.capture({"u": np.zeros(1, dtype="u1")}, step=0)
     body = _manifest(path, 1)
+    body["version"] = 3
     good = base64.b64encode(blake3.blake3(b"\x00").digest()).decode()
     where = body["arrays"]["u"]["where"]  # u's zero byte, in a pack (format 3)
     rows = [["a", 0, good, where], ["b", 0, good, where]]
@@ -271,6 +351,76 @@ def test_the_hostile_template_itself_reads(tmp_path):
     (path / "snapshots" / f"{1:012d}.json").write_bytes(_signed(body))
     with arraysnap.open(path, mode="r") as reader:
         assert set(reader.restore(seq=1).arrays) == {"a", "b"}  # chunk "u"'s zero byte
+
+
+def _packed_tree(path: Path, hostile: str | None) -> None:
+    """Snapshot 1 of `path` made a format-4 tree of two arrays whose leaf (and, at depth 2,
+    inner node) are in a pack: as a writer makes it, or with one thing `hostile`."""
+    with arraysnap.open(path) as snap:
+        snap.capture({"u": np.zeros(1, dtype="u1")}, step=0)
+    body = _manifest(path, 1)
+    good = base64.b64encode(blake3.blake3(b"\x00").digest()).decode()
+    where = body["arrays"]["u"]["where"]
+    leaf = json.dumps({"layouts": [LAYOUT], "packs": body["packs"],
+                       "arrays": [["a", 0, good, where], ["b", 0, good, where]]}).encode()
+    pack_id = bytes(range(16))
+    pack_ref = base64.b64encode(pack_id).decode()
+    junk = b"junk before the leaf"
+    leaf_ref = base64.b64encode(blake3.blake3(leaf).digest()).decode()
+    child = ["a", 2, leaf_ref, 0, len(junk), len(leaf)]
+    inner = json.dumps({"packs": [pack_ref], "children": [child]}).encode()
+    data = junk + leaf + inner
+    inner_child = ["a", 2, base64.b64encode(blake3.blake3(inner).digest()).decode(), 0,
+                   len(junk) + len(leaf), len(inner)]
+    tables: dict = {"arrays": 2, "depth": 2, "packs": [pack_ref], "children": [inner_child]}
+    if hostile == "child-of-three":
+        tables["children"] = [inner_child[:3]]
+    elif hostile == "no-packs":
+        del tables["packs"]
+    elif hostile == "pack-index-out-of-range":
+        tables["children"] = [[*inner_child[:3], 1, *inner_child[4:]]]
+    elif hostile == "past-the-pack":
+        tables["children"] = [[*inner_child[:4], len(data) - 5, inner_child[5]]]
+    elif hostile == "wrong-range":
+        tables["children"] = [[*inner_child[:4], inner_child[4] - 1, inner_child[5]]]
+    elif hostile == "pack-missing":
+        tables["packs"] = [base64.b64encode(bytes(16)).decode()]
+    elif hostile == "huge-length":
+        tables["children"] = [[*inner_child[:5], MAX_NODE_BYTES + 1]]
+    elif hostile == "negative-offset":
+        tables["children"] = [[*inner_child[:4], -1, inner_child[5]]]
+    elif hostile == "not-ints":
+        tables["children"] = [[*inner_child[:4], 0.5, inner_child[5]]]
+    elif hostile == "packs-in-a-version-3-tree":
+        body["version"] = 3
+    target = _pack_file(path, pack_ref)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    body["arrays"], body["packs"], body["tables"] = {}, [], tables
+    (path / "snapshots" / f"{1:012d}.json").write_bytes(_signed(body))
+
+
+def test_a_packed_tree_as_a_writer_makes_it_reads(tmp_path):
+    """The template of the test below is a valid format-4 tree: each case breaks one thing."""
+    path = tmp_path / "s.snap"
+    _packed_tree(path, None)
+    with arraysnap.open(path, mode="r") as reader:
+        assert set(reader.restore(seq=1).arrays) == {"a", "b"}
+        assert reader.verify().ok
+
+
+@pytest.mark.parametrize("hostile", [
+    "child-of-three", "no-packs", "pack-index-out-of-range", "past-the-pack", "wrong-range",
+    "pack-missing", "huge-length", "negative-offset", "not-ints", "packs-in-a-version-3-tree",
+])
+def test_a_hostile_packed_tree_gives_a_clear_error_never_a_crash(tmp_path, hostile):
+    path = tmp_path / "s.snap"
+    _packed_tree(path, hostile)
+    with arraysnap.open(path, mode="r") as reader:
+        with pytest.raises(arraysnap.CorruptSnapshotError) as caught:
+            reader.restore(seq=1)
+        assert "snapshot 1" in str(caught.value)
+        assert not reader.verify().ok
 
 
 # -- format 1 stores ----------------------------------------------------------------------
@@ -305,17 +455,17 @@ def test_a_writer_continues_a_format_1_store_in_format_1_until_it_is_upgraded(tm
         with pytest.raises(arraysnap.StoreLockedError):
             arraysnap.upgrade(store)
     result = CliRunner().invoke(cli, ["upgrade", str(store)])
-    assert result.exit_code == 0 and "from format 1 to format 3" in result.output
-    assert json.loads((store / "arraysnap.json").read_text())["version"] == 3
+    assert result.exit_code == 0 and "from format 1 to format 4" in result.output
+    assert json.loads((store / "arraysnap.json").read_text())["version"] == 4
     arrays["p003"] = arrays["p003"] + 1
     with arraysnap.open(store) as snap:
-        assert snap.format_version == 3
+        assert snap.format_version == 4
         snap.capture(arrays, step=40)
-    assert _manifest(store, 4)["version"] == 3 and "tables" in _manifest(store, 4)
+    assert _manifest(store, 4)["version"] == 4 and "packs" in _manifest(store, 4)["tables"]
     assert any((store / "packs").rglob("*"))
     _assert_upgraded_store_reads(store)
     again = CliRunner().invoke(cli, ["upgrade", str(store)])
-    assert again.exit_code == 0 and "already format 3" in again.output
+    assert again.exit_code == 0 and "already format 4" in again.output
 
 
 def test_a_writer_continues_a_format_2_store_in_format_2_until_it_is_upgraded(tmp_path):
@@ -326,9 +476,28 @@ def test_a_writer_continues_a_format_2_store_in_format_2_until_it_is_upgraded(tm
     assert arraysnap.upgrade(store) == 2
     arrays["p003"] = arrays["p003"] + 1
     with arraysnap.open(store) as snap:
-        assert snap.format_version == 3
+        assert snap.format_version == 4
         snap.capture(arrays, step=40)
-    assert _manifest(store, 4)["version"] == 3 and any((store / "packs").rglob("*"))
+    assert _manifest(store, 4)["version"] == 4 and any((store / "packs").rglob("*"))
+    _assert_upgraded_store_reads(store)
+
+
+def test_a_writer_continues_a_format_3_store_in_format_3_until_it_is_upgraded(tmp_path):
+    """Format 3 writes table nodes as objects of their own, which a release reading format 3
+    only can read; after the upgrade, new nodes go into packs (the old ones stay)."""
+    tables_before = set((REPO / "tests" / "fixtures" / "v3-store" / "tables").rglob("*"))
+    store, arrays = _captured_in_fixture(tmp_path, 3)
+    newest = _manifest(store, 3)
+    assert newest["version"] == 3 and "packs" not in newest["tables"]
+    assert all(len(child) == 3 for child in newest["tables"]["children"])
+    assert len(list((store / "tables").rglob("*"))) > len(tables_before)  # its new leaves
+    assert arraysnap.upgrade(store) == 3
+    arrays["p003"] = arrays["p003"] + 1
+    with arraysnap.open(store) as snap:
+        assert snap.format_version == 4
+        snap.capture(arrays, step=40)
+    upgraded = _manifest(store, 4)
+    assert upgraded["version"] == 4 and all(len(c) == 6 for c in upgraded["tables"]["children"])
     _assert_upgraded_store_reads(store)
 
 
@@ -347,11 +516,48 @@ def test_bytes_written_counts_the_table_objects_a_capture_wrote(tmp_path):
 
 
 def test_disk_usage_counts_the_table_objects(tmp_path):
+    """Table objects of their own (digest blocks here; format 4 packs the nodes, which
+    count with the packs)."""
     path = tmp_path / "s.snap"
-    with arraysnap.open(path) as snap:
-        snap.capture({f"x{i:03d}": np.zeros(4) for i in range(100)}, step=0).result()
+    with arraysnap.open(path, chunk_bytes=1024) as snap:
+        arrays = {f"x{i:03d}": np.zeros(4) for i in range(100)}
+        snap.capture({**arrays, "long": np.zeros(20_000)}, step=0).result()
         usage = snap.disk_usage()
     assert usage.table_bytes == _bytes_under(path, "tables") > 0
     assert usage.to_json()["table_bytes"] == usage.table_bytes
     result = CliRunner().invoke(cli, ["du", str(path)])
     assert result.exit_code == 0 and "; tables " in result.output
+
+
+@pytest.mark.parametrize("version", [3, PACKED_NODES])
+def test_an_object_named_as_a_leaf_and_as_an_inner_node_is_damage_not_a_crash(version):
+    """The fuzzer's finding: a node read as a leaf was handed out again, from the reader's
+    cache, where the tree named the same object as an inner node (a TypeError)."""
+    layout = {**LAYOUT, "shape": [1]}
+    leaf = json.dumps({"layouts": [layout], "arrays": [["a", 0, "A" * 43 + "="]]}).encode()
+    objects = Objects()
+    leaf_digest = blake3.blake3(leaf).digest()
+    objects[leaf_digest] = leaf
+    pack = bytes(16)
+    objects.packs[pack] = leaf
+    pack_ref = base64.b64encode(pack).decode()
+
+    def child(first: str, digest: bytes, data: bytes) -> list:
+        ref = [first, 1, base64.b64encode(digest).decode()]
+        return ref if version < PACKED_NODES else [*ref, 0, 0, len(data)]
+
+    def parent(children: list) -> dict:
+        return {"children": children} if version < PACKED_NODES else {
+            "packs": [pack_ref], "children": children}
+
+    inner = json.dumps(parent([child("a", leaf_digest, leaf)])).encode()
+    inner_digest = blake3.blake3(inner).digest()
+    objects[inner_digest] = inner
+
+    def fetch(digest: bytes, location: Location | None) -> bytes:
+        return objects[digest]  # wherever the tree says it is
+
+    tables = {"arrays": 2, "depth": 2,
+              **parent([child("a", inner_digest, inner), child("a", leaf_digest, leaf)])}
+    with pytest.raises(ValueError, match="inner node|children"):
+        TableReader(fetch).read(tables, version)

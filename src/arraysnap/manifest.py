@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "arraysnap-snapshot"
-MANIFEST_VERSION = 3  # 3: packed chunks; 2: table objects; 1: whole tables
+MANIFEST_VERSION = 4  # 4: packed table nodes; 3: packed chunks; 2: table objects; 1: whole tables
 MAX_MANIFEST_BYTES = 1 << 28
 _MAX_NDIM = 64
 _MAX_ELEMENTS = 1 << 60
@@ -262,8 +262,10 @@ class Manifest:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     # The replay log's position at this capture (the JSON field "journal").
     replay_position: int | None = None
-    # The table objects (format 2) it uses, by digest: kept while the snapshot is.
+    # The table objects of their own (format 2) it uses, by digest, and the packs holding
+    # its table nodes (format 4), by id: kept while the snapshot is.
     table_digests: frozenset[bytes] = frozenset()
+    table_packs: frozenset[bytes] = frozenset()
 
     def body(self, tables: Any = None) -> dict[str, Any]:
         """The manifest's JSON body: format 1, or format 2 or 3 with `tables` (a
@@ -437,7 +439,8 @@ class TableSource(Protocol):
 
     def chunks(self, name: str, value: object, used: set[bytes]) -> bytes: ...
 
-    def read(self, tables: object) -> tuple[dict[str, ArrayEntry], frozenset[bytes]]: ...
+    def read(self, tables: object, version: int = 2
+             ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes]]: ...
 
 
 def parse_manifest(data: bytes, expected_seq: int | None = None,
@@ -465,7 +468,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
             f"version {MANIFEST_VERSION} and older; upgrade arraysnap"
         )
     try:
-        _require(version in (1, 2, MANIFEST_VERSION), f"unknown manifest version {version!r}")
+        _require(version in (1, 2, 3, MANIFEST_VERSION), f"unknown manifest version {version!r}")
         checksum = body.pop("checksum", None)
         _require(isinstance(checksum, str), "checksum missing")
         try:
@@ -485,11 +488,13 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
         arrays_json = body.get("arrays")
         _require(isinstance(arrays_json, dict), "arrays must be an object")
         used: set[bytes] = set()
+        table_packs: set[bytes] = set()
         if version == 1:
             arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
         else:
             packs = parse_pack_list(body.get("packs", [])) if version >= 3 else None
-            arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, used, packs)
+            arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, version,
+                                      (used, table_packs), packs)
         state = body.get("state")
         _require(state is None or isinstance(state, dict), "state must be an object or null")
         codec = body.get("codec")
@@ -502,11 +507,12 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
     except (ValueError, OverflowError, TypeError) as err:  # TypeError: a value's type
         raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
-                    stats, provenance, journal, frozenset(used))
+                    stats, provenance, journal, frozenset(used), frozenset(table_packs))
 
 
 def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
-                     tables: TableSource | None, used: set[bytes],
+                     tables: TableSource | None, version: int,
+                     used: tuple[set[bytes], set[bytes]],
                      packs: list[bytes] | None) -> dict[str, ArrayEntry]:
     needs_tables = tables_json is not None or any(
         isinstance(value, dict) and not isinstance(value.get("chunks"), str)
@@ -521,12 +527,13 @@ def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
             _require("where" not in value, f"array {name!r}: an array whose digests are in "
                      "blocks is never packed")
             arrays[name] = entry_of(name, parse_layout(value, name),
-                                    tables.chunks(name, value.get("chunks"), used))
+                                    tables.chunks(name, value.get("chunks"), used[0]))
         else:
             arrays[name] = parse_array_entry(name, value, packs=packs)
     if tables_json is not None:
         _require(not arrays, "a manifest lists its arrays or refers to tables, not both")
         assert tables is not None
-        arrays, table_digests = tables.read(tables_json)
-        used |= table_digests
+        arrays, table_digests, table_packs = tables.read(tables_json, version)
+        used[0].update(table_digests)
+        used[1].update(table_packs)
     return arrays

@@ -30,6 +30,7 @@ lost (invariant 3), and the reader starts again from the last committed tables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -55,7 +56,8 @@ from .pins import Pins
 from .repack import PackUsage
 from .results import CaptureStat
 from .retry import DEFAULT_RETRY_DELAYS, retry
-from .tables import Built, TableWriter
+from .tables import Built
+from .tablewriter import TableWriter
 from .threads import lower_thread_priority, start_workers
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "DEFAULT_RETRY_DELAYS", "POOL_WORKERS", "ArrayDelta",
@@ -99,12 +101,13 @@ class Persister:
                  listener: Listener, pins: Pins, committed: Mapping[str, ArrayEntry],
                  parent: int | None, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
-                 tables: ChunkObjects | None = None, packs: bool = False) -> None:
+                 tables: ChunkObjects | None = None, version: int = 1) -> None:
         self.objects = objects
         # Format 2: the manifests' tables go to table objects (None: format 1, whole tables);
-        # format 3 also packs small chunks.
+        # format 3 also packs small chunks, format 4 the table nodes.
         self.tables = tables
-        self._table_writer = None if tables is None else TableWriter(3 if packs else 2)
+        self._table_writer = None if tables is None else TableWriter(version)
+        packs = version >= 3
         self.codec = codec
         self.pool = pool
         self.listener = listener
@@ -512,7 +515,8 @@ class Persister:
         manifest = Manifest(job.seq, job.step, job.wall_time, self._parent, self.codec.to_json(),
                             job.entries, job.state, job.rng, stats, job.provenance,
                             replay_position=job.replay_position,
-                            table_digests=frozenset() if built is None else built.digests)
+                            table_digests=frozenset() if built is None else built.objects,
+                            table_packs=frozenset() if built is None else built.table_packs)
         data = manifest.to_json(built)
         self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)
         if built is not None:
@@ -526,26 +530,28 @@ class Persister:
 
     def _build_tables(self, job: PersistJob) -> tuple[Built, int]:
         """The job's tables and the bytes of table objects written for them; the new
-        objects are written on threads of their own at once (each write waits for its
-        fsync: one after another they would add up in every commit), pinned until the job
-        commits."""
+        objects (and the pack of new nodes, format 4) are written on threads of their own
+        at once (each write waits for its fsync: one after another they would add up in
+        every commit), pinned until the job commits."""
         assert self._table_writer is not None and self._table_writers is not None
         writers = self._table_writers
         writes: list[Future[int]] = []
 
-        def put(digest: bytes, data: bytes) -> None:
-            self.pins.pin((digest,))
+        def put(write: Callable[[bytes, bytes], int], name: bytes, data: bytes) -> None:
+            self.pins.pin((name,))
             with self._lock:
-                job.pinned.append(digest)
+                job.pinned.append(name)
             try:
-                writes.append(writers.submit(self._write_table, digest, data))
+                writes.append(writers.submit(write, name, data))
             except RuntimeError:  # the writers were shut down (interpreter exit): write here
                 done: Future[int] = Future()
-                done.set_result(self._write_table(digest, data))
+                done.set_result(write(name, data))
                 writes.append(done)
 
         try:
-            built = self._table_writer.build(job.entries, put)
+            built = self._table_writer.build(
+                job.entries, functools.partial(put, self._write_table),
+                functools.partial(put, self.objects.put_pack))
         finally:
             wait_for(writes)
         return built, sum(write.result() for write in writes)  # or its error

@@ -339,7 +339,7 @@ class Store:
                                     recovered.tables, head.seq if head else None,
                                     buffer_bytes=buffer_bytes, retry_delays=retry_delays,
                                     tables=self._tables if self.format_version >= 2 else None,
-                                    packs=self.format_version >= 3)
+                                    version=self.format_version)
 
     @property
     def retention(self) -> Retention:

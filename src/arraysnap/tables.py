@@ -16,18 +16,29 @@ bytes), which snapshots share as they share chunk objects:
 A capture that changes one array writes that array's blocks that changed, one leaf, the
 nodes above it and the manifest; unchanged ones are the objects earlier snapshots wrote.
 
+In format 4 the nodes a commit writes go into one *pack* (``packs/ab/cdef…``, as packed
+chunks do) instead of a file each, and a parent names each child by its digest and its
+``Location``: ``[first name, arrays, digest, pack, offset, length]``, ``pack`` indexing the
+parent's ``packs`` list. The first capture of 10,000 arrays writes one pack where it wrote
+540 files, each with its fsync (on an object store, one request where it made 540), and a
+capture that changes one array writes one small pack. Blocks stay objects of their own:
+an array with blocks is large, and its chunks are most of what a capture writes.
+
 >>> import numpy as np
 >>> from arraysnap.manifest import ArrayEntry
->>> stored = {}
->>> writer = TableWriter()
+>>> from arraysnap.tablewriter import TableWriter
+>>> stored, packs = {}, {}
+>>> writer = TableWriter(4)
 >>> entries = {f"a{i:03d}": ArrayEntry(f"a{i:03d}", (1,), np.dtype("f8"), "C", 0, 1,
 ...                                    bytes([i]) * 32) for i in range(200)}
->>> built = writer.build(entries, lambda digest, data: stored.setdefault(digest, data))
->>> built.arrays, built.tables["arrays"], len(stored) == len(built.digests)
-({}, 200, True)
->>> tables = TableReader(lambda digest: stored[digest])
->>> read, used = tables.read(built.tables)
->>> read == entries and used == built.digests
+>>> built = writer.build(entries, lambda digest, data: stored.setdefault(digest, data),
+...                      lambda pack, data: packs.setdefault(pack, data))
+>>> built.arrays, built.tables["arrays"], len(packs), stored
+({}, 200, 1, {})
+>>> def fetch(digest, location):
+...     return packs[location.pack][location.offset : location.offset + location.length]
+>>> read, objects, used_packs = TableReader(fetch).read(built.tables, 4)
+>>> read == entries and used_packs == built.table_packs == set(packs)
 True
 """
 
@@ -38,7 +49,7 @@ import binascii
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,20 +57,19 @@ import blake3
 
 from ._leaves import add_entries, parse_rows
 from .bulk import paused_collector
-from .manifest import ArrayEntry, ParsedLayout, check_array_name, layout_to_json, parse_layout
+from .manifest import ArrayEntry, ParsedLayout, check_array_name, parse_layout
 from .objects import DIGEST_BYTES, object_key
 from .packs import (
     MAX_OFFSET,
     PACKED_CHUNKS,
     Location,
-    pack_list_to_json,
     parse_pack_list,
     where_from_json,
-    where_to_json,
 )
 
-__all__ = ["BLOCK_CHUNKS", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS", "PREFIX", "Built",
-           "TableReader", "TableWriter", "table_key"]
+__all__ = ["BLOCK_CHUNKS", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS", "MAX_FANOUT",
+           "MIN_FANOUT", "PACKED_NODES", "PREFIX", "Built", "TableReader", "remembered",
+           "table_key"]
 
 PREFIX = "tables/"
 INLINE_ARRAYS = 64  # a snapshot of at most this many arrays lists them in its manifest
@@ -76,6 +86,7 @@ MAX_FANOUT = 2 * FANOUT
 MAX_DEPTH = 8
 MAX_NODE_BYTES = 1 << 24
 MAX_ARRAYS = 1 << 24
+PACKED_NODES = 4  # the format from which nodes are written into packs
 _CACHED_BYTES = 64 << 20  # table objects kept by a reader, by their stored size
 
 
@@ -86,14 +97,6 @@ def table_key(digest: bytes) -> str:
     'tables/00/'
     """
     return object_key(digest, PREFIX)
-
-
-def _ends_node(name: str, level: int) -> bool:
-    return blake3.blake3(b"%d:" % level + name.encode("utf-8")).digest()[0] < 256 // FANOUT
-
-
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +110,21 @@ class Built:
     digests: frozenset[bytes]
     version: int = 2
     packs: list[str] = field(default_factory=list)
+    # Format 4: the packs holding nodes of the tree, and which of `digests` are in packs
+    # (the others are objects of their own under ``tables/``).
+    table_packs: frozenset[bytes] = frozenset()
+    packed: frozenset[bytes] = frozenset()
+
+    @property
+    def objects(self) -> frozenset[bytes]:
+        """The table objects of their own (``tables/…``) the manifest uses."""
+        return self.digests - self.packed
 
 
 _REMEMBERED_LAYOUTS = 4096  # distinct layouts a writer or reader keeps parsed or encoded
 
 
-def _remembered(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+def remembered(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
     """``cache[key]``, made by `make` the first time; a full cache starts again empty."""
     found = cache.get(key)
     if found is None:
@@ -123,224 +135,25 @@ def _remembered(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any
     return found
 
 
-class TableWriter:
-    """Turns a snapshot's entries into table objects, writing only those not written before.
-
-    ``build``'s `put(digest, data)` stores a table object (create-only). What was built is
-    remembered by
-    the identity of the entries, so an unchanged array costs a dictionary lookup. Every
-    object a build uses that the last committed snapshot did not is put again (the
-    storage finds most present): one written for a capture that failed may have been
-    collected since.
-    """
-
-    def __init__(self, version: int = 2) -> None:
-        self.version = version  # of the manifests built: 3 lists where packed chunks are
-        self._put: Callable[[bytes, bytes], object] = _no_put  # the build's, while it runs
-        self._entries: dict[str, tuple[ArrayEntry, Any, frozenset[bytes]]] = {}
-        # Leaves by their names: the entries they were built of (held, so that identity
-        # means what it says), their digest and the blocks below them.
-        self._leaves: dict[tuple[str, ...], tuple[tuple[ArrayEntry, ...], bytes,
-                                                 frozenset[bytes]]] = {}
-        # Inner nodes by their children's digests.
-        self._inners: dict[tuple[bytes, ...], bytes] = {}
-        # Every table object under a node (blocks, nodes), the node included.
-        self._subtree: dict[bytes, frozenset[bytes]] = {}
-        self._data: dict[bytes, bytes] = {}  # what each object built holds
-        self._committed: frozenset[bytes] = frozenset()
-        self._written: set[bytes] = set()  # put during the build under way
-        self._names: list[str] = []
-        self._ends: dict[tuple[str, int], bool] = {}
-        self._layout_texts: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
-
-    def _chunks(self, entry: ArrayEntry) -> tuple[Any, frozenset[bytes]]:
-        """The entry's ``chunks`` field: the digests, or the blocks holding them."""
-        if entry.n_chunks <= INLINE_CHUNKS:
-            return _b64(entry.digests), frozenset()
-        blocks = []
-        step = BLOCK_CHUNKS * DIGEST_BYTES
-        for start in range(0, len(entry.digests), step):
-            block = entry.digests[start : start + step]
-            blocks.append(self._store(block))
-        return {"blocks": [_b64(d) for d in blocks]}, frozenset(blocks)
-
-    def _entry(self, entry: ArrayEntry) -> tuple[Any, frozenset[bytes]]:
-        cached = self._entries.get(entry.name)
-        if cached is not None and cached[0] is entry:
-            return cached[1], cached[2]
-        chunks, blocks = self._chunks(entry)
-        self._entries[entry.name] = (entry, chunks, blocks)
-        return chunks, blocks
-
-    def _store(self, data: bytes) -> bytes:
-        digest = blake3.blake3(data).digest()
-        self._put(digest, data)
-        self._data[digest] = data
-        self._written.add(digest)
-        return digest
-
-    def build(self, entries: Mapping[str, ArrayEntry],
-              put: Callable[[bytes, bytes], object]) -> Built:
-        """The manifest's view of `entries`, writing the table objects it needs with `put`
-        first."""
-        self._put, self._written = put, set()
-        try:
-            built = self._build(entries)
-            for digest in built.digests - self._committed - self._written:
-                put(digest, self._data[digest])
-        finally:
-            self._put = _no_put
-        return built
-
-    def committed(self, built: Built) -> None:
-        """`built` is in a committed snapshot: its objects need not be put again."""
-        self._committed = built.digests
-        self.trim()
-
-    def _build(self, entries: Mapping[str, ArrayEntry]) -> Built:
-        used: set[bytes] = set()
-        for name in set(self._entries) - set(entries):
-            del self._entries[name]
-        if len(entries) <= INLINE_ARRAYS:
-            arrays = {}
-            packs: list[bytes] = []
-            listed: dict[bytes, int] = {}
-            for name, entry in entries.items():
-                chunks, blocks = self._entry(entry)
-                arrays[name] = {**layout_to_json(entry), "chunks": chunks}
-                if entry.where is not None:
-                    arrays[name]["where"] = where_to_json(entry.where, packs, listed)
-                used |= blocks
-            return Built(arrays, None, frozenset(used), self.version, pack_list_to_json(packs))
-        if len(self._names) != len(entries) or set(self._names) != set(entries):
-            self._names = sorted(entries)
-        level: list[tuple[str, int, bytes]] = []
-        group: list[str] = []
-        for name in self._names:
-            group.append(name)
-            if ((len(group) >= MIN_FANOUT and self._ends_at(name, 0))
-                    or len(group) >= MAX_FANOUT):
-                level.append(self._leaf(group, entries, used))
-                group = []
-        if group:
-            level.append(self._leaf(group, entries, used))
-        depth = 1
-        while len(level) > FANOUT:
-            level = self._inner_level(level, depth, used)
-            depth += 1
-        tables = {"arrays": len(entries), "depth": depth,
-                  "children": [[first, count, _b64(digest)] for first, count, digest in level]}
-        return Built({}, tables, frozenset(used), self.version)
-
-    def _ends_at(self, name: str, level: int) -> bool:
-        key = (name, level)
-        ends = self._ends.get(key)
-        if ends is None:
-            ends = self._ends[key] = _ends_node(name, level)
-        return ends
-
-    def _leaf(self, names: list[str], entries: Mapping[str, ArrayEntry],
-              used: set[bytes]) -> tuple[str, int, bytes]:
-        members = tuple(entries[name] for name in names)
-        key = tuple(names)
-        cached = self._leaves.get(key)
-        if cached is None or any(a is not b for a, b in zip(cached[0], members, strict=True)):
-            layouts: dict[str, int] = {}
-            layout_list: list[Any] = []
-            rows = []
-            blocks: set[bytes] = set()
-            packs: list[bytes] = []
-            listed: dict[bytes, int] = {}
-            for entry in members:
-                chunks, entry_blocks = self._entry(entry)
-                blocks |= entry_blocks
-                layout, text = self._layout_json(entry)
-                index = layouts.get(text)
-                if index is None:
-                    index = layouts[text] = len(layout_list)
-                    layout_list.append(layout)
-                row = [entry.name, index, chunks]
-                if entry.where is not None:
-                    row.append(where_to_json(entry.where, packs, listed))
-                rows.append(row)
-            body: dict[str, Any] = {"layouts": layout_list, "arrays": rows}
-            if packs:
-                body["packs"] = pack_list_to_json(packs)
-            digest = self._node(body, blocks)
-            cached = self._leaves[key] = (members, digest, frozenset(blocks))
-        used |= self._subtree[cached[1]]
-        return names[0], len(names), cached[1]
-
-    def _layout_json(self, entry: ArrayEntry) -> tuple[dict[str, Any], str]:
-        """An entry's layout fields as JSON, and their text (which tells equal layouts of a
-        leaf apart), remembered by layout: many arrays share a few, and a JSON text an entry
-        cost a fifth of building a leaf."""
-        def encode() -> tuple[dict[str, Any], str]:
-            layout = layout_to_json(entry)
-            return layout, json.dumps(layout, sort_keys=True)
-
-        return _remembered(self._layout_texts, (entry.layout, entry.dims), encode)
-
-    def _inner_level(self, children: list[tuple[str, int, bytes]], depth: int,
-                     used: set[bytes]) -> list[tuple[str, int, bytes]]:
-        level = []
-        group: list[tuple[str, int, bytes]] = []
-        for child in children:
-            group.append(child)
-            if ((len(group) >= MIN_FANOUT and self._ends_at(child[0], depth))
-                    or len(group) >= MAX_FANOUT):
-                level.append(self._inner(group, used))
-                group = []
-        if group:
-            level.append(self._inner(group, used))
-        return level
-
-    def _inner(self, group: list[tuple[str, int, bytes]],
-               used: set[bytes]) -> tuple[str, int, bytes]:
-        key = tuple(child[2] for child in group)
-        digest = self._inners.get(key)
-        if digest is None or digest not in self._subtree:
-            below: set[bytes] = set()
-            for child in group:
-                below |= self._subtree[child[2]]
-            digest = self._node({"children": [[first, count, _b64(child_digest)]
-                                              for first, count, child_digest in group]}, below)
-            self._inners[key] = digest
-        used |= self._subtree[digest]
-        return group[0][0], sum(child[1] for child in group), digest
-
-    def _node(self, body: dict[str, Any], below: set[bytes]) -> bytes:
-        digest = self._store(json.dumps(body, separators=(",", ":")).encode("utf-8"))
-        self._subtree[digest] = frozenset(below | {digest})
-        return digest
-
-    def trim(self) -> None:
-        """Forget nodes built long ago (call after a commit): past a few times the nodes of
-        one snapshot, all are forgotten, and the next build writes its nodes anew (the
-        storage finds them present)."""
-        if len(self._data) > 4 * (len(self._entries) // FANOUT + 16) + len(self._entries):
-            self._leaves.clear()
-            self._inners.clear()
-            self._subtree.clear()
-            self._entries.clear()
-            self._data.clear()
-        if len(self._ends) > 4 * len(self._entries) + 1024:  # names that came and went
-            self._ends.clear()
-
-
 class TableReader:
-    """Reads table objects (`fetch(digest)` returns the stored bytes), checking each
-    against its name, and keeps recently read nodes: snapshots share most of them."""
+    """Reads table objects (`fetch(digest, location)` returns the stored bytes: of the
+    object of its own with `digest` when `location` is None, else the range of a pack),
+    checking each against its name, and keeps recently read nodes: snapshots share most of
+    them."""
 
-    def __init__(self, fetch: Callable[[bytes], bytes]) -> None:
+    def __init__(self, fetch: Callable[[bytes, Location | None], bytes]) -> None:
         self._fetch = fetch
         self._lock = threading.Lock()
-        self._cache: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+        # By digest and the parse that made the value: a hostile tree may name one object
+        # as a leaf in one place and as an inner node in another.
+        self._cache: OrderedDict[tuple[bytes, Any], tuple[Any, int]] = OrderedDict()
         self._cached_bytes = 0
         self._layouts: dict[tuple[Any, ...], ParsedLayout] = {}
 
-    def _object(self, digest: bytes) -> bytes:
-        data = self._fetch(digest)
+    def _object(self, digest: bytes, location: Location | None) -> bytes:
+        if location is not None and location.length > MAX_NODE_BYTES:
+            raise ValueError(f"table object {digest.hex()[:16]} is too large")
+        data = self._fetch(digest, location)
         if len(data) > MAX_NODE_BYTES:
             raise ValueError(f"table object {digest.hex()[:16]} is too large")
         if blake3.blake3(data).digest() != digest:
@@ -348,17 +161,18 @@ class TableReader:
                              "(damaged)")
         return data
 
-    def _cached(self, digest: bytes, parse: Callable[[bytes], Any]) -> Any:
+    def _cached(self, digest: bytes, parse: Callable[[bytes], Any],
+                location: Location | None = None) -> Any:
         with self._lock:
-            found = self._cache.get(digest)
+            found = self._cache.get((digest, parse))
             if found is not None:
-                self._cache.move_to_end(digest)
+                self._cache.move_to_end((digest, parse))
                 return found[0]
-        data = self._object(digest)
+        data = self._object(digest, location)
         value = parse(data)
         with self._lock:
-            if digest not in self._cache:
-                self._cache[digest] = (value, len(data))
+            if (digest, parse) not in self._cache:
+                self._cache[digest, parse] = (value, len(data))
                 self._cached_bytes += len(data)
             while self._cached_bytes > _CACHED_BYTES and len(self._cache) > 1:
                 _, (_, size) = self._cache.popitem(last=False)
@@ -386,8 +200,10 @@ class TableReader:
             parts.append(part)
         return b"".join(parts)
 
-    def read(self, tables: object) -> tuple[dict[str, ArrayEntry], frozenset[bytes]]:
-        """The entries of a manifest's ``tables`` field, and every table object used;
+    def read(self, tables: object, version: int = 2
+             ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes]]:
+        """The entries of a manifest's ``tables`` field (of a manifest of format `version`),
+        the table objects of their own it uses and (format 4) the packs holding its nodes;
         ValueError for anything malformed (the caller says which snapshot)."""
         if not isinstance(tables, dict):
             raise ValueError("tables must be an object")
@@ -395,35 +211,41 @@ class TableReader:
         if (type(count) is not int or not 0 <= count <= MAX_ARRAYS or type(depth) is not int
                 or not 1 <= depth <= MAX_DEPTH or not isinstance(children, list)):
             raise ValueError("tables must give arrays, depth (1 to 8) and children")
+        packs = _packs_of(tables, version >= PACKED_NODES)
         used: set[bytes] = set()
+        packed: set[bytes] = set()
         entries: dict[str, ArrayEntry] = {}
         with paused_collector():
-            self._children(children, depth, entries, used, [])
+            self._children(children, packs, depth, entries, (used, packed), [])
         if len(entries) != count:
             raise ValueError(f"tables hold {len(entries)} arrays, the manifest says {count}")
-        return entries, frozenset(used)
+        return entries, frozenset(used), frozenset(packed)
 
-    def _children(self, children: list[Any], depth: int, entries: dict[str, ArrayEntry],
-                  used: set[bytes], last: list[str]) -> str | None:
-        """Read `children` (at `depth`) into `entries`; return the first name read. `last`
-        holds the last name read so far (names must increase across the whole tree)."""
+    def _children(self, children: list[Any], packs: list[bytes] | None, depth: int,
+                  entries: dict[str, ArrayEntry], used: tuple[set[bytes], set[bytes]],
+                  last: list[str]) -> str | None:
+        """Read `children` (at `depth`; `packs`: their parent's, format 4) into `entries`;
+        return the first name read. `last` holds the last name read so far (names must
+        increase across the whole tree). `used` collects the objects of their own and the
+        packs read."""
         first_read = None
         for child in children:
-            if (not isinstance(child, list) or len(child) != 3 or not isinstance(child[0], str)
-                    or type(child[1]) is not int):
-                raise ValueError("a child must be [first name, arrays, digest]")
-            digest = _digest_of(child[2])
-            used.add(digest)
+            digest, location = _child_of(child, packs)
+            if location is None:
+                used[0].add(digest)
+            else:
+                used[1].add(location.pack)
             before = len(entries)
             if depth == 1:
-                first, newest = add_entries(self._cached(digest, self._parse_leaf), entries,
-                                            last[0] if last else None,
-                                            lambda item: self._blocks_of(item, used))
+                first, newest = add_entries(self._cached(digest, self._parse_leaf, location),
+                                            entries, last[0] if last else None,
+                                            lambda item: self._blocks_of(item, used[0]))
                 if newest is not None:
                     last[:] = [newest]
             else:
-                first = self._children(self._cached(digest, _parse_inner), depth - 1, entries,
-                                       used, last)
+                inner = self._cached(digest, _parse_inner, location)
+                first = self._children(inner[0], _packs_of(inner[1], packs is not None),
+                                       depth - 1, entries, used, last)
             if len(entries) - before != child[1] or (first is not None and first != child[0]):
                 raise ValueError(f"table node {digest.hex()[:16]} does not hold what its "
                                  "parent says")
@@ -452,7 +274,7 @@ class TableReader:
                     and (dims is None or (type(dims) is list
                                           and all(type(d) is str for d in dims)))):
                 key = (tuple(shape), dtype, *fields, None if dims is None else tuple(dims))
-                return _remembered(self._layouts, key, lambda: parse_layout(value))
+                return remembered(self._layouts, key, lambda: parse_layout(value))
         return parse_layout(value)
 
     def _parse_leaf(self, data: bytes) -> list[ArrayEntry | tuple[ArrayEntry, Any]]:
@@ -471,10 +293,6 @@ class TableReader:
         return result
 
 
-def _no_put(digest: bytes, data: bytes) -> None:
-    raise RuntimeError("table objects are written only during TableWriter.build")
-
-
 def _with_digests(entry: ArrayEntry, digests: bytes) -> ArrayEntry:
     complete = ArrayEntry(entry.name, entry.shape, entry.dtype, entry.order, entry.split_axis,
                           entry.rows_per_chunk, digests, entry.dims)
@@ -485,12 +303,40 @@ def _with_digests(entry: ArrayEntry, digests: bytes) -> ArrayEntry:
     return complete
 
 
-def _parse_inner(data: bytes) -> list[Any]:
+def _parse_inner(data: bytes) -> tuple[list[Any], dict[str, Any]]:
     body = _json(data)
     children = body.get("children")
     if not isinstance(children, list) or len(children) > MAX_ARRAYS:
         raise ValueError("an inner node must hold children")
-    return children
+    return children, body
+
+
+def _packs_of(parent: dict[str, Any], packed: bool) -> list[bytes] | None:
+    """The ``packs`` list of a parent whose children are `packed` (format 4), else None;
+    a tree is packed throughout or not at all."""
+    if not packed:
+        if "packs" in parent:
+            raise ValueError("a node of a table tree before format 4 has packs")
+        return None
+    if "packs" not in parent:
+        raise ValueError("a node of a format-4 table tree must list its children's packs")
+    return parse_pack_list(parent["packs"])
+
+
+def _child_of(child: object, packs: list[bytes] | None) -> tuple[bytes, Location | None]:
+    """A parent's reference to a child: its digest and (format 4) its location."""
+    if packs is None:
+        if (not isinstance(child, list) or len(child) != 3 or not isinstance(child[0], str)
+                or type(child[1]) is not int):
+            raise ValueError("a child must be [first name, arrays, digest]")
+        return _digest_of(child[2]), None
+    if (not isinstance(child, list) or len(child) != 6 or not isinstance(child[0], str)
+            or not all(type(item) is int for item in (child[1], *child[3:]))):
+        raise ValueError("a child must be [first name, arrays, digest, pack, offset, length]")
+    index, offset, length = child[3:]
+    if not 0 <= index < len(packs) or not 0 <= offset < MAX_OFFSET or not 0 < length:
+        raise ValueError(f"a child names pack {index} at {offset}+{length}: out of range")
+    return _digest_of(child[2]), Location(packs[index], offset, length)
 
 
 def _json(data: bytes) -> dict[str, Any]:

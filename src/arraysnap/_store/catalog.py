@@ -25,6 +25,8 @@ import threading
 from ..commit import manifest_key
 from ..errors import ArraysnapError, CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError
 from ..manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from ..objects import pack_key
+from ..packs import Location
 from ..results import SnapshotInfo
 from ..storage import Storage
 from ..tables import MAX_NODE_BYTES, TableReader, table_key
@@ -57,14 +59,23 @@ class Catalog:
         self._infos: dict[int, tuple[Manifest, SnapshotInfo]] = {}
         self.tables = TableReader(self._table_object)
 
-    def _table_object(self, digest: bytes) -> bytes:
+    def _table_object(self, digest: bytes, location: Location | None) -> bytes:
+        where = "" if location is None else (f" (in pack {location.pack.hex()[:16]} at "
+                                             f"{location.offset}+{location.length})")
         try:
-            return self.storage.get(table_key(digest), limit=MAX_NODE_BYTES)
+            if location is None:
+                return self.storage.get(table_key(digest), limit=MAX_NODE_BYTES)
+            data = self.storage.get_range(pack_key(location.pack), location.offset,
+                                          location.length)
         except FileNotFoundError:
-            raise ValueError(f"table object {digest.hex()[:16]} is missing") from None
+            raise ValueError(f"table object {digest.hex()[:16]}{where} is missing") from None
         except OSError as err:
-            raise ValueError(f"table object {digest.hex()[:16]} cannot be read: {err}") \
-                from None
+            raise ValueError(f"table object {digest.hex()[:16]}{where} cannot be read: "
+                             f"{err}") from None
+        if len(data) != location.length:
+            raise ValueError(f"table object {digest.hex()[:16]}{where} is cut short (the "
+                             "pack is truncated)")
+        return data
 
     @property
     def where(self) -> str:

@@ -44,9 +44,10 @@ Progress = Callable[[int, int], None]
 
 
 def stored_objects(manifest: Manifest) -> set[bytes]:
-    """The objects a snapshot's chunks are in: chunk objects by digest, packs by id (a pack
-    is kept, and counted, whole while any snapshot uses a chunk of it)."""
-    return manifest.chunk_digests() | manifest.pack_ids()
+    """The objects a snapshot's chunks and (format 4) table nodes are in: chunk objects by
+    digest, packs by id (a pack is kept, and counted, whole while any snapshot uses a chunk
+    or a node of it)."""
+    return manifest.chunk_digests() | manifest.pack_ids() | manifest.table_packs
 
 
 class Usage:
@@ -54,6 +55,7 @@ class Usage:
     are taken away: what retention's ``max_bytes`` weighs and what ``disk_usage()`` reports.
 
     >>> class M:  # a stand-in manifest: two snapshots sharing object b"a"
+    ...     table_packs = frozenset()
     ...     def __init__(self, digests): self.digests = digests
     ...     def chunk_digests(self): return self.digests
     ...     def pack_ids(self): return set()

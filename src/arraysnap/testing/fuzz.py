@@ -48,6 +48,8 @@ from arraysnap.errors import ArraysnapError, CorruptSnapshotError, FormatVersion
 from arraysnap.extents import MARKER, TABLE, read_extents
 from arraysnap.history import History
 from arraysnap.manifest import parse_manifest, seal_manifest
+from arraysnap.objects import pack_key
+from arraysnap.packs import Location
 from arraysnap.replaylog import ReplayLog, record_line
 from arraysnap.storage import LocalStorage
 from arraysnap.tables import TableReader
@@ -101,8 +103,11 @@ class _Seeds:
         self.storage = LocalStorage(path)
         self.manifests = [self.storage.get(key) for key in
                           self.storage.list_prefix("snapshots/")]
+        # Every table object, of its own or (format 4) a node in a pack, by its digest.
         self.tables = {blake3.blake3(data).digest(): data for data in
                        (self.storage.get(key) for key in self.storage.list_prefix("tables/"))}
+        for manifest in self.manifests:
+            parse_manifest(manifest, None, TableReader(self._read_node))
         self.settings = self.storage.get("arraysnap.json")
         self.journal = [self.storage.get(key) for key in self.storage.list_prefix("journal/")]
         self.history = self.storage.get("history.jsonl")
@@ -111,7 +116,15 @@ class _Seeds:
         self.scratch = path.parent / "extents"
         self.scratch.mkdir(exist_ok=True)
 
-    def fetch(self, digest: bytes) -> bytes:
+    def _read_node(self, digest: bytes, location: Location | None) -> bytes:
+        if location is None:
+            return self.fetch(digest)
+        data = self.storage.get_range(pack_key(location.pack), location.offset, location.length)
+        self.tables[digest] = data
+        return data
+
+    def fetch(self, digest: bytes, location: Location | None = None) -> bytes:
+        """A table object by its digest, wherever the store keeps it."""
         found = self.tables.get(digest)
         if found is None:  # as the catalog says of a missing table object
             raise ValueError(f"table object {digest.hex()[:16]} is missing")
@@ -235,13 +248,18 @@ def _table(data: bytes) -> None:
 def _table_object(data: bytes) -> None:
     digest = blake3.blake3(data).digest()
     seeds = _state()
-    reader = TableReader(lambda wanted: data if wanted == digest else seeds.fetch(wanted))
+    reader = TableReader(lambda wanted, location: data if wanted == digest
+                         else seeds.fetch(wanted))
     ref = base64.b64encode(digest).decode("ascii")
+    pack = base64.b64encode(bytes(16)).decode("ascii")
     for depth in (1, 2):
-        try:
-            reader.read({"arrays": 1, "depth": depth, "children": [["a000", 1, ref]]})
-        except ValueError:
-            pass
+        for version, child in ((3, ["a000", 1, ref]), (4, ["a000", 1, ref, 0, 0, len(data)])):
+            try:  # as an object of its own, and as a node in a pack
+                reader.read({"arrays": 1, "depth": depth, "packs": [pack], "children": [child]}
+                            if version == 4 else
+                            {"arrays": 1, "depth": depth, "children": [child]}, version)
+            except ValueError:
+                pass
 
 
 def _settings(data: bytes) -> None:
