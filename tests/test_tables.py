@@ -30,6 +30,7 @@ from arraysnap.tables import (
     TableReader,
 )
 from arraysnap.tablewriter import TableWriter
+from arraysnap.testing import chunk_ranges, chunk_references
 
 SIGNED_KEYS = ("format", "version", "seq", "step", "time", "parent", "codec", "arrays",
                "state", "rng", "stats", "provenance")
@@ -561,3 +562,15 @@ def test_an_object_named_as_a_leaf_and_as_an_inner_node_is_damage_not_a_crash(ve
               **parent([child("a", inner_digest, inner), child("a", leaf_digest, leaf)])}
     with pytest.raises(ValueError, match="inner node|children"):
         TableReader(fetch).read(tables, version)
+
+
+def test_the_harness_finds_every_chunk_of_a_tree_whose_nodes_are_packed(tmp_path):
+    """arraysnap.testing's damage oracles walk format 4's trees (nodes in packs) too."""
+    path = tmp_path / "s.snap"
+    arrays = _tree_store(path)
+    assert len(_manifest(path, 2)["tables"]["children"][0]) == 6  # packed nodes
+    ranges = chunk_ranges(path)
+    for seq in (1, 2):
+        assert {name for s, name, _ in ranges if s == seq} == set(arrays)
+    assert sum(1 for s, name, _ in ranges if s == 2 and name == "long") == 157
+    assert set(chunk_references(path)) <= {relative for relative, _, _ in ranges.values()}

@@ -93,7 +93,15 @@ def leftover_temporaries(path: Path, *, baselines: bool = True) -> list[str]:
     return found if baselines else [p for p in found if not p.startswith("mirror/")]
 
 
-def _table_object(path: Path, ref: str) -> bytes:
+def _table_object(path: Path, ref: str, packs: list[str] | None = None,
+                  where: list[int] | None = None) -> bytes:
+    """A table object: of its own, or (format 4) at `where` of its parent's `packs`."""
+    if where:
+        pack, offset, length = where
+        name = base64.b64decode(packs[pack]).hex()  # type: ignore[index]
+        with open(path / "packs" / name[:2] / name[2:], "rb") as file:
+            file.seek(offset)
+            return file.read(length)
     hexdigest = base64.b64decode(ref).hex()
     return (path / "tables" / hexdigest[:2] / hexdigest[2:]).read_bytes()
 
@@ -109,13 +117,13 @@ def _arrays(path: Path, body: dict[str, Any]) -> dict[str, tuple[dict[str, Any],
     """Each array of a manifest: its record (``chunks``, and ``where`` if packed) and the
     packs that ``where`` refers to, from the manifest or from the leaves of its tree."""
     arrays = {name: (record, body.get("packs", [])) for name, record in body["arrays"].items()}
-    pending = [(body["tables"]["depth"], body["tables"]["children"])] if "tables" in body else []
+    pending = [(body["tables"]["depth"], body["tables"])] if "tables" in body else []
     while pending:
-        depth, children = pending.pop()
-        for _, _, ref in children:
-            node = json.loads(_table_object(path, ref))
+        depth, parent = pending.pop()
+        for _, _, ref, *where in parent["children"]:  # where: format 4's nodes in packs
+            node = json.loads(_table_object(path, ref, parent.get("packs"), where))
             if depth > 1:
-                pending.append((depth - 1, node["children"]))
+                pending.append((depth - 1, node))
                 continue
             for row in node["arrays"]:
                 record = {"chunks": row[2]} if len(row) == 3 else {"chunks": row[2],
