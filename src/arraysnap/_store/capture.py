@@ -31,7 +31,7 @@ import numpy as np
 
 from .._version import __version__
 from ..baselines import Baselines
-from ..delta import compare_many, scan_and_copy
+from ..delta import as_bytes, compare_many, scan_and_copy
 from ..history import History
 from ..layout import ChunkLayout, memory_order, plan_layout
 from ..manifest import Manifest, check_array_name, check_dims
@@ -446,6 +446,15 @@ class Capturer:
         candidates, audit = tracking.candidates(name, live, layout, fresh)
         compared = (layout.n_chunks if candidates is None
                     else int(np.count_nonzero(candidates)))
+        if fresh and not target.held and (live.flags.c_contiguous or live.flags.f_contiguous):
+            # A new baseline: nothing to compare, every chunk changed. Copied at once (a first
+            # capture of 10,000 arrays spent a third of its pause making flags to say so).
+            np.copyto(baseline, as_bytes(live))
+            changed = np.arange(layout.n_chunks)
+            if audit is not None:
+                tracking.audit(name, audit, changed)
+            return ArrayDelta(name, layout, baseline, changed, fresh,
+                              self._dims.get(name)), compared
         # A fresh baseline: every chunk counts as changed.
         flags = (np.full(layout.n_chunks, 1 if fresh else 0, dtype=np.uint8)
                  if fresh or target.held else None)
