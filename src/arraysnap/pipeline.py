@@ -283,6 +283,10 @@ class Persister:
         wait_for(tasks)
         if self._packer is not None:
             self._packer.flush()  # the job's last pack: its chunks were all added
+        # Each task's result once (it raises a task's error): this loop runs after every
+        # chunk, for every array, on the job's critical path.
+        results = {id(task): task.result() for task in tasks}
+        located = job.located
         for (delta, indices, digests), group in zip(work, futures, strict=True):
             previous = self._tables.get(delta.name)
             if (not len(indices) and previous is not None and previous.dims == delta.dims
@@ -291,15 +295,23 @@ class Persister:
                 job.entries[delta.name] = previous
                 continue
             where = self._where(delta, previous)
-            for index, (future, within) in zip(indices, group, strict=True):
-                digest = future.result() if within < 0 else future.result()[within]
-                digests[int(index) * DIGEST_BYTES : (int(index) + 1) * DIGEST_BYTES] = digest
-                if where is not None:
-                    where[int(index)] = job.located.get(digest)
             layout = delta.layout
+            if layout.n_chunks == 1 and len(group) == 1:  # most arrays of a many-array state
+                future, within = group[0]
+                table = results[id(future)] if within < 0 else results[id(future)][within]
+                if where is not None:
+                    where[0] = located.get(table)
+            else:
+                for index, (future, within) in zip(indices.tolist(), group, strict=True):
+                    digest = (results[id(future)] if within < 0
+                              else results[id(future)][within])
+                    digests[index * DIGEST_BYTES : (index + 1) * DIGEST_BYTES] = digest
+                    if where is not None:
+                        where[index] = located.get(digest)
+                table = bytes(digests)
             job.entries[delta.name] = ArrayEntry(
                 delta.name, layout.shape, layout.dtype, layout.order, layout.split_axis,
-                layout.rows_per_chunk, bytes(digests), delta.dims, layout,
+                layout.rows_per_chunk, table, delta.dims, layout,
                 None if where is None or not any(where) else tuple(where))
         if usage is not None:
             for name, entry in job.entries.items():
