@@ -13,6 +13,7 @@ b'\\x03\\x00'
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +27,7 @@ from .manifest import ArrayEntry
 from .objects import ChunkObjects
 
 __all__ = ["assemble", "chunk_digest", "decode_chunk", "find_bad_chunks", "load_chunk",
-           "padded_chunk", "read_object"]
+           "padded_chunk", "read_object", "scratch_chunk"]
 
 
 def padded_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int,
@@ -45,6 +46,24 @@ def padded_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int,
     padded[: stop - start] = buffer[start:stop]
     padded[stop - start :] = 0
     return padded
+
+
+_scratch = threading.local()
+
+
+def scratch_chunk(buffer: np.ndarray, layout: ChunkLayout, index: int) -> np.ndarray:
+    """`padded_chunk` in this thread's scratch buffer (kept, grown as needed, never freed per
+    chunk): a ragged chunk is valid until this thread pads another.
+
+    >>> from arraysnap.layout import plan_layout
+    >>> layout = plan_layout((3,), np.dtype("u1"), "C", 2)
+    >>> scratch_chunk(np.arange(3, dtype=np.uint8), layout, 1).tolist()
+    [2, 0]
+    """
+    scratch = getattr(_scratch, "buffer", None)
+    if scratch is None or scratch.size < layout.chunk_bytes:
+        scratch = _scratch.buffer = np.empty(layout.chunk_bytes, dtype=np.uint8)
+    return padded_chunk(buffer, layout, index, scratch)
 
 
 def chunk_digest(buffer: np.ndarray, layout: ChunkLayout, index: int) -> bytes:

@@ -44,7 +44,7 @@ import blake3
 import numpy as np
 
 from .budget import Budget, Held
-from .chunks import padded_chunk
+from .chunks import scratch_chunk
 from .codecs import CodecSpec
 from .commit import manifest_key, put_manifest
 from .jobs import ArrayDelta, Listener, PersistJob
@@ -80,18 +80,6 @@ POOL_WORKERS = 2
 # Chunks of at most BATCH_BYTES / BATCH_CHUNKS are read BATCH_CHUNKS to a pool task.
 BATCH_CHUNKS = 64
 BATCH_BYTES = 4 << 20
-
-
-_scratch = threading.local()
-
-
-def _chunk_of(delta: ArrayDelta, index: int) -> np.ndarray:
-    """Chunk `index` of the baseline at full chunk size: a view, or for a ragged chunk a
-    zero-padded copy in this thread's scratch buffer (reused, never freed per chunk)."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.size < delta.layout.chunk_bytes:
-        buffer = _scratch.buffer = np.empty(delta.layout.chunk_bytes, dtype=np.uint8)
-    return padded_chunk(delta.baseline, delta.layout, index, buffer)
 
 
 class Persister:
@@ -371,7 +359,7 @@ class Persister:
     def _read_chunk(self, job: PersistJob, delta: ArrayDelta, index: int) -> bytes:
         # At most one chunk in flight per pool thread (a view of the baseline, or a padded
         # copy in the thread's scratch buffer) plus the codec's output, freed right here.
-        raw = _chunk_of(delta, index)
+        raw = scratch_chunk(delta.baseline, delta.layout, index)
         digest = blake3.blake3(raw).digest()
         encoded = None
         if self._packer is not None and delta.layout.n_chunks <= PACKED_CHUNKS:
