@@ -82,9 +82,9 @@ def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data)
     if built.tables is None:  # few arrays: listed in the manifest, as format 1 does
         assert len(entries) <= INLINE_ARRAYS and list(built.arrays) == list(entries)
     else:
-        read, used, packs = reader.read(built.tables, version)
+        read, used, packs, nodes = reader.read(built.tables, version)
         assert read == entries and list(read) == sorted(entries)  # name order
-        assert used == built.objects and packs == built.table_packs
+        assert used == built.objects and packs == built.table_packs and nodes == built.nodes
         assert len(packs) == (version >= PACKED_NODES)  # one pack a build
     if not entries:
         return
@@ -369,7 +369,8 @@ def _packed_tree(path: Path, hostile: str | None) -> None:
     junk = b"junk before the leaf"
     leaf_ref = base64.b64encode(blake3.blake3(leaf).digest()).decode()
     child = ["a", 2, leaf_ref, 0, len(junk), len(leaf)]
-    inner = json.dumps({"packs": [pack_ref], "children": [child]}).encode()
+    inner = json.dumps({"packs": [pack_ref],
+                        "children": [] if hostile == "empty-inner" else [child]}).encode()
     data = junk + leaf + inner
     inner_child = ["a", 2, base64.b64encode(blake3.blake3(inner).digest()).decode(), 0,
                    len(junk) + len(leaf), len(inner)]
@@ -394,6 +395,8 @@ def _packed_tree(path: Path, hostile: str | None) -> None:
         tables["children"] = [[*inner_child[:4], 0.5, inner_child[5]]]
     elif hostile == "packs-in-a-version-3-tree":
         body["version"] = 3
+    elif hostile == "count-zero":  # a child of no arrays, which a tree could name again
+        tables["children"] = [[inner_child[0], 0, *inner_child[2:]], inner_child]
     target = _pack_file(path, pack_ref)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
@@ -413,6 +416,7 @@ def test_a_packed_tree_as_a_writer_makes_it_reads(tmp_path):
 @pytest.mark.parametrize("hostile", [
     "child-of-three", "no-packs", "pack-index-out-of-range", "past-the-pack", "wrong-range",
     "pack-missing", "huge-length", "negative-offset", "not-ints", "packs-in-a-version-3-tree",
+    "empty-inner", "count-zero",
 ])
 def test_a_hostile_packed_tree_gives_a_clear_error_never_a_crash(tmp_path, hostile):
     path = tmp_path / "s.snap"
@@ -421,6 +425,10 @@ def test_a_hostile_packed_tree_gives_a_clear_error_never_a_crash(tmp_path, hosti
         with pytest.raises(arraysnap.CorruptSnapshotError) as caught:
             reader.restore(seq=1)
         assert "snapshot 1" in str(caught.value)
+        # Refused where they are met: a tree of such nodes, each naming the next many times
+        # over, took the reader hours to find wrong (the counts are checked after a visit).
+        assert {"count-zero": "arrays (1 or more)", "empty-inner": "has no children"}.get(
+            hostile, "") in str(caught.value)
         assert not reader.verify().ok
 
 
@@ -574,3 +582,21 @@ def test_the_harness_finds_every_chunk_of_a_tree_whose_nodes_are_packed(tmp_path
         assert {name for s, name, _ in ranges if s == seq} == set(arrays)
     assert sum(1 for s, name, _ in ranges if s == 2 and name == "long") == 157
     assert set(chunk_references(path)) <= {relative for relative, _, _ in ranges.values()}
+
+
+def test_a_writer_that_opens_a_store_goes_on_from_its_tree_not_a_new_one(tmp_path):
+    """Format 4: the first capture after an open changes one leaf and the nodes above it,
+    where the open writer finds the newest snapshot's nodes (it packed the whole tree again,
+    0.85 MB at 10,000 arrays)."""
+    path = tmp_path / "s.snap"
+    arrays = {f"x{i:04d}": np.full(4, float(i)) for i in range(2000)}
+    with arraysnap.open(path) as snap:
+        first = snap.capture(arrays, step=0).result()
+    assert first.bytes_written > 100 << 10  # the whole tree, and every array's chunk
+    arrays["x0100"] = arrays["x0100"] + 1
+    with arraysnap.open(path) as snap:
+        info = snap.capture(arrays, step=1).result()
+        assert info.bytes_written < 16 << 10, info.bytes_written
+        assert_bit_exact(snap.restore().arrays["x0100"], arrays["x0100"])
+    with arraysnap.open(path, mode="r") as reader:
+        assert reader.verify().ok

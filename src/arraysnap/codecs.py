@@ -1,4 +1,7 @@
-"""Codec names to numcodecs encoders and zarr v3 codec metadata.
+"""Codec names to encoders and decoders, and zarr v3 codec metadata.
+
+zstd chunks are compressed through ``zstandard`` (one context a thread), blosc ones and
+every decode through numcodecs, as zarr reads them.
 
 A chunk object is exactly what zarr v3 stores for a chunk encoded with the array's codec
 pipeline (``bytes`` then an optional compressor), so a snapshot is readable by zarr.
@@ -141,9 +144,10 @@ class _Zstd:
     """zstd at `level` through one compression context per thread, made once. numcodecs'
     Zstd makes a context at every call (16 µs, twice the compression of an 8 KiB chunk of
     noise) and holds the GIL while it compresses; zstandard's reused context releases
-    it, so the pool's threads compress at once. The frames are the same (the content size
-    in the header, no checksum): any zstd decoder, numcodecs' and zarr's included, reads
-    them.
+    it, so the pool's threads compress at once. The frames are of the same kind (the
+    content size in the header, no checksum; their bytes may differ between zstd
+    versions, which digests of the raw bytes do not see): any zstd decoder, numcodecs'
+    and zarr's included, reads them.
 
     >>> import numcodecs
     >>> bytes(numcodecs.Zstd().decode(_Zstd(1).encode(b"abc" * 100))) == b"abc" * 100

@@ -266,9 +266,13 @@ class Manifest:
     # its table nodes (format 4), by id: kept while the snapshot is.
     table_digests: frozenset[bytes] = frozenset()
     table_packs: frozenset[bytes] = frozenset()
+    # Format 4: where each of its table nodes is (a writer that opens the store goes on
+    # from them instead of packing the whole tree again).
+    table_nodes: Mapping[bytes, Location] = field(default_factory=dict, repr=False,
+                                                  compare=False)
 
     def body(self, tables: Any = None) -> dict[str, Any]:
-        """The manifest's JSON body: format 1, or format 2 or 3 with `tables` (a
+        """The manifest's JSON body: format 1, or format 2 to 4 with `tables` (a
         ``tables.Built``) in place of the full chunk table."""
         body: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
@@ -439,8 +443,9 @@ class TableSource(Protocol):
 
     def chunks(self, name: str, value: object, used: set[bytes]) -> bytes: ...
 
-    def read(self, tables: object, version: int = 2
-             ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes]]: ...
+    def read(self, tables: object, version: int = 2) -> tuple[
+            dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes], dict[bytes, Location]]:
+        ...
 
 
 def parse_manifest(data: bytes, expected_seq: int | None = None,
@@ -488,13 +493,13 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
         arrays_json = body.get("arrays")
         _require(isinstance(arrays_json, dict), "arrays must be an object")
         used: set[bytes] = set()
-        table_packs: set[bytes] = set()
+        table_nodes: dict[bytes, Location] = {}
         if version == 1:
             arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
         else:
             packs = parse_pack_list(body.get("packs", [])) if version >= 3 else None
             arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, version,
-                                      (used, table_packs), packs)
+                                      (used, table_nodes), packs)
         state = body.get("state")
         _require(state is None or isinstance(state, dict), "state must be an object or null")
         codec = body.get("codec")
@@ -507,12 +512,13 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
     except (ValueError, OverflowError, TypeError) as err:  # TypeError: a value's type
         raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
-                    stats, provenance, journal, frozenset(used), frozenset(table_packs))
+                    stats, provenance, journal, frozenset(used),
+                    frozenset(where.pack for where in table_nodes.values()), table_nodes)
 
 
 def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
                      tables: TableSource | None, version: int,
-                     used: tuple[set[bytes], set[bytes]],
+                     used: tuple[set[bytes], dict[bytes, Location]],
                      packs: list[bytes] | None) -> dict[str, ArrayEntry]:
     needs_tables = tables_json is not None or any(
         isinstance(value, dict) and not isinstance(value.get("chunks"), str)
@@ -533,7 +539,7 @@ def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
     if tables_json is not None:
         _require(not arrays, "a manifest lists its arrays or refers to tables, not both")
         assert tables is not None
-        arrays, table_digests, table_packs = tables.read(tables_json, version)
+        arrays, table_digests, _, table_nodes = tables.read(tables_json, version)
         used[0].update(table_digests)
-        used[1].update(table_packs)
+        used[1].update(table_nodes)
     return arrays

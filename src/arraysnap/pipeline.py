@@ -89,12 +89,15 @@ class Persister:
                  listener: Listener, pins: Pins, committed: Mapping[str, ArrayEntry],
                  parent: int | None, *, buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
-                 tables: ChunkObjects | None = None, version: int = 1) -> None:
+                 tables: ChunkObjects | None = None, version: int = 1,
+                 head: Manifest | None = None) -> None:
         self.objects = objects
         # Format 2: the manifests' tables go to table objects (None: format 1, whole tables);
         # format 3 also packs small chunks, format 4 the table nodes.
         self.tables = tables
         self._table_writer = None if tables is None else TableWriter(version)
+        if self._table_writer is not None and head is not None:  # the committed newest
+            self._table_writer.resume(head.table_digests, head.table_nodes)
         packs = version >= 3
         self.codec = codec
         self.pool = pool
@@ -516,7 +519,8 @@ class Persister:
                             job.entries, job.state, job.rng, stats, job.provenance,
                             replay_position=job.replay_position,
                             table_digests=frozenset() if built is None else built.objects,
-                            table_packs=frozenset() if built is None else built.table_packs)
+                            table_packs=frozenset() if built is None else built.table_packs,
+                            table_nodes={} if built is None else built.nodes)
         data = manifest.to_json(built)
         self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)
         if built is not None:

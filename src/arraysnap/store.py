@@ -339,7 +339,7 @@ class Store:
                                     recovered.tables, head.seq if head else None,
                                     buffer_bytes=buffer_bytes, retry_delays=retry_delays,
                                     tables=self._tables if self.format_version >= 2 else None,
-                                    version=self.format_version)
+                                    version=self.format_version, head=head)
 
     @property
     def retention(self) -> Retention:

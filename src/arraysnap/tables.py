@@ -37,7 +37,7 @@ an array with blocks is large, and its chunks are most of what a capture writes.
 ({}, 200, 1, {})
 >>> def fetch(digest, location):
 ...     return packs[location.pack][location.offset : location.offset + location.length]
->>> read, objects, used_packs = TableReader(fetch).read(built.tables, 4)
+>>> read, objects, used_packs, nodes = TableReader(fetch).read(built.tables, 4)
 >>> read == entries and used_packs == built.table_packs == set(packs)
 True
 """
@@ -49,7 +49,7 @@ import binascii
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,10 +110,15 @@ class Built:
     digests: frozenset[bytes]
     version: int = 2
     packs: list[str] = field(default_factory=list)
-    # Format 4: the packs holding nodes of the tree, and which of `digests` are in packs
-    # (the others are objects of their own under ``tables/``).
+    # Format 4: the packs holding nodes of the tree, and where each node of `digests` in a
+    # pack is (the others are objects of their own under ``tables/``).
     table_packs: frozenset[bytes] = frozenset()
-    packed: frozenset[bytes] = frozenset()
+    nodes: Mapping[bytes, Location] = field(default_factory=dict)
+
+    @property
+    def packed(self) -> frozenset[bytes]:
+        """The table objects the manifest uses that are nodes in packs."""
+        return frozenset(self.nodes)
 
     @property
     def objects(self) -> frozenset[bytes]:
@@ -200,11 +205,12 @@ class TableReader:
             parts.append(part)
         return b"".join(parts)
 
-    def read(self, tables: object, version: int = 2
-             ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes]]:
+    def read(self, tables: object, version: int = 2) -> tuple[
+            dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes], dict[bytes, Location]]:
         """The entries of a manifest's ``tables`` field (of a manifest of format `version`),
-        the table objects of their own it uses and (format 4) the packs holding its nodes;
-        ValueError for anything malformed (the caller says which snapshot)."""
+        the table objects of their own it uses and (format 4) the packs holding its nodes
+        and where each node is; ValueError for anything malformed (the caller says which
+        snapshot)."""
         if not isinstance(tables, dict):
             raise ValueError("tables must be an object")
         count, depth, children = tables.get("arrays"), tables.get("depth"), tables.get("children")
@@ -213,28 +219,31 @@ class TableReader:
             raise ValueError("tables must give arrays, depth (1 to 8) and children")
         packs = _packs_of(tables, version >= PACKED_NODES)
         used: set[bytes] = set()
-        packed: set[bytes] = set()
+        nodes: dict[bytes, Location] = {}
         entries: dict[str, ArrayEntry] = {}
         with paused_collector():
-            self._children(children, packs, depth, entries, (used, packed), [])
+            self._children(children, packs, depth, entries, (used, nodes), [])
         if len(entries) != count:
             raise ValueError(f"tables hold {len(entries)} arrays, the manifest says {count}")
-        return entries, frozenset(used), frozenset(packed)
+        return (entries, frozenset(used), frozenset(where.pack for where in nodes.values()),
+                nodes)
 
     def _children(self, children: list[Any], packs: list[bytes] | None, depth: int,
-                  entries: dict[str, ArrayEntry], used: tuple[set[bytes], set[bytes]],
-                  last: list[str]) -> str | None:
+                  entries: dict[str, ArrayEntry],
+                  used: tuple[set[bytes], dict[bytes, Location]], last: list[str]) -> str | None:
         """Read `children` (at `depth`; `packs`: their parent's, format 4) into `entries`;
         return the first name read. `last` holds the last name read so far (names must
-        increase across the whole tree). `used` collects the objects of their own and the
-        packs read."""
+        increase across the whole tree). `used` collects the objects of their own and where
+        the packed nodes are."""
+        if not children:  # the writer makes none: a child holds at least one array
+            raise ValueError("a table node has no children")
         first_read = None
         for child in children:
             digest, location = _child_of(child, packs)
             if location is None:
                 used[0].add(digest)
             else:
-                used[1].add(location.pack)
+                used[1][digest] = location
             before = len(entries)
             if depth == 1:
                 first, newest = add_entries(self._cached(digest, self._parse_leaf, location),
@@ -327,12 +336,13 @@ def _child_of(child: object, packs: list[bytes] | None) -> tuple[bytes, Location
     """A parent's reference to a child: its digest and (format 4) its location."""
     if packs is None:
         if (not isinstance(child, list) or len(child) != 3 or not isinstance(child[0], str)
-                or type(child[1]) is not int):
-            raise ValueError("a child must be [first name, arrays, digest]")
+                or type(child[1]) is not int or child[1] < 1):
+            raise ValueError("a child must be [first name, arrays (1 or more), digest]")
         return _digest_of(child[2]), None
     if (not isinstance(child, list) or len(child) != 6 or not isinstance(child[0], str)
-            or not all(type(item) is int for item in (child[1], *child[3:]))):
-        raise ValueError("a child must be [first name, arrays, digest, pack, offset, length]")
+            or not all(type(item) is int for item in (child[1], *child[3:])) or child[1] < 1):
+        raise ValueError("a child must be [first name, arrays (1 or more), digest, pack, "
+                         "offset, length]")
     index, offset, length = child[3:]
     if not 0 <= index < len(packs) or not 0 <= offset < MAX_OFFSET or not 0 < length:
         raise ValueError(f"a child names pack {index} at {offset}+{length}: out of range")

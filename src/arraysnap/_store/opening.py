@@ -36,8 +36,8 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "FORMAT_NAME", "FORMAT_VERSION", "SETTINGS_KEY
 log = logging.getLogger("arraysnap")
 
 FORMAT_NAME = "arraysnap"
-# 3: small chunks in pack objects (arraysnap.packs); 2: table objects (arraysnap.tables);
-# 1: whole tables in manifests
+# 4: table nodes in packs too (arraysnap.tablewriter); 3: small chunks in pack objects
+# (arraysnap.packs); 2: table objects (arraysnap.tables); 1: whole tables in manifests
 FORMAT_VERSION = 4
 DEFAULT_CHUNK_BYTES = 1 << 20
 SETTINGS_KEY = "arraysnap.json"
