@@ -361,6 +361,16 @@ def test_crash_states_of_a_recovery(tmp_path: Path) -> None:
 
 
 @needs_fuse
+def test_crash_states_of_a_run_of_many_arrays(tmp_path: Path) -> None:
+    """Level 2 with 2,000 arrays more: a tree of table nodes in packs (format 4), shared
+    baseline files; every barrier of a recorded run and random instants."""
+    base, journal = record(tmp_path / "record", rounds=1, workload="many")
+    counts = _all_survive(check_crash_states(tmp_path / "state", base, journal,
+                                             instants=INSTANTS // 6, seed=3, workload="many"))
+    assert counts["barrier"] >= 20, counts
+
+
+@needs_fuse
 def test_the_counting_campaign_counts_what_it_checks(tmp_path: Path) -> None:
     """`python -m arraysnap.testing.powercuts` (the counts in docs/recovery.md): a failed
     check is counted as not survived."""

@@ -4,8 +4,9 @@ demand make with :mod:`arraysnap.testing.powerloss`, each checked by
 
 ``python -m arraysnap.testing.powercuts [--scale N] [--seed S]`` makes the suite's cuts
 N times over (8N live cuts at random operations, 3N cut again during the recovery, 4N on a
-full disk, every barrier of a recorded run and of a recorded recovery, and 60N and 30N
-random instants in them, two mixtures each) and prints, by kind, how many were made and
+full disk, every barrier of a recorded run, of a recorded recovery and of a recorded run
+of 2,000 arrays more (a tree of table nodes in packs), and 60N, 30N and 10N random instants
+in them, two mixtures each) and prints, by kind, how many were made and
 survived; the exit code is 1 if any was not.
 
 >>> from arraysnap.testing.powercuts import Tally
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arraysnap.testing._processes import child_command
+from arraysnap.testing.children import WORKLOADS
 from arraysnap.testing.powerloss import (
     MARKS,
     CrashState,
@@ -46,10 +48,11 @@ FULL_DISK = (900_000, 1_000_000)  # capacities at which the power routine's capt
 STORE = "run.snap"  # the power routine's store, at the root of its mount
 
 
-def routine(mount: ForgettingMount, rounds: int = 2) -> list[str]:
-    """The command of the power routine (``children power``) on `mount`'s store."""
+def routine(mount: ForgettingMount, rounds: int = 2, workload: str = "small") -> list[str]:
+    """The command of the power routine (``children power``) on `mount`'s store, capturing
+    the `workload` of ``children.WORKLOADS``."""
     return child_command("power", mount.mount / STORE, "--marks", mount.mount / MARKS,
-                         "--rounds", rounds)
+                         "--rounds", rounds, "--workload", workload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +83,12 @@ def live_cut(workdir: Path, *, hold_at: int, capacity: int = 0, again_at: int = 
     return LiveCut(held, labels, problems, held_again)
 
 
-def record(workdir: Path, *, rounds: int = 2,
-           initial: CrashState | None = None) -> tuple[Path, Journal]:
+def record(workdir: Path, *, rounds: int = 2, initial: CrashState | None = None,
+           workload: str = "small") -> tuple[Path, Journal]:
     """Record one run of the power routine (over `initial`, if given): the folder it began
     with and its journal."""
     with ForgettingMount(workdir, initial=initial) as mount:
-        if mount.run(routine(mount, rounds)):
+        if mount.run(routine(mount, rounds, workload), timeout=600):
             raise RuntimeError("a recording froze: it has no hold point")
         journal = Journal.read(mount.journal_dir)
     shutil.rmtree(workdir / "live-0", ignore_errors=True)
@@ -102,14 +105,15 @@ def middle_state(base: Path, journal: Journal) -> tuple[CrashState, list[str]]:
 
 
 def check_crash_states(scratch: Path, base: Path, journal: Journal, *, instants: int,
-                       seed: int, labels: tuple[str, ...] | list[str] = ()
-                       ) -> Iterator[tuple[Cut, list[str]]]:
+                       seed: int, labels: tuple[str, ...] | list[str] = (),
+                       workload: str = "small") -> Iterator[tuple[Cut, list[str]]]:
     """Each crash state of a recorded run (see :func:`crash_states`, two mixtures per
     instant) written to `scratch` and checked, with `labels` made before the run began."""
     for cut in crash_states(base, journal, cuts=instants, variants=2, seed=seed):
         shutil.rmtree(scratch, ignore_errors=True)
         cut.state.write(scratch)
-        yield cut, check_after_cut(scratch / STORE, [*labels, *cut.labels])
+        yield cut, check_after_cut(scratch / STORE, [*labels, *cut.labels],
+                                   WORKLOADS[workload])
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -163,6 +167,12 @@ def campaign(workdir: Path, scale: int = 1, seed: int = 1) -> Tally:
                                             instants=30 * scale, seed=seed + 1, labels=labels):
         tally.add("crash states of a recovery: " + ("at a barrier" if cut.variant == 0
                                                     else "random mixture"), problems)
+    base, journal = record(workdir / "many", rounds=1, workload="many")
+    for cut, problems in check_crash_states(workdir / "state", base, journal,
+                                            instants=10 * scale, seed=seed + 2,
+                                            workload="many"):
+        tally.add("crash states of a run of 2,000 arrays more: " + (
+            "at a barrier" if cut.variant == 0 else "random mixture"), problems)
     return tally
 
 
