@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from .packs import PACK_ID_BYTES, PACK_PREFIX, Location
 from .storage import DEFAULT_GET_LIMIT, Storage
 
-__all__ = ["DIGEST_BYTES", "ChunkObjects", "object_key", "pack_key"]
+__all__ = ["DIGEST_BYTES", "ChunkObjects", "object_key", "pack_key", "read_pack_range"]
 
 DIGEST_BYTES = 32
 PREFIX = "chunks/"
@@ -42,6 +42,24 @@ def pack_key(pack: bytes) -> str:
     'packs/00/000000000000000000000000000000'
     """
     return object_key(pack, PACK_PREFIX)
+
+
+def read_pack_range(storage: Storage, location: Location) -> bytes:
+    """The bytes at `location` of its pack (a chunk, or a table node of format 4);
+    FileNotFoundError when the pack is absent, OSError when it ends before the range.
+
+    >>> import tempfile
+    >>> from arraysnap.storage import LocalStorage
+    >>> storage = LocalStorage(tempfile.mkdtemp())
+    >>> _ = storage.put_if_absent(pack_key(bytes(16)), b"abcdef")
+    >>> read_pack_range(storage, Location(bytes(16), 2, 3))
+    b'cde'
+    """
+    data = storage.get_range(pack_key(location.pack), location.offset, location.length)
+    if len(data) != location.length:
+        raise OSError(f"pack {location.pack.hex()[:16]} ends before {location.offset}+"
+                      f"{location.length}")
+    return data
 
 
 class ChunkObjects:
@@ -107,11 +125,7 @@ class ChunkObjects:
         if location.length > limit:
             raise OSError(f"a packed chunk of {location.length} bytes is larger than a chunk "
                           f"can be ({limit})")
-        data = self.storage.get_range(pack_key(location.pack), location.offset, location.length)
-        if len(data) != location.length:
-            raise OSError(f"pack {location.pack.hex()[:16]} ends before its chunk at "
-                          f"{location.offset}+{location.length}")
-        return data
+        return read_pack_range(self.storage, location)
 
     # -- packs (format 3) -----------------------------------------------------------------
     def put_pack(self, pack: bytes, data: bytes | memoryview) -> int:

@@ -25,7 +25,7 @@ import threading
 from ..commit import manifest_key
 from ..errors import ArraysnapError, CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError
 from ..manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from ..objects import pack_key
+from ..objects import read_pack_range
 from ..packs import Location
 from ..results import SnapshotInfo
 from ..storage import Storage
@@ -65,17 +65,12 @@ class Catalog:
         try:
             if location is None:
                 return self.storage.get(table_key(digest), limit=MAX_NODE_BYTES)
-            data = self.storage.get_range(pack_key(location.pack), location.offset,
-                                          location.length)
+            return read_pack_range(self.storage, location)
         except FileNotFoundError:
             raise ValueError(f"table object {digest.hex()[:16]}{where} is missing") from None
         except OSError as err:
             raise ValueError(f"table object {digest.hex()[:16]}{where} cannot be read: "
                              f"{err}") from None
-        if len(data) != location.length:
-            raise ValueError(f"table object {digest.hex()[:16]}{where} is cut short (the "
-                             "pack is truncated)")
-        return data
 
     @property
     def where(self) -> str:
