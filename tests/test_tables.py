@@ -82,8 +82,9 @@ def test_tables_read_back_what_was_built_and_a_change_writes_little(items, data)
     if built.tables is None:  # few arrays: listed in the manifest, as format 1 does
         assert len(entries) <= INLINE_ARRAYS and list(built.arrays) == list(entries)
     else:
-        read, used, packs, nodes = reader.read(built.tables, version)
+        read, used, nodes = reader.read(built.tables, version)
         assert read == entries and list(read) == sorted(entries)  # name order
+        packs = {location.pack for location in nodes.values()}
         assert used == built.objects and packs == built.table_packs and nodes == built.nodes
         assert len(packs) == (version >= PACKED_NODES)  # one pack a build
     if not entries:

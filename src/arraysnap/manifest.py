@@ -262,14 +262,18 @@ class Manifest:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     # The replay log's position at this capture (the JSON field "journal").
     replay_position: int | None = None
-    # The table objects of their own (format 2) it uses, by digest, and the packs holding
-    # its table nodes (format 4), by id: kept while the snapshot is.
+    # The table objects of their own (format 2) it uses, by digest: kept while the
+    # snapshot is.
     table_digests: frozenset[bytes] = frozenset()
-    table_packs: frozenset[bytes] = frozenset()
     # Format 4: where each of its table nodes is (a writer that opens the store goes on
     # from them instead of packing the whole tree again).
     table_nodes: Mapping[bytes, Location] = field(default_factory=dict, repr=False,
                                                   compare=False)
+
+    @property
+    def table_packs(self) -> frozenset[bytes]:
+        """The packs holding its table nodes (format 4), by id: kept while it is."""
+        return frozenset(location.pack for location in self.table_nodes.values())
 
     def body(self, tables: Any = None) -> dict[str, Any]:
         """The manifest's JSON body: format 1, or format 2 to 4 with `tables` (a
@@ -443,9 +447,8 @@ class TableSource(Protocol):
 
     def chunks(self, name: str, value: object, used: set[bytes]) -> bytes: ...
 
-    def read(self, tables: object, version: int = 2) -> tuple[
-            dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes], dict[bytes, Location]]:
-        ...
+    def read(self, tables: object, version: int = 2
+             ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], dict[bytes, Location]]: ...
 
 
 def parse_manifest(data: bytes, expected_seq: int | None = None,
@@ -512,8 +515,7 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
     except (ValueError, OverflowError, TypeError) as err:  # TypeError: a value's type
         raise _corrupt(expected_seq, str(err)) from None
     return Manifest(seq, step, time, parent, codec, arrays, state, body.get("rng"),
-                    stats, provenance, journal, frozenset(used),
-                    frozenset(where.pack for where in table_nodes.values()), table_nodes)
+                    stats, provenance, journal, frozenset(used), table_nodes)
 
 
 def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
@@ -539,7 +541,7 @@ def _parse_arrays_v2(arrays_json: dict[str, Any], tables_json: object,
     if tables_json is not None:
         _require(not arrays, "a manifest lists its arrays or refers to tables, not both")
         assert tables is not None
-        arrays, table_digests, _, table_nodes = tables.read(tables_json, version)
+        arrays, table_digests, table_nodes = tables.read(tables_json, version)
         used[0].update(table_digests)
         used[1].update(table_nodes)
     return arrays

@@ -519,7 +519,6 @@ class Persister:
                             job.entries, job.state, job.rng, stats, job.provenance,
                             replay_position=job.replay_position,
                             table_digests=frozenset() if built is None else built.objects,
-                            table_packs=frozenset() if built is None else built.table_packs,
                             table_nodes={} if built is None else built.nodes)
         data = manifest.to_json(built)
         self.retrying(lambda: put_manifest(self.objects.storage, job.seq, data), job)

@@ -37,8 +37,8 @@ an array with blocks is large, and its chunks are most of what a capture writes.
 ({}, 200, 1, {})
 >>> def fetch(digest, location):
 ...     return packs[location.pack][location.offset : location.offset + location.length]
->>> read, objects, used_packs, nodes = TableReader(fetch).read(built.tables, 4)
->>> read == entries and used_packs == built.table_packs == set(packs)
+>>> read, objects, nodes = TableReader(fetch).read(built.tables, 4)
+>>> read == entries and {where.pack for where in nodes.values()} == built.table_packs == set(packs)
 True
 """
 
@@ -110,10 +110,14 @@ class Built:
     digests: frozenset[bytes]
     version: int = 2
     packs: list[str] = field(default_factory=list)
-    # Format 4: the packs holding nodes of the tree, and where each node of `digests` in a
-    # pack is (the others are objects of their own under ``tables/``).
-    table_packs: frozenset[bytes] = frozenset()
+    # Format 4: where each node of `digests` in a pack is (the others are objects of their
+    # own under ``tables/``).
     nodes: Mapping[bytes, Location] = field(default_factory=dict)
+
+    @property
+    def table_packs(self) -> frozenset[bytes]:
+        """The packs holding nodes of the tree (format 4)."""
+        return frozenset(location.pack for location in self.nodes.values())
 
     @property
     def packed(self) -> frozenset[bytes]:
@@ -205,12 +209,11 @@ class TableReader:
             parts.append(part)
         return b"".join(parts)
 
-    def read(self, tables: object, version: int = 2) -> tuple[
-            dict[str, ArrayEntry], frozenset[bytes], frozenset[bytes], dict[bytes, Location]]:
+    def read(self, tables: object, version: int = 2
+             ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], dict[bytes, Location]]:
         """The entries of a manifest's ``tables`` field (of a manifest of format `version`),
-        the table objects of their own it uses and (format 4) the packs holding its nodes
-        and where each node is; ValueError for anything malformed (the caller says which
-        snapshot)."""
+        the table objects of their own it uses and (format 4) where each of its nodes is;
+        ValueError for anything malformed (the caller says which snapshot)."""
         if not isinstance(tables, dict):
             raise ValueError("tables must be an object")
         count, depth, children = tables.get("arrays"), tables.get("depth"), tables.get("children")
@@ -225,8 +228,7 @@ class TableReader:
             self._children(children, packs, depth, entries, (used, nodes), [])
         if len(entries) != count:
             raise ValueError(f"tables hold {len(entries)} arrays, the manifest says {count}")
-        return (entries, frozenset(used), frozenset(where.pack for where in nodes.values()),
-                nodes)
+        return entries, frozenset(used), nodes
 
     def _children(self, children: list[Any], packs: list[bytes] | None, depth: int,
                   entries: dict[str, ArrayEntry],

@@ -78,9 +78,9 @@ class TableWriter:
         self._names: list[str] = []
         self._ends: dict[tuple[str, int], bool] = {}
         self._layout_texts: dict[tuple[Any, ...], tuple[dict[str, Any], str]] = {}
-        # Format 4: where each packed node is, the nodes the build under way placed (in
-        # its pack, or where the last committed snapshot has them), and its pack.
-        self._where: dict[bytes, Location] = {}
+        # Format 4: where the last committed snapshot's nodes are, the nodes the build under
+        # way placed (in its pack, or where that snapshot has them), and its pack.
+        self._committed_nodes: Mapping[bytes, Location] = {}
         self._placed: dict[bytes, Location] = {}
         self._pack = b""
         self._pack_data = bytearray()
@@ -117,14 +117,13 @@ class TableWriter:
         location = self._placed.get(digest)
         if location is not None:
             return location
-        location = self._where.get(digest) if digest in self._committed else None
+        location = self._committed_nodes.get(digest)
         if location is None:
             data = self._data[digest]
             if not self._pack_data:
                 self._pack = new_pack_id()
             location = Location(self._pack, len(self._pack_data), len(data))
             self._pack_data += data
-            self._where[digest] = location
         self._placed[digest] = location
         return location
 
@@ -150,7 +149,7 @@ class TableWriter:
 
     def committed(self, built: Built) -> None:
         """`built` is in a committed snapshot: its objects need not be put again."""
-        self._committed = built.digests
+        self._committed, self._committed_nodes = built.digests, built.nodes
         self.trim()
 
     def resume(self, objects: frozenset[bytes], nodes: Mapping[bytes, Location]) -> None:
@@ -159,8 +158,7 @@ class TableWriter:
         built again from the same entries has the same bytes, so it stays where it is;
         without this, the first capture after an open packed the whole tree again (0.85 MB
         at 10,000 arrays)."""
-        self._committed = objects | frozenset(nodes)
-        self._where.update(nodes)
+        self._committed, self._committed_nodes = objects | frozenset(nodes), dict(nodes)
 
     def _build(self, entries: Mapping[str, ArrayEntry]) -> Built:
         used: set[bytes] = set()
@@ -194,10 +192,7 @@ class TableWriter:
             level = self._inner_level(level, depth, used)
             depth += 1
         tables = {"arrays": len(entries), "depth": depth, **self._refs(level)}
-        placed = self._placed
-        return Built({}, tables, frozenset(used), self.version,
-                     table_packs=frozenset(location.pack for location in placed.values()),
-                     nodes=dict(placed))
+        return Built({}, tables, frozenset(used), self.version, nodes=dict(self._placed))
 
     def _refs(self, children: list[tuple[str, int, bytes]]) -> dict[str, Any]:
         """A parent's fields naming `children`: their digests and (format 4) locations."""
@@ -314,8 +309,6 @@ class TableWriter:
             self._subtree.clear()
             self._entries.clear()
             self._data.clear()
-            self._where = {digest: location for digest, location in self._where.items()
-                           if digest in self._committed}
         if len(self._ends) > 4 * len(self._entries) + 1024:  # names that came and went
             self._ends.clear()
 
