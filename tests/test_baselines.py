@@ -44,7 +44,7 @@ def test_held_maps_are_preserved_in_place_and_leased_files_are_moved_from(tmp_pa
     baselines.baseline("u", layout).buffer[:] = 1
     baselines.mark_committed(1)
     place = baselines.location("u")
-    held = baselines.hand_out(["u"])["u"]
+    held = baselines.hand_out(["u"]).array("u")
     target = baselines.baseline("u", layout)
     assert target.held and not target.fresh and baselines.location("u") == place
     baselines.preserve("u", np.array([1]))

@@ -78,6 +78,37 @@ def test_restored_arrays_never_change_under_their_holder_in_this_process(store_p
         assert_workload_step(snap.restore(), 8)
 
 
+@pytest.mark.parametrize("holder", ["writer", "assembled", "reader"])
+def test_arrays_first_looked_up_after_later_captures_hold_the_restored_snapshot(
+        store_path: Path, holder: str):
+    """``Restored.arrays`` makes each array when first looked up: one looked up only after
+    the writer captured (and pruned) again still holds the snapshot restored: a map of the
+    writer's baselines, arrays assembled from chunk objects, or a reader's map of the
+    writer's files under leases. Many small arrays share baseline files, so the held maps
+    are of shared files (each holder alone: a reader's leases would keep the writer off
+    the files a writer's own restore maps)."""
+    def arrays(step: int) -> dict[str, np.ndarray]:
+        return {f"a{i:03d}": np.full(16 + i % 5, step * 1000.0 + i) for i in range(300)}
+
+    with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
+        snap.capture(arrays(0), step=0)
+        snap.capture(arrays(1), step=1)
+        snap.wait()
+        reader = arraysnap.open(store_path, mode="r") if holder == "reader" else None
+        source = snap if reader is None else reader
+        restored = source.restore(seq=1 if holder == "assembled" else None)
+        for step in range(2, 6):
+            snap.capture(arrays(step), step=step)
+            snap.wait()
+        snap.prune(keep_last=1)
+        snap.gc()
+        expected = 0 if holder == "assembled" else 1
+        assert list(restored.arrays) == sorted(arrays(expected))
+        assert_arrays(restored.arrays, arrays(expected))
+        if reader is not None:
+            reader.close()
+
+
 def test_restored_array_used_as_the_live_array(store_path: Path):
     with arraysnap.open(store_path, chunk_bytes=CHUNK) as snap:
         snap.capture({"u": np.zeros((32, 512))}, step=0)

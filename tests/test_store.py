@@ -288,6 +288,41 @@ def test_restored_arrays_are_copy_on_write(store_path):
         assert reader.restore().arrays["u"][0] == 0.0
 
 
+@pytest.mark.parametrize("source", ["writer", "reader", "assembled"])
+def test_restored_arrays_behave_as_a_dict_of_the_snapshot(store_path, source):
+    """Restored.arrays makes its arrays when first looked up; otherwise it is the dict it
+    was: the snapshot's order, the same array for a name every time (a write through one
+    lookup is seen by the next), names set and deleted as in a dict, and a KeyError for a
+    name the snapshot does not have."""
+    captured = {name: np.arange(i + 3.0) for i, name in enumerate(["w", "b", "a", "c"])}
+    with arraysnap.open(store_path) as snap:
+        snap.capture(captured, step=1)
+        snap.capture({**captured, "c": np.zeros(9)}, step=2)
+        snap.wait()
+        with arraysnap.open(store_path, mode="r") as reader:
+            holder = reader if source == "reader" else snap
+            arrays = holder.restore(seq=1 if source == "assembled" else None).arrays
+            expected = captured if source == "assembled" else {**captured, "c": np.zeros(9)}
+            assert isinstance(arrays, arraysnap.RestoredArrays)
+            assert list(arrays) == ["w", "b", "a", "c"] and len(arrays) == 4
+            assert "b" in arrays and "zz" not in arrays
+            assert arrays["b"] is arrays["b"]
+            arrays["b"][0] = 7.0
+            assert arrays["b"][0] == 7.0 and arrays.copy()["b"][0] == 7.0
+            with pytest.raises(KeyError, match="zz"):
+                arrays["zz"]
+            arrays["new"] = np.ones(2)
+            del arrays["w"]
+            assert list(arrays) == ["b", "a", "c", "new"]
+            with pytest.raises(KeyError):
+                del arrays["w"]
+            assert arrays.get("w") is None and arrays["new"].tolist() == [1.0, 1.0]
+            for name in ("a", "c"):
+                assert_bit_exact(arrays[name], expected[name])
+            assert list(dict(arrays)) == ["b", "a", "c", "new"]
+            assert repr(arrays).startswith("{'b': array([7.,")
+
+
 def test_read_only_store_never_writes(store_path):
     with arraysnap.open(store_path) as snap:
         snap.capture({"u": np.arange(10)}, step=1)

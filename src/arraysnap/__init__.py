@@ -31,6 +31,7 @@ from .results import (
     Problem,
     PruneReport,
     Restored,
+    RestoredArrays,
     SnapshotInfo,
     VerifyReport,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "PruneReport",
     "ReadOnlyStoreError",
     "Restored",
+    "RestoredArrays",
     "SnapshotInfo",
     "SnapshotNotFoundError",
     "Store",

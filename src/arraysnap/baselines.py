@@ -54,9 +54,9 @@ from .extents import (
     BaselineFile,
     Extent,
     Target,
+    Views,
     align_of,
     read_extents,
-    view_of,
 )
 from .fsio import TMP_PREFIX, FileOps, read_regular_file
 from .layout import ChunkLayout
@@ -497,16 +497,17 @@ class Baselines:
             if name not in names:
                 self.forget(name)
 
-    def hand_out(self, names: list[str]) -> dict[str, np.ndarray]:
+    def hand_out(self, names: list[str]) -> Views:
         """Copy-on-write maps of the baselines of `names` for a caller in this process: one
-        map per file, each array a view of it."""
+        map per file, each array a view of it (made when first used)."""
         maps: dict[str, FileMap] = {}
-        arrays = {}
+        views = Views()
         for name in names:
             extent = self._extents[name]
             layout = extent.layout
             if extent.file is None:
-                arrays[name] = np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
+                views.made[name] = np.empty(layout.shape, dtype=layout.dtype,
+                                            order=layout.order)
                 continue
             file = extent.file
             file_map = maps.get(file.name)
@@ -514,8 +515,8 @@ class Baselines:
                 file_map = maps[file.name] = map_file(file.path, file.end, shared=False,
                                                       writable_file=False)
                 file.handed_out.append(weakref.ref(file_map))
-            arrays[name] = view_of(file_map, extent.offset, layout)
-        return arrays
+            views.add(name, file_map, extent.offset, layout)
+        return views
 
     def remove_strays(self) -> None:
         """Delete files no extent uses (left by a killed writer, or migrated)."""

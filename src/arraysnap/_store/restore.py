@@ -38,13 +38,13 @@ from ..errors import (
     SnapshotNotFoundError,
     space_error,
 )
-from ..extents import align_of, read_extents, view_of
+from ..extents import Views, align_of, read_extents
 from ..leases import LEASES, LockFile, ReaderLeases
 from ..manifest import ArrayEntry, Manifest
 from ..mapping import FileMap, map_fd, map_file
 from ..objects import ChunkObjects
 from ..replaylog import ReplayLog
-from ..results import Problem, Restored
+from ..results import Problem, Restored, RestoredArrays
 from ..rngstate import rng_from_json
 from .capture import Capturer
 from .catalog import Catalog
@@ -94,20 +94,20 @@ class Restorer:
                          into: Mapping[str, np.ndarray] | None = None) -> Restored:
         """The snapshot of `manifest`; with `into`, only those arrays, copied into them
         (chunk objects decoded straight into the caller's buffers: no scratch file)."""
-        with paused_collector():  # thousands of views, none in a cycle
-            arrays = self._map_baselines(manifest, verify)
+        with paused_collector():  # thousands of maps' views, none in a cycle
+            views = self._map_baselines(manifest, verify)
         if into is not None:
             for name, target in into.items():
-                if name in arrays:
-                    np.copyto(target, arrays[name])
+                if name in views:
+                    np.copyto(target, views.array(name))
                 else:
                     self._assemble_into(target, manifest.arrays[name], verify, manifest.seq)
-            arrays = dict(into)
+            arrays = RestoredArrays(into)
         else:
-            missing = [entry for name, entry in manifest.arrays.items() if name not in arrays]
+            missing = [entry for name, entry in manifest.arrays.items() if name not in views]
             if missing:
-                arrays.update(self._materialize(missing, verify=verify, seq=manifest.seq))
-            arrays = {name: arrays[name] for name in manifest.arrays}  # the snapshot's order
+                views.update(self._materialize(missing, verify=verify, seq=manifest.seq))
+            arrays = RestoredArrays.of(manifest.arrays, views)
         try:
             rng = rng_from_json(manifest.rng)
         except (ValueError, TypeError) as err:
@@ -157,13 +157,13 @@ class Restorer:
                                      order=order))
 
     # -- mapping the baselines -------------------------------------------------------------
-    def _map_baselines(self, manifest: Manifest, verify: bool) -> dict[str, np.ndarray]:
+    def _map_baselines(self, manifest: Manifest, verify: bool) -> Views:
         """Maps of the baselines that hold exactly this snapshot's arrays (maybe none)."""
         capturer = self.capturer
         if capturer is None:
             return self._map_committed(manifest, verify)
         if capturer.baseline_seq != manifest.seq:
-            return {}
+            return Views()
         names = [name for name, entry in manifest.arrays.items()
                  if self.baselines.layout_of(name) == entry.layout]
         if verify:
@@ -181,16 +181,16 @@ class Restorer:
                     capturer.repaired(name, manifest.seq)
         return self.baselines.hand_out(names)
 
-    def _map_committed(self, manifest: Manifest, verify: bool) -> dict[str, np.ndarray]:
+    def _map_committed(self, manifest: Manifest, verify: bool) -> Views:
         """In a reader: the writer's baselines, if they hold this snapshot, each file under
         a lease for as long as its map lives."""
         baselines = self.baselines
         marker = baselines.read_marker()
         if marker is None or baselines.trusted_seq(marker) != manifest.seq:
-            return {}
+            return Views()
         extents = read_extents(baselines.dir, marker, current_only=True)
         if not extents:
-            return {}
+            return Views()
         layouts = {name: entry.layout for name, entry in manifest.arrays.items()}
         by_file: dict[str, list[str]] = {}
         for name, layout in layouts.items():
@@ -199,9 +199,9 @@ class Restorer:
                 by_file.setdefault(filename, []).append(name)
         leases = self._leases()
         if leases is None:
-            return {}
+            return Views()
         leased = [filename for filename in by_file if leases.acquire(filename)]
-        arrays: dict[str, np.ndarray] = {}
+        views = Views()
         # Under the leases no writer changes these files; only now is the marker to be
         # trusted (the writer may have moved on between the first read and the leases).
         unchanged = baselines.read_marker() == marker
@@ -214,13 +214,13 @@ class Restorer:
                 continue
             leases.keep(filename, file_map)  # the lease now lasts as long as the map
             for name in names:
-                arrays[name] = view_of(file_map, extents[name][1], layouts[name])
+                views.add(name, file_map, extents[name][1], layouts[name])
         if verify:
-            bad = [name for name, array in arrays.items()
-                   if find_bad_chunks(as_bytes(array), manifest.arrays[name], self.pool)]
+            bad = [name for name in views.names() if find_bad_chunks(
+                as_bytes(views.array(name)), manifest.arrays[name], self.pool)]
             for name in bad:
-                del arrays[name]  # assembled from its chunk objects instead
-        return arrays
+                views.drop(name)  # assembled from its chunk objects instead
+        return views
 
     @staticmethod
     def _map_file(path: Path, stop: int) -> FileMap | None:
@@ -247,8 +247,7 @@ class Restorer:
             self._reader_leases.close()
             self._reader_leases = None
 
-    def _materialize(self, entries: list[ArrayEntry], *, verify: bool,
-                     seq: int) -> dict[str, np.ndarray]:
+    def _materialize(self, entries: list[ArrayEntry], *, verify: bool, seq: int) -> Views:
         """Assemble arrays from their chunk objects into one allocated temporary file,
         mapped once: each array a view of it."""
         offsets, total = [], 0
@@ -261,10 +260,12 @@ class Restorer:
             total = -(-total // align) * align
             offsets.append(total)
             total += entry.layout.nbytes
-        arrays = {}
+        views = Views()
         if total == 0:
-            return {entry.name: np.empty(entry.layout.shape, dtype=entry.layout.dtype,
-                                         order=entry.layout.order) for entry in entries}
+            views.made.update((entry.name, np.empty(entry.layout.shape, dtype=entry.layout.dtype,
+                                                    order=entry.layout.order))
+                              for entry in entries)
+            return views
         directory = self._scratch_dir
         handle = None
         try:
@@ -289,5 +290,5 @@ class Restorer:
             del shared  # unmapped with its last view (a pool task may still hold one)
             private = map_fd(handle.fileno(), total, shared=False)
         for entry, offset in zip(entries, offsets, strict=True):
-            arrays[entry.name] = view_of(private, offset, entry.layout)
-        return arrays
+            views.add(entry.name, private, offset, entry.layout)
+        return views
