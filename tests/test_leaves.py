@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import struct
 
 import numpy as np
 import pytest
@@ -13,7 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from arraysnap import _leaves
-from arraysnap.manifest import ArrayEntry, check_array_name, entry_of, parse_layout
+from arraysnap.manifest import (
+    ArrayEntry,
+    check_array_name,
+    check_array_names,
+    entry_of,
+    parse_layout,
+)
 from arraysnap.objects import DIGEST_BYTES
 from arraysnap.packs import MAX_OFFSET, Location, where_from_json
 from arraysnap.tables import TableReader
@@ -92,7 +99,11 @@ _row = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(rows=st.lists(_row, max_size=6))
 def test_the_kernel_parses_rows_exactly_as_the_reference_does(rows):
-    expected, got = _outcome(reference_rows, rows), _outcome(kernel_rows, rows)
+    _assert_same_outcome(_outcome(kernel_rows, rows), _outcome(reference_rows, rows))
+
+
+def _assert_same_outcome(got, expected):
+    """The kernel's outcome is the reference's: the same error, or the same entries."""
     assert got[0] == expected[0]
     if expected[0] != "ok":
         assert got[1] == expected[1]
@@ -105,6 +116,7 @@ def test_the_kernel_parses_rows_exactly_as_the_reference_does(rows):
         for field in dataclasses.fields(ArrayEntry):
             assert getattr(mine, field.name) == getattr(theirs, field.name), field.name
         assert mine.layout is theirs.layout
+        assert mine.where is None or all(type(w) in (Location, type(None)) for w in mine.where)
 
 
 def test_the_kernel_sets_every_field_an_entry_has():
@@ -131,3 +143,132 @@ def test_a_remembered_layout_never_stands_for_a_malformed_one_equal_to_it(bad):
     with pytest.raises(ValueError):
         reader._layout(bad)
     assert np.dtype("<f8") == reader._layout(good).dtype
+
+
+# -- format 5: a leaf's columns --------------------------------------------------------------
+_COLUMNS = ("a leaf must give one layout for each name, and where a whole number of [pack, "
+            "offset, length]")
+_BLOCKS = ("a leaf's blocks must be [row, refs] items, rows in increasing order, each a row "
+           "of the leaf")
+
+
+def reference_columns(names, layout_of, layouts, digests, where, blocks, packs):
+    """``_leaves.parse_columns`` in Python: the format-5 leaf as docs/format.md gives it."""
+    n = len(names)
+    if len(layout_of) != n or len(where) % 24:
+        raise ValueError(_COLUMNS)
+    values = struct.unpack(f"<{len(where) // 8}q", where)
+
+    def block_row(block, after):
+        item = blocks[block]
+        if (type(item) is not list or len(item) != 2 or type(item[0]) is not int
+                or not after < item[0] < n):
+            raise ValueError(_BLOCKS)
+        return item[0]
+
+    next_block = block_row(0, -1) if blocks else -1
+    block = taken = placed = 0
+    result = []
+    for row, name in enumerate(names):
+        index = layout_of[row]
+        if type(index) is not int or not 0 <= index < len(layouts):
+            raise ValueError(f"array {name!r}: layout {index!r} is not one of the leaf's "
+                             f"{len(layouts)}")
+        layout = layouts[index]
+        if row == next_block:
+            result.append((entry_of(name, layout, b"", check_table=False),
+                           {"blocks": blocks[block][1]}))
+            block += 1
+            next_block = block_row(block, row) if block < len(blocks) else -1
+            continue
+        n_chunks = layout.n_chunks
+        if (taken + n_chunks * DIGEST_BYTES > len(digests)
+                or placed + n_chunks > len(values) // 3):
+            raise ValueError(f"array {name!r}: the leaf's digests or where end before its "
+                             f"{n_chunks} chunks")
+        chunk_digests = digests[taken : taken + n_chunks * DIGEST_BYTES]
+        taken += n_chunks * DIGEST_BYTES
+        locations = []
+        for chunk in range(n_chunks):
+            pack, offset, length = values[3 * (placed + chunk) : 3 * (placed + chunk) + 3]
+            if (pack, offset, length) == (-1, 0, 0):
+                locations.append(None)
+                continue
+            if not (0 <= pack < len(packs) and 0 <= offset < MAX_OFFSET and 0 < length):
+                raise ValueError(f"array {name!r}: chunk {chunk} is in pack {pack} at "
+                                 f"{offset}+{length}: out of range")
+            locations.append(Location(packs[pack], offset, length))
+        placed += n_chunks
+        packed = any(location is not None for location in locations)
+        result.append(entry_of(name, layout, chunk_digests,
+                               where=tuple(locations) if packed else None))
+    if taken != len(digests) or placed != len(values) // 3:
+        raise ValueError("a leaf's digests or where hold more than its arrays' chunks")
+    return result
+
+
+def kernel_columns(names, layout_of, layouts, digests, where, blocks, packs):
+    result: list = []
+    _leaves.parse_columns(names, layout_of, layouts, digests, where, blocks, packs, ArrayEntry,
+                          DIGEST_BYTES, Location, MAX_OFFSET, result)
+    return result
+
+
+_triple = st.one_of(
+    st.tuples(st.integers(0, 1), st.integers(0, 99), st.integers(1, 50)),
+    st.just((-1, 0, 0)),
+    st.tuples(st.sampled_from([-2, -1, 0, 1, 2, 1 << 40]),
+              st.sampled_from([0, -1, 5, MAX_OFFSET - 1, MAX_OFFSET]),
+              st.sampled_from([0, 1, -5, 7])),
+)
+
+
+@st.composite
+def _columns(draw):
+    names = draw(st.lists(st.sampled_from("uvwxyz"), max_size=5, unique=True))
+    extra = draw(st.sampled_from([0, 0, 0, 1, -1]))
+    layout_of = draw(st.lists(st.sampled_from([0, 0, 1, 1, 2, -1, True, "0"]),
+                              min_size=max(0, len(names) + extra),
+                              max_size=max(0, len(names) + extra)))
+    digests = draw(st.integers(0, 14).map(lambda n: bytes(range(n)) * DIGEST_BYTES))
+    triples = draw(st.lists(_triple, max_size=14))
+    where = struct.pack(f"<{3 * len(triples)}q", *(v for t in triples for v in t))
+    where += draw(st.sampled_from([b"", b"", b"", b"x", bytes(8)]))
+    blocks = draw(st.lists(st.one_of(
+        st.tuples(st.integers(-1, 6), st.sampled_from([[], ["ref"]])).map(list),
+        st.sampled_from([[0], [True, []], ["0", []], (0, []), None])), max_size=3))
+    return names, layout_of, digests, where, blocks
+
+
+@settings(max_examples=600, deadline=None)
+@given(columns=_columns())
+def test_the_kernel_parses_columns_exactly_as_the_reference_does(columns):
+    names, layout_of, digests, where, blocks = columns
+
+    def outcome(parse):
+        try:
+            return "ok", parse(names, layout_of, LAYOUTS, digests, where, blocks, PACKS)
+        except (ValueError, TypeError) as err:
+            return type(err).__name__, str(err)
+
+    _assert_same_outcome(outcome(kernel_columns), outcome(reference_columns))
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(st.one_of(
+    st.sampled_from(["u", "a b", "", "__x", "a/b", "..", ".", "zarr.json", "a\nb", "é",
+                     "x" * 255, "x" * 256, "\x7f", "a\\b", "zarr.jsonx", "._"]),
+    st.text(max_size=4), st.integers(0, 3)), max_size=5))
+def test_checking_many_names_at_once_is_checking_each(names):
+    def each():
+        for name in names:
+            check_array_name(name)
+
+    def outcome(check):
+        try:
+            check()
+            return "ok"
+        except (ValueError, TypeError) as err:
+            return type(err).__name__, str(err)
+
+    assert outcome(lambda: check_array_names(names)) == outcome(each)

@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Leaf kernel: the rows of a table leaf (formats 2 and 3) as manifest entries.
+"""Leaf kernel: the rows of a table leaf (formats 2 to 4), or its columns (format 5), as
+manifest entries.
 
 Private; `arraysnap.tables` is the only caller, and passes in the checks it relies on
 (`check_name`, `where_from_json`), so each rule has one definition. A reader of 10,000
@@ -10,6 +11,7 @@ set them, one Python call each), costs about a third of that.
 
 import binascii
 
+from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.object cimport PyObject_GenericSetAttr
 
 cdef object _a2b = binascii.a2b_base64
@@ -96,6 +98,86 @@ def parse_rows(list rows, list layouts, list packs, object check_name,
                              "never packed")
         else:  # blocks: fetched when the entry is used, checked then
             result.append((_entry(entry_type, name, layout, b"", None), chunks))
+
+
+cdef inline long long _int64_le(const unsigned char* p) noexcept nogil:
+    cdef unsigned long long value = 0
+    cdef int k
+    for k in range(7, -1, -1):
+        value = (value << 8) | p[k]
+    return <long long>value
+
+
+def parse_columns(list names, list layout_of, list layouts, bytes digests, bytes where,
+                  list blocks, list packs, type entry_type, Py_ssize_t digest_bytes,
+                  type location_type, long long max_offset, list result):
+    """Append one entry of `entry_type` to `result` per name of a format-5 leaf (a pair
+    ``(entry, {"blocks": refs})`` for a row listed in `blocks`, its digests left empty).
+    `names` (checked by the caller) and `layout_of` have one item per array; `digests` and
+    `where` (three little-endian int64 a chunk: pack, offset, length; pack -1 and 0, 0 for
+    a chunk object of its own) hold the chunks of the other rows, in order, and nothing
+    else. ValueError naming the problem for anything malformed."""
+    cdef Py_ssize_t n = len(names), n_layouts = len(layouts), n_packs = len(packs)
+    cdef Py_ssize_t n_digests = len(digests), n_where = len(where) // 24
+    cdef Py_ssize_t i, k, n_chunks, taken = 0, placed = 0, block = 0
+    cdef Py_ssize_t next_block = -1
+    cdef const unsigned char* at = <const unsigned char*>PyBytes_AS_STRING(where)
+    cdef long long pack, offset, length
+    cdef bint packed
+    cdef list item
+    if len(layout_of) != n or len(where) % 24:
+        raise ValueError("a leaf must give one layout for each name, and where a whole "
+                         "number of [pack, offset, length]")
+    if blocks:
+        next_block = _block_row(blocks, 0, -1, n)
+    for i in range(n):
+        name = names[i]
+        index = layout_of[i]
+        if type(index) is not int or not 0 <= index < n_layouts:
+            raise ValueError(f"array {name!r}: layout {index!r} is not one of the leaf's "
+                             f"{n_layouts}")
+        layout = layouts[index]
+        if i == next_block:
+            item = <list>blocks[block]
+            result.append((_entry(entry_type, name, layout, b"", None), {"blocks": item[1]}))
+            block += 1
+            next_block = _block_row(blocks, block, i, n) if block < len(blocks) else -1
+            continue
+        n_chunks = layout.n_chunks
+        if taken + n_chunks * digest_bytes > n_digests or placed + n_chunks > n_where:
+            raise ValueError(f"array {name!r}: the leaf's digests or where end before its "
+                             f"{n_chunks} chunks")
+        chunk_digests = digests[taken : taken + n_chunks * digest_bytes]
+        taken += n_chunks * digest_bytes
+        locations = [None] * n_chunks
+        packed = False
+        for k in range(n_chunks):
+            pack = _int64_le(at + 24 * (placed + k))
+            offset = _int64_le(at + 24 * (placed + k) + 8)
+            length = _int64_le(at + 24 * (placed + k) + 16)
+            if pack == -1 and offset == 0 and length == 0:
+                continue
+            if not (0 <= pack < n_packs and 0 <= offset < max_offset and 0 < length):
+                raise ValueError(f"array {name!r}: chunk {k} is in pack {pack} at "
+                                 f"{offset}+{length}: out of range")
+            locations[k] = tuple.__new__(location_type, (packs[pack], offset, length))
+            packed = True
+        placed += n_chunks
+        result.append(_entry(entry_type, name, layout, chunk_digests,
+                             tuple(locations) if packed else None))
+    if taken != n_digests or placed != n_where:
+        raise ValueError("a leaf's digests or where hold more than its arrays' chunks")
+
+
+cdef Py_ssize_t _block_row(list blocks, Py_ssize_t block, Py_ssize_t after,
+                           Py_ssize_t n) except -2:
+    """The row of ``blocks[block]``, an item ``[row, refs]`` with `after` < row < `n`."""
+    item = blocks[block]
+    if (type(item) is not list or len(<list>item) != 2 or type((<list>item)[0]) is not int
+            or not after < (<list>item)[0] < n):
+        raise ValueError("a leaf's blocks must be [row, refs] items, rows in increasing "
+                         "order, each a row of the leaf")
+    return (<list>item)[0]
 
 
 def add_entries(list items, dict entries, object last, object blocks_of):

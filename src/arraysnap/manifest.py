@@ -40,6 +40,7 @@ __all__ = [
     "ParsedLayout",
     "TableSource",
     "check_array_name",
+    "check_array_names",
     "check_dims",
     "dtype_from_json",
     "dtype_to_json",
@@ -52,7 +53,9 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT = "arraysnap-snapshot"
-MANIFEST_VERSION = 4  # 4: packed table nodes; 3: packed chunks; 2: table objects; 1: whole tables
+# 5: leaves by column; 4: packed table nodes; 3: packed chunks; 2: table objects; 1: whole
+# tables.
+MANIFEST_VERSION = 5
 MAX_MANIFEST_BYTES = 1 << 28
 _MAX_NDIM = 64
 _MAX_ELEMENTS = 1 << 60
@@ -61,6 +64,9 @@ _MAX_ELEMENTS = 1 << 60
 # A name of printable ASCII but / and \, not reserved, at most 255 bytes: the names the
 # checks of check_array_name() pass among those, in one match (tables of 100,000 arrays).
 _PLAIN_NAME = re.compile(r"(?!__)(?!\.\.?\Z)(?!zarr\.json\Z)[\x20-\x2e\x30-\x5b\x5d-\x7e]{1,255}")
+# The same for names each followed by a newline (which no name holds): a leaf's at once.
+_PLAIN_NAMES = re.compile(
+    r"(?:(?!__)(?!\.\.?\n)(?!zarr\.json\n)[\x20-\x2e\x30-\x5b\x5d-\x7e]{1,255}\n)*")
 
 
 def check_array_name(name: object) -> str:
@@ -97,6 +103,27 @@ def check_array_name(name: object) -> str:
     if len(name.encode("utf-8")) > 255:
         raise ValueError(f"array name {name[:20]!r}... is longer than 255 bytes")
     return name
+
+
+def check_array_names(names: list[Any]) -> None:
+    """``check_array_name`` of each of `names`, in one match when all are plain (a match a
+    name cost a fresh reader of 10,000 arrays 3.5 ms).
+
+    >>> check_array_names(["u", "v"])
+    >>> check_array_names(["u", "a/b"])
+    Traceback (most recent call last):
+    ...
+    ValueError: array name 'a/b' must not contain '/' or '\\\\'; use e.g. 'a_b'
+    """
+    try:
+        joined = "\n".join(names) + "\n" if names else ""
+    except TypeError:  # a name that is not a string: named below
+        joined = "/"
+    # A name holding a newline would read as two names.
+    if joined.count("\n") == len(names) and _PLAIN_NAMES.fullmatch(joined):
+        return
+    for name in names:
+        check_array_name(name)
 
 
 def check_dims(name: str, ndim: int, dims: object) -> tuple[str, ...]:
@@ -476,7 +503,8 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
             f"version {MANIFEST_VERSION} and older; upgrade arraysnap"
         )
     try:
-        _require(version in (1, 2, 3, MANIFEST_VERSION), f"unknown manifest version {version!r}")
+        _require(version in (1, 2, 3, 4, MANIFEST_VERSION),
+                 f"unknown manifest version {version!r}")
         checksum = body.pop("checksum", None)
         _require(isinstance(checksum, str), "checksum missing")
         try:

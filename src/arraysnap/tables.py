@@ -24,6 +24,11 @@ parent's ``packs`` list. The first capture of 10,000 arrays writes one pack wher
 capture that changes one array writes one small pack. Blocks stay objects of their own:
 an array with blocks is large, and its chunks are most of what a capture writes.
 
+In format 5 a leaf holds its arrays by column, not by row: their names, the index of each
+one's layout, every chunk digest in one base64 string and every chunk's location in
+another (three little-endian int64 a chunk). Decoding a leaf's rows, a list of four JSON
+values for each array, took a fresh reader of 10,000 arrays 13 ms of its 20.
+
 >>> import numpy as np
 >>> from arraysnap.manifest import ArrayEntry
 >>> from arraysnap.tablewriter import TableWriter
@@ -55,9 +60,15 @@ from typing import Any
 
 import blake3
 
-from ._leaves import add_entries, parse_rows
+from ._leaves import add_entries, parse_columns, parse_rows
 from .bulk import paused_collector
-from .manifest import ArrayEntry, ParsedLayout, check_array_name, parse_layout
+from .manifest import (
+    ArrayEntry,
+    ParsedLayout,
+    check_array_name,
+    check_array_names,
+    parse_layout,
+)
 from .objects import DIGEST_BYTES, object_key
 from .packs import (
     MAX_OFFSET,
@@ -67,9 +78,9 @@ from .packs import (
     where_from_json,
 )
 
-__all__ = ["BLOCK_CHUNKS", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS", "MAX_FANOUT",
-           "MIN_FANOUT", "PACKED_NODES", "PREFIX", "Built", "TableReader", "remembered",
-           "table_key"]
+__all__ = ["BLOCK_CHUNKS", "COLUMNAR_LEAVES", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS",
+           "MAX_FANOUT", "MIN_FANOUT", "PACKED_NODES", "PREFIX", "Built", "TableReader",
+           "remembered", "table_key"]
 
 PREFIX = "tables/"
 INLINE_ARRAYS = 64  # a snapshot of at most this many arrays lists them in its manifest
@@ -87,7 +98,9 @@ MAX_DEPTH = 8
 MAX_NODE_BYTES = 1 << 24
 MAX_ARRAYS = 1 << 24
 PACKED_NODES = 4  # the format from which nodes are written into packs
+COLUMNAR_LEAVES = 5  # the format from which leaves hold their arrays by column
 _CACHED_BYTES = 64 << 20  # table objects kept by a reader, by their stored size
+_MAX_RANGE_BYTES = 64 << 20  # read at once by a reader: the nodes of one parent
 
 
 def table_key(digest: bytes) -> str:
@@ -148,10 +161,14 @@ class TableReader:
     """Reads table objects (`fetch(digest, location)` returns the stored bytes: of the
     object of its own with `digest` when `location` is None, else the range of a pack),
     checking each against its name, and keeps recently read nodes: snapshots share most of
-    them."""
+    them. With `fetch_range(location)` (a pack's range), the children of a node that lie
+    close together in one pack are read at once: a first capture writes its nodes into
+    one pack, so a fresh reader of 10,000 arrays reads 29 ranges instead of 514."""
 
-    def __init__(self, fetch: Callable[[bytes, Location | None], bytes]) -> None:
+    def __init__(self, fetch: Callable[[bytes, Location | None], bytes],
+                 fetch_range: Callable[[Location], bytes] | None = None) -> None:
         self._fetch = fetch
+        self._fetch_range = fetch_range
         self._lock = threading.Lock()
         # By digest and the parse that made the value: a hostile tree may name one object
         # as a leaf in one place and as an inner node in another.
@@ -159,10 +176,10 @@ class TableReader:
         self._cached_bytes = 0
         self._layouts: dict[tuple[Any, ...], ParsedLayout] = {}
 
-    def _object(self, digest: bytes, location: Location | None) -> bytes:
+    def _object(self, digest: bytes, location: Location | None, read: bytes | None) -> bytes:
         if location is not None and location.length > MAX_NODE_BYTES:
             raise ValueError(f"table object {digest.hex()[:16]} is too large")
-        data = self._fetch(digest, location)
+        data = self._fetch(digest, location) if read is None else read
         if len(data) > MAX_NODE_BYTES:
             raise ValueError(f"table object {digest.hex()[:16]} is too large")
         if blake3.blake3(data).digest() != digest:
@@ -171,13 +188,15 @@ class TableReader:
         return data
 
     def _cached(self, digest: bytes, parse: Callable[[bytes], Any],
-                location: Location | None = None) -> Any:
+                location: Location | None = None, read: bytes | None = None) -> Any:
+        """The object `digest` parsed by `parse`: from the cache, else from `read` (its
+        bytes, read with others) or fetched, and checked."""
         with self._lock:
             found = self._cache.get((digest, parse))
             if found is not None:
                 self._cache.move_to_end((digest, parse))
                 return found[0]
-        data = self._object(digest, location)
+        data = self._object(digest, location, read)
         value = parse(data)
         with self._lock:
             if (digest, parse) not in self._cache:
@@ -224,44 +243,83 @@ class TableReader:
         used: set[bytes] = set()
         nodes: dict[bytes, Location] = {}
         entries: dict[str, ArrayEntry] = {}
+        leaf = self._parse_columns if version >= COLUMNAR_LEAVES else self._parse_leaf
         with paused_collector():
-            self._children(children, packs, depth, entries, (used, nodes), [])
+            self._children(children, packs, depth, entries, (used, nodes), [], leaf)
         if len(entries) != count:
             raise ValueError(f"tables hold {len(entries)} arrays, the manifest says {count}")
         return entries, frozenset(used), nodes
 
     def _children(self, children: list[Any], packs: list[bytes] | None, depth: int,
                   entries: dict[str, ArrayEntry],
-                  used: tuple[set[bytes], dict[bytes, Location]], last: list[str]) -> str | None:
+                  used: tuple[set[bytes], dict[bytes, Location]], last: list[str],
+                  leaf: Callable[[bytes], list[Any]]) -> str | None:
         """Read `children` (at `depth`; `packs`: their parent's, format 4) into `entries`;
         return the first name read. `last` holds the last name read so far (names must
         increase across the whole tree). `used` collects the objects of their own and where
-        the packed nodes are."""
+        the packed nodes are; `leaf` parses a leaf of the tree's format."""
         if not children:  # the writer makes none: a child holds at least one array
             raise ValueError("a table node has no children")
         first_read = None
-        for child in children:
-            digest, location = _child_of(child, packs)
+        refs = [_child_of(child, packs) for child in children]
+        parse = leaf if depth == 1 else _parse_inner
+        read = self._read_together(refs, parse) if packs else {}
+        for child, (digest, location) in zip(children, refs, strict=True):
             if location is None:
                 used[0].add(digest)
             else:
                 used[1][digest] = location
             before = len(entries)
             if depth == 1:
-                first, newest = add_entries(self._cached(digest, self._parse_leaf, location),
-                                            entries, last[0] if last else None,
-                                            lambda item: self._blocks_of(item, used[0]))
+                first, newest = add_entries(
+                    self._cached(digest, leaf, location, read.get(location)),
+                    entries, last[0] if last else None,
+                    lambda item: self._blocks_of(item, used[0]))
                 if newest is not None:
                     last[:] = [newest]
             else:
-                inner = self._cached(digest, _parse_inner, location)
+                inner = self._cached(digest, _parse_inner, location, read.get(location))
                 first = self._children(inner[0], _packs_of(inner[1], packs is not None),
-                                       depth - 1, entries, used, last)
+                                       depth - 1, entries, used, last, leaf)
             if len(entries) - before != child[1] or (first is not None and first != child[0]):
                 raise ValueError(f"table node {digest.hex()[:16]} does not hold what its "
                                  "parent says")
             first_read = first if first_read is None else first_read
         return first_read
+
+    def _read_together(self, refs: list[tuple[bytes, Location | None]],
+                       parse: Callable[[bytes], Any]) -> dict[Location, bytes]:
+        """The bytes of the nodes of `refs` not cached, read by pack: one range a pack
+        holding two or more of them, if they fill at least half of it (else, or if that
+        read fails, each is fetched alone and fails on its own)."""
+        if self._fetch_range is None:
+            return {}
+        by_pack: dict[bytes, list[Location]] = {}
+        with self._lock:
+            for digest, location in refs:
+                if (location is not None and location.length <= MAX_NODE_BYTES
+                        and (digest, parse) not in self._cache):
+                    by_pack.setdefault(location.pack, []).append(location)
+        read: dict[Location, bytes] = {}
+        for pack, locations in by_pack.items():
+            if len(locations) < 2:
+                continue
+            start = min(location.offset for location in locations)
+            stop = max(location.offset + location.length for location in locations)
+            if (stop - start > 2 * sum(location.length for location in locations)
+                    or stop - start > _MAX_RANGE_BYTES):
+                continue
+            try:
+                data = self._fetch_range(Location(pack, start, stop - start))
+            except (OSError, ValueError):
+                continue
+            if len(data) != stop - start:
+                continue
+            view = memoryview(data)
+            for location in locations:
+                offset = location.offset - start
+                read[location] = bytes(view[offset : offset + location.length])
+        return read
 
     def _blocks_of(self, entry: ArrayEntry | tuple[ArrayEntry, Any], used: set[bytes]
                    ) -> ArrayEntry:
@@ -302,6 +360,38 @@ class TableReader:
         except TypeError as err:  # a name that is not a string: damage, as any other
             raise ValueError(f"a leaf row: {err}") from None
         return result
+
+    def _parse_columns(self, data: bytes) -> list[ArrayEntry | tuple[ArrayEntry, Any]]:
+        """A format-5 leaf: its arrays by column."""
+        body = _json(data)
+        layouts, names, layout_of = body.get("layouts"), body.get("names"), body.get("layout")
+        blocks = body.get("blocks", [])
+        if (not isinstance(layouts, list) or not isinstance(names, list)
+                or not isinstance(layout_of, list) or not isinstance(blocks, list)
+                or len(names) > MAX_ARRAYS):
+            raise ValueError("a leaf must hold layouts, names and layout lists")
+        parsed = [self._layout(layout) for layout in layouts]
+        packs = parse_pack_list(body.get("packs", []))
+        try:
+            check_array_names(names)
+        except TypeError as err:  # a name that is not a string: damage, as any other
+            raise ValueError(f"a leaf's names: {err}") from None
+        result: list[ArrayEntry | tuple[ArrayEntry, Any]] = []
+        parse_columns(names, layout_of, parsed, _base64(body, "digests"),
+                      _base64(body, "where"), blocks, packs, ArrayEntry, DIGEST_BYTES,
+                      Location, MAX_OFFSET, result)
+        return result
+
+
+def _base64(body: dict[str, Any], field: str) -> bytes:
+    """A leaf's base64 column `field` ("" when absent)."""
+    value = body.get(field, "")
+    try:
+        if type(value) is str:
+            return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
+    raise ValueError(f"a leaf's {field} is not a base64 string")
 
 
 def _with_digests(entry: ArrayEntry, digests: bytes) -> ArrayEntry:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from .objects import DIGEST_BYTES
 from .packs import Location, new_pack_id, pack_list_to_json, where_to_json
 from .tables import (
     BLOCK_CHUNKS,
+    COLUMNAR_LEAVES,
     FANOUT,
     INLINE_ARRAYS,
     INLINE_CHUNKS,
@@ -224,31 +226,73 @@ class TableWriter:
         key = tuple(names)
         cached = self._leaves.get(key)
         if cached is None or any(a is not b for a, b in zip(cached[0], members, strict=True)):
-            layouts: dict[str, int] = {}
-            layout_list: list[Any] = []
-            rows = []
             blocks: set[bytes] = set()
-            packs: list[bytes] = []
-            listed: dict[bytes, int] = {}
-            for entry in members:
-                chunks, entry_blocks = self._entry(entry)
-                blocks |= entry_blocks
-                layout, text = self._layout_json(entry)
-                index = layouts.get(text)
-                if index is None:
-                    index = layouts[text] = len(layout_list)
-                    layout_list.append(layout)
-                row = [entry.name, index, chunks]
-                if entry.where is not None:
-                    row.append(where_to_json(entry.where, packs, listed))
-                rows.append(row)
-            body: dict[str, Any] = {"layouts": layout_list, "arrays": rows}
-            if packs:
-                body["packs"] = pack_list_to_json(packs)
+            body = (self._columns(members, blocks) if self.version >= COLUMNAR_LEAVES
+                    else self._rows(members, blocks))
             digest = self._node(body, blocks)
             cached = self._leaves[key] = (members, digest, frozenset(blocks))
         used |= self._subtree[cached[1]]
         return names[0], len(names), cached[1]
+
+    def _rows(self, members: tuple[ArrayEntry, ...], blocks: set[bytes]) -> dict[str, Any]:
+        """A leaf before format 5: a row ``[name, layout, chunks(, where)]`` an array."""
+        layouts: dict[str, int] = {}
+        layout_list: list[Any] = []
+        rows = []
+        packs: list[bytes] = []
+        listed: dict[bytes, int] = {}
+        for entry in members:
+            chunks, entry_blocks = self._entry(entry)
+            blocks |= entry_blocks
+            layout, text = self._layout_json(entry)
+            index = layouts.get(text)
+            if index is None:
+                index = layouts[text] = len(layout_list)
+                layout_list.append(layout)
+            row = [entry.name, index, chunks]
+            if entry.where is not None:
+                row.append(where_to_json(entry.where, packs, listed))
+            rows.append(row)
+        body: dict[str, Any] = {"layouts": layout_list, "arrays": rows}
+        if packs:
+            body["packs"] = pack_list_to_json(packs)
+        return body
+
+    def _columns(self, members: tuple[ArrayEntry, ...], blocks: set[bytes]) -> dict[str, Any]:
+        """A format-5 leaf: its arrays by column (see ``arraysnap.tables``)."""
+        layouts: dict[str, int] = {}
+        layout_list: list[Any] = []
+        names, layout_of, digests, where, in_blocks = [], [], [], [], []
+        packs: list[bytes] = []
+        listed: dict[bytes, int] = {}
+        for row, entry in enumerate(members):
+            layout, text = self._layout_json(entry)
+            index = layouts.get(text)
+            if index is None:
+                index = layouts[text] = len(layout_list)
+                layout_list.append(layout)
+            names.append(entry.name)
+            layout_of.append(index)
+            if entry.n_chunks > INLINE_CHUNKS:
+                chunks, entry_blocks = self._entry(entry)
+                blocks |= entry_blocks
+                in_blocks.append([row, chunks["blocks"]])
+                continue
+            digests.append(entry.digests)
+            if entry.where is None:
+                where += (-1, 0, 0) * entry.n_chunks
+            else:
+                where += where_to_json(entry.where, packs, listed)
+        body: dict[str, Any] = {
+            "layouts": layout_list, "names": names, "layout": layout_of,
+            "digests": _b64(b"".join(digests)),
+            "where": _b64(struct.pack(f"<{len(where)}q", *where)),
+        }
+        if packs:
+            body["packs"] = pack_list_to_json(packs)
+        if in_blocks:
+            body["blocks"] = in_blocks
+        return body
 
     def _layout_json(self, entry: ArrayEntry) -> tuple[dict[str, Any], str]:
         """An entry's layout fields as JSON, and their text (which tells equal layouts of a

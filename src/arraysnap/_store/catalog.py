@@ -57,7 +57,7 @@ class Catalog:
         self._cache: dict[int, tuple[Manifest, int]] = {}
         # SnapshotInfo of a cached manifest (thousands of arrays: worth keeping).
         self._infos: dict[int, tuple[Manifest, SnapshotInfo]] = {}
-        self.tables = TableReader(self._table_object)
+        self.tables = TableReader(self._table_object, self._pack_range)
 
     def _table_object(self, digest: bytes, location: Location | None) -> bytes:
         where = "" if location is None else (f" (in pack {location.pack.hex()[:16]} at "
@@ -71,6 +71,9 @@ class Catalog:
         except OSError as err:
             raise ValueError(f"table object {digest.hex()[:16]}{where} cannot be read: "
                              f"{err}") from None
+
+    def _pack_range(self, location: Location) -> bytes:
+        return read_pack_range(self.storage, location)
 
     @property
     def where(self) -> str:

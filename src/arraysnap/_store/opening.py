@@ -38,7 +38,7 @@ log = logging.getLogger("arraysnap")
 FORMAT_NAME = "arraysnap"
 # 4: table nodes in packs too (arraysnap.tablewriter); 3: small chunks in pack objects
 # (arraysnap.packs); 2: table objects (arraysnap.tables); 1: whole tables in manifests
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 DEFAULT_CHUNK_BYTES = 1 << 20
 SETTINGS_KEY = "arraysnap.json"
 _MAX_SETTINGS_BYTES = 1 << 20

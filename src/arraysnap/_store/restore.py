@@ -39,6 +39,7 @@ from ..errors import (
     space_error,
 )
 from ..extents import Views, align_of, read_extents
+from ..layout import ChunkLayout
 from ..leases import LEASES, LockFile, ReaderLeases
 from ..manifest import ArrayEntry, Manifest
 from ..mapping import FileMap, map_fd, map_file
@@ -191,12 +192,17 @@ class Restorer:
         extents = read_extents(baselines.dir, marker, current_only=True)
         if not extents:
             return Views()
-        layouts = {name: entry.layout for name, entry in manifest.arrays.items()}
-        by_file: dict[str, list[str]] = {}
-        for name, layout in layouts.items():
-            filename = extents.get(name, (None, 0))[0]
-            if filename is not None and layout.nbytes:
-                by_file.setdefault(filename, []).append(name)
+        # Each file's arrays (name, offset, layout) and where the last one ends.
+        by_file: dict[str, tuple[list[tuple[str, int, ChunkLayout]], list[int]]] = {}
+        for name, entry in manifest.arrays.items():  # (a loop run for every array)
+            found = extents.get(name)
+            if found is None or found[0] is None or not entry.layout.nbytes:
+                continue
+            placed = by_file.get(found[0])
+            if placed is None:
+                placed = by_file[found[0]] = ([], [0])
+            placed[0].append((name, found[1], entry.layout))
+            placed[1][0] = max(placed[1][0], found[1] + entry.layout.nbytes)
         leases = self._leases()
         if leases is None:
             return Views()
@@ -206,15 +212,14 @@ class Restorer:
         # trusted (the writer may have moved on between the first read and the leases).
         unchanged = baselines.read_marker() == marker
         for filename in leased:
-            names = by_file[filename]
-            stop = max(extents[name][1] + layouts[name].nbytes for name in names)
+            arrays, (stop,) = by_file[filename]
             file_map = self._map_file(baselines.dir / filename, stop) if unchanged else None
             if file_map is None:
                 leases.release(filename)
                 continue
             leases.keep(filename, file_map)  # the lease now lasts as long as the map
-            for name in names:
-                views.add(name, file_map, extents[name][1], layouts[name])
+            for name, offset, layout in arrays:
+                views.add(name, file_map, offset, layout)
         if verify:
             bad = [name for name in views.names() if find_bad_chunks(
                 as_bytes(views.array(name)), manifest.arrays[name], self.pool)]

@@ -22,6 +22,7 @@ import collections
 import json
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import blake3
 from arraysnap.codecs import CodecSpec, parse_codec
 from arraysnap.extents import read_extents
 from arraysnap.leases import LEASES, LockFile, lock_byte
+from arraysnap.manifest import parse_layout
 
 __all__ = ["BASELINE_DAMAGE", "CHUNK_DAMAGE", "chunk_file", "chunk_ranges", "chunk_references",
            "damage_baselines", "damaged_chunks",
@@ -125,10 +127,35 @@ def _arrays(path: Path, body: dict[str, Any]) -> dict[str, tuple[dict[str, Any],
             if depth > 1:
                 pending.append((depth - 1, node))
                 continue
+            if "names" in node:  # format 5: the leaf's arrays by column
+                arrays.update(_columns(node))
+                continue
             for row in node["arrays"]:
                 record = {"chunks": row[2]} if len(row) == 3 else {"chunks": row[2],
                                                                    "where": row[3]}
                 arrays[row[0]] = (record, node.get("packs", []))
+    return arrays
+
+
+def _columns(node: dict[str, Any]) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """A format-5 leaf's arrays as the records ``_arrays`` gives."""
+    digests = base64.b64decode(node.get("digests", ""))
+    where = base64.b64decode(node.get("where", ""))
+    locations = struct.unpack(f"<{len(where) // 8}q", where)
+    in_blocks = {row: refs for row, refs in node.get("blocks", [])}
+    arrays = {}
+    taken = 0
+    for row, name in enumerate(node["names"]):
+        if row in in_blocks:
+            arrays[name] = ({"chunks": {"blocks": in_blocks[row]}}, node.get("packs", []))
+            continue
+        n_chunks = parse_layout(node["layouts"][node["layout"][row]]).n_chunks
+        start = taken // DIGEST_BYTES
+        chunks = digests[taken : taken + n_chunks * DIGEST_BYTES]
+        taken += n_chunks * DIGEST_BYTES
+        record = {"chunks": base64.b64encode(chunks).decode(),
+                  "where": list(locations[3 * start : 3 * (start + n_chunks)])}
+        arrays[name] = (record, node.get("packs", []))
     return arrays
 
 

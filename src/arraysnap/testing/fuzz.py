@@ -253,10 +253,11 @@ def _table_object(data: bytes) -> None:
     ref = base64.b64encode(digest).decode("ascii")
     pack = base64.b64encode(bytes(16)).decode("ascii")
     for depth in (1, 2):
-        for version, child in ((3, ["a000", 1, ref]), (4, ["a000", 1, ref, 0, 0, len(data)])):
-            try:  # as an object of its own, and as a node in a pack
+        packed = ["a000", 1, ref, 0, 0, len(data)]
+        for version, child in ((3, ["a000", 1, ref]), (4, packed), (5, packed)):
+            try:  # as an object of its own, and as a node in a pack (leaves by row, by column)
                 reader.read({"arrays": 1, "depth": depth, "packs": [pack], "children": [child]}
-                            if version == 4 else
+                            if version >= 4 else
                             {"arrays": 1, "depth": depth, "children": [child]}, version)
             except ValueError:
                 pass
