@@ -13,6 +13,7 @@ from conftest import REPO, run_python
 
 import arraysnap
 from arraysnap.baselines import Baselines
+from arraysnap.extents import MARKER_VERSION, TABLE, read_extents
 from arraysnap.layout import plan_layout
 from arraysnap.leases import LEASES, LockFile, lock_byte
 from arraysnap.testing import baseline_extent, baseline_leased
@@ -271,3 +272,41 @@ def test_a_capture_whose_baselines_would_not_fit_is_refused_before_anything_is_w
         assert [s.step for s in snap.list()] == [0]
         # Arrays whose baselines exist need no new space: captured as usual.
         assert snap.capture({"u": np.ones(1000)}, step=2).result().step == 2
+
+
+def _table_round_trip(tmp_path, table: dict) -> dict | None:
+    (tmp_path / TABLE).write_text(json.dumps(table))
+    return read_extents(tmp_path, {"version": MARKER_VERSION, "table": table["generation"]})
+
+
+def test_the_extent_table_is_read_back_by_column_and_in_an_earlier_writers_form(tmp_path):
+    """A writer's table (by column) reads back as the extents it had; a table of an earlier
+    writer (a dict of lists) still reads, so that a store it left keeps its baselines."""
+    baselines = Baselines(tmp_path)
+    for i, size in enumerate((16, 0, 5000, 16)):
+        baselines.baseline(f"a{i}", plan_layout((size,), np.dtype("u1"), "C", 4096))
+    baselines.mark_committed(1)
+    marker = baselines.read_marker()
+    table = json.loads((tmp_path / "mirror" / TABLE).read_text())
+    assert set(table) == {"generation", "files", "names", "file", "offsets"}
+    extents = read_extents(tmp_path / "mirror", marker)
+    assert list(extents) == ["a0", "a1", "a2", "a3"] and extents["a1"] == (None, 0)
+    for name in ("a0", "a2", "a3"):
+        file, offset = baselines.location(name)
+        assert extents[name] == (file.name, offset)
+    assert extents["a0"][0] == extents["a3"][0] and extents["a0"][1] != extents["a3"][1]
+    earlier = {"generation": 4, "extents": {name: list(place) for name, place in
+                                            extents.items()}}
+    assert _table_round_trip(tmp_path, earlier) == extents
+
+
+@pytest.mark.parametrize("damage", [
+    {"names": "a"}, {"file": [0]}, {"offsets": [0, -1]}, {"file": [1, 0]}, {"file": [-2, 0]},
+    {"file": [0, True]}, {"offsets": [0, 0.5]}, {"names": ["a", 3]},
+    {"files": ["../x.bin"]}, {"files": [7]},
+])
+def test_a_malformed_extent_table_is_not_read(tmp_path, damage):
+    good = {"generation": 1, "files": ["s-1.bin"], "names": ["a", "b"], "file": [0, -1],
+            "offsets": [0, 0]}
+    assert _table_round_trip(tmp_path, good) == {"a": ("s-1.bin", 0), "b": (None, 0)}
+    assert _table_round_trip(tmp_path, {**good, **damage}) is None

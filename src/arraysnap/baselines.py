@@ -56,6 +56,7 @@ from .extents import (
     Target,
     Views,
     align_of,
+    extent_table,
     read_extents,
 )
 from .fsio import TMP_PREFIX, FileOps, read_regular_file
@@ -128,9 +129,7 @@ class Baselines:
         if not self._table_written or (durable and not self._table_durable):
             if not self._table_written:
                 self._generation += 1
-            table = {"generation": self._generation, "extents": {
-                name: [None if extent.file is None else extent.file.name, extent.offset]
-                for name, extent in self._extents.items()}}
+            table = extent_table(self._generation, self._extents)
             self.ops.write_atomic(self.dir / TABLE, json.dumps(table).encode(),
                                   durable=durable)
             self._table_written, self._table_durable = True, durable

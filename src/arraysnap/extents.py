@@ -2,11 +2,14 @@
 memory, the extent table on disk and the marker's names for it.
 
 The baselines (``arraysnap.baselines``) keep arrays at *extents* of a few shared files. The
-table ``mirror/extents.json`` maps each array to its file and offset; the marker
-``mirror/state.json`` names the table's generation, so a table and a marker from different
-moments are never read together. Readers use this module to map what a writer left.
+table ``mirror/extents.json`` maps each array to its file and offset, by column (the names,
+the index of each one's file, -1 for none, and the offsets: a table of a dict of 10,000
+lists took 5 ms to decode); the marker ``mirror/state.json`` names the table's generation,
+so a table and a marker from different moments are never read together. Readers use this
+module to map what a writer left.
 
->>> table = {"generation": 3, "extents": {"u": ["s-1.bin", 4096], "e": [None, 0]}}
+>>> table = {"generation": 3, "files": ["s-1.bin"], "names": ["u", "e"], "file": [0, -1],
+...          "offsets": [4096, 0]}
 >>> import json, pathlib, tempfile
 >>> folder = pathlib.Path(tempfile.mkdtemp())
 >>> _ = (folder / TABLE).write_text(json.dumps(table))
@@ -31,7 +34,8 @@ from .layout import ChunkLayout
 from .mapping import PAGE, FileMap
 
 __all__ = ["MARKER", "MARKER_VERSION", "SMALL_ALIGN", "TABLE", "BaselineFile", "Extent",
-           "Target", "Views", "align_of", "read_extents", "safe_filename", "view_of"]
+           "Target", "Views", "align_of", "extent_table", "read_extents", "safe_filename",
+           "view_of"]
 
 MARKER = "state.json"
 TABLE = "extents.json"
@@ -139,8 +143,11 @@ def read_extents(directory: Path, marker: dict[str, Any], *,
         table = json.loads(read_regular_file(directory / TABLE, _MAX_TABLE_BYTES))
     except (OSError, ValueError, RecursionError):
         return None
-    if (not isinstance(table, dict) or table.get("generation") != marker.get("table")
-            or not isinstance(table.get("extents"), dict)):
+    if not isinstance(table, dict) or table.get("generation") != marker.get("table"):
+        return None
+    if "names" in table:
+        return _columns(table)
+    if not isinstance(table.get("extents"), dict):  # (a table of an earlier writer)
         return None
     extents = {}
     checked: dict[object, bool] = {None: True}  # thousands of arrays share a few files
@@ -154,6 +161,44 @@ def read_extents(directory: Path, marker: dict[str, Any], *,
         if safe and isinstance(name, str) and type(offset) is int and offset >= 0:
             extents[name] = (file, offset)
     return extents
+
+
+def _columns(table: dict[str, Any]) -> dict[str, tuple[str | None, int]] | None:
+    """An extent table by column (the form ``extent_table`` writes), or None if malformed."""
+    files, names, file_of, offsets = (table.get(key) for key in ("files", "names", "file",
+                                                                 "offsets"))
+    if not (isinstance(files, list) and isinstance(names, list) and isinstance(file_of, list)
+            and isinstance(offsets, list) and len(names) == len(file_of) == len(offsets)
+            and all(safe_filename(file) for file in files)
+            and all(type(name) is str for name in names)
+            and all(type(index) is int for index in file_of)
+            and all(type(offset) is int for offset in offsets)
+            and (not names or (min(file_of) >= -1 and max(file_of) < len(files)
+                               and min(offsets) >= 0))):
+        return None
+    listed = [*files, None]  # index -1: no file
+    return dict(zip(names, zip([listed[index] for index in file_of], offsets, strict=True),
+                    strict=True))
+
+
+def extent_table(generation: int, extents: dict[str, Extent]) -> dict[str, Any]:
+    """The extent table (of `generation`) of `extents`, as ``read_extents`` reads it.
+
+    >>> extent_table(2, {})
+    {'generation': 2, 'files': [], 'names': [], 'file': [], 'offsets': []}
+    """
+    files: dict[str, int] = {}
+    file_of = []
+    for extent in extents.values():
+        if extent.file is None:
+            file_of.append(-1)
+            continue
+        index = files.get(extent.file.name)
+        if index is None:
+            index = files[extent.file.name] = len(files)
+        file_of.append(index)
+    return {"generation": generation, "files": list(files), "names": list(extents),
+            "file": file_of, "offsets": [extent.offset for extent in extents.values()]}
 
 
 def view_of(file_map: FileMap, offset: int, layout: ChunkLayout) -> np.ndarray:
