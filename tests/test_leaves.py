@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import gc
 import struct
 
 import numpy as np
@@ -272,3 +273,15 @@ def test_checking_many_names_at_once_is_checking_each(names):
             return type(err).__name__, str(err)
 
     assert outcome(lambda: check_array_names(names)) == outcome(each)
+
+
+def test_entries_of_a_leaf_are_left_out_of_the_cycle_collectors_work():
+    """A fresh reader's collector traversed every entry, location and `where` of a table
+    after its parse (3 ms at 10,000 arrays): the kernel makes them untracked, which is
+    safe as they are immutable and hold no container but each other."""
+    packs = [bytes(16)]
+    where = struct.pack("<6q", 0, 8, 4, -1, 0, 0)
+    (entry,) = kernel_columns(["u"], [1], LAYOUTS, bytes(range(32)) * 2, where, [], packs)
+    assert entry.where[0] == Location(packs[0], 8, 4) and entry.where[1] is None
+    assert not gc.is_tracked(entry) and not gc.is_tracked(entry.where)
+    assert not gc.is_tracked(entry.where[0])

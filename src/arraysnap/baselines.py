@@ -319,22 +319,25 @@ class Baselines:
                 spans = claimed[file.name] = []
             spans.append((offset, offset - (-nbytes // SMALL_ALIGN) * SMALL_ALIGN, name))
         for file in list(files.values()):
-            used: list[tuple[int, int]] = []
-            end = -1
+            # Bytes no adopted array uses may still be in maps an earlier store handed out:
+            # holes, written only once no map of the file is held anywhere.
+            holes: list[tuple[int, int]] = []
+            names: list[str] = []
+            end = 0
             for start, stop, name in sorted(claimed.get(file.name, [])):
                 if start < end:
                     continue  # two arrays in the same bytes: a damaged table; rebuild it
-                used.append((start, stop))
+                if start > end:
+                    holes.append((end, start))
                 end = stop
                 self._extents[name] = Extent(layouts[name], file, start)
-                adopted.add(name)
-            file.users += len(used)
-            # Bytes no adopted array uses may still be in maps an earlier store handed out:
-            # holes, written only once no map of the file is held anywhere.
+                names.append(name)
+            adopted.update(names)
+            file.users += len(names)
             file.end = file.size
-            edges = [0, *(x for span in used for x in span), file.end]
-            file.holes = [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)
-                          if edges[i + 1] > edges[i]]
+            if file.end > end:
+                holes.append((end, file.end))
+            file.holes = holes
             if not file.own and file.end < file.capacity and self._open_file is None:
                 self._open_file = file
         assert marker is not None

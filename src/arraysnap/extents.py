@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -245,8 +246,18 @@ class Views:
         """Hand out array `name` at byte `offset` of `file_map`, made when first used."""
         self.pending[name] = (file_map, offset, layout)
 
+    def add_all(self, file_map: FileMap, arrays: list[tuple[str, int, ChunkLayout]]) -> None:
+        """``add`` each (name, offset, layout) of `arrays`, all in `file_map`."""
+        self.pending.update({name: (file_map, offset, layout)
+                             for name, offset, layout in arrays})
+
     def __contains__(self, name: object) -> bool:
         return name in self.pending or name in self.made
+
+    def lacking(self, names: Iterable[str]) -> list[str]:
+        """Those of `names` not handed out (in one loop: a restore asks for every array)."""
+        pending, made = self.pending, self.made
+        return [name for name in names if name not in pending and name not in made]
 
     def __len__(self) -> int:
         return len(self.pending) + len(self.made)

@@ -105,7 +105,7 @@ class Restorer:
                     self._assemble_into(target, manifest.arrays[name], verify, manifest.seq)
             arrays = RestoredArrays(into)
         else:
-            missing = [entry for name, entry in manifest.arrays.items() if name not in views]
+            missing = [manifest.arrays[name] for name in views.lacking(manifest.arrays)]
             if missing:
                 views.update(self._materialize(missing, verify=verify, seq=manifest.seq))
             arrays = RestoredArrays.of(manifest.arrays, views)
@@ -196,13 +196,15 @@ class Restorer:
         by_file: dict[str, tuple[list[tuple[str, int, ChunkLayout]], list[int]]] = {}
         for name, entry in manifest.arrays.items():  # (a loop run for every array)
             found = extents.get(name)
-            if found is None or found[0] is None or not entry.layout.nbytes:
+            layout = entry.layout
+            if found is None or found[0] is None or not layout.nbytes:
                 continue
             placed = by_file.get(found[0])
             if placed is None:
                 placed = by_file[found[0]] = ([], [0])
-            placed[0].append((name, found[1], entry.layout))
-            placed[1][0] = max(placed[1][0], found[1] + entry.layout.nbytes)
+            placed[0].append((name, found[1], layout))
+            if found[1] + layout.nbytes > placed[1][0]:
+                placed[1][0] = found[1] + layout.nbytes
         leases = self._leases()
         if leases is None:
             return Views()
@@ -218,8 +220,7 @@ class Restorer:
                 leases.release(filename)
                 continue
             leases.keep(filename, file_map)  # the lease now lasts as long as the map
-            for name, offset, layout in arrays:
-                views.add(name, file_map, offset, layout)
+            views.add_all(file_map, arrays)
         if verify:
             bad = [name for name in views.names() if find_bad_chunks(
                 as_bytes(views.array(name)), manifest.arrays[name], self.pool)]
