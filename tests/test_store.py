@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import gc
 import json
@@ -321,6 +322,14 @@ def test_restored_arrays_behave_as_a_dict_of_the_snapshot(store_path, source):
                 assert_bit_exact(arrays[name], expected[name])
             assert list(dict(arrays)) == ["b", "a", "c", "new"]
             assert repr(arrays).startswith("{'b': array([7.,")
+            assert list(arrays | {"z": 1}) == ["b", "a", "c", "new", "z"]
+            assert list({"z": 1} | arrays) == ["z", "b", "a", "c", "new"]
+            copied = copy.deepcopy(arrays)
+            assert type(copied) is dict and copied["b"][0] == 7.0
+            assert copied["b"] is not arrays["b"]
+            assert type(copy.copy(arrays)) is dict
+            arrays |= {"z": np.zeros(1)}
+            assert type(arrays) is arraysnap.RestoredArrays and list(arrays)[-1] == "z"
 
 
 def test_read_only_store_never_writes(store_path):

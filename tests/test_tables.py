@@ -135,6 +135,33 @@ def test_a_reader_reads_the_children_of_a_node_that_lie_together_at_once(range_f
     assert len(singles) == (len(nodes) if range_fails else 0)
 
 
+def test_a_reader_fetches_overlapping_nodes_alone_never_as_one_range():
+    """A hostile parent whose children overlap in a pack (a writer never packs them so)
+    could make copies of one range add up to far more than the range: each is fetched
+    alone, and the overlap fails as a node that does not match its name."""
+    pack = bytes(16)
+    data = bytes(range(200))
+    ranges: list[Location] = []
+
+    def fetch(digest: bytes, location: Location | None) -> bytes:
+        assert location is not None
+        return data[location.offset : location.offset + location.length]
+
+    def fetch_range(location: Location) -> bytes:
+        ranges.append(location)
+        return fetch(b"", location)
+
+    def child(first: str, offset: int) -> list:
+        digest = blake3.blake3(data[offset : offset + 120]).digest()
+        return [first, 1, base64.b64encode(digest).decode(), 0, offset, 120]
+
+    tables = {"arrays": 2, "depth": 1, "packs": [base64.b64encode(pack).decode()],
+              "children": [child("a", 0), child("b", 60)]}
+    with pytest.raises(ValueError, match="not valid JSON|leaf"):
+        TableReader(fetch, fetch_range).read(tables, COLUMNAR_LEAVES)
+    assert ranges == []
+
+
 @pytest.mark.parametrize("version", [2, PACKED_NODES, COLUMNAR_LEAVES])
 def test_adding_an_array_rewrites_the_nodes_around_it_not_all_after_it(version):
     objects = Objects()

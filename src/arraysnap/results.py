@@ -212,7 +212,8 @@ class RestoredArrays(MutableMapping[str, np.ndarray]):
     looked up (a restore of 10,000 arrays need not make 10,000 views before it returns; a
     program may use a few). Each name gives the same array every time; its map holds the
     snapshot's bytes from the moment of the restore whenever it is first used. Setting or
-    deleting names changes this mapping only, as it would a dict.
+    deleting names changes this mapping only, as it would a dict; ``|``, ``copy()`` and
+    pickling give a dict of the arrays.
 
     >>> import arraysnap, numpy as np, tempfile
     >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
@@ -274,6 +275,21 @@ class RestoredArrays(MutableMapping[str, np.ndarray]):
     def copy(self) -> dict[str, np.ndarray]:
         """A dict of the same arrays (made now)."""
         return dict(self)
+
+    # What a dict of the arrays offered besides the mapping methods: `|`, and copying or
+    # pickling (to another process, say) as that dict.
+    def __or__(self, other: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**self, **other}
+
+    def __ror__(self, other: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**other, **self}
+
+    def __ior__(self, other: Mapping[str, np.ndarray]) -> RestoredArrays:
+        self.update(other)
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, np.ndarray]]]:
+        return dict, (dict(self),)
 
     def __repr__(self) -> str:
         return repr(dict(self))

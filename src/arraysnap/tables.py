@@ -290,24 +290,26 @@ class TableReader:
     def _read_together(self, refs: list[tuple[bytes, Location | None]],
                        parse: Callable[[bytes], Any]) -> dict[Location, bytes]:
         """The bytes of the nodes of `refs` not cached, read by pack: one range a pack
-        holding two or more of them, if they fill at least half of it (else, or if that
-        read fails, each is fetched alone and fails on its own)."""
+        holding two or more of them, if they fill at least half of it and do not overlap
+        (else, or if that read fails, each is fetched alone and fails on its own)."""
         if self._fetch_range is None:
             return {}
-        by_pack: dict[bytes, list[Location]] = {}
+        by_pack: dict[bytes, set[Location]] = {}
         with self._lock:
             for digest, location in refs:
                 if (location is not None and location.length <= MAX_NODE_BYTES
                         and (digest, parse) not in self._cache):
-                    by_pack.setdefault(location.pack, []).append(location)
+                    by_pack.setdefault(location.pack, set()).add(location)
         read: dict[Location, bytes] = {}
         for pack, locations in by_pack.items():
             if len(locations) < 2:
                 continue
             start = min(location.offset for location in locations)
             stop = max(location.offset + location.length for location in locations)
-            if (stop - start > 2 * sum(location.length for location in locations)
-                    or stop - start > _MAX_RANGE_BYTES):
+            total = sum(location.length for location in locations)
+            # Nodes a writer packed never overlap: a hostile tree's that do (their copies
+            # could add up to far more than the range) are each fetched alone.
+            if not total <= stop - start <= min(2 * total, _MAX_RANGE_BYTES):
                 continue
             try:
                 data = self._fetch_range(Location(pack, start, stop - start))
