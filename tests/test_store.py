@@ -330,6 +330,15 @@ def test_restored_arrays_behave_as_a_dict_of_the_snapshot(store_path, source):
             assert type(copy.copy(arrays)) is dict
             arrays |= {"z": np.zeros(1)}
             assert type(arrays) is arraysnap.RestoredArrays and list(arrays)[-1] == "z"
+            with pytest.raises(TypeError):
+                arrays | 5  # noqa: B018 - as a dict refuses it
+            assert list(reversed(arrays)) == ["z", "new", "c", "a", "b"]
+            name, last = arrays.popitem()  # the last, as a dict pops
+            assert name == "z" and "z" not in arrays and last.tolist() == [0.0]
+            arrays.clear()
+            assert len(arrays) == 0 and list(arrays) == []
+            with pytest.raises(KeyError):
+                arrays.popitem()
 
 
 def test_read_only_store_never_writes(store_path):

@@ -30,6 +30,7 @@ from arraysnap.tables import (
     INLINE_CHUNKS,
     MAX_NODE_BYTES,
     PACKED_NODES,
+    READ_AHEAD_BYTES,
     TableReader,
 )
 from arraysnap.tablewriter import TableWriter
@@ -160,6 +161,34 @@ def test_a_reader_fetches_overlapping_nodes_alone_never_as_one_range():
     with pytest.raises(ValueError, match="not valid JSON|leaf"):
         TableReader(fetch, fetch_range).read(tables, COLUMNAR_LEAVES)
     assert ranges == []
+
+
+def test_a_reader_reads_ahead_a_bounded_amount_whatever_the_tree_names():
+    """A hostile parent naming ranges of many large packs (the store's chunk packs, say)
+    made the reader read all of them before it checked its first child: it now reads
+    ahead at most READ_AHEAD_BYTES, then fetches each child alone, failing at the first."""
+    half = 1 << 19
+    packs = [bytes([n]) * 16 for n in range(12)]
+    ranges: list[Location] = []
+    singles: list[Location] = []
+
+    def fetch(digest: bytes, location: Location | None) -> bytes:
+        assert location is not None
+        singles.append(location)
+        return bytes(location.length)
+
+    def fetch_range(location: Location) -> bytes:
+        ranges.append(location)
+        return bytes(location.length)
+
+    children = [[f"a{n:03d}", 1, base64.b64encode(bytes(32)).decode(), n // 2,
+                 (n % 2) * half, half] for n in range(2 * len(packs))]
+    tables = {"arrays": len(children), "depth": 1, "children": children,
+              "packs": [base64.b64encode(pack).decode() for pack in packs]}
+    with pytest.raises(ValueError, match="does not match its name"):
+        TableReader(fetch, fetch_range).read(tables, COLUMNAR_LEAVES)
+    assert 0 < sum(location.length for location in ranges) <= READ_AHEAD_BYTES
+    assert len(singles) <= 1
 
 
 @pytest.mark.parametrize("version", [2, PACKED_NODES, COLUMNAR_LEAVES])

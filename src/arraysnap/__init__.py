@@ -23,6 +23,7 @@ from .errors import (
     StoreWriteError,
 )
 from .policies import every, young_daly
+from .restored import RestoredArrays
 from .results import (
     ArrayInfo,
     CaptureInfo,
@@ -31,7 +32,6 @@ from .results import (
     Problem,
     PruneReport,
     Restored,
-    RestoredArrays,
     SnapshotInfo,
     VerifyReport,
 )

@@ -181,7 +181,8 @@ def parse_columns(list names, list layout_of, list layouts, bytes digests, bytes
             next_block = _block_row(blocks, block, i, n) if block < len(blocks) else -1
             continue
         n_chunks = layout.n_chunks
-        if taken + n_chunks * digest_bytes > n_digests or placed + n_chunks > n_where:
+        # (In this order, with no product that a hostile layout's count could overflow.)
+        if n_chunks > n_where - placed or n_chunks > (n_digests - taken) // digest_bytes:
             raise ValueError(f"array {name!r}: the leaf's digests or where end before its "
                              f"{n_chunks} chunks")
         chunk_digests = digests[taken : taken + n_chunks * digest_bytes]

@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .extents import Views
 from .layout import ChunkLayout
 from .manifest import ArrayEntry, Manifest
+from .restored import RestoredArrays
 
 __all__ = ["ArrayInfo", "CaptureInfo", "CaptureStat", "CaptureStats", "Problem", "PruneReport",
-           "Restored", "RestoredArrays", "SnapshotInfo", "SnapshotUsage", "StoreUsage",
-           "VerifyReport"]
+           "Restored", "SnapshotInfo", "SnapshotUsage", "StoreUsage", "VerifyReport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,95 +203,6 @@ class CaptureInfo:
                 f"blocked={self.blocked_seconds * 1e3:.2f} ms "
                 f"(pause {self.pause_seconds * 1e3:.2f} ms), "
                 f"changed={self.chunks_changed}/{self.chunks_scanned} chunks)")
-
-
-class RestoredArrays(MutableMapping[str, np.ndarray]):
-    """The arrays of a restored snapshot by name, in the snapshot's order: a mapping that
-    behaves as a dict of them, whose arrays are copy-on-write memory maps made when first
-    looked up (a restore of 10,000 arrays need not make 10,000 views before it returns; a
-    program may use a few). Each name gives the same array every time; its map holds the
-    snapshot's bytes from the moment of the restore whenever it is first used. Setting or
-    deleting names changes this mapping only, as it would a dict; ``|``, ``copy()`` and
-    pickling give a dict of the arrays.
-
-    >>> import arraysnap, numpy as np, tempfile
-    >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
-    ...     _ = snap.capture({"u": np.arange(3.0), "v": np.ones(2)}, step=1)
-    ...     arrays = snap.restore().arrays
-    >>> list(arrays), arrays["u"].tolist(), arrays["u"] is arrays["u"]
-    (['u', 'v'], [0.0, 1.0, 2.0], True)
-    >>> sorted(dict(arrays, w=np.zeros(1)))
-    ['u', 'v', 'w']
-    """
-
-    __slots__ = ("_lock", "_names", "_views")
-
-    def __init__(self, arrays: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]]
-                 = (), /) -> None:
-        self._names: dict[str, None] = {}
-        self._views = Views()
-        self._lock = threading.Lock()
-        self.update(arrays)
-
-    @classmethod
-    def of(cls, names: Iterable[str], views: Views) -> RestoredArrays:
-        """The arrays `names` (in that order, each handed out by `views`) as a mapping that
-        makes each view when first looked up."""
-        arrays = cls()
-        arrays._names = dict.fromkeys(names)
-        arrays._views = views
-        return arrays
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        made = self._views.made.get(name)
-        if made is not None:
-            return made
-        if name not in self._names:
-            raise KeyError(name)
-        with self._lock:  # two threads looking one name up get the same array
-            return self._views.array(name)
-
-    def __setitem__(self, name: str, array: np.ndarray) -> None:
-        with self._lock:
-            self._views.drop(name)
-            self._views.made[name] = array
-            self._names[name] = None
-
-    def __delitem__(self, name: str) -> None:
-        with self._lock:
-            del self._names[name]
-            self._views.drop(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def copy(self) -> dict[str, np.ndarray]:
-        """A dict of the same arrays (made now)."""
-        return dict(self)
-
-    # What a dict of the arrays offered besides the mapping methods: `|`, and copying or
-    # pickling (to another process, say) as that dict.
-    def __or__(self, other: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**self, **other}
-
-    def __ror__(self, other: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {**other, **self}
-
-    def __ior__(self, other: Mapping[str, np.ndarray]) -> RestoredArrays:
-        self.update(other)
-        return self
-
-    def __reduce__(self) -> tuple[type, tuple[dict[str, np.ndarray]]]:
-        return dict, (dict(self),)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
 
 
 @dataclass(frozen=True, slots=True)

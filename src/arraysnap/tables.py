@@ -79,8 +79,8 @@ from .packs import (
 )
 
 __all__ = ["BLOCK_CHUNKS", "COLUMNAR_LEAVES", "FANOUT", "INLINE_ARRAYS", "INLINE_CHUNKS",
-           "MAX_FANOUT", "MIN_FANOUT", "PACKED_NODES", "PREFIX", "Built", "TableReader",
-           "remembered", "table_key"]
+           "MAX_FANOUT", "MIN_FANOUT", "PACKED_NODES", "PREFIX", "READ_AHEAD_BYTES", "Built",
+           "TableReader", "remembered", "table_key"]
 
 PREFIX = "tables/"
 INLINE_ARRAYS = 64  # a snapshot of at most this many arrays lists them in its manifest
@@ -100,7 +100,9 @@ MAX_ARRAYS = 1 << 24
 PACKED_NODES = 4  # the format from which nodes are written into packs
 COLUMNAR_LEAVES = 5  # the format from which leaves hold their arrays by column
 _CACHED_BYTES = 64 << 20  # table objects kept by a reader, by their stored size
-_MAX_RANGE_BYTES = 64 << 20  # read at once by a reader: the nodes of one parent
+# Read by a reader ahead of checking them, for one parent's children (whose first capture
+# of 10,000 arrays wrote about 60 KiB): a hostile tree made it read every pack it named.
+READ_AHEAD_BYTES = 4 << 20
 
 
 def table_key(digest: bytes) -> str:
@@ -290,8 +292,9 @@ class TableReader:
     def _read_together(self, refs: list[tuple[bytes, Location | None]],
                        parse: Callable[[bytes], Any]) -> dict[Location, bytes]:
         """The bytes of the nodes of `refs` not cached, read by pack: one range a pack
-        holding two or more of them, if they fill at least half of it and do not overlap
-        (else, or if that read fails, each is fetched alone and fails on its own)."""
+        holding two or more of them, if they fill at least half of it and no more than all
+        of it, up to ``READ_AHEAD_BYTES`` in all (else, or if that read fails, each is
+        fetched alone and fails on its own)."""
         if self._fetch_range is None:
             return {}
         by_pack: dict[bytes, set[Location]] = {}
@@ -301,16 +304,18 @@ class TableReader:
                         and (digest, parse) not in self._cache):
                     by_pack.setdefault(location.pack, set()).add(location)
         read: dict[Location, bytes] = {}
+        budget = READ_AHEAD_BYTES
         for pack, locations in by_pack.items():
             if len(locations) < 2:
                 continue
             start = min(location.offset for location in locations)
             stop = max(location.offset + location.length for location in locations)
             total = sum(location.length for location in locations)
-            # Nodes a writer packed never overlap: a hostile tree's that do (their copies
-            # could add up to far more than the range) are each fetched alone.
-            if not total <= stop - start <= min(2 * total, _MAX_RANGE_BYTES):
+            # Nodes a writer packed never overlap: when they add up to more than the range
+            # (a hostile tree's copies could be far more) each is fetched alone.
+            if not total <= stop - start <= min(2 * total, budget):
                 continue
+            budget -= stop - start
             try:
                 data = self._fetch_range(Location(pack, start, stop - start))
             except (OSError, ValueError):

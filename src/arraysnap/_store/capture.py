@@ -37,6 +37,7 @@ from ..layout import ChunkLayout, memory_order, plan_layout
 from ..manifest import Manifest, check_array_name, check_dims
 from ..pipeline import ArrayDelta, Persister, PersistJob
 from ..replaylog import ReplayLog
+from ..restored import RestoredArrays
 from ..results import CaptureInfo, CaptureStat
 from ..tracking import Tracking
 from .failures import FailurePolicy, wrap
@@ -88,6 +89,8 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines,
     if not isinstance(arrays, Mapping):
         raise TypeError(f"capture() takes a dict of name -> numpy array, got "
                         f"{type(arrays).__name__}")
+    if type(arrays) is RestoredArrays:  # the resume: the restored arrays are the live state
+        arrays = arrays.copy()  # the roster's match takes a dict
     if roster is not None and type(arrays) is dict and len(arrays) == len(roster):
         hits, values = roster.match(arrays)
         if hits.all():  # the same names: check the arrays that are not the same

@@ -45,7 +45,8 @@ from ..manifest import ArrayEntry, Manifest
 from ..mapping import FileMap, map_fd, map_file
 from ..objects import ChunkObjects
 from ..replaylog import ReplayLog
-from ..results import Problem, Restored, RestoredArrays
+from ..restored import RestoredArrays
+from ..results import Problem, Restored
 from ..rngstate import rng_from_json
 from .capture import Capturer
 from .catalog import Catalog
