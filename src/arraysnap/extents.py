@@ -259,9 +259,6 @@ class Views:
         pending, made = self.pending, self.made
         return [name for name in names if name not in pending and name not in made]
 
-    def __len__(self) -> int:
-        return len(self.pending) + len(self.made)
-
     def names(self) -> list[str]:
         """Every array handed out."""
         return [*self.pending, *self.made]
@@ -272,6 +269,11 @@ class Views:
         if spec is not None:
             self.made[name] = view_of(*spec)
         return self.made[name]
+
+    def take(self, name: str) -> np.ndarray:
+        """Pending array `name`, made now and handed over: these views keep it no longer
+        (KeyError if it is not pending)."""
+        return view_of(*self.pending.pop(name))
 
     def drop(self, name: str) -> None:
         """Hand `name` out no more."""

@@ -57,10 +57,11 @@ class RestoredArrays(MutableMapping[str, np.ndarray]):
     @classmethod
     def of(cls, names: Iterable[str], views: Views) -> RestoredArrays:
         """The arrays `names` (in that order, each handed out by `views`) as a mapping that
-        makes each view when first looked up."""
+        makes each view when first looked up; it takes `views` over."""
         arrays = cls()
         arrays._items = dict.fromkeys(names, _PENDING)
         arrays._items.update(views.made)
+        views.made.clear()  # kept once, in _items; `views` holds what is pending only
         arrays._views = views
         return arrays
 
@@ -70,7 +71,7 @@ class RestoredArrays(MutableMapping[str, np.ndarray]):
             with self._lock:  # two threads looking one name up get the same array
                 value = self._items[name]
                 if value is _PENDING:
-                    value = self._items[name] = self._views.array(name)
+                    value = self._items[name] = self._views.take(name)
         return value  # type: ignore[no-any-return]
 
     def __setitem__(self, name: str, array: np.ndarray) -> None:
@@ -113,9 +114,8 @@ class RestoredArrays(MutableMapping[str, np.ndarray]):
     def copy(self) -> dict[str, np.ndarray]:
         """A dict of the same arrays, in order (each view made now)."""
         with self._lock:
-            for name in self._views.names():
-                if self._items.get(name, None) is _PENDING:
-                    self._items[name] = self._views.array(name)
+            for name in list(self._views.pending):
+                self._items[name] = self._views.take(name)
             return dict(self._items)
 
     # What a dict of the arrays offered besides the mapping methods: `|`, and copying or

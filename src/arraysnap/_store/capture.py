@@ -89,8 +89,9 @@ def prepare_arrays(arrays: object, chunk_bytes: int, baselines: Baselines,
     if not isinstance(arrays, Mapping):
         raise TypeError(f"capture() takes a dict of name -> numpy array, got "
                         f"{type(arrays).__name__}")
-    if type(arrays) is RestoredArrays:  # the resume: the restored arrays are the live state
-        arrays = arrays.copy()  # the roster's match takes a dict
+    if type(arrays) is not dict:  # the roster's match takes a dict: a dict of the same
+        # (the resume's restored arrays through their C-level copy)
+        arrays = arrays.copy() if type(arrays) is RestoredArrays else dict(arrays)
     if roster is not None and type(arrays) is dict and len(arrays) == len(roster):
         hits, values = roster.match(arrays)
         if hits.all():  # the same names: check the arrays that are not the same

@@ -193,19 +193,20 @@ class Restorer:
         extents = read_extents(baselines.dir, marker, current_only=True)
         if not extents:
             return Views()
-        # Each file's arrays (name, offset, layout) and where the last one ends.
-        by_file: dict[str, tuple[list[tuple[str, int, ChunkLayout]], list[int]]] = {}
+        # Each file's arrays (name, offset, layout), and where its last array ends.
+        by_file: dict[str, list[tuple[str, int, ChunkLayout]]] = {}
+        stops: dict[str, int] = {}
         for name, entry in manifest.arrays.items():  # (a loop run for every array)
             found = extents.get(name)
             layout = entry.layout
             if found is None or found[0] is None or not layout.nbytes:
                 continue
-            placed = by_file.get(found[0])
+            filename, offset = found
+            placed = by_file.get(filename)
             if placed is None:
-                placed = by_file[found[0]] = ([], [0])
-            placed[0].append((name, found[1], layout))
-            if found[1] + layout.nbytes > placed[1][0]:
-                placed[1][0] = found[1] + layout.nbytes
+                placed = by_file[filename] = []
+            placed.append((name, offset, layout))
+            stops[filename] = max(stops.get(filename, 0), offset + layout.nbytes)
         leases = self._leases()
         if leases is None:
             return Views()
@@ -215,13 +216,13 @@ class Restorer:
         # trusted (the writer may have moved on between the first read and the leases).
         unchanged = baselines.read_marker() == marker
         for filename in leased:
-            arrays, (stop,) = by_file[filename]
-            file_map = self._map_file(baselines.dir / filename, stop) if unchanged else None
+            file_map = (self._map_file(baselines.dir / filename, stops[filename])
+                        if unchanged else None)
             if file_map is None:
                 leases.release(filename)
                 continue
             leases.keep(filename, file_map)  # the lease now lasts as long as the map
-            views.add_all(file_map, arrays)
+            views.add_all(file_map, by_file[filename])
         if verify:
             bad = [name for name in views.names() if find_bad_chunks(
                 as_bytes(views.array(name)), manifest.arrays[name], self.pool)]
