@@ -72,6 +72,28 @@ class FileOps:
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
+    def drop_cached(self, fd: int) -> None:
+        """Let the page cache drop the pages of `fd`'s file (clean ones go at once).
+
+        A checkpoint's chunk objects are written once and seldom read back (a restore of
+        the latest snapshot maps the baselines), so keeping them cached would only push the
+        program's own data out: a full capture of 1 GiB would add 1 GiB of cache each time.
+        Where fresh memory is lazily backed (a VM whose host takes back free pages), writing
+        into pages the last objects freed is also several times faster than into new ones.
+        A hint: where it does not exist or fails, nothing changes but the cache.
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryFile() as f:
+        ...     _ = f.write(b"x"); f.flush(); os.fsync(f.fileno())
+        ...     FileOps().drop_cached(f.fileno())
+        """
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is not None:
+            try:
+                advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+
     def replace(self, source: Path, target: Path) -> None:
         os.replace(source, target)
 
@@ -92,14 +114,21 @@ class FileOps:
         finally:
             os.close(fd)
 
-    def write_new(self, path: Path, data: memoryview | bytes, *, sync: bool = True) -> Path:
-        """Write `data` to a fresh temporary file beside `path`; return the temporary path."""
+    def write_new(self, path: Path, data: memoryview | bytes, *, sync: bool = True,
+                  cached: bool = True) -> Path:
+        """Write `data` to a fresh temporary file beside `path`; return the temporary path.
+
+        With ``cached=False`` (and `sync`) the file's pages leave the page cache once they
+        are durable (see `drop_cached`).
+        """
         temp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:12]}")
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             self.write(fd, data)
             if sync:
                 self.fsync(fd)
+                if not cached:
+                    self.drop_cached(fd)
         except BaseException:
             os.close(fd)
             temp.unlink(missing_ok=True)

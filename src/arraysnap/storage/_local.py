@@ -34,6 +34,9 @@ from ._abc import DEFAULT_GET_LIMIT, Storage, WriterLock, parse_key
 __all__ = ["LocalStorage"]
 
 LOCK_NAME = "lock"
+# Values at least this large (chunk objects, packs) leave the page cache once durable
+# (FileOps.drop_cached says why); smaller ones, table nodes above all, are read soon by readers.
+UNCACHED_BYTES = 256 << 10
 # Folders a new store starts with; a creation that died may leave them, empty.
 STORE_FOLDERS = ("chunks", "snapshots", "mirror")
 
@@ -161,7 +164,8 @@ class LocalStorage(Storage):
         self._made_parent(path)
         # One writer holds the lock, and content-addressed values are equal: a rename over
         # a value that appeared meanwhile replaces it with the same bytes.
-        temp = self.ops.write_new(path, data)
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        temp = self.ops.write_new(path, data, cached=size < UNCACHED_BYTES)
         try:
             self.ops.replace(temp, path)
         except BaseException:
