@@ -1,0 +1,423 @@
+"""A store in an object store (S3, GCS, Azure, S3-compatible servers) through obstore.
+
+Everything the storage interface asks for maps onto what such a store offers: a
+create-only write is a conditional PUT (``If-None-Match: *``), a replacement is a plain
+PUT (atomic for every reader), and every acknowledged write is durable, so ``barrier()``
+has nothing left to do. Two things an object store lacks are built here:
+
+- ``append``: an object cannot grow, so an append reads the value and writes it again
+  whole, conditional on the version it read (``If-Match``): two requests and the value's
+  size each time. The engine appends only small logs (the replay log, the history).
+- the writer's lock: a *lease*, the object ``lock`` (``{"holder", "token", "expires"}``),
+  created create-only, renewed by a thread of the lease with conditional writes, and
+  taken over by another writer only once it has expired (``lease_seconds`` after its
+  last renewal, by the clock of the writer that looks). A writer whose lease was taken
+  over, or whose renewals failed until it could have expired, is refused every write
+  from then on (``StoreLockedError``): it stops before its next commit.
+
+A lost reply to a conditional write (the write landed, the reply did not, and the
+client's retry meets its own write) is resolved by reading back: ``put_if_absent``
+returns False for it, which the engine already resolves by comparing what is there
+(``commit.put_manifest``), and an append compares the value with what it wrote.
+
+Failures come back as the builtin errors the interface promises: an absent key as
+:class:`FileNotFoundError`, a refused credential as :class:`PermissionError`, anything
+else (the network, 5xx after the client's retries, throttling) as :class:`OSError` with
+``errno.EIO`` and the store's message.
+
+>>> from obstore.store import MemoryStore
+>>> storage = ObjectStorage(MemoryStore())
+>>> storage.create()
+>>> storage.put_if_absent("chunks/ab/cd", b"x"), storage.put_if_absent("chunks/ab/cd", b"y")
+(True, False)
+>>> storage.append("history.jsonl", b"a\\n", at=0); storage.append("history.jsonl", b"b\\n", at=2)
+>>> storage.get("history.jsonl"), sorted(storage.list_prefix("chunks/"))
+(b'a\\nb\\n', ['chunks/ab/cd'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreLockedError
+from ._abc import DEFAULT_GET_LIMIT, Storage, WriterLock, parse_key
+
+__all__ = ["ObjectStorage"]
+
+LOCK_KEY = "lock"
+DEFAULT_LEASE_SECONDS = 60.0
+# Settings of obstore's HTTP client (its ClientConfig); every other key of
+# `storage_options` configures the store itself (endpoint, region, credentials, ...).
+_CLIENT_KEYS = frozenset({
+    "allow_http", "allow_invalid_certificates", "connect_timeout", "default_content_type",
+    "default_headers", "http1_only", "http2_keep_alive_interval", "http2_keep_alive_timeout",
+    "http2_keep_alive_while_idle", "http2_only", "pool_idle_timeout", "pool_max_idle_per_host",
+    "proxy_url", "proxy_ca_certificate", "proxy_excludes", "root_certificate",
+    "randomize_addresses", "read_timeout", "timeout", "user_agent"})
+
+
+def _obstore() -> Any:
+    try:
+        import obstore
+    except ImportError:
+        raise ImportError("a store in object storage needs obstore: pip install "
+                          "'arraysnap[object]' (or pip install obstore)") from None
+    return obstore
+
+
+def _split_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`storage_options` as obstore's from_url takes them: config, client, retries."""
+    config: dict[str, Any] = {}
+    client = dict(options.get("client_options") or {})
+    retry = options.get("retry_config")
+    for name, value in options.items():
+        if name in ("client_options", "retry_config"):
+            continue
+        (client if name in _CLIENT_KEYS else config)[name] = value
+    split: dict[str, Any] = {"config": config, "client_options": client}
+    if retry is not None:
+        split["retry_config"] = retry
+    return split
+
+
+@contextlib.contextmanager
+def _as_os_errors(key: str) -> Iterator[None]:
+    """obstore's errors as the builtin ones the storage interface promises."""
+    obstore = _obstore()
+    failures = obstore.exceptions
+    try:
+        yield
+    except (failures.NotFoundError, FileNotFoundError) as err:
+        if isinstance(err, FileNotFoundError) and err.filename == key:
+            raise  # already ours (a nested call)
+        # obstore raises the builtin without the key: the caller's message needs it.
+        raise FileNotFoundError(errno.ENOENT, "no such key in the object store", key) from None
+    except (failures.PermissionDeniedError, failures.UnauthenticatedError) as err:
+        raise PermissionError(errno.EACCES, f"refused by the object store: {_first_line(err)}",
+                              key) from err
+    except failures.BaseError as err:
+        raise OSError(errno.EIO, f"object store error: {_first_line(err)}", key) from err
+
+
+def _first_line(err: BaseException) -> str:
+    # obstore's messages go on with a multi-line debug dump of the request.
+    return str(err).strip().split("\n", 1)[0]
+
+
+class _Lease(WriterLock):
+    """The writer's lease on an object store (see the module doc)."""
+
+    def __init__(self, storage: ObjectStorage, holder: str, seconds: float) -> None:
+        self._storage = storage
+        self._holder = holder
+        self._seconds = seconds
+        self._token = os.urandom(8).hex()
+        self._tag: str | None = None
+        self._renewed = 0.0  # monotonic time of the last renewal that succeeded
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def body(self) -> bytes:
+        return json.dumps({"holder": self._holder, "token": self._token,
+                           "expires": time.time() + self._seconds}).encode()
+
+    def take(self) -> None:
+        """Create the lease, or take over an expired one; StoreLockedError if held."""
+        obstore, store = _obstore(), self._storage.store
+        failures = obstore.exceptions
+        started = time.monotonic()
+        with _as_os_errors(LOCK_KEY):
+            try:
+                self._tag = obstore.put(store, LOCK_KEY, self.body(), mode="create",
+                                        use_multipart=False)["e_tag"]
+            except (failures.AlreadyExistsError, failures.PreconditionError):
+                current = obstore.get(store, LOCK_KEY)
+                tag, held = current.meta["e_tag"], _parse_lease(bytes(current.bytes()))
+                if held.get("token") == self._token:
+                    self._tag = tag  # our own create, whose reply was lost
+                elif float(held.get("expires", 0)) > time.time():
+                    raise StoreLockedError(
+                        f"{self._storage.describe()} is being written by another process "
+                        f"({held.get('holder', 'unknown')}, its lease runs until "
+                        f"{time.ctime(float(held['expires']))}); only one writer at a time: "
+                        "stop it, or open this store with mode='r' to read") from None
+                else:
+                    try:
+                        self._tag = obstore.put(store, LOCK_KEY, self.body(),
+                                                mode={"e_tag": tag}, use_multipart=False
+                                                )["e_tag"]
+                    except failures.PreconditionError:
+                        raise StoreLockedError(
+                            f"{self._storage.describe()}: another writer took over the "
+                            "expired lease at the same moment; only one writer at a time"
+                        ) from None
+        self._renewed = started
+        self._thread = threading.Thread(target=self._renew_loop, name="arraysnap-lease",
+                                        daemon=True)
+        self._thread.start()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self._seconds / 4):
+            self.renew()
+
+    def renew(self) -> None:
+        """Extend the lease (conditional on still holding it); note it lost if not."""
+        obstore = _obstore()
+        failures = obstore.exceptions
+        started = time.monotonic()
+        with self._lock:
+            if self._lost is not None or self._tag is None:
+                return
+            try:
+                self._tag = obstore.put(self._storage.store, LOCK_KEY, self.body(),
+                                        mode={"e_tag": self._tag}, use_multipart=False)["e_tag"]
+            except failures.PreconditionError:
+                self._settle_precondition()
+                return
+            except failures.BaseError:
+                return  # tried again at the next tick; `lost` notices if it never works
+            self._renewed = started
+
+    def _settle_precondition(self) -> None:
+        # Either another writer took the lease over, or our renewal landed and its reply
+        # was lost (the client's retry then met our own write): the token says which.
+        try:
+            current = _obstore().get(self._storage.store, LOCK_KEY)
+            held = _parse_lease(bytes(current.bytes()))
+        except Exception:  # noqa: BLE001 - unknown: keep trying; `lost` times out
+            return
+        if held.get("token") == self._token:
+            self._tag = current.meta["e_tag"]
+            self._renewed = time.monotonic()
+        else:
+            self._lost = (f"another writer ({held.get('holder', 'unknown')}) took over this "
+                          "writer's lease on the store")
+
+    @property
+    def lost(self) -> str | None:
+        """Why this writer may no longer write (None while the lease holds)."""
+        if self._lost is None and self._tag is not None:
+            if time.monotonic() - self._renewed > self._seconds:
+                return (f"this writer's lease could not be renewed for {self._seconds:g} s "
+                        "(the object store was unreachable): another writer may hold it")
+        return self._lost
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            tag, self._tag = self._tag, None
+        self._storage.released(self)
+        if tag is None or self._lost is not None:
+            return
+        with contextlib.suppress(Exception):  # an expired lease frees the store anyway
+            current = _obstore().head(self._storage.store, LOCK_KEY)
+            if current["e_tag"] == tag:
+                _obstore().delete(self._storage.store, LOCK_KEY)
+
+
+def _parse_lease(data: bytes) -> dict[str, Any]:
+    try:
+        held = json.loads(data)
+    except ValueError:
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+class ObjectStorage(Storage):
+    """Keys to objects under a prefix of a bucket; see the module doc.
+
+    `store` is an obstore store object (``S3Store``, ``GCSStore``, ``AzureStore``,
+    ``MemoryStore``, ...) or a URL (``s3://bucket/prefix``, ``gs://``, ``az://``, ...),
+    with `storage_options` passed to obstore (``endpoint``, ``region``, credentials,
+    ``allow_http``, ``timeout``; ``retry_config`` for its retries).
+
+    >>> from obstore.store import MemoryStore
+    >>> storage = ObjectStorage(MemoryStore())
+    >>> storage.local_path is None, storage.barrier()
+    (True, None)
+    """
+
+    def __init__(self, store: Any, *, storage_options: Mapping[str, Any] | None = None,
+                 lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+        obstore = _obstore()
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
+        if isinstance(store, str):
+            self._url = store.rstrip("/")
+            self.store = obstore.store.from_url(self._url, **_split_options(storage_options
+                                                                            or {}))
+        else:
+            if storage_options:
+                raise ValueError("storage_options configure a store made from a URL; this "
+                                 "store object is configured already")
+            self._url = repr(store)
+            self.store = store
+        self.lease_seconds = float(lease_seconds)
+        self._lease: _Lease | None = None
+
+    @property
+    def local_path(self) -> Path | None:
+        return None
+
+    def describe(self) -> str:
+        return self._url
+
+    def __repr__(self) -> str:
+        return f"ObjectStorage({self._url!r})"
+
+    # -- reading ---------------------------------------------------------------------------
+    def get(self, key: str, *, limit: int = DEFAULT_GET_LIMIT) -> bytes:
+        key = parse_key(key)
+        with _as_os_errors(key):
+            result = _obstore().get(self.store, key)
+            if result.meta["size"] > limit:
+                raise OSError(errno.EFBIG, f"more than {limit} bytes", key)
+            return bytes(result.bytes())
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        key = parse_key(key)
+        with _as_os_errors(key):
+            if length > 0:
+                try:
+                    return bytes(_obstore().get_range(self.store, key, start=start,
+                                                      length=length))
+                except _obstore().exceptions.NotFoundError:
+                    raise
+                except _obstore().exceptions.BaseError:
+                    # A range starting at or past the end is refused (416): the value is
+                    # shorter; anything else fails again below or is raised.
+                    if start < self.size(key):
+                        raise
+                    return b""
+            self.size(key)  # absent is FileNotFoundError, as for any read
+            return b""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        key = parse_key(key)
+        with _as_os_errors(key):
+            return int(_obstore().head(self.store, key)["size"])
+
+    def list_prefix(self, prefix: str) -> Iterator[str]:
+        # obstore lists whole path segments; a prefix that ends inside one (``snap``)
+        # lists its folder and keeps what matches.
+        folder = prefix.rpartition("/")[0]
+        with _as_os_errors(prefix or "/"):
+            for batch in _obstore().list(self.store, folder or None):
+                for meta in batch:
+                    path = meta["path"]
+                    if path.startswith(prefix):
+                        yield path
+
+    # -- writing ---------------------------------------------------------------------------
+    def _writable(self, key: str) -> None:
+        lease = self._lease
+        why = lease.lost if lease is not None else None
+        if why is not None:
+            raise StoreLockedError(f"{self.describe()}: {why}; nothing more is written (the "
+                                   f"write of {key!r} was refused): open the store again")
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        key = parse_key(key)
+        self._writable(key)
+        obstore = _obstore()
+        with _as_os_errors(key):
+            try:
+                obstore.put(self.store, key, _flat(data), mode="create", use_multipart=False)
+            except (obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError):
+                return False
+        return True
+
+    def put_atomic(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        key = parse_key(key)
+        self._writable(key)
+        with _as_os_errors(key):
+            _obstore().put(self.store, key, _flat(data), mode="overwrite", use_multipart=False)
+
+    def append(self, key: str, data: bytes | memoryview, *, at: int,
+               durable: bool = True) -> None:
+        key = parse_key(key)
+        self._writable(key)
+        obstore = _obstore()
+        failures = obstore.exceptions
+        with _as_os_errors(key):
+            if at == 0:
+                obstore.put(self.store, key, _flat(data), mode="overwrite", use_multipart=False)
+                return
+            mode: Any
+            try:
+                current = obstore.get(self.store, key)
+                head, mode = bytes(current.bytes())[:at], {"e_tag": current.meta["e_tag"]}
+            except failures.NotFoundError:
+                head, mode = b"", "create"
+            value = head.ljust(at, b"\0") + bytes(_flat(data))  # zeros, as a file extended
+            try:
+                obstore.put(self.store, key, value, mode=mode, use_multipart=False)
+            except (failures.PreconditionError, failures.AlreadyExistsError):
+                if bytes(obstore.get(self.store, key).bytes()) != value:
+                    raise OSError(errno.EIO, "changed by another writer during an append",
+                                  key) from None
+
+    def delete(self, key: str) -> None:
+        key = parse_key(key)
+        self._writable(key)
+        with _as_os_errors(key), contextlib.suppress(FileNotFoundError):
+            _obstore().delete(self.store, key)
+
+    def barrier(self, keys: Iterable[str] = ()) -> None:
+        for key in keys:
+            parse_key(key)
+        # Every write above returned once the store acknowledged it: durable already.
+
+    # -- a store's life --------------------------------------------------------------------
+    def create(self) -> None:
+        # A creation that died may have left the lock (as a local store's).
+        others = [key for key in self.list_prefix("") if key != LOCK_KEY]
+        if others:
+            raise FileExistsError(
+                f"{self.describe()} holds {len(others)} objects (such as {others[0]!r}) and "
+                "is not an arraysnap store (no arraysnap.json); choose a new prefix")
+
+    def lock_writer(self, holder: str) -> WriterLock:
+        lease = _Lease(self, holder, self.lease_seconds)
+        lease.take()
+        self._lease = lease
+        return lease
+
+    def released(self, lease: _Lease) -> None:
+        """The lease `lease` was given up: writes are no longer checked against it."""
+        if self._lease is lease:
+            self._lease = None
+
+    def remove_temporaries(self) -> int:
+        return 0  # every write is one request: nothing is ever left half-written
+
+    def close(self) -> None:
+        lease = self._lease
+        if lease is not None:
+            lease.release()
+
+
+def _flat(data: bytes | memoryview) -> bytes | memoryview:
+    """`data` as the one-dimensional bytes obstore takes."""
+    if isinstance(data, bytes):
+        return data
+    return memoryview(data).cast("B")

@@ -1,0 +1,195 @@
+"""ObjectStorage: the storage interface on an object store, against a real S3 server
+(moto's server mode on 127.0.0.1) and obstore's in-memory store; the writer's lease."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import obstore
+import pytest
+from obstore.store import MemoryStore
+
+from arraysnap.errors import StoreLockedError
+from arraysnap.storage import ObjectStorage
+from arraysnap.testing.s3server import S3Server
+from arraysnap.testing.storage_tests import StorageTests
+
+WAIT_SECONDS = 30.0  # a deadline for what must happen, never a duration a test relies on
+
+
+@pytest.fixture(scope="module")
+def server():
+    with S3Server() as running:
+        yield running
+
+
+def s3_storage(server: S3Server, **kwargs) -> ObjectStorage:
+    """A fresh prefix of the test bucket."""
+    return ObjectStorage(server.url("arraysnap-tests", f"{uuid.uuid4().hex}/run.snap"),
+                         storage_options=server.storage_options, **kwargs)
+
+
+class TestObjectStorageOnS3(StorageTests):
+    @pytest.fixture(autouse=True)
+    def _server(self, server):
+        self.server = server
+
+    def make(self, tmp_path: Path) -> ObjectStorage:
+        return s3_storage(self.server)
+
+
+class TestObjectStorageInMemory(StorageTests):
+    def make(self, tmp_path: Path) -> ObjectStorage:
+        return ObjectStorage(MemoryStore())
+
+
+def test_a_url_names_the_store_and_a_store_object_needs_no_options(server):
+    storage = s3_storage(server)
+    assert storage.describe().startswith("s3://arraysnap-tests/") and storage.local_path is None
+    with pytest.raises(ValueError, match="configured already"):
+        ObjectStorage(MemoryStore(), storage_options={"region": "us-east-1"})
+    with pytest.raises(ValueError, match="lease_seconds"):
+        ObjectStorage(MemoryStore(), lease_seconds=0)
+
+
+def test_create_refuses_a_prefix_that_holds_other_objects(server):
+    storage = s3_storage(server)
+    storage.create()
+    storage.put_if_absent("notes.txt", b"someone else's")
+    with pytest.raises(FileExistsError, match="1 objects .*'notes.txt'.*choose a new prefix"):
+        storage.create()
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(server):
+    first = s3_storage(server)
+    first.create()
+    lock = first.lock_writer("pid 1 on node-a")
+    second = ObjectStorage(first.describe(), storage_options=server.storage_options)
+    with pytest.raises(StoreLockedError, match=r"pid 1 on node-a.*lease runs until"):
+        second.lock_writer("pid 2 on node-b")
+    lock.release()
+    second.lock_writer("pid 2 on node-b").release()
+    assert not first.exists("lock")  # a released lease leaves nothing behind
+
+
+def test_the_lease_of_a_killed_writer_expires_and_is_taken_over(server):
+    storage = s3_storage(server)
+    storage.create()
+    victim = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from arraysnap.storage import ObjectStorage\n"
+         f"s = ObjectStorage({storage.describe()!r}, storage_options={server.storage_options!r},"
+         " lease_seconds=1.0)\n"
+         "s.lock_writer('the victim')\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE)
+    try:
+        assert victim.stdout.readline().strip() == b"locked"
+        # While it lives it renews its lease: refused, and the holder is named.
+        with pytest.raises(StoreLockedError, match="the victim"):
+            storage.lock_writer("the successor")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    finally:
+        victim.kill()
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        try:
+            lock = storage.lock_writer("the successor")
+            break
+        except StoreLockedError:
+            assert time.monotonic() < deadline, "the dead writer's lease never expired"
+            time.sleep(0.2)
+    assert b"the successor" in storage.get("lock")
+    lock.release()
+
+
+def test_a_writer_whose_lease_was_taken_over_writes_nothing_more(server):
+    storage = s3_storage(server, lease_seconds=0.5)
+    storage.create()
+    storage.lock_writer("the first writer")
+    storage.put_if_absent("chunks/ab/01", b"before")
+    # Someone takes the lease behind its back (as a writer would that saw it expired).
+    obstore.put(storage.store, "lock", b'{"holder": "an intruder", "token": "x", '
+                                       b'"expires": 1e12}')
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:  # the renewal thread notices at its next tick
+        try:
+            storage.put_if_absent(f"chunks/ab/{uuid.uuid4().hex}", b"after")
+        except StoreLockedError as err:
+            assert "an intruder" in str(err) and "open the store again" in str(err)
+            break
+        assert time.monotonic() < deadline, "the lost lease was never noticed"
+        time.sleep(0.05)
+    for write in (lambda: storage.put_atomic("arraysnap.json", b"{}"),
+                  lambda: storage.append("history.jsonl", b"x", at=0),
+                  lambda: storage.delete("chunks/ab/01")):
+        with pytest.raises(StoreLockedError):
+            write()
+    assert storage.get("chunks/ab/01") == b"before"  # reading goes on
+    storage.close()
+
+
+def test_a_writer_cut_off_from_the_store_stops_once_its_lease_could_have_expired():
+    with S3Server() as own:
+        storage = ObjectStorage(own.url("cut-off", "run.snap"),
+                                storage_options={**own.storage_options, "timeout": "2s",
+                                                 "connect_timeout": "1s",
+                                                 "retry_config": {"max_retries": 0}},
+                                lease_seconds=1.0)
+        storage.create()
+        storage.lock_writer("the cut-off writer")
+        storage.put_if_absent("chunks/ab/01", b"x")
+        own.stop()  # the store goes away: no renewal can succeed from now on
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            try:
+                storage.put_if_absent(f"chunks/ab/{uuid.uuid4().hex}", b"y")
+            except StoreLockedError as err:
+                assert "could not be renewed" in str(err)
+                break
+            except OSError as err:  # the store is down: a plain, retryable error
+                assert err.errno == errno.EIO and "object store error" in str(err)
+            assert time.monotonic() < deadline, "the writer never stopped"
+            time.sleep(0.1)
+        storage.close()
+
+
+def test_failures_come_back_as_builtin_errors_naming_the_key(server):
+    storage = s3_storage(server)
+    storage.create()
+    with pytest.raises(FileNotFoundError) as absent:
+        storage.get("snapshots/000000000009.json")
+    assert absent.value.filename == "snapshots/000000000009.json"
+    down = ObjectStorage("s3://nowhere/run.snap",
+                         storage_options={**server.storage_options,
+                                          "endpoint": "http://127.0.0.1:9",
+                                          "retry_config": {"max_retries": 0}})
+    with pytest.raises(OSError) as failed:
+        down.get("arraysnap.json")
+    assert failed.value.errno == errno.EIO and failed.value.filename == "arraysnap.json"
+    assert not isinstance(failed.value, obstore.exceptions.BaseError)
+
+
+def test_a_live_writer_keeps_renewing_its_lease(server):
+    storage = s3_storage(server, lease_seconds=0.5)
+    storage.create()
+    lock = storage.lock_writer("the living writer")
+    first = json.loads(storage.get("lock"))
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (current := json.loads(storage.get("lock")))["expires"] == first["expires"]:
+        assert time.monotonic() < deadline, "the lease was never renewed"
+        time.sleep(0.05)
+    assert current["expires"] > first["expires"] and current["token"] == first["token"]
+    storage.put_if_absent("chunks/ab/01", b"x")  # still the writer
+    lock.release()
