@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,8 +18,10 @@ import obstore
 import pytest
 from obstore.store import MemoryStore
 
+from arraysnap.commit import put_manifest
 from arraysnap.errors import StoreLockedError
 from arraysnap.storage import ObjectStorage
+from arraysnap.testing.faultproxy import FaultProxy
 from arraysnap.testing.s3server import S3Server
 from arraysnap.testing.storage_tests import StorageTests
 
@@ -193,3 +196,89 @@ def test_a_live_writer_keeps_renewing_its_lease(server):
     assert current["expires"] > first["expires"] and current["token"] == first["token"]
     storage.put_if_absent("chunks/ab/01", b"x")  # still the writer
     lock.release()
+
+
+# -- faults between arraysnap and the server (a proxy that loses replies, fails, drops) -----
+@pytest.fixture
+def proxied(server):
+    """A fresh prefix reached through a fault proxy, and the proxy."""
+    with FaultProxy(server.endpoint) as proxy:
+        storage = ObjectStorage(
+            server.url("arraysnap-tests", f"{uuid.uuid4().hex}/run.snap"),
+            storage_options={**server.storage_options, "endpoint": proxy.endpoint},
+            lease_seconds=0.5)
+        storage.create()
+        yield storage, proxy
+        storage.close()
+
+
+def test_a_lost_reply_to_the_commit_point_is_settled_by_reading_back(proxied):
+    storage, proxy = proxied
+    landed = proxy.fail("PUT", r"/snapshots/000000000001\.json", "lose_reply")
+    put_manifest(storage, 1, b'{"seq": 1}')  # the retry meets its own write: no error
+    assert landed.hits == 1 and storage.get("snapshots/000000000001.json") == b'{"seq": 1}'
+    # Not so for another writer's manifest under the same name.
+    with pytest.raises(FileExistsError, match="another writer"):
+        put_manifest(storage, 1, b'{"seq": 1, "other": true}')
+
+
+def test_a_lost_reply_to_an_append_is_settled_by_reading_back(proxied):
+    storage, proxy = proxied
+    storage.append("history.jsonl", b"one\n", at=0)
+    landed = proxy.fail("PUT", r"/history\.jsonl", "lose_reply")
+    storage.append("history.jsonl", b"two\n", at=4)
+    assert landed.hits == 1 and storage.get("history.jsonl") == b"one\ntwo\n"
+
+
+def test_an_append_meeting_another_change_is_an_error_not_a_silent_overwrite(proxied):
+    storage, proxy = proxied
+    storage.append("history.jsonl", b"one\n", at=0)
+    # The read happens, then someone else rewrites the value before the conditional put.
+    proxy.fail("PUT", r"/history\.jsonl", "slow", delay=0.5)
+    threading.Timer(0.1, lambda: obstore.put(storage.store, "history.jsonl", b"theirs\n")).start()
+    with pytest.raises(OSError, match="changed by another writer"):
+        storage.append("history.jsonl", b"two\n", at=4)
+    assert storage.get("history.jsonl") == b"theirs\n"
+
+
+def test_lost_replies_to_the_lease_keep_the_lease(proxied):
+    storage, proxy = proxied
+    created = proxy.fail("PUT", r"/lock$", "lose_reply")
+    lock = storage.lock_writer("the writer")  # its own create, met by the retry
+    assert created.hits == 1
+    renewals = proxy.fail("PUT", r"/lock$", "lose_reply", times=3)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while renewals.hits < 3:
+        assert time.monotonic() < deadline, "the lease was not renewed"
+        time.sleep(0.05)
+    proxy.clear()
+    before = json.loads(storage.get("lock"))["expires"]
+    while json.loads(storage.get("lock"))["expires"] == before:  # renewed since
+        assert time.monotonic() < deadline, "the lease stopped being renewed"
+        time.sleep(0.05)
+    assert storage.put_if_absent("chunks/ab/01", b"x")  # still the writer
+    lock.release()
+
+
+def test_server_errors_and_dropped_connections_are_retried(proxied):
+    storage, proxy = proxied
+    errors = proxy.fail("PUT", r"/chunks/", "error", times=2)
+    dropped = proxy.fail("GET", r"/chunks/", "drop")
+    assert storage.put_if_absent("chunks/ab/01", b"payload")
+    assert storage.get("chunks/ab/01") == b"payload"
+    assert errors.hits == 2 and dropped.hits == 1
+
+
+def test_a_store_that_keeps_failing_gives_a_plain_error_naming_the_key(server):
+    with FaultProxy(server.endpoint) as proxy:
+        storage = ObjectStorage(
+            server.url("arraysnap-tests", f"{uuid.uuid4().hex}/run.snap"),
+            storage_options={**server.storage_options, "endpoint": proxy.endpoint,
+                             "retry_config": {"max_retries": 1}})
+        proxy.fail("PUT", r"/chunks/", "error", times=None)
+        with pytest.raises(OSError) as failed:
+            storage.put_if_absent("chunks/ab/01", b"x")
+        assert failed.value.errno == errno.EIO and failed.value.filename == "chunks/ab/01"
+        assert "object store error" in str(failed.value)
+        proxy.clear()
+        assert storage.put_if_absent("chunks/ab/01", b"x")  # nothing half-written was left
