@@ -13,7 +13,15 @@ from conftest import REPO, run_python
 
 import arraysnap
 from arraysnap.baselines import Baselines
-from arraysnap.extents import MARKER_VERSION, TABLE, read_extents
+from arraysnap.extents import (
+    MARKER,
+    MARKER_VERSION,
+    TABLE,
+    TABLE_DIGEST,
+    read_extents,
+    read_mirror,
+    table_digest,
+)
 from arraysnap.layout import plan_layout
 from arraysnap.leases import LEASES, LockFile, lock_byte
 from arraysnap.testing import baseline_extent, baseline_leased
@@ -288,9 +296,14 @@ def test_the_extent_table_is_read_back_by_column_and_in_an_earlier_writers_form(
     baselines.mark_committed(1)
     marker = baselines.read_marker()
     table = json.loads((tmp_path / "mirror" / TABLE).read_text())
-    assert set(table) == {"generation", "files", "names", "file", "offsets"}
+    assert set(table) == {"generation", "files", "names", "file", "offsets", "layouts",
+                          "layout"}
     extents = read_extents(tmp_path / "mirror", marker)
     assert list(extents) == ["a0", "a1", "a2", "a3"] and extents["a1"] == (None, 0)
+    mirror = read_mirror(tmp_path / "mirror", marker)
+    assert mirror.names == ["a0", "a1", "a2", "a3"] and mirror.extents == extents
+    assert mirror.layouts == [baselines.layout_of(name) for name in mirror.names]
+    assert len(table["layouts"]) == 3  # a0 and a3 share theirs
     for name in ("a0", "a2", "a3"):
         file, offset = baselines.location(name)
         assert extents[name] == (file.name, offset)
@@ -310,3 +323,55 @@ def test_a_malformed_extent_table_is_not_read(tmp_path, damage):
             "offsets": [0, 0]}
     assert _table_round_trip(tmp_path, good) == {"a": ("s-1.bin", 0), "b": (None, 0)}
     assert _table_round_trip(tmp_path, {**good, **damage}) is None
+
+
+_LAYOUT = {"shape": [4], "dtype": "<f8", "order": "C", "split_axis": 0, "rows_per_chunk": 4}
+
+
+@pytest.mark.parametrize("damage", [
+    {"layouts": "x"}, {"layout": [0]}, {"layout": [0, 1]}, {"layout": [0, -1]},
+    {"layout": [0, True]}, {"layouts": [{**_LAYOUT, "dtype": "|O"}]},
+    {"layouts": [{**_LAYOUT, "shape": [-1]}]}, {"layouts": [{**_LAYOUT, "order": "K"}]},
+    {"layouts": [{"shape": [4]}]}, {"names": ["a", 3]},
+])
+def test_a_mirror_with_malformed_layouts_is_not_read(tmp_path, damage):
+    good = {"generation": 1, "files": ["s-1.bin"], "names": ["a", "b"], "file": [0, -1],
+            "offsets": [0, 0], "layouts": [_LAYOUT], "layout": [0, 0]}
+    def sealed(table: dict) -> dict:  # the table written, and the marker naming it
+        data = json.dumps(table).encode()
+        (tmp_path / TABLE).write_bytes(data)
+        return {"version": MARKER_VERSION, "table": 1, TABLE_DIGEST: table_digest(data)}
+
+    marker = sealed(good)
+    mirror = read_mirror(tmp_path, marker)
+    assert mirror.names == ["a", "b"] and mirror.layouts[1].shape == (4,)
+    assert read_mirror(tmp_path, sealed({**good, **damage})) is None
+    earlier = {key: value for key, value in good.items() if key not in ("layouts", "layout")}
+    marker = sealed(earlier)
+    assert read_mirror(tmp_path, marker) is None  # an earlier writer's: no layouts
+    assert read_extents(tmp_path, marker) is not None  # yet its extents still read
+
+
+def test_a_mirror_is_read_only_by_the_digest_its_marker_names(tmp_path):
+    good = {"generation": 1, "files": ["s-1.bin"], "names": ["a"], "file": [0],
+            "offsets": [0], "layouts": [_LAYOUT], "layout": [0]}
+    data = json.dumps(good).encode()
+    (tmp_path / TABLE).write_bytes(data)
+    marker = {"version": MARKER_VERSION, "table": 1, TABLE_DIGEST: table_digest(data)}
+    assert read_mirror(tmp_path, marker) is not None
+    (tmp_path / TABLE).write_bytes(data.replace(b'"shape": [4]', b'"shape": [2]'))
+    assert read_mirror(tmp_path, marker) is None  # damaged: no wrong shape from it
+    assert read_mirror(tmp_path, {**marker, TABLE_DIGEST: None}) is None  # an earlier marker
+
+
+def test_the_marker_names_its_tables_digest_across_commits_and_opens(tmp_path):
+    store = tmp_path / "s.snap"
+    with arraysnap.open(store) as snap:
+        snap.capture({"u": np.zeros(10)}, step=1).result()
+        snap.capture({"u": np.ones(10)}, step=2).result()  # the same table: not rewritten
+        first = json.loads((store / "mirror" / MARKER).read_text())
+    with arraysnap.open(store) as snap:  # adopted, still not rewritten
+        snap.capture({"u": np.full(10, 2.0)}, step=3).result()
+    marker = json.loads((store / "mirror" / MARKER).read_text())
+    assert marker["table"] == first["table"] and marker["seq"] == 3
+    assert marker[TABLE_DIGEST] == table_digest((store / "mirror" / TABLE).read_bytes())

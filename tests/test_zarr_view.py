@@ -49,7 +49,7 @@ def test_structured_arrays_appear_as_raw_bytes_with_their_dtype(store_path):
     with arraysnap.open(store_path) as snap:
         snap.capture({"s": value})
     array = arraysnap.open_zarr(store_path)["s"]
-    described = arraysnap.manifest.dtype_from_json(array.attrs["arraysnap_dtype"])
+    described = arraysnap.dtypes.dtype_from_json(array.attrs["arraysnap_dtype"])
     view = np.ascontiguousarray(array[...]).view(described)
     assert np.array_equal(view["a"], value["a"]) and np.array_equal(view["b"], value["b"])
 

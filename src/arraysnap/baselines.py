@@ -51,6 +51,7 @@ from .extents import (
     MARKER_VERSION,
     SMALL_ALIGN,
     TABLE,
+    TABLE_DIGEST,
     BaselineFile,
     Extent,
     Target,
@@ -58,6 +59,8 @@ from .extents import (
     align_of,
     extent_table,
     read_extents,
+    read_mirror,
+    table_digest,
 )
 from .fsio import TMP_PREFIX, FileOps, read_regular_file
 from .layout import ChunkLayout
@@ -98,6 +101,7 @@ class Baselines:
         self._generation = 0
         self._epoch = 0  # see `epoch`
         self._table_written = True  # the table on disk is the one in memory
+        self._table_digest: str | None = None  # the digest of the table on disk
         self._table_durable = True
         self._marked_dirty = False
         # Whether the marker on disk is a fsynced "clean", trusted even after a reboot.
@@ -129,12 +133,13 @@ class Baselines:
         if not self._table_written or (durable and not self._table_durable):
             if not self._table_written:
                 self._generation += 1
-            table = extent_table(self._generation, self._extents)
-            self.ops.write_atomic(self.dir / TABLE, json.dumps(table).encode(),
-                                  durable=durable)
+            data = json.dumps(extent_table(self._generation, self._extents)).encode()
+            self.ops.write_atomic(self.dir / TABLE, data, durable=durable)
             self._table_written, self._table_durable = True, durable
+            self._table_digest = table_digest(data)
         marker = {"version": MARKER_VERSION, "seq": seq, "clean": clean,
-                  "synced": clean and durable, "boot_id": _BOOT_ID, "table": self._generation}
+                  "synced": clean and durable, "boot_id": _BOOT_ID, "table": self._generation,
+                  TABLE_DIGEST: self._table_digest}
         self.ops.write_atomic(self.dir / MARKER, json.dumps(marker).encode(), durable=durable)
         self._durably_clean = clean and durable
 
@@ -290,10 +295,14 @@ class Baselines:
         right size, in regular files of the store); returns the names adopted. A table from
         before shared files is migrated: each array's file is copied into a new extent."""
         self._epoch += 1
-        extents = None if marker is None else read_extents(self.dir, marker)
+        legacy = marker is not None and marker.get("version") != MARKER_VERSION
+        # A table with layouts (read_mirror) is what readers restore from alone; one
+        # without (an earlier writer's) is written again in that form.
+        mirror = None if marker is None or legacy else read_mirror(self.dir, marker)
+        extents = (mirror.extents if mirror is not None
+                   else None if marker is None else read_extents(self.dir, marker))
         if not extents:
             return set()
-        legacy = marker is not None and marker.get("version") != MARKER_VERSION
         adopted: set[str] = set()
         claimed: dict[str, list[tuple[int, int, str]]] = {}
         files = self._files
@@ -348,7 +357,9 @@ class Baselines:
             self._table_written = False
         else:
             # All of the table on disk adopted: no need to write it again.
-            self._table_written = adopted == set(extents)
+            self._table_written = mirror is not None and adopted == set(extents)
+            if self._table_written:
+                self._table_digest = marker[TABLE_DIGEST]
             self._table_durable = marker.get("synced") is True
         # A fsynced clean marker stays until a durable one replaces it (see mark_dirty).
         self._durably_clean = self.trusted_seq(marker) is not None and (

@@ -56,7 +56,7 @@ from ._cli.output import (
     write_npz,
 )
 from ._version import __version__
-from .manifest import dtype_to_json
+from .dtypes import dtype_to_json
 from .store import FORMAT_VERSION, SNAPSHOT_SPEC_HELP, upgrade
 
 __all__ = ["cli"]

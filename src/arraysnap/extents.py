@@ -28,18 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import blake3
 import numpy as np
 
+from .dtypes import dtype_to_json
 from .fsio import read_regular_file
 from .layout import ChunkLayout
+from .manifest import parse_layout
 from .mapping import PAGE, FileMap
 
 __all__ = ["MARKER", "MARKER_VERSION", "SMALL_ALIGN", "TABLE", "BaselineFile", "Extent",
-           "Target", "Views", "align_of", "extent_table", "read_extents", "safe_filename",
-           "view_of"]
+           "Mirror", "TABLE_DIGEST", "Target", "Views", "align_of", "extent_table",
+           "read_extents", "read_mirror", "safe_filename", "table_digest", "view_of"]
 
 MARKER = "state.json"
 TABLE = "extents.json"
+TABLE_DIGEST = "table_digest"  # the marker's key for its table's digest
 MARKER_VERSION = 2
 SMALL_ALIGN = 64  # arrays under a page start at a multiple of this, not of a page
 _MAX_TABLE_BYTES = 1 << 28
@@ -140,11 +144,8 @@ def read_extents(directory: Path, marker: dict[str, Any], *,
             return None
         return {name: (file, 0) for name, file in files.items()
                 if isinstance(name, str) and safe_filename(file)}
-    try:
-        table = json.loads(read_regular_file(directory / TABLE, _MAX_TABLE_BYTES))
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(table, dict) or table.get("generation") != marker.get("table"):
+    table = _read_table(directory, marker)
+    if table is None:
         return None
     if "names" in table:
         return _columns(table)
@@ -183,14 +184,24 @@ def _columns(table: dict[str, Any]) -> dict[str, tuple[str | None, int]] | None:
 
 
 def extent_table(generation: int, extents: dict[str, Extent]) -> dict[str, Any]:
-    """The extent table (of `generation`) of `extents`, as ``read_extents`` reads it.
+    """The extent table (of `generation`) of `extents`, as ``read_extents`` reads it: by
+    name, with each array's layout (``read_mirror``).
 
     >>> extent_table(2, {})
-    {'generation': 2, 'files': [], 'names': [], 'file': [], 'offsets': []}
+    {'generation': 2, 'files': [], 'names': [], 'file': [], 'offsets': [], 'layouts': [], \
+'layout': []}
     """
     files: dict[str, int] = {}
-    file_of = []
-    for extent in extents.values():
+    layouts: dict[ChunkLayout, int] = {}
+    names = sorted(extents)  # the order of a snapshot's table: a reader need not sort
+    file_of, offsets, layout_of = [], [], []
+    for name in names:
+        extent = extents[name]
+        offsets.append(extent.offset)
+        index = layouts.get(extent.layout)
+        if index is None:
+            index = layouts[extent.layout] = len(layouts)
+        layout_of.append(index)
         if extent.file is None:
             file_of.append(-1)
             continue
@@ -198,8 +209,86 @@ def extent_table(generation: int, extents: dict[str, Extent]) -> dict[str, Any]:
         if index is None:
             index = files[extent.file.name] = len(files)
         file_of.append(index)
-    return {"generation": generation, "files": list(files), "names": list(extents),
-            "file": file_of, "offsets": [extent.offset for extent in extents.values()]}
+    return {"generation": generation, "files": list(files), "names": names, "file": file_of,
+            "offsets": offsets, "layouts": [_layout_json(layout) for layout in layouts],
+            "layout": layout_of}
+
+
+def _layout_json(layout: ChunkLayout) -> dict[str, Any]:
+    return {"shape": list(layout.shape), "dtype": dtype_to_json(layout.dtype),
+            "order": layout.order, "split_axis": layout.split_axis,
+            "rows_per_chunk": layout.rows_per_chunk}
+
+
+class Mirror(NamedTuple):
+    """What the baselines hold, by the extent table a clean marker names: every array
+    (sorted by name), its layout, and where its bytes are (file None: an empty array)."""
+
+    names: list[str]
+    layouts: list[ChunkLayout]
+    extents: dict[str, tuple[str | None, int]]
+
+
+def read_mirror(directory: Path, marker: dict[str, Any]) -> Mirror | None:
+    """The arrays of the extent table `marker` names, with their layouts; None if the
+    table has no layouts (an earlier writer's) or is malformed.
+
+    A clean marker's table lists exactly the arrays of the snapshot the marker names (a
+    capture drops the baselines of arrays it no longer has): a reader can restore that
+    snapshot from it without reading the snapshot's chunk tables. The marker names the
+    table by its digest too (``table_digest``), so a damaged table is never read here.
+
+    >>> import json, pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> layout = {"shape": [2], "dtype": "<f8", "order": "C", "split_axis": 0,
+    ...           "rows_per_chunk": 2}
+    >>> table = {"generation": 1, "files": ["s-1.bin"], "names": ["u"], "file": [0],
+    ...          "offsets": [0], "layouts": [layout], "layout": [0]}
+    >>> data = json.dumps(table).encode()
+    >>> _ = (folder / TABLE).write_bytes(data)
+    >>> marker = {"version": MARKER_VERSION, "table": 1, TABLE_DIGEST: table_digest(data)}
+    >>> mirror = read_mirror(folder, marker)
+    >>> mirror.names, mirror.layouts[0].shape, mirror.extents
+    (['u'], (2,), {'u': ('s-1.bin', 0)})
+    """
+    if marker.get("version") != MARKER_VERSION or not isinstance(marker.get(TABLE_DIGEST),
+                                                                   str):
+        return None
+    table = _read_table(directory, marker, digest=marker[TABLE_DIGEST])
+    if table is None:
+        return None
+    extents = _columns(table)
+    layouts_json, layout_of = table.get("layouts"), table.get("layout")
+    if (extents is None or not isinstance(layouts_json, list)
+            or not isinstance(layout_of, list) or len(layout_of) != len(extents)
+            or not all(type(index) is int for index in layout_of)
+            or (layout_of and not 0 <= min(layout_of) <= max(layout_of) < len(layouts_json))):
+        return None
+    try:  # the manifest's checks of a layout: one definition of them
+        parsed = [parse_layout(value).layout for value in layouts_json]
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return Mirror(list(extents), [parsed[index] for index in layout_of], extents)
+
+
+def table_digest(data: bytes) -> str:
+    """The digest of an extent table's bytes, which the marker names it by (``read_mirror``
+    reads only a table that has it: a damaged one gives no wrong shape)."""
+    return blake3.blake3(data).hexdigest()
+
+
+def _read_table(directory: Path, marker: dict[str, Any],
+                digest: str | None = None) -> dict[str, Any] | None:
+    try:
+        data = read_regular_file(directory / TABLE, _MAX_TABLE_BYTES)
+        if digest is not None and table_digest(data) != digest:
+            return None
+        table = json.loads(data)
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(table, dict) or table.get("generation") != marker.get("table"):
+        return None
+    return table
 
 
 def view_of(file_map: FileMap, offset: int, layout: ChunkLayout) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import blake3
 import numpy as np
 
+from .dtypes import dtype_from_json, dtype_to_json
 from .errors import CorruptSnapshotError, FormatVersionError
 from .layout import ChunkLayout, Order
 from .objects import DIGEST_BYTES
@@ -36,14 +37,13 @@ __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
     "ArrayEntry",
+    "DeferredArrays",
     "Manifest",
     "ParsedLayout",
     "TableSource",
     "check_array_name",
     "check_array_names",
     "check_dims",
-    "dtype_from_json",
-    "dtype_to_json",
     "entry_of",
     "layout_to_json",
     "parse_array_entry",
@@ -146,48 +146,6 @@ def check_dims(name: str, ndim: int, dims: object) -> tuple[str, ...]:
     if len(set(dims)) != len(dims):
         raise ValueError(f"dimension names of array {name!r} repeat a name: {list(dims)}")
     return tuple(dims)
-
-
-def dtype_to_json(dtype: np.dtype) -> Any:
-    """The JSON form of a dtype (the .npy ``descr``), exact for byte order and padding.
-
-    >>> dtype_to_json(np.dtype(">i2")), dtype_to_json(np.dtype([("a", "u1")]))
-    ('>i2', [['a', '|u1']])
-    """
-    descr = np.lib.format.dtype_to_descr(dtype)
-    return descr if isinstance(descr, str) else _lists(descr)
-
-
-def _lists(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_lists(v) for v in value]
-    return value
-
-
-def _tuples(value: Any, depth: int = 0) -> Any:
-    if depth > 32:
-        raise ValueError("dtype description nested too deeply")
-    if isinstance(value, list):
-        return [tuple(_tuples(v, depth + 1) for v in field) if isinstance(field, list) else field
-                for field in value]
-    return value
-
-
-def dtype_from_json(value: Any) -> np.dtype:
-    """Parse a stored dtype, refusing object dtypes and anything malformed.
-
-    >>> dtype_from_json("<f8")
-    dtype('float64')
-    """
-    if not isinstance(value, (str, list)):
-        raise ValueError(f"dtype must be a string or a list, got {type(value).__name__}")
-    try:
-        dtype = np.lib.format.descr_to_dtype(_tuples(value))
-    except (TypeError, ValueError, KeyError, IndexError, SyntaxError, RecursionError) as err:
-        raise ValueError(f"invalid dtype {str(value)[:80]!r}: {err}") from None
-    if dtype.hasobject:
-        raise ValueError("object dtypes cannot be stored")
-    return dtype
 
 
 _LAYOUTS: dict[tuple[Any, ...], ChunkLayout] = {}
@@ -478,10 +436,45 @@ class TableSource(Protocol):
              ) -> tuple[dict[str, ArrayEntry], frozenset[bytes], dict[bytes, Location]]: ...
 
 
+class DeferredArrays(Mapping[str, ArrayEntry]):
+    """A manifest's arrays whose chunk tables are read when first needed, by `load` (which
+    raises what reading them raises). `count` and `first_names` are what the manifest
+    itself says of them: how many there are, and the first name of each subtree.
+
+    >>> arrays = DeferredArrays(lambda: {"u": None}, 1, ["u"])
+    >>> arrays.count, list(arrays), len(arrays)
+    (1, ['u'], 1)
+    """
+
+    __slots__ = ("_load", "_loaded", "count", "first_names")
+
+    def __init__(self, load: Any, count: object, first_names: list[object]) -> None:
+        self._load = load
+        self._loaded: Mapping[str, ArrayEntry] | None = None
+        self.count = count if _is_int(count) else None
+        self.first_names = first_names
+
+    def _arrays(self) -> Mapping[str, ArrayEntry]:
+        if self._loaded is None:
+            self._loaded = self._load()
+        return self._loaded
+
+    def __getitem__(self, name: str) -> ArrayEntry:
+        return self._arrays()[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._arrays())
+
+    def __len__(self) -> int:
+        return len(self._arrays())
+
+
 def parse_manifest(data: bytes, expected_seq: int | None = None,
-                   tables: TableSource | None = None) -> Manifest:
+                   tables: TableSource | None = None, *, defer: Any = None) -> Manifest:
     """Validate and parse a manifest file's bytes; `tables` reads the table objects a
-    format-2 manifest refers to (each checked against its digest).
+    format-2 manifest refers to (each checked against its digest). With `defer` (a
+    function that returns the arrays), a manifest whose arrays are in table objects gets
+    ``DeferredArrays`` instead, and nothing of its tables is read or checked here.
 
     Raises FormatVersionError for a newer format, CorruptSnapshotError for anything else wrong.
     """
@@ -527,6 +520,12 @@ def parse_manifest(data: bytes, expected_seq: int | None = None,
         table_nodes: dict[bytes, Location] = {}
         if version == 1:
             arrays = {name: parse_array_entry(name, value) for name, value in arrays_json.items()}
+        elif defer is not None and isinstance(body.get("tables"), dict) and not arrays_json:
+            root = body["tables"]
+            children = root.get("children")
+            arrays = DeferredArrays(defer, root.get("arrays"),
+                                    [child[0] for child in children if isinstance(child, list)
+                                     and child] if isinstance(children, list) else [])
         else:
             packs = parse_pack_list(body.get("packs", [])) if version >= 3 else None
             arrays = _parse_arrays_v2(arrays_json, body.get("tables"), tables, version,

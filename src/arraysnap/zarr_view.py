@@ -39,8 +39,9 @@ from ._store.catalog import Catalog
 from ._store.opening import not_a_store, read_settings
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
+from .dtypes import dtype_to_json
 from .fsio import FileOps
-from .manifest import ArrayEntry, Manifest, check_dims, dtype_to_json
+from .manifest import ArrayEntry, Manifest, check_dims
 from .objects import ChunkObjects
 from .storage import LocalStorage
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..manifest import dtype_to_json
+from ..dtypes import dtype_to_json
 from ..results import SnapshotInfo
 
 __all__ = ["ByteSize", "Duration", "dtype_text", "echo_json", "ms_text", "names_text",

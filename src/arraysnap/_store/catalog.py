@@ -98,20 +98,34 @@ class Catalog:
             cached = None if from_disk else self._cache.get(seq)
         if cached is not None:
             return cached
-        try:
-            data = self.storage.get(manifest_key(seq), limit=MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
-            raise SnapshotNotFoundError(f"snapshot {seq} does not exist in {self.where}") \
-                from None
-        except OSError as err:
-            raise CorruptSnapshotError(f"snapshot {seq}: manifest cannot be read: {err}") \
-                from None
+        data = self._manifest_bytes(seq)
         # From disk means every table object too: verify() must see a damaged one.
         tables = TableReader(self._table_object) if from_disk else self.tables
         manifest = parse_manifest(data, expected_seq=seq, tables=tables)
         with self._lock:
             self._cache[seq] = (manifest, len(data))
         return manifest, len(data)
+
+    def head(self, seq: int) -> tuple[Manifest, int]:
+        """Snapshot `seq`'s manifest with its arrays deferred (``DeferredArrays``: its
+        tables are read, and cached, only if they are looked at) and its size in bytes."""
+        with self._lock:
+            cached = self._cache.get(seq)
+        if cached is not None:
+            return cached
+        data = self._manifest_bytes(seq)
+        return parse_manifest(data, expected_seq=seq,
+                              defer=lambda: self.load(seq)[0].arrays), len(data)
+
+    def _manifest_bytes(self, seq: int) -> bytes:
+        try:
+            return self.storage.get(manifest_key(seq), limit=MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            raise SnapshotNotFoundError(f"snapshot {seq} does not exist in {self.where}") \
+                from None
+        except OSError as err:
+            raise CorruptSnapshotError(f"snapshot {seq}: manifest cannot be read: {err}") \
+                from None
 
     def remember(self, manifest: Manifest, manifest_bytes: int) -> None:
         """A manifest this process just committed: no need to read it back."""

@@ -20,7 +20,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,15 @@ from ..errors import (
     SnapshotNotFoundError,
     space_error,
 )
-from ..extents import Views, align_of, read_extents
+from ..extents import Views, align_of, read_extents, read_mirror
 from ..layout import ChunkLayout
 from ..leases import LEASES, LockFile, ReaderLeases
-from ..manifest import ArrayEntry, Manifest
+from ..manifest import ArrayEntry, DeferredArrays, Manifest
 from ..mapping import FileMap, map_fd, map_file
 from ..objects import ChunkObjects
 from ..replaylog import ReplayLog
 from ..restored import RestoredArrays
-from ..results import Problem, Restored
+from ..results import Problem, Restored, SnapshotInfo
 from ..rngstate import rng_from_json
 from .capture import Capturer
 from .catalog import Catalog
@@ -74,6 +74,10 @@ class Restorer:
 
     def restore(self, step: int | None, seq: int | None, *, verify: bool,
                 fallback: bool) -> Restored:
+        if self.capturer is None and not verify:
+            mirrored = self._restore_mirrored(step, seq)
+            if mirrored is not None:
+                return mirrored
         if not fallback:
             return self.restore_manifest(self.catalog.select(step, seq), verify)
         skipped: list[Problem] = []
@@ -110,11 +114,14 @@ class Restorer:
             if missing:
                 views.update(self._materialize(missing, verify=verify, seq=manifest.seq))
             arrays = RestoredArrays.of(manifest.arrays, views)
+        return self._restored(manifest, arrays, self.catalog.info(manifest.seq))
+
+    def _restored(self, manifest: Manifest, arrays: RestoredArrays,
+                  info: SnapshotInfo) -> Restored:
         try:
             rng = rng_from_json(manifest.rng)
         except (ValueError, TypeError) as err:
             raise CorruptSnapshotError(str(err), seq=manifest.seq) from None
-        info = self.catalog.info(manifest.seq)
         events: tuple[Any, ...] = ()
         if manifest.replay_position is not None:
             try:
@@ -183,6 +190,56 @@ class Restorer:
                     capturer.repaired(name, manifest.seq)
         return self.baselines.hand_out(names)
 
+    def _restore_mirrored(self, step: int | None, seq: int | None) -> Restored | None:
+        """In a reader, without verifying: the latest snapshot from the writer's baselines
+        alone, when a clean marker says they hold it and its extent table gives every
+        array's layout (``extents.read_mirror``), without reading the snapshot's chunk
+        tables (two thirds of a reader's restore of 10,000 arrays). None when that cannot
+        be: the restore then goes the usual way."""
+        baselines = self.baselines
+        marker = baselines.read_marker()
+        target = None if marker is None else baselines.trusted_seq(marker)
+        if target is None or seq not in (None, target):
+            return None
+        seqs = self.catalog.seqs()
+        mirror = read_mirror(baselines.dir, marker) if seqs and seqs[-1] == target else None
+        if mirror is None:
+            return None
+        try:
+            manifest, manifest_bytes = self.catalog.head(target)
+        except (CorruptSnapshotError, FormatVersionError, SnapshotNotFoundError):
+            return None  # the usual way reports it, or falls back
+        if step is not None and manifest.step != step:
+            return None
+        names, layouts = mirror.names, mirror.layouts
+        arrays = manifest.arrays
+        if isinstance(arrays, DeferredArrays):
+            # The manifest's own word on its arrays: how many, and the first of each subtree
+            # (in name order, as its tables list them and as the mirror does).
+            listed = set(names)
+            if names != sorted(names) or arrays.count != len(names) or not all(
+                    isinstance(first, str) and first in listed for first in arrays.first_names):
+                return None
+        else:
+            # A manifest that lists its arrays (a small store): compared whole; its order is
+            # the one a restore gives.
+            by_name = dict(zip(names, layouts, strict=True))
+            if len(arrays) != len(by_name) or any(by_name.get(name) != entry.layout
+                                                  for name, entry in arrays.items()):
+                return None
+            names = list(arrays)
+            layouts = [by_name[name] for name in names]
+        with paused_collector():
+            views = self._map_extents(marker, zip(names, layouts, strict=True),
+                                      mirror.extents)
+        empty = {name: np.empty(layout.shape, dtype=layout.dtype, order=layout.order)
+                 for name, layout in zip(names, layouts, strict=True) if not layout.nbytes}
+        views.made.update(empty)
+        if views.lacking(names):
+            return None  # a file the writer holds, or gone: the usual way assembles those
+        info = SnapshotInfo.from_manifest(manifest, manifest_bytes)
+        return self._restored(manifest, RestoredArrays.of(names, views), info)
+
     def _map_committed(self, manifest: Manifest, verify: bool) -> Views:
         """In a reader: the writer's baselines, if they hold this snapshot, each file under
         a lease for as long as its map lives."""
@@ -193,12 +250,28 @@ class Restorer:
         extents = read_extents(baselines.dir, marker, current_only=True)
         if not extents:
             return Views()
+        views = self._map_extents(marker, ((name, entry.layout)
+                                           for name, entry in manifest.arrays.items()),
+                                  extents)
+        if verify:
+            bad = [name for name in views.names() if find_bad_chunks(
+                as_bytes(views.array(name)), manifest.arrays[name], self.pool)]
+            for name in bad:
+                views.drop(name)  # assembled from its chunk objects instead
+        return views
+
+    def _map_extents(self, marker: dict[str, Any],
+                     arrays: Iterable[tuple[str, ChunkLayout]],
+                     extents: Mapping[str, tuple[str | None, int]]) -> Views:
+        """The views of `arrays` (name, layout) at their `extents` in the baselines, each
+        file under a lease for as long as its map lives, if `marker` is still the one on
+        disk once the leases are held."""
+        baselines = self.baselines
         # Each file's arrays (name, offset, layout), and where its last array ends.
         by_file: dict[str, list[tuple[str, int, ChunkLayout]]] = {}
         stops: dict[str, int] = {}
-        for name, entry in manifest.arrays.items():  # (a loop run for every array)
+        for name, layout in arrays:  # (a loop run for every array)
             found = extents.get(name)
-            layout = entry.layout
             if found is None or found[0] is None or not layout.nbytes:
                 continue
             filename, offset = found
@@ -223,11 +296,6 @@ class Restorer:
                 continue
             leases.keep(filename, file_map)  # the lease now lasts as long as the map
             views.add_all(file_map, by_file[filename])
-        if verify:
-            bad = [name for name in views.names() if find_bad_chunks(
-                as_bytes(views.array(name)), manifest.arrays[name], self.pool)]
-            for name in bad:
-                views.drop(name)  # assembled from its chunk objects instead
         return views
 
     @staticmethod

@@ -45,7 +45,7 @@ import numpy as np
 import arraysnap
 from arraysnap._store.opening import read_settings
 from arraysnap.errors import ArraysnapError, CorruptSnapshotError, FormatVersionError
-from arraysnap.extents import MARKER, TABLE, read_extents
+from arraysnap.extents import MARKER, TABLE, TABLE_DIGEST, read_extents, read_mirror, table_digest
 from arraysnap.history import History
 from arraysnap.manifest import parse_manifest, seal_manifest
 from arraysnap.objects import pack_key
@@ -323,6 +323,9 @@ def _extent_files(data: bytes) -> None:
     if isinstance(parsed, dict):
         for current_only in (False, True):
             read_extents(directory, parsed, current_only=current_only)
+        read_mirror(directory, parsed)
+        # Sealed as its writer would have: the layouts' checks, not the digest, decide.
+        read_mirror(directory, {**parsed, TABLE_DIGEST: table_digest(table)})
 
 
 _zarr: SnapshotZarrStore | None = None
