@@ -193,14 +193,19 @@ def extent_table(generation: int, extents: dict[str, Extent]) -> dict[str, Any]:
     """
     files: dict[str, int] = {}
     layouts: dict[ChunkLayout, int] = {}
+    by_id: dict[int, int] = {}  # arrays share layout objects: hashing one costs more
     names = sorted(extents)  # the order of a snapshot's table: a reader need not sort
     file_of, offsets, layout_of = [], [], []
     for name in names:
         extent = extents[name]
         offsets.append(extent.offset)
-        index = layouts.get(extent.layout)
+        layout = extent.layout
+        index = by_id.get(id(layout))
         if index is None:
-            index = layouts[extent.layout] = len(layouts)
+            index = layouts.get(layout)
+            if index is None:
+                index = layouts[layout] = len(layouts)
+            by_id[id(layout)] = index
         layout_of.append(index)
         if extent.file is None:
             file_of.append(-1)
