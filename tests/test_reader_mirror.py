@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import arraysnap
+from arraysnap._store.catalog import Catalog
 from arraysnap.extents import MARKER, TABLE, TABLE_DIGEST, table_digest
 from arraysnap.manifest import DeferredArrays
 from arraysnap.storage import LocalStorage, LoggingStorage
@@ -162,3 +163,19 @@ def test_an_earlier_writers_table_is_written_again_with_layouts(store):
     reader, logged = _reader(path)
     with reader:
         assert reader.restore(verify=False).step == 3 and _table_reads(logged) == []
+
+
+def test_the_head_of_a_manifest_defers_only_arrays_in_table_objects(tmp_path):
+    path = tmp_path / "s.snap"
+    few = {"u": np.arange(3.0), "long": np.arange(20_000.0)}  # "long": digest blocks
+    with arraysnap.open(path, chunk_bytes=1024) as snap:
+        snap.capture(few, step=1).result()
+        snap.capture(_arrays(MANY), step=2).result()
+    catalog = Catalog(LocalStorage(path))
+    listed, _ = catalog.head(1)  # lists its arrays: read whole, blocks included
+    assert not isinstance(listed.arrays, DeferredArrays)
+    assert listed.arrays["long"].n_chunks == 157
+    deferred, size = catalog.head(2)
+    assert isinstance(deferred.arrays, DeferredArrays) and deferred.arrays.count == MANY + 2
+    assert size == (path / "snapshots" / "000000000002.json").stat().st_size
+    assert deferred.arrays["grid"].shape == (3, 4)  # read when asked for

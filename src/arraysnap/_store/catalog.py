@@ -114,7 +114,8 @@ class Catalog:
         if cached is not None:
             return cached
         data = self._manifest_bytes(seq)
-        return parse_manifest(data, expected_seq=seq,
+        # A manifest that lists its arrays is read whole (an array's digest blocks too).
+        return parse_manifest(data, expected_seq=seq, tables=self.tables,
                               defer=lambda: self.load(seq)[0].arrays), len(data)
 
     def _manifest_bytes(self, seq: int) -> bytes:
