@@ -79,8 +79,8 @@ def test_a_second_writer_is_refused_with_the_holder_named(server):
     with pytest.raises(StoreLockedError, match=r"pid 1 on node-a.*lease runs until"):
         second.lock_writer("pid 2 on node-b")
     lock.release()
+    assert json.loads(first.get("lock"))["expires"] == 0  # given up: marked expired
     second.lock_writer("pid 2 on node-b").release()
-    assert not first.exists("lock")  # a released lease leaves nothing behind
 
 
 def test_the_lease_of_a_killed_writer_expires_and_is_taken_over(server):
@@ -141,6 +141,7 @@ def test_a_writer_whose_lease_was_taken_over_writes_nothing_more(server):
             write()
     assert storage.get("chunks/ab/01") == b"before"  # reading goes on
     storage.close()
+    assert b"an intruder" in storage.get("lock")  # not its lease to give up
 
 
 def test_a_writer_cut_off_from_the_store_stops_once_its_lease_could_have_expired():
@@ -159,7 +160,7 @@ def test_a_writer_cut_off_from_the_store_stops_once_its_lease_could_have_expired
             try:
                 storage.put_if_absent(f"chunks/ab/{uuid.uuid4().hex}", b"y")
             except StoreLockedError as err:
-                assert "could not be renewed" in str(err)
+                assert "not renewed for half" in str(err)
                 break
             except OSError as err:  # the store is down: a plain, retryable error
                 assert err.errno == errno.EIO and "object store error" in str(err)
@@ -206,10 +207,15 @@ def proxied(server):
         storage = ObjectStorage(
             server.url("arraysnap-tests", f"{uuid.uuid4().hex}/run.snap"),
             storage_options={**server.storage_options, "endpoint": proxy.endpoint},
-            lease_seconds=0.5)
+            lease_seconds=8.0)  # requests bounded by 2 s, renewals every 2 s
         storage.create()
         yield storage, proxy
         storage.close()
+
+
+def _direct(server: S3Server, storage: ObjectStorage) -> ObjectStorage:
+    """The same store as `storage`, reached without the proxy."""
+    return ObjectStorage(storage.describe(), storage_options=server.storage_options)
 
 
 def test_a_lost_reply_to_the_commit_point_is_settled_by_reading_back(proxied):
@@ -230,19 +236,30 @@ def test_a_lost_reply_to_an_append_is_settled_by_reading_back(proxied):
     assert landed.hits == 1 and storage.get("history.jsonl") == b"one\ntwo\n"
 
 
-def test_an_append_meeting_another_change_is_an_error_not_a_silent_overwrite(proxied):
+def test_an_append_meeting_another_change_is_an_error_not_a_silent_overwrite(server, proxied):
     storage, proxy = proxied
     storage.append("history.jsonl", b"one\n", at=0)
-    # The read happens, then someone else rewrites the value before the conditional put.
-    proxy.fail("PUT", r"/history\.jsonl", "slow", delay=0.5)
-    threading.Timer(0.1, lambda: obstore.put(storage.store, "history.jsonl", b"theirs\n")).start()
-    with pytest.raises(OSError, match="changed by another writer"):
+    # The append's conditional put is held while someone else rewrites the value.
+    held = proxy.fail("PUT", r"/history\.jsonl", "slow", delay=1.5)
+    intruder = _direct(server, storage)
+
+    def intrude() -> None:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while held.hits == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        intruder.put_atomic("history.jsonl", b"theirs\n")
+
+    thread = threading.Thread(target=intrude)
+    thread.start()
+    with pytest.raises(StoreLockedError, match="changed by another writer"):
         storage.append("history.jsonl", b"two\n", at=4)
+    thread.join()
     assert storage.get("history.jsonl") == b"theirs\n"
 
 
 def test_lost_replies_to_the_lease_keep_the_lease(proxied):
     storage, proxy = proxied
+    storage.lease_seconds = 4.0  # renewals every second
     created = proxy.fail("PUT", r"/lock$", "lose_reply")
     lock = storage.lock_writer("the writer")  # its own create, met by the retry
     assert created.hits == 1
@@ -282,3 +299,50 @@ def test_a_store_that_keeps_failing_gives_a_plain_error_naming_the_key(server):
         assert "object store error" in str(failed.value)
         proxy.clear()
         assert storage.put_if_absent("chunks/ab/01", b"x")  # nothing half-written was left
+
+
+def test_a_lost_reply_to_taking_over_an_expired_lease_keeps_it(server, proxied):
+    storage, proxy = proxied
+    _direct(server, storage).put_atomic("lock", b'{"holder": "a dead writer", "token": "d", '
+                                                b'"expires": 1}')
+    # The create-only put is refused (the lease exists); the takeover's reply is lost.
+    landed = proxy.fail("PUT", r"/lock$", "lose_reply", skip=1)
+    lock = storage.lock_writer("the successor")  # its own takeover, met by the retry
+    assert landed.hits == 1 and b"the successor" in storage.get("lock")
+    assert storage.put_if_absent("chunks/ab/01", b"x")
+    lock.release()
+
+
+def test_a_lease_not_renewed_for_half_its_time_stays_lost(proxied):
+    storage, proxy = proxied
+    storage.lease_seconds = 1.0
+    storage.lock_writer("the writer")
+    failing = proxy.fail("PUT", r"/lock$", "error", times=None)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        try:
+            storage.put_if_absent(f"chunks/ab/{uuid.uuid4().hex}", b"x")
+        except StoreLockedError:
+            break
+        assert time.monotonic() < deadline, "the writer never stopped"
+        time.sleep(0.05)
+    assert failing.hits > 0
+    proxy.clear()  # the store answers again: the lease is not taken back
+    time.sleep(1.0)  # several renewal periods
+    with pytest.raises(StoreLockedError, match="not renewed for half"):
+        storage.put_if_absent("chunks/ab/02", b"y")
+
+
+def test_range_reads_past_the_end_and_of_absent_keys(proxied):
+    storage, _ = proxied
+    storage.put_if_absent("v", b"0123456789")
+    assert storage.size("v") == 10  # through the proxy, a HEAD keeps its length
+    assert storage.get_range("v", 10, 5) == b"" and storage.get_range("v", 12, 1) == b""
+    assert storage.get_range("v", 9, 0) == b""
+    for read in (lambda: storage.size("nope"), lambda: storage.get_range("nope", 0, 1),
+                 lambda: storage.get_range("nope", 0, 0)):
+        with pytest.raises(FileNotFoundError) as absent:
+            read()
+        assert absent.value.filename == "nope"
+    with pytest.raises(ValueError, match="at least 0"):
+        storage.get_range("v", -1, 2)

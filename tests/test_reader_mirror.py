@@ -13,7 +13,7 @@ import pytest
 import arraysnap
 from arraysnap._store.catalog import Catalog
 from arraysnap.extents import MARKER, TABLE, TABLE_DIGEST, table_digest
-from arraysnap.manifest import DeferredArrays
+from arraysnap.manifest import DeferredArrays, seal_manifest
 from arraysnap.storage import LocalStorage, LoggingStorage
 from arraysnap.tables import INLINE_ARRAYS
 
@@ -179,3 +179,42 @@ def test_the_head_of_a_manifest_defers_only_arrays_in_table_objects(tmp_path):
     assert isinstance(deferred.arrays, DeferredArrays) and deferred.arrays.count == MANY + 2
     assert size == (path / "snapshots" / "000000000002.json").stat().st_size
     assert deferred.arrays["grid"].shape == (3, 4)  # read when asked for
+
+
+def test_a_table_of_a_snapshot_recovery_went_back_from_is_written_again(tmp_path):
+    # Snapshot 2 gives "x" another shape and dtype of the same size; its manifest is then
+    # damaged, so the next writer goes back to snapshot 1. The table it adopts lists the
+    # same names with snapshot 2's layouts: it must not vouch for snapshot 3.
+    path = tmp_path / "s.snap"
+    arrays = _arrays(MANY)
+    with arraysnap.open(path) as snap:
+        snap.capture({**arrays, "x": np.arange(8.0).reshape(4, 2)}, step=1).result()
+        snap.capture({**arrays, "x": np.arange(8).reshape(2, 4)}, step=2).result()
+    damaged = path / "snapshots" / "000000000002.json"
+    data = bytearray(damaged.read_bytes())
+    data[data.index(b'"step"') + 8] ^= 1  # its checksum no longer matches
+    damaged.write_bytes(bytes(data))
+    with arraysnap.open(path) as snap:
+        back = snap.restore(seq=1, verify=False)
+        assert back.arrays["x"].shape == (4, 2)
+        snap.capture(dict(back.arrays), step=3).result()
+    with arraysnap.open(path, mode="r") as reader:
+        restored = reader.restore(verify=False)
+        assert restored.seq == 3
+        assert restored.arrays["x"].shape == (4, 2) and restored.arrays["x"].dtype == "f8"
+        assert np.array_equal(restored.arrays["x"], np.arange(8.0).reshape(4, 2))
+
+
+def test_a_latest_snapshot_whose_rng_cannot_be_read_falls_back_as_before(store):
+    path, arrays = store
+    latest = path / "snapshots" / "000000000002.json"
+    body = json.loads(latest.read_bytes())
+    body.pop("checksum")
+    body["rng"] = {"bit_generator": "NoSuchGenerator"}
+    latest.write_bytes(seal_manifest(body))
+    with arraysnap.open(path, mode="r") as reader:
+        with pytest.raises(arraysnap.CorruptSnapshotError):
+            reader.restore(verify=False, fallback=False)
+        restored = reader.restore(verify=False, fallback=True)  # the older one, reported
+        assert restored.seq == 1 and [problem.seq for problem in restored.skipped] == [2]
+        assert restored.arrays["a0007"][0] == 7.0

@@ -60,6 +60,7 @@ from .extents import (
     extent_table,
     read_extents,
     read_mirror,
+    same_layouts,
     table_digest,
 )
 from .fsio import TMP_PREFIX, FileOps, read_regular_file
@@ -356,8 +357,10 @@ class Baselines:
             self._migrate(adopted)
             self._table_written = False
         else:
-            # All of the table on disk adopted: no need to write it again.
-            self._table_written = mirror is not None and adopted == set(extents)
+            # All of the table on disk adopted, each array with the layout it has now (a
+            # table may be of a snapshot recovery went back from): no need to write it again.
+            self._table_written = (mirror is not None and adopted == set(extents)
+                                   and same_layouts(mirror, layouts))
             if self._table_written:
                 self._table_digest = marker[TABLE_DIGEST]
             self._table_durable = marker.get("synced") is True

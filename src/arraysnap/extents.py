@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,7 +39,8 @@ from .mapping import PAGE, FileMap
 
 __all__ = ["MARKER", "MARKER_VERSION", "SMALL_ALIGN", "TABLE", "BaselineFile", "Extent",
            "Mirror", "TABLE_DIGEST", "Target", "Views", "align_of", "extent_table",
-           "read_extents", "read_mirror", "safe_filename", "table_digest", "view_of"]
+           "read_extents", "read_mirror", "safe_filename", "same_layouts", "table_digest",
+           "view_of"]
 
 MARKER = "state.json"
 TABLE = "extents.json"
@@ -280,6 +281,31 @@ def table_digest(data: bytes) -> str:
     """The digest of an extent table's bytes, which the marker names it by (``read_mirror``
     reads only a table that has it: a damaged one gives no wrong shape)."""
     return blake3.blake3(data).hexdigest()
+
+
+def same_layouts(mirror: Mirror, layouts: Mapping[str, ChunkLayout]) -> bool:
+    """Whether every array of `mirror` has the layout `layouts` gives it (a few distinct
+    layout objects on each side: compared once a pair).
+
+    >>> from arraysnap.layout import plan_layout
+    >>> u = plan_layout((4,), np.dtype("f8"), "C", 1 << 20)
+    >>> mirror = Mirror(["u"], [u], {"u": ("s-1.bin", 0)})
+    >>> same_layouts(mirror, {"u": u}), same_layouts(mirror, {"u": plan_layout(
+    ...     (2, 2), np.dtype("f8"), "C", 1 << 20)})
+    (True, False)
+    """
+    same: dict[tuple[int, int], bool] = {}
+    for name, listed in zip(mirror.names, mirror.layouts, strict=True):
+        wanted = layouts.get(name)
+        if wanted is None:
+            return False
+        key = (id(listed), id(wanted))
+        verdict = same.get(key)
+        if verdict is None:
+            verdict = same[key] = listed == wanted
+        if not verdict:
+            return False
+    return True
 
 
 def _read_table(directory: Path, marker: dict[str, Any],

@@ -438,8 +438,9 @@ class TableSource(Protocol):
 
 class DeferredArrays(Mapping[str, ArrayEntry]):
     """A manifest's arrays whose chunk tables are read when first needed, by `load` (which
-    raises what reading them raises). `count` and `first_names` are what the manifest
-    itself says of them: how many there are, and the first name of each subtree.
+    raises what reading them raises: a snapshot pruned since, or damaged tables). `count`
+    and `first_names` are what the manifest itself says of them: how many there are, and
+    the first name of each subtree.
 
     >>> arrays = DeferredArrays(lambda: {"u": None}, 1, ["u"])
     >>> arrays.count, list(arrays), len(arrays)
@@ -467,6 +468,9 @@ class DeferredArrays(Mapping[str, ArrayEntry]):
 
     def __len__(self) -> int:
         return len(self._arrays())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (dict(self._arrays()),))  # pickled as the arrays, read now
 
 
 def parse_manifest(data: bytes, expected_seq: int | None = None,

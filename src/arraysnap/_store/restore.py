@@ -238,7 +238,10 @@ class Restorer:
         if views.lacking(names):
             return None  # a file the writer holds, or gone: the usual way assembles those
         info = SnapshotInfo.from_manifest(manifest, manifest_bytes)
-        return self._restored(manifest, RestoredArrays.of(names, views), info)
+        try:
+            return self._restored(manifest, RestoredArrays.of(names, views), info)
+        except CorruptSnapshotError:
+            return None  # its rng or replay log: the usual way reports it, or falls back
 
     def _map_committed(self, manifest: Manifest, verify: bool) -> Views:
         """In a reader: the writer's baselines, if they hold this snapshot, each file under

@@ -9,11 +9,16 @@ has nothing left to do. Two things an object store lacks are built here:
   whole, conditional on the version it read (``If-Match``): two requests and the value's
   size each time. The engine appends only small logs (the replay log, the history).
 - the writer's lock: a *lease*, the object ``lock`` (``{"holder", "token", "expires"}``),
-  created create-only, renewed by a thread of the lease with conditional writes, and
-  taken over by another writer only once it has expired (``lease_seconds`` after its
-  last renewal, by the clock of the writer that looks). A writer whose lease was taken
-  over, or whose renewals failed until it could have expired, is refused every write
-  from then on (``StoreLockedError``): it stops before its next commit.
+  created create-only, renewed every quarter of ``lease_seconds`` by a thread of the
+  lease with conditional writes, given up by a conditional write that marks it expired,
+  and taken over by another writer only once it has expired (by the clock of the writer
+  that looks). A writer whose lease was taken over, or not renewed for half of it, is
+  refused every write from then on (``StoreLockedError``): it stops before its next
+  commit. A write sent before that lands before the lease can expire: requests made from
+  a URL are bounded by a quarter of the lease (obstore's ``timeout`` and
+  ``retry_timeout``, unless `storage_options` set them), and clocks of the hosts are
+  taken to differ by less than a quarter of it. A store object passed in keeps its own
+  timeouts: keep them under a quarter of the lease.
 
 A lost reply to a conditional write (the write landed, the reply did not, and the
 client's retry meets its own write) is resolved by reading back: ``put_if_absent``
@@ -38,6 +43,7 @@ else (the network, 5xx after the client's retries, throttling) as :class:`OSErro
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import json
 import os
@@ -73,19 +79,21 @@ def _obstore() -> Any:
     return obstore
 
 
-def _split_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """`storage_options` as obstore's from_url takes them: config, client, retries."""
+def _split_options(options: Mapping[str, Any], lease_seconds: float) -> dict[str, Any]:
+    """`storage_options` as obstore's from_url takes them: config, client, retries. A
+    request, retries included, is bounded by a quarter of the lease unless they say
+    otherwise (see ``_Lease``)."""
     config: dict[str, Any] = {}
     client = dict(options.get("client_options") or {})
-    retry = options.get("retry_config")
+    retry = dict(options.get("retry_config") or {})
     for name, value in options.items():
         if name in ("client_options", "retry_config"):
             continue
         (client if name in _CLIENT_KEYS else config)[name] = value
-    split: dict[str, Any] = {"config": config, "client_options": client}
-    if retry is not None:
-        split["retry_config"] = retry
-    return split
+    bound = datetime.timedelta(seconds=lease_seconds / 4)
+    client.setdefault("timeout", bound)
+    retry.setdefault("retry_timeout", bound)
+    return {"config": config, "client_options": client, "retry_config": retry}
 
 
 @contextlib.contextmanager
@@ -113,7 +121,13 @@ def _first_line(err: BaseException) -> str:
 
 
 class _Lease(WriterLock):
-    """The writer's lease on an object store (see the module doc)."""
+    """The writer's lease on an object store (see the module doc).
+
+    Writes stop once half the lease has passed without a renewal (renewals come every
+    quarter): a write sent then still lands before the lease can expire, given requests
+    bounded by a quarter of it (``ObjectStorage`` sets obstore's timeouts so) and clocks
+    that differ by less than a quarter between hosts.
+    """
 
     def __init__(self, storage: ObjectStorage, holder: str, seconds: float) -> None:
         self._storage = storage
@@ -121,50 +135,67 @@ class _Lease(WriterLock):
         self._seconds = seconds
         self._token = os.urandom(8).hex()
         self._tag: str | None = None
-        self._renewed = 0.0  # monotonic time of the last renewal that succeeded
-        self._lost: str | None = None
+        self._renewed = 0.0  # monotonic start of the last renewal known to have landed
+        self._lost: str | None = None  # once set, for good
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def body(self) -> bytes:
+    def body(self, *, released: bool = False) -> bytes:
+        expires = 0.0 if released else time.time() + self._seconds
         return json.dumps({"holder": self._holder, "token": self._token,
-                           "expires": time.time() + self._seconds}).encode()
+                           "expires": expires}).encode()
 
     def take(self) -> None:
         """Create the lease, or take over an expired one; StoreLockedError if held."""
         obstore, store = _obstore(), self._storage.store
         failures = obstore.exceptions
-        started = time.monotonic()
-        with _as_os_errors(LOCK_KEY):
-            try:
-                self._tag = obstore.put(store, LOCK_KEY, self.body(), mode="create",
-                                        use_multipart=False)["e_tag"]
-            except (failures.AlreadyExistsError, failures.PreconditionError):
-                current = obstore.get(store, LOCK_KEY)
-                tag, held = current.meta["e_tag"], _parse_lease(bytes(current.bytes()))
-                if held.get("token") == self._token:
-                    self._tag = tag  # our own create, whose reply was lost
-                elif float(held.get("expires", 0)) > time.time():
-                    raise StoreLockedError(
-                        f"{self._storage.describe()} is being written by another process "
-                        f"({held.get('holder', 'unknown')}, its lease runs until "
-                        f"{time.ctime(float(held['expires']))}); only one writer at a time: "
-                        "stop it, or open this store with mode='r' to read") from None
-                else:
+        for _ in range(3):  # a lease released or deleted between two of the requests
+            started = time.monotonic()
+            with _as_os_errors(LOCK_KEY):
+                try:
+                    self._tag = obstore.put(store, LOCK_KEY, self.body(), mode="create",
+                                            use_multipart=False)["e_tag"]
+                except (failures.AlreadyExistsError, failures.PreconditionError):
                     try:
-                        self._tag = obstore.put(store, LOCK_KEY, self.body(),
-                                                mode={"e_tag": tag}, use_multipart=False
-                                                )["e_tag"]
-                    except failures.PreconditionError:
-                        raise StoreLockedError(
-                            f"{self._storage.describe()}: another writer took over the "
-                            "expired lease at the same moment; only one writer at a time"
-                        ) from None
+                        self._take_over(started)
+                    except FileNotFoundError:
+                        continue
+            if self._tag is not None:
+                break
+        if self._tag is None:
+            raise StoreLockedError(f"{self._storage.describe()}: the lease object changed at "
+                                   "every try; is another writer starting? Try again")
         self._renewed = started
         self._thread = threading.Thread(target=self._renew_loop, name="arraysnap-lease",
                                         daemon=True)
         self._thread.start()
+
+    def _take_over(self, started: float) -> None:
+        obstore, store = _obstore(), self._storage.store
+        current = obstore.get(store, LOCK_KEY)
+        tag, held = current.meta["e_tag"], _parse_lease(bytes(current.bytes()))
+        if held.get("token") == self._token:
+            self._tag = tag  # our own create, whose reply was lost
+            return
+        expires = _expiry(held)
+        if expires > time.time():
+            raise StoreLockedError(
+                f"{self._storage.describe()} is being written by another process "
+                f"({held.get('holder', 'unknown')}, its lease runs until "
+                f"{time.ctime(expires)}); only one writer at a time: stop it, or open "
+                "this store with mode='r' to read") from None
+        try:
+            self._tag = obstore.put(store, LOCK_KEY, self.body(), mode={"e_tag": tag},
+                                    use_multipart=False)["e_tag"]
+        except obstore.exceptions.PreconditionError:
+            # Another writer's takeover, or ours whose reply was lost: the token says.
+            current = obstore.get(store, LOCK_KEY)
+            if _parse_lease(bytes(current.bytes())).get("token") != self._token:
+                raise StoreLockedError(
+                    f"{self._storage.describe()}: another writer took over the expired "
+                    "lease at the same moment; only one writer at a time") from None
+            self._tag = current.meta["e_tag"]
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self._seconds / 4):
@@ -176,21 +207,22 @@ class _Lease(WriterLock):
         failures = obstore.exceptions
         started = time.monotonic()
         with self._lock:
-            if self._lost is not None or self._tag is None:
+            if self.lost is not None or self._tag is None:
                 return
             try:
                 self._tag = obstore.put(self._storage.store, LOCK_KEY, self.body(),
                                         mode={"e_tag": self._tag}, use_multipart=False)["e_tag"]
             except failures.PreconditionError:
-                self._settle_precondition()
+                self._settle_precondition(started)
                 return
             except failures.BaseError:
                 return  # tried again at the next tick; `lost` notices if it never works
             self._renewed = started
 
-    def _settle_precondition(self) -> None:
+    def _settle_precondition(self, started: float) -> None:
         # Either another writer took the lease over, or our renewal landed and its reply
-        # was lost (the client's retry then met our own write): the token says which.
+        # was lost (the client's retry then met our own write): the token says which. The
+        # renewal that landed counts from when it was sent, as its "expires" does.
         try:
             current = _obstore().get(self._storage.store, LOCK_KEY)
             held = _parse_lease(bytes(current.bytes()))
@@ -198,7 +230,7 @@ class _Lease(WriterLock):
             return
         if held.get("token") == self._token:
             self._tag = current.meta["e_tag"]
-            self._renewed = time.monotonic()
+            self._renewed = started
         else:
             self._lost = (f"another writer ({held.get('holder', 'unknown')}) took over this "
                           "writer's lease on the store")
@@ -206,10 +238,11 @@ class _Lease(WriterLock):
     @property
     def lost(self) -> str | None:
         """Why this writer may no longer write (None while the lease holds)."""
-        if self._lost is None and self._tag is not None:
-            if time.monotonic() - self._renewed > self._seconds:
-                return (f"this writer's lease could not be renewed for {self._seconds:g} s "
-                        "(the object store was unreachable): another writer may hold it")
+        if (self._lost is None and self._tag is not None
+                and time.monotonic() - self._renewed > self._seconds / 2):
+            self._lost = (f"this writer's lease was not renewed for half of its "
+                          f"{self._seconds:g} s (the object store unreachable or slow): "
+                          "another writer may take it over")
         return self._lost
 
     def release(self) -> None:
@@ -217,14 +250,25 @@ class _Lease(WriterLock):
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         with self._lock:
+            lost = self.lost
             tag, self._tag = self._tag, None
         self._storage.released(self)
-        if tag is None or self._lost is not None:
-            return
+        if tag is None or lost is not None:
+            return  # not ours to give up: it expires, or another writer holds it
+        # Given up by marking it expired, conditional on holding it still (a delete cannot
+        # be conditional on every store): the next writer takes it over at once.
         with contextlib.suppress(Exception):  # an expired lease frees the store anyway
-            current = _obstore().head(self._storage.store, LOCK_KEY)
-            if current["e_tag"] == tag:
-                _obstore().delete(self._storage.store, LOCK_KEY)
+            _obstore().put(self._storage.store, LOCK_KEY, self.body(released=True),
+                           mode={"e_tag": tag}, use_multipart=False)
+
+
+def _expiry(held: dict[str, Any]) -> float:
+    """A lease's expiry time; 0 (expired) for a malformed one, which nobody renews."""
+    expires = held.get("expires")
+    if isinstance(expires, (int, float)) and not isinstance(expires, bool) \
+            and 0 <= expires < 1e11:
+        return float(expires)
+    return 0.0
 
 
 def _parse_lease(data: bytes) -> dict[str, Any]:
@@ -256,8 +300,8 @@ class ObjectStorage(Storage):
             raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         if isinstance(store, str):
             self._url = store.rstrip("/")
-            self.store = obstore.store.from_url(self._url, **_split_options(storage_options
-                                                                            or {}))
+            self.store = obstore.store.from_url(
+                self._url, **_split_options(storage_options or {}, lease_seconds))
         else:
             if storage_options:
                 raise ValueError("storage_options configure a store made from a URL; this "
@@ -288,6 +332,8 @@ class ObjectStorage(Storage):
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         key = parse_key(key)
+        if start < 0 or length < 0:
+            raise ValueError(f"a range starts and lasts at least 0 bytes, not {start}+{length}")
         with _as_os_errors(key):
             if length > 0:
                 try:
@@ -373,8 +419,11 @@ class ObjectStorage(Storage):
                 obstore.put(self.store, key, value, mode=mode, use_multipart=False)
             except (failures.PreconditionError, failures.AlreadyExistsError):
                 if bytes(obstore.get(self.store, key).bytes()) != value:
-                    raise OSError(errno.EIO, "changed by another writer during an append",
-                                  key) from None
+                    # Not retried (the one writer's own values never change under it):
+                    # writing again would overwrite the other writer's change.
+                    raise StoreLockedError(
+                        f"{self.describe()}: {key!r} was changed by another writer during an "
+                        "append; only one writer at a time") from None
 
     def delete(self, key: str) -> None:
         key = parse_key(key)

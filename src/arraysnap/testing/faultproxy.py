@@ -11,9 +11,9 @@ regular expression searched in the path):
   connection without answering: the write landed, its reply was lost (icechunk#2099);
 - ``"slow"``: wait ``delay`` seconds, then forward.
 
-A rule applies to its next ``times`` matches (None: all of them) and counts them in
-``hits``. The client's own retries then meet what the fault left behind, as they would
-against a real store.
+A rule applies to its next ``times`` matches (None: all of them), after the first
+``skip``, and counts them in ``hits``. The client's own retries then meet what the fault
+left behind, as they would against a real store.
 
 >>> from arraysnap.storage import ObjectStorage
 >>> from arraysnap.testing.s3server import S3Server
@@ -54,7 +54,9 @@ class ProxyRule:
     kind: str
     times: int | None
     delay: float
+    skip: int = 0
     hits: int = 0
+    skipped: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def take(self, method: str, path: str) -> bool:
@@ -62,6 +64,9 @@ class ProxyRule:
         if method != self.method or not self.pattern.search(path):
             return False
         with self._lock:
+            if self.skipped < self.skip:
+                self.skipped += 1
+                return False
             if self.times is not None and self.hits >= self.times:
                 return False
             self.hits += 1
@@ -88,11 +93,12 @@ class FaultProxy:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def fail(self, method: str, path: str, kind: str, *, times: int | None = 1,
-             delay: float = 1.0) -> ProxyRule:
-        """Apply `kind` to the next `times` requests of `method` whose path matches `path`."""
+             delay: float = 1.0, skip: int = 0) -> ProxyRule:
+        """Apply `kind` to the next `times` requests of `method` whose path matches `path`,
+        after letting the first `skip` of them pass."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}: one of {', '.join(FAULT_KINDS)}")
-        rule = ProxyRule(method.upper(), re.compile(path), kind, times, delay)
+        rule = ProxyRule(method.upper(), re.compile(path), kind, times, delay, skip)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -144,10 +150,15 @@ class FaultProxy:
             def _answer(self, status: int, headers: list[tuple[str, str]],
                         body: bytes) -> None:
                 self.send_response_only(status)
+                # A HEAD's length is the object's, not that of its (empty) body.
+                length = None if self.command == "HEAD" else str(len(body))
                 for name, value in headers:
-                    if name.lower() not in _HOP_HEADERS and name.lower() != "content-length":
+                    lowered = name.lower()
+                    if lowered not in _HOP_HEADERS and (lowered != "content-length"
+                                                        or length is None):
                         self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                if length is not None:
+                    self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
