@@ -4,6 +4,7 @@ the baselines do not say exactly that snapshot."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -179,6 +180,8 @@ def test_the_head_of_a_manifest_defers_only_arrays_in_table_objects(tmp_path):
     assert isinstance(deferred.arrays, DeferredArrays) and deferred.arrays.count == MANY + 2
     assert size == (path / "snapshots" / "000000000002.json").stat().st_size
     assert deferred.arrays["grid"].shape == (3, 4)  # read when asked for
+    copied = copy.copy(deferred.arrays)  # as a plain dict of what it holds (not the loader)
+    assert type(copied) is dict and copied == dict(deferred.arrays)
 
 
 def test_a_table_of_a_snapshot_recovery_went_back_from_is_written_again(tmp_path):

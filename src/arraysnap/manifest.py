@@ -470,7 +470,7 @@ class DeferredArrays(Mapping[str, ArrayEntry]):
         return len(self._arrays())
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (dict, (dict(self._arrays()),))  # pickled as the arrays, read now
+        return (dict, (dict(self._arrays()),))  # copied or saved as a dict, read now
 
 
 def parse_manifest(data: bytes, expected_seq: int | None = None,
