@@ -164,8 +164,8 @@ class LocalStorage(Storage):
         self._made_parent(path)
         # One writer holds the lock, and content-addressed values are equal: a rename over
         # a value that appeared meanwhile replaces it with the same bytes.
-        size = data.nbytes if isinstance(data, memoryview) else len(data)
-        temp = self.ops.write_new(path, data, cached=size < UNCACHED_BYTES)
+        temp = self.ops.write_new(path, data,
+                                  cached=memoryview(data).nbytes < UNCACHED_BYTES)
         try:
             self.ops.replace(temp, path)
         except BaseException:
