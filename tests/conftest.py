@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 import arraysnap
 from arraysnap.testing import SMALL_WORKLOAD, Workload, child_command, leftover_temporaries
 from arraysnap.testing import store_files as store_files
+from arraysnap.testing.s3server import S3Server
 
 REPO = Path(__file__).resolve().parent.parent
 TORTURE = os.environ.get("ARRAYSNAP_TORTURE") == "1"
@@ -34,6 +36,18 @@ workload_arrays = WORKLOAD.arrays
 workload_state = WORKLOAD.state
 workload_rng = WORKLOAD.rng
 capture_step = WORKLOAD.capture
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One real S3 server (moto's server mode on 127.0.0.1) for the whole run."""
+    with S3Server() as running:
+        yield running
+
+
+def s3_url(server: S3Server) -> str:
+    """A store URL under a fresh prefix of the test bucket."""
+    return server.url("arraysnap-tests", f"{uuid.uuid4().hex}/run.snap")
 
 
 @pytest.fixture

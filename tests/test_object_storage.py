@@ -29,9 +29,8 @@ WAIT_SECONDS = 30.0  # a deadline for what must happen, never a duration a test 
 
 
 @pytest.fixture(scope="module")
-def server():
-    with S3Server() as running:
-        yield running
+def server(s3_server):
+    return s3_server
 
 
 def s3_storage(server: S3Server, **kwargs) -> ObjectStorage:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from ._store.copying import copy
 from ._version import __version__
 from .errors import (
     ArraysnapError,
@@ -29,6 +30,7 @@ from .results import (
     CaptureInfo,
     CaptureStat,
     CaptureStats,
+    CopyReport,
     Problem,
     PruneReport,
     Restored,
@@ -46,6 +48,7 @@ __all__ = [
     "CaptureInfo",
     "CaptureStat",
     "CaptureStats",
+    "CopyReport",
     "CorruptSnapshotError",
     "FormatVersionError",
     "Problem",
@@ -60,6 +63,7 @@ __all__ = [
     "StoreWriteError",
     "VerifyReport",
     "__version__",
+    "copy",
     "every",
     "open",
     "upgrade",

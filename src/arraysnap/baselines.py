@@ -4,7 +4,8 @@ The delta kernel compares live arrays against their baselines and copies changed
 them. The baselines are a cache of the latest snapshot, never the only copy: a marker file
 records which committed snapshot they equal and whether they are clean, and baselines that
 are dirty or unsure are checked against the manifest's digests and repaired from chunk
-objects. They live in the store's folder ``mirror/`` (its name in the on-disk format).
+objects. They live in ``mirror/`` of the store's folder (or of a local baseline folder,
+whose marker names its store, ``owner``: another store's marker is never trusted).
 
 Files. Arrays share files: each array has an *extent* (a file and an offset) in one of a
 few large files (``s-*.bin``, mapped once each, 1 GiB of address space, allocated as they
@@ -92,8 +93,10 @@ def _round_up(value: int, step: int) -> int:
 class Baselines:
     """The baseline files under ``<store>/mirror`` and the marker that says what they hold."""
 
-    def __init__(self, root: Path, ops: FileOps | None = None) -> None:
+    def __init__(self, root: Path, ops: FileOps | None = None, *,
+                 owner: str | None = None) -> None:
         self.dir = root / "mirror"
+        self.owner = owner  # the store's id, when `root` is not the store's own folder
         self.ops = ops or FileOps()
         self._extents: dict[str, Extent] = {}
         self._files: dict[str, BaselineFile] = {}
@@ -125,9 +128,15 @@ class Baselines:
         marker = marker if marker is not None else self.read_marker()
         if marker is None or marker.get("clean") is not True or type(marker.get("seq")) is not int:
             return None
+        if not self.owns(marker):
+            return None
         if marker.get("synced") is True or (_BOOT_ID and marker.get("boot_id") == _BOOT_ID):
             return marker["seq"]  # type: ignore[no-any-return]
         return None
+
+    def owns(self, marker: dict[str, Any]) -> bool:
+        """Whether `marker` is of this store (always, for baselines in the store's folder)."""
+        return self.owner is None or marker.get("owner") == self.owner
 
     def _write_marker(self, seq: int | None, *, clean: bool, durable: bool) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +150,8 @@ class Baselines:
         marker = {"version": MARKER_VERSION, "seq": seq, "clean": clean,
                   "synced": clean and durable, "boot_id": _BOOT_ID, "table": self._generation,
                   TABLE_DIGEST: self._table_digest}
+        if self.owner is not None:
+            marker["owner"] = self.owner
         self.ops.write_atomic(self.dir / MARKER, json.dumps(marker).encode(), durable=durable)
         self._durably_clean = clean and durable
 

@@ -34,8 +34,10 @@ from ._cli.base import (
     json_option,
     open_store,
     select,
+    storage_options,
     store_argument,
 )
+from ._cli.copying import copy_command
 from ._cli.history import capture_history, plot_history, print_history
 from ._cli.output import (
     ByteSize,
@@ -111,7 +113,7 @@ def demo_command(args: tuple[str, ...]) -> None:
 @cli.command("ls")
 @store_argument
 @json_option
-def ls_command(store: Path, as_json: bool) -> None:
+def ls_command(store: Path | str, as_json: bool) -> None:
     """List the snapshots of STORE, oldest first.
 
     Columns: seq, step, capture time, arrays, chunks changed / scanned, bytes written
@@ -151,7 +153,7 @@ def ls_command(store: Path, as_json: bool) -> None:
 @store_argument
 @click.argument("snap", required=False)
 @json_option
-def show_command(store: Path, snap: str | None, as_json: bool) -> None:
+def show_command(store: Path | str, snap: str | None, as_json: bool) -> None:
     """Show one snapshot of STORE: its arrays, state, random generators and provenance.
 
     SNAP defaults to the latest snapshot (see 'arraysnap --help' for its forms).
@@ -207,7 +209,7 @@ def show_command(store: Path, snap: str | None, as_json: bool) -> None:
               help="Compare chunk digests only; do not read chunks for the largest difference.")
 @click.option("--exit-code", is_flag=True, help="Exit with 1 if the snapshots differ.")
 @json_option
-def diff_command(store: Path, a: str, b: str, no_values: bool, exit_code: bool,
+def diff_command(store: Path | str, a: str, b: str, no_values: bool, exit_code: bool,
                  as_json: bool) -> None:
     """Show which chunks of each array differ between snapshots A and B of STORE.
 
@@ -246,7 +248,7 @@ def diff_command(store: Path, a: str, b: str, no_values: bool, exit_code: bool,
 @click.argument("snap", required=False)
 @click.option("--all", "check_all", is_flag=True, help="Verify every snapshot.")
 @json_option
-def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool) -> None:
+def verify_command(store: Path | str, snap: str | None, check_all: bool, as_json: bool) -> None:
     """Check a snapshot of STORE (default: the latest; --all: every one).
 
     Every manifest is checked against its checksum and every chunk object decoded and
@@ -291,7 +293,7 @@ def verify_command(store: Path, snap: str | None, check_all: bool, as_json: bool
 @click.option("--dry-run", is_flag=True,
               help="Only say what would be removed (no lock needed: the job may run).")
 @json_option
-def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
+def prune_command(store: Path | str, keep_last: int | None, keep_every: int | None,
                   keep_within: float | None, max_bytes: int | None, dry_run: bool,
                   as_json: bool) -> None:
     """Remove old snapshots of STORE by a retention policy, then unused chunk objects and packs.
@@ -338,7 +340,7 @@ def prune_command(store: Path, keep_last: int | None, keep_every: int | None,
 @cli.command("gc")
 @store_argument
 @json_option
-def gc_command(store: Path, as_json: bool) -> None:
+def gc_command(store: Path | str, as_json: bool) -> None:
     """Delete chunk objects and packs of STORE that no snapshot uses.
 
     Such objects are left by a writer killed before its commit, or by a prune that was
@@ -360,7 +362,7 @@ def gc_command(store: Path, as_json: bool) -> None:
 @cli.command("du")
 @store_argument
 @json_option
-def du_command(store: Path, as_json: bool) -> None:
+def du_command(store: Path | str, as_json: bool) -> None:
     """Show the disk use of STORE per snapshot: unique versus shared bytes.
 
     \b
@@ -419,7 +421,7 @@ def upgrade_command(store: Path) -> None:
     if old >= FORMAT_VERSION:
         click.echo(f"{store} is already format {old}")
         return
-    upgrade(store)
+    upgrade(store, storage_options=storage_options())
     click.echo(f"upgraded {store} from format {old} to format {FORMAT_VERSION}")
 
 
@@ -429,7 +431,7 @@ def upgrade_command(store: Path) -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--format", "out_format", type=click.Choice(["zarr", "npz"]),
               help="Default: npz if OUT ends in .npz, zarr if it ends in .zarr or has no suffix.")
-def export_command(store: Path, snap: str, out: Path, out_format: str | None) -> None:
+def export_command(store: Path | str, snap: str, out: Path, out_format: str | None) -> None:
     """Write snapshot SNAP of STORE to OUT: a plain zarr v3 store, or a NumPy .npz file.
 
     The zarr store opens with zarr-python, tensorstore (zarr3 driver) and xarray; every
@@ -468,7 +470,7 @@ def export_command(store: Path, snap: str, out: Path, out_format: str | None) ->
 @click.option("--to", "directory", type=click.Path(path_type=Path), required=True,
               help="Directory for the .npy files (created if missing).")
 @click.option("--force", is_flag=True, help="Overwrite files that already exist in DIR.")
-def restore_command(store: Path, snap: str | None, directory: Path, force: bool) -> None:
+def restore_command(store: Path | str, snap: str | None, directory: Path, force: bool) -> None:
     """Write snapshot SNAP of STORE (default: latest) as one .npy file per array.
 
     Every chunk is verified on the way. DIR also gets snapshot.json: seq, step, time,
@@ -511,7 +513,8 @@ def restore_command(store: Path, snap: str | None, directory: Path, force: bool)
               help="Also draw the history as a PNG (needs matplotlib: arraysnap[plot]).")
 @click.option("--last", type=click.IntRange(min=1), help="Only the last N captures.")
 @json_option
-def stats_command(store: Path, plot_path: Path | None, last: int | None, as_json: bool) -> None:
+def stats_command(store: Path | str, plot_path: Path | None, last: int | None,
+                  as_json: bool) -> None:
     """Show the history of captures of STORE: blocked, pause, bytes written, changed fraction.
 
     One row per capture: its pause (the comparison and copy of changed chunks), how long
@@ -540,6 +543,9 @@ def stats_command(store: Path, plot_path: Path | None, last: int | None, as_json
     if plot_path is not None:
         plot_history(rows, plot_path, title=f"arraysnap stats: {store.name}")
         click.echo(f"wrote {plot_path}", err=as_json)
+
+
+cli.add_command(copy_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ from .layout import ChunkLayout
 from .manifest import ArrayEntry, Manifest
 from .restored import RestoredArrays
 
-__all__ = ["ArrayInfo", "CaptureInfo", "CaptureStat", "CaptureStats", "Problem", "PruneReport",
+__all__ = ["ArrayInfo", "CaptureInfo", "CaptureStat", "CaptureStats", "CopyReport", "Problem",
+           "PruneReport",
            "Restored", "SnapshotInfo", "SnapshotUsage", "StoreUsage", "VerifyReport"]
 
 
@@ -300,6 +301,22 @@ class PruneReport:
     snapshots_removed: tuple[int, ...]
     chunks_removed: int
     bytes_freed: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyReport:
+    """What ``arraysnap.copy()`` did: the snapshots it copied, those the destination
+    held already (the same snapshots: left as they were), and the objects and bytes it
+    put (the replay log's segments included in the bytes).
+
+    >>> CopyReport((3, 4), (1, 2), 10, 4096).copied
+    (3, 4)
+    """
+
+    copied: tuple[int, ...]
+    already_there: tuple[int, ...]
+    objects_copied: int
+    bytes_copied: int
 
 
 @dataclass(frozen=True, slots=True)

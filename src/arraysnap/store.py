@@ -47,6 +47,7 @@ import numpy as np
 from ._store.capture import Capturer, check_state, check_step, prepare_arrays
 from ._store.catalog import SNAPSHOT_SPEC_HELP, Catalog
 from ._store.failures import FailurePolicy, parse_on_error, wrap
+from ._store.locating import BaselineClaim, as_storage, default_baseline_dir
 from ._store.maintenance import Maintenance, Progress
 from ._store.opening import (
     FORMAT_NAME,
@@ -90,7 +91,7 @@ from .results import (
 )
 from .retention import Retention
 from .rngstate import check_rng, rng_to_json
-from .storage import LocalStorage, Storage, WriterLock
+from .storage import Storage, WriterLock
 from .tables import PREFIX as TABLES_PREFIX
 from .threads import lower_thread_priority
 from .tracking import Tracking, check_track_writes
@@ -109,9 +110,11 @@ GROWTH_FLOOR = 1 << 30
 
 
 def open(  # noqa: A001 - the public name the API promises
-    path: str | os.PathLike[str] | Storage,
+    path: str | os.PathLike[str] | Storage | Any,
     mode: Literal["a", "r"] = "a",
     *,
+    storage_options: Mapping[str, Any] | None = None,
+    baseline_dir: str | os.PathLike[str] | None = None,
     chunk_bytes: int | None = None,
     codec: str | None = None,
     every: object = None,
@@ -126,8 +129,17 @@ def open(  # noqa: A001 - the public name the API promises
     _baseline_ops: FileOps | None = None,
     _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
 ) -> Store:
-    """Open (or, with ``mode="a"``, create) the store at `path` (a folder, or a
-    :class:`arraysnap.storage.Storage`).
+    """Open (or, with ``mode="a"``, create) the store at `path`: a folder, a URL in object
+    storage (``s3://bucket/prefix/run.snap``, ``gs://``, ``az://``), an obstore store
+    object, or a :class:`arraysnap.storage.Storage`.
+
+    `storage_options` configure a URL's object store (obstore's settings: ``endpoint``,
+    ``region``, credentials, ``allow_http``, ``timeout``, ``retry_config``); without them
+    obstore reads the usual environment (``AWS_*`` and the like). A writer keeps its
+    *baselines* (the local files a capture compares against) beside a local store, and for
+    a store in object storage in `baseline_dir`, by default a folder of its own under
+    ``$XDG_CACHE_HOME/arraysnap`` (``~/.cache/arraysnap``): a cache, which a fresh node
+    rebuilds from the newest snapshot (see ``docs/object-storage.md``).
 
     ``mode="a"`` takes the store's writer lock (:class:`StoreLockedError` if another writer
     has it); ``mode="r"`` never writes. `chunk_bytes` (default 1 MiB) is the target chunk
@@ -156,15 +168,17 @@ def open(  # noqa: A001 - the public name the API promises
     True
     >>> snap.close()
     """
-    storage = path if isinstance(path, Storage) else LocalStorage(path)
+    storage = as_storage(path, storage_options)
     return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
                  buffer_bytes=buffer_bytes, track_writes=track_writes,
-                 baseline_ops=_baseline_ops, retry_delays=_retry_delays)
+                 baseline_ops=_baseline_ops, retry_delays=_retry_delays,
+                 baseline_dir=baseline_dir)
 
 
-def upgrade(path: str | os.PathLike[str] | Storage) -> int:
+def upgrade(path: str | os.PathLike[str] | Storage | Any, *,
+            storage_options: Mapping[str, Any] | None = None) -> int:
     """Make the store at `path` a store of this arraysnap's format (``FORMAT_VERSION``);
     return the format version it had.
 
@@ -182,9 +196,9 @@ def upgrade(path: str | os.PathLike[str] | Storage) -> int:
     >>> arraysnap.upgrade(path) == arraysnap.FORMAT_VERSION   # already current: unchanged
     True
     """
-    storage = path if isinstance(path, Storage) else LocalStorage(path)
+    storage = as_storage(path, storage_options)
     if read_settings(storage, codec=None) is None:
-        raise not_a_store(Path(storage.describe()))
+        raise not_a_store(storage)
     lock = storage.lock_writer(f"pid {os.getpid()} on {socket.gethostname()} (upgrade)")
     try:
         return upgrade_settings(storage)
@@ -238,7 +252,8 @@ class Store:
                  on_error: str = "raise", signals: bool | Iterable[int] = (),
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  track_writes: bool | str = "auto", baseline_ops: FileOps | None = None,
-                 retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS) -> None:
+                 retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
+                 baseline_dir: str | os.PathLike[str] | None = None) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
         parse_on_error(on_error)
@@ -255,25 +270,32 @@ class Store:
             raise ValueError(f"chunk_bytes must be an integer from 1 to 2**31, got {chunk_bytes!r}")
         if mode == "r" and watched:
             raise ValueError("signals= is for a writer (mode='a'): a reader never captures")
-        path = storage.local_path
-        if path is None:
-            raise ValueError(f"{storage.describe()} is not a local folder; arraysnap keeps "
-                             "its baselines beside the store and needs one")
-        self.path = path
+        local = storage.local_path
+        where = storage.describe()
+        self.path: Path | str = local if local is not None else where
         self.mode = mode
         self.on_error = on_error
         self._storage = storage
         self._closed = True
-        self._failures = FailurePolicy(on_error, str(path))
-        if path.exists() and not path.is_dir():
+        self._failures = FailurePolicy(on_error, str(self.path))
+        if local is not None and local.exists() and not local.is_dir():
             raise (NotADirectoryError if mode == "r" else FileExistsError)(
-                f"{path} is a file, not an arraysnap store (a store is a folder)"
+                f"{local} is a file, not an arraysnap store (a store is a folder)"
                 + ("" if mode == "r" else "; choose a new path"))
         settings = read_settings(storage, codec)
         if settings is None:
             if mode == "r":
-                raise not_a_store(path)
+                raise not_a_store(storage)
             settings = create_store(storage, parse_codec(codec or "zstd"))
+        # Baselines beside a local store; for one in object storage, in a local folder
+        # whose marker names the store (it is a cache: see docs/object-storage.md).
+        if baseline_dir is None and local is not None:
+            root, owner = local, None
+        else:
+            root = (Path(baseline_dir) if baseline_dir is not None
+                    else default_baseline_dir(storage))
+            owner = settings.store_id or where
+        self.baseline_dir: Path = root
         self.codec: CodecSpec = settings.codec
         self.chunk_bytes: int = chunk_bytes or settings.chunk_bytes
         self.format_version: int = settings.version
@@ -281,7 +303,8 @@ class Store:
         self._objects = ChunkObjects(storage)
         self._tables = ChunkObjects(storage, TABLES_PREFIX)
         self._history = History(storage)
-        self._baselines = Baselines(path, baseline_ops)
+        self._baselines = Baselines(root, baseline_ops, owner=owner)
+        self._claim: BaselineClaim | None = None
         self._pool = ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="arraysnap",
                                         initializer=lower_thread_priority)
         self._writer_lock: WriterLock | None = None
@@ -299,6 +322,8 @@ class Store:
             if mode == "a":
                 self._writer_lock = storage.lock_writer(
                     f"pid {os.getpid()} on {socket.gethostname()}")
+                if owner is not None:
+                    self._claim = BaselineClaim(root, where)
                 self._tracking = Tracking(track_writes, baseline_dir=self._baselines.dir)
                 self._replay_log = ReplayLog(storage)
                 self._recover(pins, buffer_bytes, retry_delays)
@@ -312,7 +337,7 @@ class Store:
                                         tables=self._tables)
         self._restorer = Restorer(self._catalog, self._objects, self.codec, self._baselines,
                                   self._pool, self._capturer, self._reading_replay_log,
-                                  path / "tmp" if mode == "a" else None)
+                                  root / "tmp" if mode == "a" else None)
         _open_stores.add(self)
 
     def _recover(self, pins: Pins, buffer_bytes: int,
@@ -839,6 +864,9 @@ class Store:
         if self._restorer is not None:
             self._restorer.close()
         self._pool.shutdown(wait=True)
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
         if self._writer_lock is not None:
             self._writer_lock.release()
             self._writer_lock = None

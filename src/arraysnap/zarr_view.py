@@ -26,7 +26,7 @@ import json
 import os
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, Sto
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
 from ._store.catalog import Catalog
+from ._store.locating import as_storage
 from ._store.opening import not_a_store, read_settings
 from .chunks import decode_chunk, read_object
 from .codecs import CodecSpec
@@ -249,9 +250,12 @@ class SnapshotZarrStore(Store):
                     yield child
 
 
-def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
-              seq: int | None = None, dims: Dims | None = None) -> zarr.Group:
-    """Open one snapshot of the store at `path` as a read-only zarr v3 group.
+def open_zarr(path: str | os.PathLike[str] | Any, step: int | None = None, *,
+              seq: int | None = None, dims: Dims | None = None,
+              storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open one snapshot of the store at `path` (a folder, a URL such as
+    ``s3://bucket/run.snap`` with its `storage_options`, or a store object, as
+    :func:`arraysnap.open` takes) as a read-only zarr v3 group.
 
     Works wherever zarr takes a group or store: ``dask.array.from_zarr(group["u"])``,
     ``xarray.open_zarr(group.store)``. The group's attribute ``arraysnap`` holds seq, step,
@@ -267,10 +271,10 @@ def open_zarr(path: str | os.PathLike[str], step: int | None = None, *,
     >>> arraysnap.open_zarr(path, dims={"u": ("x",)})["u"].metadata.dimension_names
     ('x',)
     """
-    storage = LocalStorage(path)
+    storage = as_storage(path, storage_options)
     settings = read_settings(storage, codec=None)
     if settings is None:
-        raise not_a_store(Path(path))
+        raise not_a_store(storage)
     manifest = Catalog(storage).select(step, seq)
     view = SnapshotZarrStore(manifest, ChunkObjects(storage), settings.codec, dims)
     return zarr.open_group(view, mode="r", zarr_format=3)

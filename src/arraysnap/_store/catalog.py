@@ -98,7 +98,7 @@ class Catalog:
             cached = None if from_disk else self._cache.get(seq)
         if cached is not None:
             return cached
-        data = self._manifest_bytes(seq)
+        data = self.manifest_bytes(seq)
         # From disk means every table object too: verify() must see a damaged one.
         tables = TableReader(self._table_object) if from_disk else self.tables
         manifest = parse_manifest(data, expected_seq=seq, tables=tables)
@@ -113,12 +113,13 @@ class Catalog:
             cached = self._cache.get(seq)
         if cached is not None:
             return cached
-        data = self._manifest_bytes(seq)
+        data = self.manifest_bytes(seq)
         # A manifest that lists its arrays is read whole (an array's digest blocks too).
         return parse_manifest(data, expected_seq=seq, tables=self.tables,
                               defer=lambda: self.load(seq)[0].arrays), len(data)
 
-    def _manifest_bytes(self, seq: int) -> bytes:
+    def manifest_bytes(self, seq: int) -> bytes:
+        """The stored bytes of snapshot `seq`'s manifest, unparsed."""
         try:
             return self.storage.get(manifest_key(seq), limit=MAX_MANIFEST_BYTES)
         except FileNotFoundError:

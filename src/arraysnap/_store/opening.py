@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ class Settings:
     codec: CodecSpec
     chunk_bytes: int
     version: int = FORMAT_VERSION
+    # A random name given at creation (stores made before it have none): what a baseline
+    # folder outside the store records, so it is never taken for another store's.
+    store_id: str | None = None
 
 
 def read_settings(storage: Storage, codec: str | None) -> Settings | None:
@@ -65,6 +69,11 @@ def read_settings(storage: Storage, codec: str | None) -> Settings | None:
     except FileNotFoundError:
         return None
     except OSError as err:
+        if storage.local_path is None:
+            # An object store that cannot be reached is not a damaged store.
+            raise OSError(err.errno, f"{where} cannot be read: {err.strerror}; check the "
+                          "store's URL, its storage_options (endpoint, region, credentials, "
+                          "allow_http) and the network") from err
         raise CorruptSnapshotError(f"{where} cannot be read: {err}") from None
     try:
         settings = json.loads(data)
@@ -86,21 +95,30 @@ def read_settings(storage: Storage, codec: str | None) -> Settings | None:
         raise CorruptSnapshotError(f"{where}: bad codec: {err}") from None
     if type(chunk_bytes) is not int or chunk_bytes < 1:
         raise CorruptSnapshotError(f"{where}: bad chunk_bytes {chunk_bytes!r}")
+    store_id = settings.get("id")
+    if store_id is not None and not (isinstance(store_id, str) and 0 < len(store_id) <= 64):
+        raise CorruptSnapshotError(f"{where}: bad id {store_id!r}")
     if codec is not None and parse_codec(codec) != stored_codec:
         raise ValueError(
             f"{storage.describe()} was created with codec "
             f"{stored_codec.name}:{stored_codec.level}; open it without codec= (or with that "
             f"codec), or start a new store for {codec!r}"
         )
-    return Settings(stored_codec, chunk_bytes, version)
+    return Settings(stored_codec, chunk_bytes, version, store_id)
 
 
-def not_a_store(path: Path) -> FileNotFoundError:
-    """The error for a reader pointed at `path`, where there is no store.
+def not_a_store(storage: Storage) -> FileNotFoundError:
+    """The error for a reader pointed at `storage`, where there is no store.
 
-    >>> print(not_a_store(Path("/no/such/run.snap")))
+    >>> from arraysnap.storage import LocalStorage
+    >>> print(not_a_store(LocalStorage("/no/such/run.snap")))
     /no/such/run.snap does not exist: give the folder of an arraysnap store (mode='a' creates one)
     """
+    path = storage.local_path
+    if path is None:
+        return FileNotFoundError(f"{storage.describe()} holds no arraysnap store (no "
+                                 "arraysnap.json under it): give the URL of a store "
+                                 "(mode='a' creates one)")
     if not path.exists():
         return FileNotFoundError(f"{path} does not exist: give the folder of an arraysnap store "
                                  "(mode='a' creates one)")
@@ -108,15 +126,22 @@ def not_a_store(path: Path) -> FileNotFoundError:
                              "the folder that arraysnap.open() created")
 
 
-def create_store(storage: Storage, codec: CodecSpec) -> Settings:
-    """Make a new, empty store in `storage`; its settings file is written last."""
+def create_store(storage: Storage, codec: CodecSpec, *,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, version: int = FORMAT_VERSION,
+                 copied_from: str | None = None) -> Settings:
+    """Make a new, empty store in `storage`; its settings file is written last. A copy's
+    destination (`copied_from`) takes its source's chunk size and format version."""
     storage.create()
-    settings = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                "chunk_bytes": DEFAULT_CHUNK_BYTES, "codec": codec.to_json(),
-                "created": time.time(), "created_by": f"arraysnap {__version__}"}
+    store_id = uuid.uuid4().hex
+    settings: dict[str, object] = {
+        "format": FORMAT_NAME, "version": version, "chunk_bytes": chunk_bytes,
+        "codec": codec.to_json(), "id": store_id, "created": time.time(),
+        "created_by": f"arraysnap {__version__}"}
+    if copied_from is not None:
+        settings["copied_from"] = copied_from
     storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
     storage.barrier()  # the store's own name, in the folder that holds it
-    return Settings(codec, DEFAULT_CHUNK_BYTES)
+    return Settings(codec, chunk_bytes, version, store_id)
 
 
 def upgrade_settings(storage: Storage) -> int:
@@ -152,10 +177,18 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
         return Recovered(None, {})
     tables = dict(head.arrays)
     marker = baselines.read_marker()
+    if marker is not None and not baselines.owns(marker):
+        # A baseline folder last used for another store: nothing in it is this store's.
+        baselines.clear_directory()
+        marker = None
     trusted = baselines.trusted_seq(marker) == head.seq
     # A dirty marker: a capture was under way when the writer stopped (killed, or its
     # process ended). Its changes were never committed; rolling them back is routine.
     interrupted = marker is not None and marker.get("clean") is False
+    # A clean marker of an older snapshot: another writer (on another node, with baselines
+    # of its own) has moved the store on since; catching up is routine too.
+    behind = (marker is not None and marker.get("clean") is True
+              and type(marker.get("seq")) is int and marker["seq"] < head.seq)
     with paused_collector():
         adopted = baselines.adopt({name: entry.layout for name, entry in head.arrays.items()},
                                   marker)
@@ -192,7 +225,8 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
                   "; ".join(f"{name!r}: {unusable[name]}" for name in names[:5]),
                   f"; and {len(names) - 5} more" if len(names) > 5 else "")
     if rolled_back:
-        _report_rollback(baselines.dir.parent, head.seq, rolled_back, interrupted)
+        _report_rollback(baselines.dir.parent, head.seq, rolled_back,
+                         "behind" if behind else "interrupted" if interrupted else "")
     baselines.remove_strays()
     if repaired or not trusted or not baselines.table_on_disk():
         try:
@@ -204,17 +238,21 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
     return Recovered(head, tables)
 
 
-def _report_rollback(where: Path, seq: int, chunks: dict[str, int], interrupted: bool) -> None:
+def _report_rollback(where: Path, seq: int, chunks: dict[str, int], why: str) -> None:
     """One line for all the arrays recovery put back (not one per array: a store may have
-    thousands)."""
+    thousands); `why` is "interrupted", "behind" or "" (damage: a warning)."""
     names = sorted(chunks)
     shown = ", ".join(f"{name!r} ({chunks[name]})" for name in names[:5])
     more = f" and {len(names) - 5} more" if len(names) > 5 else ""
     total = sum(chunks.values())
-    if interrupted:
+    if why == "interrupted":
         log.info("arraysnap: %s: %d chunks of %d arrays (%s%s) held changes of a capture "
                  "that was interrupted before it committed; they are back at snapshot %d, "
                  "the latest committed", where, total, len(names), shown, more, seq)
+    elif why == "behind":
+        log.info("arraysnap: %s: %d chunks of %d arrays (%s%s) were of an older snapshot "
+                 "(the store was written elsewhere since); brought up to snapshot %d",
+                 where, total, len(names), shown, more, seq)
     else:
         log.warning("arraysnap: %s: %d chunks of %d baselines (%s%s) did not match snapshot "
                     "%d; repaired from its chunk objects", where, total, len(names), shown,

@@ -1,0 +1,226 @@
+"""Copying snapshots between two stores: only what the destination lacks, manifests last.
+
+A snapshot is its manifest and the objects it names (chunk objects, packs, table objects
+and table packs), all immutable. So a copy lists what the destination holds once, puts
+the objects it lacks (create-only, in parallel), waits for the destination's barrier, and
+only then writes the manifest, create-only: the commit point, as in a capture. A copy
+killed at any moment leaves objects no manifest names yet (the next copy, or ``gc``,
+finds them) and never a listed snapshot with missing parts; running it again goes on
+where it stopped. The replay log's segments go along (a restore returns the records
+after its snapshot); the capture history (``stats``) stays with the source.
+
+The destination is the source's or empty: a seq both hold must be the same snapshot
+(the same manifest bytes), or the copy stops before writing anything. A new destination
+gets the source's codec, chunk size and format version, and an id of its own (a baseline
+folder is never taken for both). The destination's writer lock is held throughout.
+
+>>> import arraysnap, numpy as np, tempfile
+>>> tmp = tempfile.mkdtemp()
+>>> with arraysnap.open(tmp + "/a.snap") as snap:
+...     _ = snap.capture({"u": np.arange(4.0)}, step=1)
+>>> report = arraysnap.copy(tmp + "/a.snap", tmp + "/b.snap")
+>>> report.copied, arraysnap.copy(tmp + "/a.snap", tmp + "/b.snap").copied
+((1,), ())
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..commit import manifest_key, put_manifest
+from ..errors import SnapshotNotFoundError
+from ..manifest import Manifest
+from ..objects import object_key, pack_key
+from ..packs import PACK_PREFIX
+from ..replaylog import PREFIX as JOURNAL_PREFIX
+from ..results import CopyReport
+from ..storage import Storage
+from ..tables import PREFIX as TABLES_PREFIX
+from ..tables import table_key
+from .catalog import Catalog
+from .locating import as_storage
+from .opening import create_store, not_a_store, read_settings
+
+__all__ = ["COPY_THREADS", "check_snapshot_specs", "copy", "copy_snapshots", "snapshot_keys"]
+
+COPY_THREADS = 8  # requests in flight; each holds one object (at most a pack) in memory
+_OBJECT_PREFIXES = ("chunks/", PACK_PREFIX, TABLES_PREFIX)
+
+
+def snapshot_keys(manifest: Manifest) -> set[str]:
+    """The keys of every object snapshot `manifest` needs, its manifest aside.
+
+    >>> import arraysnap, numpy as np, tempfile
+    >>> from arraysnap.storage import LocalStorage
+    >>> path = tempfile.mkdtemp() + "/s.snap"
+    >>> with arraysnap.open(path, codec="none") as snap:
+    ...     _ = snap.capture({"u": np.zeros(4)}).result()
+    >>> sorted(key.split("/")[0] for key in snapshot_keys(Catalog(LocalStorage(path)).load(1)[0]))
+    ['packs']
+    """
+    keys = {object_key(digest) for digest in manifest.chunk_digests()}
+    keys |= {pack_key(pack) for pack in manifest.pack_ids() | manifest.table_packs}
+    keys |= {table_key(digest) for digest in manifest.table_digests}
+    return keys
+
+
+def _listed(storage: Storage, prefixes: Iterable[str]) -> set[str]:
+    return {key for prefix in prefixes for key in storage.list_prefix(prefix)}
+
+
+def copy(src: Any, dst: Any, snapshots: Iterable[str | int] | str | int | None = None, *,
+         src_options: Mapping[str, Any] | None = None,
+         dst_options: Mapping[str, Any] | None = None,
+         progress: Callable[[int, int], None] | None = None) -> CopyReport:
+    """Copy `snapshots` of the store at `src` into the store at `dst`, which is created if
+    it does not exist: only the objects `dst` lacks, each snapshot's manifest after its
+    objects. Idempotent, and resumable after a kill (run it again).
+
+    `src` and `dst` are what :func:`arraysnap.open` takes (folders, ``s3://`` and other
+    URLs, obstore store objects), with `src_options` and `dst_options` as their
+    ``storage_options``. `snapshots` is None (every snapshot), a seq or a spec
+    (``"latest"``, ``"step:40"``, ``"~1"``), or a list of them. A seq `dst` holds already
+    must be the same snapshot there; codecs must match. Takes `dst`'s writer lock
+    (``StoreLockedError`` while a job writes it); `src` may be written meanwhile.
+    `progress(done, total)` is called as objects are copied. Returns a
+    :class:`~arraysnap.results.CopyReport`.
+
+    >>> import arraysnap, numpy as np, tempfile
+    >>> tmp = tempfile.mkdtemp()
+    >>> with arraysnap.open(tmp + "/a.snap") as snap:
+    ...     for step in range(3):
+    ...         _ = snap.capture({"u": np.full(8, float(step))}, step=step)
+    >>> arraysnap.copy(tmp + "/a.snap", tmp + "/b.snap", ["step:0", "latest"]).copied
+    (1, 3)
+    >>> arraysnap.copy(tmp + "/a.snap", tmp + "/b.snap").copied   # what b lacked
+    (2,)
+    >>> arraysnap.open(tmp + "/b.snap", "r").restore().arrays["u"][0]
+    np.float64(2.0)
+    """
+    check_snapshot_specs(snapshots)
+    return copy_snapshots(as_storage(src, src_options), as_storage(dst, dst_options),
+                          snapshots, progress=progress)
+
+
+def copy_snapshots(src: Storage, dst: Storage,
+                   snapshots: Iterable[str | int] | str | int | None = None,
+                   *, progress: Callable[[int, int], None] | None = None) -> CopyReport:
+    """Copy `snapshots` (specs or seqs; all if None) of the store in `src` to `dst`; see
+    :func:`copy`."""
+    check_snapshot_specs(snapshots)
+    settings = read_settings(src, codec=None)
+    if settings is None:
+        raise not_a_store(src)
+    source = Catalog(src)
+    if snapshots is None:
+        seqs = source.seqs()
+    else:
+        specs = [snapshots] if isinstance(snapshots, (str, int)) else list(snapshots)
+        seqs = sorted({source.resolve(spec) for spec in specs})
+    # Everything about the source is read and checked before the destination is touched.
+    manifests: dict[int, tuple[bytes, Manifest]] = {}
+    for seq in seqs:
+        data = source.manifest_bytes(seq)
+        manifests[seq] = (data, source.load(seq)[0])
+    target = read_settings(dst, codec=None)
+    if target is not None:
+        _check_compatible(src, dst, settings, target)
+    else:
+        create_store(dst, settings.codec, chunk_bytes=settings.chunk_bytes,
+                     version=settings.version, copied_from=src.describe())
+    lock = dst.lock_writer(f"pid {os.getpid()} on {socket.gethostname()} (copy)")
+    try:
+        dst.remove_temporaries()
+        held = set(Catalog(dst).seqs())
+        for seq in sorted(held & set(manifests)):
+            if dst.get(manifest_key(seq)) != manifests[seq][0]:
+                raise FileExistsError(
+                    f"{dst.describe()} holds a snapshot {seq} that differs from "
+                    f"{src.describe()}'s: it is not a copy of that store. Copy into an "
+                    "empty destination (or one copied from this source)")
+        wanted = [seq for seq in sorted(manifests) if seq not in held]
+        present = _listed(dst, _OBJECT_PREFIXES)
+        missing = sorted(set().union(*(snapshot_keys(manifests[seq][1]) for seq in wanted))
+                         - present) if wanted else []
+        copied_bytes = _copy_objects(src, dst, missing, progress)
+        for seq in wanted:
+            dst.barrier()  # every object of the snapshot, before the manifest names them
+            put_manifest(dst, seq, manifests[seq][0])
+        copied_bytes += _copy_journal(src, dst)
+        dst.barrier()
+    finally:
+        lock.release()
+    return CopyReport(tuple(wanted), tuple(sorted(held & set(manifests))), len(missing),
+                      copied_bytes)
+
+
+def _check_compatible(src: Storage, dst: Storage, settings: Any, target: Any) -> None:
+    if target.codec != settings.codec:
+        raise ValueError(f"{dst.describe()} uses codec {target.codec.name}, "
+                         f"{src.describe()} {settings.codec.name}: a copy needs the same "
+                         "codec (copy into a new destination)")
+    if target.version < settings.version:
+        raise ValueError(f"{dst.describe()} is a store of format {target.version}, "
+                         f"{src.describe()} of format {settings.version}: run 'arraysnap "
+                         f"upgrade {dst.describe()}' first")
+
+
+def _copy_objects(src: Storage, dst: Storage, keys: list[str],
+                  progress: Callable[[int, int], None] | None) -> int:
+    """Put each of `keys` from `src` into `dst` (create-only), a few at a time."""
+    done = 0
+    total_bytes = 0
+    lock = threading.Lock()
+
+    def one(key: str) -> None:
+        nonlocal done, total_bytes
+        try:
+            data = src.get(key)
+        except FileNotFoundError:
+            raise SnapshotNotFoundError(
+                f"{src.describe()} lost {key} during the copy (a writer's retention or gc "
+                "removed a snapshot that was being copied); copy again") from None
+        dst.put_if_absent(key, data)
+        with lock:
+            done += 1
+            total_bytes += len(data)
+            if progress is not None:
+                progress(done, len(keys))
+
+    if progress is not None:
+        progress(0, len(keys))
+    if keys:
+        with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="arraysnap-copy") as pool:
+            for future in [pool.submit(one, key) for key in keys]:
+                future.result()
+    return total_bytes
+
+
+def _copy_journal(src: Storage, dst: Storage) -> int:
+    """The replay log's segments the destination lacks, or holds shorter (a segment grows)."""
+    copied = 0
+    for key in sorted(src.list_prefix(JOURNAL_PREFIX)):
+        data = src.get(key)
+        try:
+            if dst.size(key) >= len(data):
+                continue
+        except FileNotFoundError:
+            pass
+        dst.put_atomic(key, data, durable=False)
+        copied += len(data)
+    return copied
+
+
+def check_snapshot_specs(snapshots: object) -> None:
+    """A clear error for `snapshots` that cannot name snapshots."""
+    if snapshots is None or isinstance(snapshots, (str, int)):
+        return
+    if not isinstance(snapshots, Iterable) or isinstance(snapshots, (bytes, Mapping)):
+        raise TypeError(f"snapshots must be None, a snapshot (a seq or a spec such as "
+                        f"'latest' or 'step:40') or a list of them, not {snapshots!r}")
+

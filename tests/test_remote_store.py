@@ -1,0 +1,192 @@
+"""A store in object storage: ``arraysnap.open("s3://...")`` against a real S3 server (moto's
+server mode on 127.0.0.1), its baseline folder, readers, zarr and the command line on URLs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import assert_bit_exact, s3_url
+from obstore.store import MemoryStore
+
+import arraysnap
+from arraysnap.cli import cli
+from arraysnap.errors import CorruptSnapshotError, StoreLockedError
+
+
+@pytest.fixture
+def url(s3_server) -> str:
+    return s3_url(s3_server)
+
+
+@pytest.fixture
+def options(s3_server) -> dict:
+    return s3_server.storage_options
+
+
+def _field(seed: int, shape=(64, 512)) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape)
+
+
+def test_a_writer_captures_and_restores_bit_exact_and_a_reader_sees_it(url, options, tmp_path):
+    u, v = _field(1), np.arange(1000, dtype=np.int32)
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "b",
+                        chunk_bytes=1 << 14) as snap:
+        assert snap.path == url and snap.baseline_dir == tmp_path / "b"
+        for step in range(3):
+            u[step] += 1.0
+            snap.capture({"u": u, "v": v}, step=step, state={"t": step / 10})
+        snap.wait()
+        restored = snap.restore()
+        assert_bit_exact(restored.arrays["u"], u)
+    assert (tmp_path / "b" / "mirror").is_dir()  # the baselines are local
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        assert [info.step for info in reader.list()] == [0, 1, 2]
+        restored = reader.restore(verify=True)
+        assert_bit_exact(restored.arrays["u"], u)
+        assert_bit_exact(restored.arrays["v"], v)
+        assert restored.state == {"t": 0.2}
+        assert reader.verify().ok
+    group = arraysnap.open_zarr(url, storage_options=options, step=2)
+    assert_bit_exact(group["u"][:], u)
+
+
+def test_a_fresh_node_restores_from_the_remote_store_and_goes_on(url, options, tmp_path):
+    u = _field(2)
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "node-a",
+                        chunk_bytes=1 << 14) as snap:
+        snap.capture({"u": u}, step=1)
+    # Another node, an empty baseline folder: the newest snapshot comes from the store.
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "node-b") as snap:
+        restored = snap.restore()
+        assert restored.step == 1
+        assert_bit_exact(restored.arrays["u"], u)
+        u[5, :7] = -1.0
+        info = snap.capture({"u": u}, step=2).result()
+        assert info.chunks_changed == 1  # the delta ran against the rebuilt baselines
+    # Node A again: its baselines are of snapshot 1, the store moved on to 2.
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "node-a") as snap:
+        assert_bit_exact(snap.restore().arrays["u"], u)
+        u[9, :3] = 7.0
+        assert snap.capture({"u": u}, step=3).result().chunks_changed == 1
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        assert_bit_exact(reader.restore(verify=True).arrays["u"], u)
+
+
+def test_catching_up_on_a_store_written_elsewhere_is_not_a_warning(url, options, tmp_path,
+                                                                    caplog):
+    u = _field(3)
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "a") as snap:
+        snap.capture({"u": u}, step=1)
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "b") as snap:
+        u[0] += 1
+        snap.capture({"u": u}, step=2)
+    with caplog.at_level(logging.INFO, logger="arraysnap"):
+        arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "a").close()
+    caught_up = [r for r in caplog.records if "written elsewhere" in r.getMessage()]
+    assert caught_up and all(r.levelno == logging.INFO for r in caught_up)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_baselines_of_another_store_in_the_folder_are_never_trusted(s3_server, options,
+                                                                     tmp_path):
+    first, second = s3_url(s3_server), s3_url(s3_server)
+    shared = tmp_path / "shared"
+    with arraysnap.open(first, storage_options=options, baseline_dir=shared,
+                        chunk_bytes=8192) as snap:
+        snap.capture({"u": np.ones(4096)}, step=1)  # the folder's marker: clean, seq 1
+    with arraysnap.open(second, storage_options=options, baseline_dir=tmp_path / "own",
+                        chunk_bytes=8192) as snap:
+        snap.capture({"u": np.full(4096, 2.0)}, step=1)  # seq 1 too, other bytes
+    with arraysnap.open(second, storage_options=options, baseline_dir=shared) as snap:
+        assert_bit_exact(snap.restore(verify=False).arrays["u"], np.full(4096, 2.0))
+        grown = np.full(4096, 2.0)
+        grown[0] = 3.0
+        # Compared with baselines of the second store: one chunk of four changed.
+        assert snap.capture({"u": grown}, step=2).result().chunks_changed == 1
+    with arraysnap.open(second, "r", storage_options=options) as reader:
+        assert_bit_exact(reader.restore(verify=True).arrays["u"], grown)
+
+
+def test_a_baseline_folder_serves_one_writer_at_a_time(s3_server, options, tmp_path):
+    shared = tmp_path / "shared"
+    with arraysnap.open(s3_url(s3_server), storage_options=options, baseline_dir=shared):
+        with pytest.raises(StoreLockedError, match=r"baseline folder .*shared.* baseline_dir="):
+            arraysnap.open(s3_url(s3_server), storage_options=options, baseline_dir=shared)
+    arraysnap.open(s3_url(s3_server), storage_options=options, baseline_dir=shared).close()
+
+
+def test_the_default_baseline_folder_is_in_the_users_cache(url, options, tmp_path,
+                                                           monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with arraysnap.open(url, storage_options=options) as snap:
+        snap.capture({"u": np.zeros(10)}, step=1)
+        folder = snap.baseline_dir
+    assert folder.parent == tmp_path / "cache" / "arraysnap" / "baselines"
+    assert folder.name.startswith("run.snap-") and (folder / "mirror").is_dir()
+    with arraysnap.open(url, storage_options=options) as snap:
+        assert snap.baseline_dir == folder  # the same store, the same folder
+
+
+def test_an_obstore_store_object_is_a_store(tmp_path):
+    memory = MemoryStore()
+    with arraysnap.open(memory, baseline_dir=tmp_path / "b") as snap:
+        snap.capture({"u": np.arange(5.0)}, step=4)
+    with arraysnap.open(memory, "r") as reader:
+        assert_bit_exact(reader.restore().arrays["u"], np.arange(5.0))
+
+
+def test_bad_locations_and_options_are_refused_before_anything_is_written(url, options,
+                                                                          tmp_path):
+    with pytest.raises(ValueError, match="storage_options configure a store in object storage"):
+        arraysnap.open(tmp_path / "run.snap", storage_options={"region": "x"})
+    assert not (tmp_path / "run.snap").exists()
+    with pytest.raises(TypeError, match="a store is a folder"):
+        arraysnap.open(42)
+    with pytest.raises(FileNotFoundError, match="holds no arraysnap store"):
+        arraysnap.open(url, "r", storage_options=options)
+    with pytest.raises(FileNotFoundError, match="holds no arraysnap store"):
+        arraysnap.open_zarr(url, storage_options=options)
+
+
+def test_an_unreachable_object_store_is_an_os_error_that_names_the_settings(tmp_path):
+    closed = {"endpoint": "http://127.0.0.1:9", "allow_http": True, "region": "us-east-1",
+              "access_key_id": "x", "secret_access_key": "y",
+              "retry_config": {"max_retries": 0}}
+    with pytest.raises(OSError, match="storage_options") as caught:
+        arraysnap.open("s3://nowhere/run.snap", storage_options=closed,
+                       baseline_dir=tmp_path / "b")
+    assert not isinstance(caught.value, CorruptSnapshotError)
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_command_line_takes_urls_and_storage_options(url, options, tmp_path):
+    u = _field(4, (32, 64))
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "b") as snap:
+        snap.capture({"u": u}, step=7)
+    flags = [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["ls", url, "--json", *flags])
+    assert listed.exit_code == 0, listed.output
+    assert [row["step"] for row in json.loads(listed.output)] == [7]
+    assert runner.invoke(cli, ["verify", url, *flags]).exit_code == 0
+    out = tmp_path / "out"
+    restored = runner.invoke(cli, ["restore", url, "--to", str(out), *flags])
+    assert restored.exit_code == 0, restored.output
+    assert_bit_exact(np.load(out / "u.npy"), u)
+    bad = runner.invoke(cli, ["ls", url, "-o", "endpoint"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+    env = runner.invoke(cli, ["ls", url, "--json"],
+                        env={"ARRAYSNAP_STORAGE_OPTIONS": " ".join(flags[1::2])})
+    assert env.exit_code == 0 and json.loads(env.output)[0]["step"] == 7
+
+
+def test_a_local_path_keeps_its_baselines_beside_it(tmp_path):
+    with arraysnap.open(tmp_path / "run.snap") as snap:
+        snap.capture({"u": np.zeros(3)})
+        assert snap.baseline_dir == tmp_path / "run.snap"
+    assert (tmp_path / "run.snap" / "mirror").is_dir()
+    with arraysnap.open(f"file://{tmp_path}/run.snap", "r") as reader:
+        assert reader.path == tmp_path / "run.snap"
