@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+
 import numpy as np
 import pytest
 from click.testing import CliRunner

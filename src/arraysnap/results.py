@@ -91,6 +91,8 @@ class SnapshotInfo:
     objects) plus its manifest;
     ``state`` and ``rng_state`` are the JSON the capture stored (``restore()`` turns the
     latter back into generators); ``parent`` is the seq of the snapshot before it.
+    ``remote`` is whether it is committed in object storage: always for a store there,
+    once uploaded for one with a local tier (``local=``), never for a local store.
 
     >>> import arraysnap, numpy as np, tempfile
     >>> with arraysnap.open(tempfile.mkdtemp() + "/s.snap") as snap:
@@ -119,6 +121,7 @@ class SnapshotInfo:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     manifest_bytes: int = 0
     blocked_seconds: float = 0.0
+    remote: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, manifest_bytes: int) -> SnapshotInfo:

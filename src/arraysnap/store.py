@@ -30,6 +30,7 @@ A store in a local folder::
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import socket
@@ -60,6 +61,7 @@ from ._store.opening import (
 )
 from ._store.restore import Restorer
 from ._store.signals import Cadence, parse_signals
+from ._store.tiers import DEFAULT_UPLOAD_DELAYS, Uploader, check_tiers, reconcile, tier_settings
 from .baselines import Baselines
 from .codecs import CodecSpec, parse_codec
 from .diff import SnapshotDiff, diff_snapshots
@@ -115,6 +117,7 @@ def open(  # noqa: A001 - the public name the API promises
     *,
     storage_options: Mapping[str, Any] | None = None,
     baseline_dir: str | os.PathLike[str] | None = None,
+    local: str | os.PathLike[str] | None = None,
     chunk_bytes: int | None = None,
     codec: str | None = None,
     every: object = None,
@@ -128,6 +131,7 @@ def open(  # noqa: A001 - the public name the API promises
     track_writes: bool | Literal["auto"] = "auto",
     _baseline_ops: FileOps | None = None,
     _retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
+    _upload_delays: tuple[float, ...] = DEFAULT_UPLOAD_DELAYS,
 ) -> Store:
     """Open (or, with ``mode="a"``, create) the store at `path`: a folder, a URL in object
     storage (``s3://bucket/prefix/run.snap``, ``gs://``, ``az://``), an obstore store
@@ -140,6 +144,15 @@ def open(  # noqa: A001 - the public name the API promises
     a store in object storage in `baseline_dir`, by default a folder of its own under
     ``$XDG_CACHE_HOME/arraysnap`` (``~/.cache/arraysnap``): a cache, which a fresh node
     rebuilds from the newest snapshot (see ``docs/object-storage.md``).
+
+    `local` gives a store in object storage a *local tier* (a folder on a fast local disk):
+    each capture commits there (durable in milliseconds; the baselines live there too)
+    and is uploaded in the background, objects first and the manifest last;
+    ``SnapshotInfo.remote`` says whether a snapshot is uploaded, ``wait(remote=True)``
+    waits until all are. While the remote store fails, captures go on committing locally
+    and uploads retry and catch up; retention never removes a snapshot not uploaded yet.
+    The writer opens both tiers and goes on from the newest snapshot of either: a fresh
+    node with an empty local tier restores from the remote store.
 
     ``mode="a"`` takes the store's writer lock (:class:`StoreLockedError` if another writer
     has it); ``mode="r"`` never writes. `chunk_bytes` (default 1 MiB) is the target chunk
@@ -169,12 +182,15 @@ def open(  # noqa: A001 - the public name the API promises
     >>> snap.close()
     """
     storage = as_storage(path, storage_options)
+    remote = None
+    if local is not None:
+        storage, remote = as_storage(local, None), storage
     return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
                  buffer_bytes=buffer_bytes, track_writes=track_writes,
                  baseline_ops=_baseline_ops, retry_delays=_retry_delays,
-                 baseline_dir=baseline_dir)
+                 baseline_dir=baseline_dir, remote=remote, upload_delays=_upload_delays)
 
 
 def upgrade(path: str | os.PathLike[str] | Storage | Any, *,
@@ -253,7 +269,9 @@ class Store:
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES,
                  track_writes: bool | str = "auto", baseline_ops: FileOps | None = None,
                  retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
-                 baseline_dir: str | os.PathLike[str] | None = None) -> None:
+                 baseline_dir: str | os.PathLike[str] | None = None,
+                 remote: Storage | None = None,
+                 upload_delays: tuple[float, ...] = DEFAULT_UPLOAD_DELAYS) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
         parse_on_error(on_error)
@@ -272,7 +290,15 @@ class Store:
             raise ValueError("signals= is for a writer (mode='a'): a reader never captures")
         local = storage.local_path
         where = storage.describe()
-        self.path: Path | str = local if local is not None else where
+        if remote is not None:
+            check_tiers(storage, remote, mode, baseline_dir)
+        self.path: Path | str = (remote.describe() if remote is not None
+                                 else local if local is not None else where)
+        # The local tier of a store in object storage (local=), or None.
+        self.local: Path | None = local if remote is not None else None
+        self._remote = remote
+        self._uploader: Uploader | None = None
+        self._remote_lock: WriterLock | None = None
         self.mode = mode
         self.on_error = on_error
         self._storage = storage
@@ -282,7 +308,8 @@ class Store:
             raise (NotADirectoryError if mode == "r" else FileExistsError)(
                 f"{local} is a file, not an arraysnap store (a store is a folder)"
                 + ("" if mode == "r" else "; choose a new path"))
-        settings = read_settings(storage, codec)
+        settings = (read_settings(storage, codec) if remote is None
+                    else tier_settings(storage, remote, codec))
         if settings is None:
             if mode == "r":
                 raise not_a_store(storage)
@@ -320,21 +347,30 @@ class Store:
         self._closed = False
         try:
             if mode == "a":
-                self._writer_lock = storage.lock_writer(
-                    f"pid {os.getpid()} on {socket.gethostname()}")
+                holder = f"pid {os.getpid()} on {socket.gethostname()}"
+                if remote is not None:  # the authority first
+                    self._remote_lock = remote.lock_writer(holder)
+                self._writer_lock = storage.lock_writer(holder)
                 if owner is not None:
                     self._claim = BaselineClaim(root, where)
                 self._tracking = Tracking(track_writes, baseline_dir=self._baselines.dir)
                 self._replay_log = ReplayLog(storage)
+                held, pending = reconcile(storage, remote) if remote is not None else ((), ())
                 self._recover(pins, buffer_bytes, retry_delays)
+                if remote is not None:
+                    self._uploader = Uploader(storage, self._catalog, remote, held, pending,
+                                              upload_delays, self._prune_remote)
                 self._cadence.watch(watched)
         except BaseException:
             self._release()
             raise
-        self._maintenance = Maintenance(self._catalog, self._objects, self.codec,
-                                        self._baselines, pins=pins,
-                                        replay_log=self._replay_log, retention=retention,
-                                        tables=self._tables)
+        self._maintenance = Maintenance(
+            self._catalog, self._objects, self.codec, self._baselines, pins=pins,
+            replay_log=self._replay_log, retention=retention, tables=self._tables,
+            withheld=self._uploader.pending if self._uploader is not None else None)
+        self._remote_maintenance = None if remote is None else Maintenance(
+            Catalog(remote), ChunkObjects(remote), self.codec, self._baselines,
+            retention=retention, tables=ChunkObjects(remote, TABLES_PREFIX))
         self._restorer = Restorer(self._catalog, self._objects, self.codec, self._baselines,
                                   self._pool, self._capturer, self._reading_replay_log,
                                   root / "tmp" if mode == "a" else None)
@@ -391,7 +427,7 @@ class Store:
         >>> arraysnap.open(tempfile.mkdtemp() + "/s.snap").list()
         []
         """
-        return self._catalog.list()
+        return [self._tiered(info) for info in self._catalog.list()]
 
     def latest(self) -> SnapshotInfo | None:
         """The newest committed snapshot, or None if there is none.
@@ -400,7 +436,8 @@ class Store:
         >>> print(arraysnap.open(tempfile.mkdtemp() + "/s.snap").latest())
         None
         """
-        return self._catalog.latest()
+        latest = self._catalog.latest()
+        return None if latest is None else self._tiered(latest)
 
     def snapshot(self, spec: str | int | None = None) -> SnapshotInfo:
         """The committed snapshot that `spec` names: a seq (``12`` or ``"12"``),
@@ -418,7 +455,7 @@ class Store:
         [3, 2, 1, 2, 1]
         """
         self._check_open()
-        return self._catalog.info(self._catalog.resolve(spec))
+        return self._tiered(self._catalog.info(self._catalog.resolve(spec)))
 
     def damaged(self) -> list[int]:
         """Seqs of the snapshots whose manifest is present but cannot be read (``list()``
@@ -502,13 +539,28 @@ class Store:
             log.warning("arraysnap: capture history: %r", err)
         if self._capturer is not None:
             self._capturer.committed(job.seq)
+        if self._uploader is not None:
+            self._uploader.enqueue(job.seq)
         self._note_growth(manifest, stat.bytes_written)
-        job.capture.finish(SnapshotInfo.from_manifest(manifest, manifest_bytes), None)
+        job.capture.finish(self._tiered(SnapshotInfo.from_manifest(manifest, manifest_bytes)),
+                           None)
         if self.retention.active:
             try:
                 self._maintenance.prune(self.retention)
             except (OSError, ArraysnapError) as err:  # retention only frees space
                 log.error("arraysnap: retention after snapshot %d failed: %r", job.seq, err)
+
+    def _tiered(self, info: SnapshotInfo) -> SnapshotInfo:
+        """`info` with ``remote`` set: uploaded (a local tier), always (a store in object
+        storage), never (a local store)."""
+        remote = (self._uploader.uploaded(info.seq) if self._uploader is not None
+                  else self._storage.local_path is None)
+        return info if info.remote == remote else dataclasses.replace(info, remote=remote)
+
+    def _prune_remote(self, seq: int) -> None:
+        """After an upload: the retention policy in the store in object storage too."""
+        if self.retention.active and self._remote_maintenance is not None:
+            self._remote_maintenance.prune(self.retention)
 
     def _note_growth(self, manifest: Manifest, written: int) -> None:
         self._written += written
@@ -530,8 +582,14 @@ class Store:
         if self._replay_log is not None:
             self._replay_log.flush(durable=True)
 
-    def wait(self) -> None:
+    def wait(self, *, remote: bool = False, timeout: float | None = None) -> None:
         """Block until every capture so far is durable; raise the first background error.
+
+        With ``remote=True``, also until every one is committed in the store in object
+        storage behind the local tier (``local=``): uploaded. `timeout` (seconds) bounds
+        that wait (``TimeoutError``, while the remote store fails); without a local tier
+        ``remote=True`` changes nothing for a store in object storage and is a
+        ``ValueError`` for a local store.
 
         >>> import arraysnap, numpy as np, tempfile
         >>> snap = arraysnap.open(tempfile.mkdtemp() + "/s.snap")
@@ -551,6 +609,12 @@ class Store:
             self._failures.warn_once(err)
         self._raise_background_error("a capture failed to persist; its changes are kept and "
                                      "go into the next capture")
+        if remote:
+            if self._uploader is not None:
+                self._uploader.wait(timeout)
+            elif self._storage.local_path is not None:
+                raise ValueError(f"{self.path} is a local store with no remote tier: "
+                                 "wait(remote=True) is for a store opened with local=")
 
     # -- restore ---------------------------------------------------------------------------
     def _settled(self) -> None:
@@ -578,7 +642,9 @@ class Store:
         [0, 1, 2, 3]
         """
         self._settled()
-        return self._restorer.restore(step, seq, verify=verify, fallback=fallback)
+        restored = self._restorer.restore(step, seq, verify=verify, fallback=fallback)
+        info = self._tiered(restored.info)
+        return restored if info is restored.info else dataclasses.replace(restored, info=info)
 
     def restore_into(self, arrays: Mapping[str, np.ndarray], step: int | None = None, *,
                      seq: int | None = None, verify: bool = True) -> Restored:
@@ -844,6 +910,8 @@ class Store:
                 self._history.sync()
                 if error is None and self._capturer is not None:
                     self._capturer.mark_clean()
+                if self._uploader is not None:
+                    self._uploader.close()  # uploads what is pending, unless the store fails
         finally:
             self._release()
         if error is not None:
@@ -856,6 +924,9 @@ class Store:
         if self._persister is not None:
             self._persister.stop()
             self._persister = None
+        if self._uploader is not None:
+            self._uploader.close(upload=False)
+            self._uploader = None
         if self._replay_log is not None:
             self._replay_log.close()
         if self._tracking is not None:
@@ -870,6 +941,9 @@ class Store:
         if self._writer_lock is not None:
             self._writer_lock.release()
             self._writer_lock = None
+        if self._remote_lock is not None:
+            self._remote_lock.release()
+            self._remote_lock = None
         _open_stores.discard(self)
 
     def __enter__(self) -> Store:

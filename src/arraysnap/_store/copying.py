@@ -46,7 +46,8 @@ from .catalog import Catalog
 from .locating import as_storage
 from .opening import create_store, not_a_store, read_settings
 
-__all__ = ["COPY_THREADS", "check_snapshot_specs", "copy", "copy_snapshots", "snapshot_keys"]
+__all__ = ["COPY_THREADS", "check_compatible", "check_snapshot_specs", "copy", "copy_journal",
+           "copy_objects", "copy_snapshots", "snapshot_keys", "transfer"]
 
 COPY_THREADS = 8  # requests in flight; each holds one object (at most a pack) in memory
 _OBJECT_PREFIXES = ("chunks/", PACK_PREFIX, TABLES_PREFIX)
@@ -129,37 +130,53 @@ def copy_snapshots(src: Storage, dst: Storage,
         manifests[seq] = (data, source.load(seq)[0])
     target = read_settings(dst, codec=None)
     if target is not None:
-        _check_compatible(src, dst, settings, target)
+        check_compatible(src, dst, settings, target)
     else:
         create_store(dst, settings.codec, chunk_bytes=settings.chunk_bytes,
                      version=settings.version, copied_from=src.describe())
     lock = dst.lock_writer(f"pid {os.getpid()} on {socket.gethostname()} (copy)")
     try:
         dst.remove_temporaries()
-        held = set(Catalog(dst).seqs())
-        for seq in sorted(held & set(manifests)):
-            if dst.get(manifest_key(seq)) != manifests[seq][0]:
-                raise FileExistsError(
-                    f"{dst.describe()} holds a snapshot {seq} that differs from "
-                    f"{src.describe()}'s: it is not a copy of that store. Copy into an "
-                    "empty destination (or one copied from this source)")
-        wanted = [seq for seq in sorted(manifests) if seq not in held]
-        present = _listed(dst, _OBJECT_PREFIXES)
-        missing = sorted(set().union(*(snapshot_keys(manifests[seq][1]) for seq in wanted))
-                         - present) if wanted else []
-        copied_bytes = _copy_objects(src, dst, missing, progress)
-        for seq in wanted:
-            dst.barrier()  # every object of the snapshot, before the manifest names them
-            put_manifest(dst, seq, manifests[seq][0])
-        copied_bytes += _copy_journal(src, dst)
-        dst.barrier()
+        return transfer(src, dst, manifests, progress=progress)
     finally:
         lock.release()
+
+
+def transfer(src: Storage, dst: Storage, manifests: Mapping[int, tuple[bytes, Manifest]], *,
+             progress: Callable[[int, int], None] | None = None,
+             present: set[str] | None = None,
+             journal: dict[str, int] | None = None,
+             held: set[int] | None = None) -> CopyReport:
+    """Put the snapshots `manifests` (seq: their bytes and parse) of `src` into `dst`,
+    whose writer's lock the caller holds: the objects `dst` lacks, then each manifest.
+
+    `present` are keys known to be in `dst` (else `dst` is listed); `journal` remembers
+    the sizes of the replay log's segments sent, between calls; `held` the seqs `dst`
+    holds (else `dst` is listed)."""
+    held = set(Catalog(dst).seqs()) if held is None else held
+    for seq in sorted(held & set(manifests)):
+        if dst.get(manifest_key(seq)) != manifests[seq][0]:
+            raise FileExistsError(
+                f"{dst.describe()} holds a snapshot {seq} that differs from "
+                f"{src.describe()}'s: it is not a copy of that store. Copy into an "
+                "empty destination (or one copied from this source)")
+    wanted = [seq for seq in sorted(manifests) if seq not in held]
+    if present is None:
+        present = _listed(dst, _OBJECT_PREFIXES) if wanted else set()
+    missing = sorted(set().union(*(snapshot_keys(manifests[seq][1]) for seq in wanted))
+                     - present) if wanted else []
+    copied_bytes = copy_objects(src, dst, missing, progress)
+    for seq in wanted:
+        dst.barrier()  # every object of the snapshot, before the manifest names them
+        put_manifest(dst, seq, manifests[seq][0])
+    copied_bytes += copy_journal(src, dst, journal)
+    dst.barrier()
     return CopyReport(tuple(wanted), tuple(sorted(held & set(manifests))), len(missing),
                       copied_bytes)
 
 
-def _check_compatible(src: Storage, dst: Storage, settings: Any, target: Any) -> None:
+def check_compatible(src: Storage, dst: Storage, settings: Any, target: Any) -> None:
+    """A clear error unless a store of `settings` can be copied into one of `target`."""
     if target.codec != settings.codec:
         raise ValueError(f"{dst.describe()} uses codec {target.codec.name}, "
                          f"{src.describe()} {settings.codec.name}: a copy needs the same "
@@ -170,7 +187,7 @@ def _check_compatible(src: Storage, dst: Storage, settings: Any, target: Any) ->
                          f"upgrade {dst.describe()}' first")
 
 
-def _copy_objects(src: Storage, dst: Storage, keys: list[str],
+def copy_objects(src: Storage, dst: Storage, keys: list[str],
                   progress: Callable[[int, int], None] | None) -> int:
     """Put each of `keys` from `src` into `dst` (create-only), a few at a time."""
     done = 0
@@ -201,18 +218,24 @@ def _copy_objects(src: Storage, dst: Storage, keys: list[str],
     return total_bytes
 
 
-def _copy_journal(src: Storage, dst: Storage) -> int:
-    """The replay log's segments the destination lacks, or holds shorter (a segment grows)."""
+def copy_journal(src: Storage, dst: Storage, sent: dict[str, int] | None = None) -> int:
+    """The replay log's segments the destination lacks, or holds shorter (a segment only
+    grows); `sent` (key: size) skips those already sent at their present size."""
     copied = 0
     for key in sorted(src.list_prefix(JOURNAL_PREFIX)):
+        size = src.size(key)
+        if sent is not None and sent.get(key) == size:
+            continue
         data = src.get(key)
         try:
-            if dst.size(key) >= len(data):
-                continue
+            there = dst.size(key) if sent is None or key not in sent else sent[key]
         except FileNotFoundError:
-            pass
-        dst.put_atomic(key, data, durable=False)
-        copied += len(data)
+            there = -1
+        if there < len(data):
+            dst.put_atomic(key, data, durable=False)
+            copied += len(data)
+        if sent is not None:
+            sent[key] = len(data)
     return copied
 
 

@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 from ..baselines import Baselines
 from ..chunks import load_chunk
@@ -112,7 +112,8 @@ class Maintenance:
                  baselines: Baselines, *, pins: Pins | None = None,
                  replay_log: ReplayLog | None = None,
                  retention: Retention | None = None,
-                 tables: ChunkObjects | None = None) -> None:
+                 tables: ChunkObjects | None = None,
+                 withheld: Callable[[], Collection[int]] | None = None) -> None:
         self.catalog = catalog
         self.objects = objects
         self.tables = tables  # the table objects (format 2), deleted with what uses them
@@ -122,6 +123,9 @@ class Maintenance:
         self.replay_log = replay_log
         self.retention = retention or Retention()
         self._object_sizes: dict[bytes, int] = {}  # content-addressed: a size never changes
+        # Seqs retention must keep whatever its rules say (a local tier's snapshots not
+        # uploaded yet).
+        self.withheld = withheld
 
     # -- verify ----------------------------------------------------------------------------
     def verify(self, seqs: list[int] | None = None,
@@ -245,7 +249,8 @@ class Maintenance:
                 ) from None
         return manifests
 
-    def prune(self, retention: Retention, *, dry_run: bool = False) -> PruneReport:
+    def prune(self, retention: Retention, *, dry_run: bool = False,
+              pressed: bool = False) -> PruneReport:
         """Remove what `retention` does not keep: manifests first (durably), then the chunk
         objects no kept snapshot uses, then replay-log records older than every kept one.
         With `dry_run`, only say what would go."""
@@ -255,6 +260,13 @@ class Maintenance:
         doomed = retention.doomed(
             candidates, time.time(),
             (lambda gone: usage.size_without(c.seq for c in gone)) if usage else None)
+        kept = set(self.withheld()) if self.withheld is not None else set()
+        spared = sorted(c.seq for c in doomed if c.seq in kept)
+        doomed = [c for c in doomed if c.seq not in kept]
+        if spared and pressed:
+            log.warning("arraysnap: %s is full, and retention keeps snapshots %s, which are "
+                        "not uploaded yet (the remote store is failing or behind); free space "
+                        "there or let the uploads catch up", self.catalog.where, spared)
         if not doomed:
             return PruneReport((), 0, 0)
         gone = {c.seq for c in doomed}
@@ -319,7 +331,7 @@ class Maintenance:
         freed = 0
         try:
             if self.retention.active:
-                freed += self.prune(self.retention).bytes_freed
+                freed += self.prune(self.retention, pressed=True).bytes_freed
             freed += self.gc().bytes_freed
         except (OSError, ArraysnapError) as err:
             log.error("arraysnap: pruning to free space failed: %r", err)

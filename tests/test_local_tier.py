@@ -1,0 +1,217 @@
+"""A local tier (``open(url, local=...)``): captures commit locally and are uploaded in the
+background to a real S3 server (moto's server mode on 127.0.0.1), through a fault-injecting
+proxy where a test needs the store to fail."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+from conftest import assert_bit_exact, s3_url
+
+import arraysnap
+from arraysnap.testing.faultproxy import FaultProxy
+
+WAIT_SECONDS = 60.0  # a deadline for what must happen, never a duration a test relies on
+DATA = r"/(chunks|packs|tables|snapshots|journal)/"  # every request but the lease's
+FAST = (0.01, 0.02, 0.05)  # upload retry delays for tests
+
+
+@pytest.fixture
+def proxy(s3_server):
+    with FaultProxy(s3_server.endpoint) as running:
+        yield running
+
+
+def _options(server, proxy=None) -> dict:
+    options = {**server.storage_options, "retry_config": {"max_retries": 0}}
+    if proxy is not None:
+        options["endpoint"] = proxy.endpoint
+    return options
+
+
+def _field(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((64, 256))
+
+
+def _open(url, options, local, **kwargs):
+    return arraysnap.open(url, storage_options=options, local=local, chunk_bytes=1 << 13,
+                          _upload_delays=FAST, **kwargs)
+
+
+def _eventually(condition) -> bool:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _remote_steps(url, options) -> list[int | None]:
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        return [info.step for info in reader.list()]
+
+
+def test_captures_commit_locally_and_are_uploaded(s3_server, tmp_path):
+    url, options = s3_url(s3_server), _options(s3_server)
+    u = _field(1)
+    with _open(url, options, tmp_path / "tier") as snap:
+        assert snap.path == url and snap.local == tmp_path / "tier"
+        for step in range(4):
+            u[step] += 1.0
+            snap.capture({"u": u}, step=step, state={"step": step})
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+        assert [info.remote for info in snap.list()] == [True] * 4
+        assert snap.restore().info.remote
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        restored = reader.restore(verify=True)
+        assert restored.step == 3 and restored.state == {"step": 3}
+        assert_bit_exact(restored.arrays["u"], u)
+        assert reader.verify().ok and reader.latest().remote
+    with arraysnap.open(tmp_path / "tier", "r") as local_reader:  # the tier is a store too
+        assert [info.remote for info in local_reader.list()] == [False] * 4
+
+
+def test_a_fresh_node_restores_from_the_remote_store_and_goes_on(s3_server, tmp_path):
+    url, options = s3_url(s3_server), _options(s3_server)
+    u = _field(2)
+    with _open(url, options, tmp_path / "node-a") as snap:
+        snap.capture({"u": u}, step=10)
+        snap.capture({"u": u * 2}, step=20)
+    with _open(url, options, tmp_path / "node-b") as snap:
+        restored = snap.restore()
+        assert restored.step == 20
+        assert_bit_exact(restored.arrays["u"], u * 2)
+        info = snap.capture({"u": u * 2}, step=30).result()
+        assert info.seq == 3 and info.chunks_changed == 0
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+    assert _remote_steps(url, options) == [10, 20, 30]
+
+
+def test_the_remote_store_down_for_a_while(s3_server, proxy, tmp_path):
+    url = s3_url(s3_server)
+    options = _options(s3_server, proxy)
+    u = _field(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _open(url, options, tmp_path / "tier", keep_last=2) as snap:
+            snap.capture({"u": u}, step=0)
+            snap.wait(remote=True, timeout=WAIT_SECONDS)
+            outage = proxy.fail("PUT", DATA, "error", times=None)
+            for step in range(1, 6):
+                u[step] += 1.0
+                info = snap.capture({"u": u}, step=step).result()  # durable locally
+                assert not info.remote
+            with pytest.raises(TimeoutError, match="not uploaded"):
+                snap.wait(remote=True, timeout=0.2)
+            # Retention keeps what is not uploaded, whatever keep_last says (step 0, uploaded,
+            # it removed).
+            assert [i.step for i in snap.list()] == [1, 2, 3, 4, 5]
+            assert [i.remote for i in snap.list()] == [False] * 5
+            assert _eventually(lambda: outage.hits >= 3)  # uploads retry
+            proxy.clear()
+            snap.wait(remote=True, timeout=WAIT_SECONDS)
+            assert all(i.remote for i in snap.list())
+            u[9] += 1.0
+            snap.capture({"u": u}, step=6)
+            snap.wait(remote=True, timeout=WAIT_SECONDS)
+            assert [i.step for i in snap.list()] == [5, 6]
+    failures = [w for w in caught if "uploads to" in str(w.message)]
+    assert len(failures) == 1, [str(w.message) for w in failures]  # one kind, warned once
+    assert _remote_steps(url, _options(s3_server)) == [5, 6]
+    with arraysnap.open(url, "r", storage_options=_options(s3_server)) as reader:
+        assert_bit_exact(reader.restore(verify=True).arrays["u"], u)
+
+
+def test_close_does_not_wait_for_a_failing_store_and_the_next_open_uploads(s3_server, proxy,
+                                                                          tmp_path, caplog):
+    url = s3_url(s3_server)
+    options = _options(s3_server, proxy)
+    u = _field(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        snap = _open(url, options, tmp_path / "tier")
+        snap.capture({"u": u}, step=1)
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+        proxy.fail("PUT", DATA, "error", times=None)
+        snap.capture({"u": u + 1}, step=2)
+        snap.capture({"u": u + 2}, step=3)
+        snap.wait()
+        snap.close()  # returns: the store fails
+    assert "committed in the local tier" in caplog.text and "[2, 3]" in caplog.text
+    assert _remote_steps(url, _options(s3_server)) == [1]
+    proxy.clear()
+    with _open(url, options, tmp_path / "tier") as snap:
+        assert [i.remote for i in snap.list()] == [True, False, False]
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+    assert _remote_steps(url, _options(s3_server)) == [1, 2, 3]
+
+
+def test_a_lost_reply_to_an_upload_is_settled_by_reading_back(s3_server, proxy, tmp_path):
+    url = s3_url(s3_server)
+    options = _options(s3_server, proxy)
+    lost = proxy.fail("PUT", r"/snapshots/", "lose_reply", times=1)
+    with _open(url, options, tmp_path / "tier") as snap:
+        snap.capture({"u": _field(5)}, step=1)
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+    assert lost.hits == 1
+    assert _remote_steps(url, _options(s3_server)) == [1]
+
+
+def test_a_local_history_the_store_went_on_without_is_dropped(s3_server, proxy, tmp_path,
+                                                              caplog):
+    url = s3_url(s3_server)
+    via_proxy, direct = _options(s3_server, proxy), _options(s3_server)
+    u = _field(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _open(url, via_proxy, tmp_path / "node-a") as snap:
+            snap.capture({"u": u}, step=1)
+            snap.wait(remote=True, timeout=WAIT_SECONDS)
+            proxy.fail("PUT", DATA, "error", times=None)
+            snap.capture({"u": u + 100}, step=2)  # never uploaded
+    proxy.clear()
+    with _open(url, direct, tmp_path / "node-b") as snap:  # the job went on elsewhere
+        assert snap.restore().step == 1
+        snap.capture({"u": u + 1}, step=2)
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+    with _open(url, direct, tmp_path / "node-a") as snap:
+        assert "went on without" in caplog.text
+        restored = snap.restore()
+        assert restored.step == 2
+        assert_bit_exact(restored.arrays["u"], u + 1)
+        assert [i.seq for i in snap.list()] == [1, 2]
+
+
+def test_a_local_store_gets_a_remote_tier(s3_server, tmp_path):
+    url, options = s3_url(s3_server), _options(s3_server)
+    with arraysnap.open(tmp_path / "run.snap") as snap:
+        for step in range(3):
+            snap.capture({"u": np.full(100, float(step))}, step=step)
+    with _open(url, options, tmp_path / "run.snap") as snap:
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+    assert _remote_steps(url, options) == [0, 1, 2]
+
+
+def test_bad_tier_settings_are_refused_before_anything_is_written(s3_server, tmp_path):
+    url, options = s3_url(s3_server), _options(s3_server)
+    with pytest.raises(ValueError, match="local= is for a writer"):
+        arraysnap.open(url, "r", storage_options=options, local=tmp_path / "t")
+    with pytest.raises(ValueError, match="local folder already"):
+        arraysnap.open(tmp_path / "a.snap", local=tmp_path / "t")
+    with pytest.raises(ValueError, match="leave baseline_dir= out"):
+        arraysnap.open(url, storage_options=options, local=tmp_path / "t",
+                       baseline_dir=tmp_path / "b")
+    assert not (tmp_path / "t").exists()
+    arraysnap.open(tmp_path / "raw.snap", codec="none").close()
+    with pytest.raises(ValueError, match="codec"):
+        arraysnap.open(url, storage_options=options, local=tmp_path / "raw.snap",
+                       codec="zstd")
+    with pytest.raises(FileNotFoundError):
+        arraysnap.open(url, "r", storage_options=options)  # nothing was created remotely
+    with pytest.raises(ValueError, match="no remote tier"):
+        with arraysnap.open(tmp_path / "plain.snap") as plain:
+            plain.wait(remote=True)
