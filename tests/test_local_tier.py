@@ -4,14 +4,17 @@ proxy where a test needs the store to fail."""
 
 from __future__ import annotations
 
+import json
+import signal
 import time
 import warnings
 
 import numpy as np
 import pytest
-from conftest import assert_bit_exact, s3_url
+from conftest import SCALE, assert_bit_exact, assert_workload_step, s3_url, start_child
 
 import arraysnap
+from arraysnap.testing import committed_reports
 from arraysnap.testing.faultproxy import FaultProxy
 
 WAIT_SECONDS = 60.0  # a deadline for what must happen, never a duration a test relies on
@@ -215,3 +218,40 @@ def test_bad_tier_settings_are_refused_before_anything_is_written(s3_server, tmp
     with pytest.raises(ValueError, match="no remote tier"):
         with arraysnap.open(tmp_path / "plain.snap") as plain:
             plain.wait(remote=True)
+
+
+KILLS = 30 * SCALE
+
+
+def test_the_writer_killed_at_random_moments_mid_upload(s3_server, tmp_path):
+    """SIGKILL a tiered writer at random moments: after each, every snapshot either tier
+    lists restores exactly and verifies; the next writer goes on and uploads what was left."""
+    url, options = s3_url(s3_server), _options(s3_server)
+    local = tmp_path / "tier"
+    rng = np.random.default_rng(14)
+    last_committed = None
+    for _ in range(KILLS):
+        child = start_child("tiered-loop", url, "--local", str(local), "--options",
+                            json.dumps(options))
+        assert child.stdout is not None
+        ready = child.stdout.readline()
+        assert ready.startswith("ready"), ready + child.stderr.read()
+        time.sleep(float(rng.uniform(0.0, 0.5)))  # a random moment, not a condition
+        child.send_signal(signal.SIGKILL)
+        out, _ = child.communicate(timeout=WAIT_SECONDS)
+        reports = committed_reports(ready + out)
+        if reports:
+            last_committed = reports[-1][0]
+        for tier, kwargs in ((url, {"storage_options": options}), (local, {})):
+            with arraysnap.open(tier, "r", **kwargs) as reader:
+                infos = reader.list()
+                for info in infos:
+                    assert_workload_step(reader.restore(seq=info.seq, verify=True), info.step)
+                assert reader.verify().ok
+                if tier == local and last_committed is not None:
+                    assert infos and infos[-1].step >= last_committed
+    with _open(url, options, local) as snap:
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+        local_seqs = [info.seq for info in snap.list()]
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        assert [info.seq for info in reader.list()][-len(local_seqs):] == local_seqs

@@ -88,7 +88,9 @@ def test_the_lease_of_a_killed_writer_expires_and_is_taken_over(server):
     victim = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from arraysnap.storage import ObjectStorage\n"
+         "from arraysnap.storage import ObjectStorage, _object\n"
+         # A writer on another node: its death is not seen from here, its lease must expire.
+         "_object._PROCESS = {**_object._PROCESS, 'host': 'another-node'}\n"
          f"s = ObjectStorage({storage.describe()!r}, storage_options={server.storage_options!r},"
          " lease_seconds=1.0)\n"
          "s.lock_writer('the victim')\n"
@@ -112,6 +114,31 @@ def test_the_lease_of_a_killed_writer_expires_and_is_taken_over(server):
         except StoreLockedError:
             assert time.monotonic() < deadline, "the dead writer's lease never expired"
             time.sleep(0.2)
+    assert b"the successor" in storage.get("lock")
+    lock.release()
+
+
+def test_a_killed_writer_of_this_machine_is_succeeded_at_once(server):
+    storage = s3_storage(server)
+    storage.create()
+    script = ("import time\n"
+              "from arraysnap.storage import ObjectStorage\n"
+              f"s = ObjectStorage({storage.describe()!r}, "
+              f"storage_options={server.storage_options!r}, lease_seconds=600)\n"
+              "s.lock_writer('the victim')\n"
+              "print('locked', flush=True)\n"
+              "time.sleep(600)\n")
+    victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert victim.stdout.readline().strip() == b"locked"
+        with pytest.raises(StoreLockedError, match="the victim"):  # alive: refused
+            storage.lock_writer("the successor")
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    finally:
+        victim.kill()
+    # Dead, on this machine (same host, boot and pid namespace): no need to wait 600 s.
+    lock = storage.lock_writer("the successor")
     assert b"the successor" in storage.get("lock")
     lock.release()
 

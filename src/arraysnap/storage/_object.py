@@ -12,7 +12,9 @@ has nothing left to do. Two things an object store lacks are built here:
   created create-only, renewed every quarter of ``lease_seconds`` by a thread of the
   lease with conditional writes, given up by a conditional write that marks it expired,
   and taken over by another writer only once it has expired (by the clock of the writer
-  that looks). A writer whose lease was taken over, or not renewed for half of it, is
+  that looks), or at once when its holder was a process of the same machine that no
+  longer runs (same host, boot and pid namespace; the pid's start time differs or the
+  pid is gone): a killed job restarted on its node need not wait out the lease. A writer whose lease was taken over, or not renewed for half of it, is
   refused every write from then on (``StoreLockedError``): it stops before its next
   commit. A write sent before that lands before the lease can expire: requests made from
   a URL are bounded by a quarter of the lease (obstore's ``timeout`` and
@@ -47,6 +49,7 @@ import datetime
 import errno
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -144,7 +147,7 @@ class _Lease(WriterLock):
     def body(self, *, released: bool = False) -> bytes:
         expires = 0.0 if released else time.time() + self._seconds
         return json.dumps({"holder": self._holder, "token": self._token,
-                           "expires": expires}).encode()
+                           "expires": expires, "process": _PROCESS}).encode()
 
     def take(self) -> None:
         """Create the lease, or take over an expired one; StoreLockedError if held."""
@@ -179,7 +182,7 @@ class _Lease(WriterLock):
             self._tag = tag  # our own create, whose reply was lost
             return
         expires = _expiry(held)
-        if expires > time.time():
+        if expires > time.time() and not _holder_is_gone(held.get("process")):
             raise StoreLockedError(
                 f"{self._storage.describe()} is being written by another process "
                 f"({held.get('holder', 'unknown')}, its lease runs until "
@@ -260,6 +263,43 @@ class _Lease(WriterLock):
         with contextlib.suppress(Exception):  # an expired lease frees the store anyway
             _obstore().put(self._storage.store, LOCK_KEY, self.body(released=True),
                            mode={"e_tag": tag}, use_multipart=False)
+
+
+def _process_identity(pid: int) -> dict[str, Any] | None:
+    """What names process `pid` on this machine across pid reuse, containers and reboots
+    (Linux: host, boot, pid namespace, pid and start time); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The start time is field 22; the command name (field 2) may hold spaces.
+            start = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            boot_id = boot.read().strip()
+        namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except (OSError, ValueError, IndexError):
+        return None
+    return {"host": socket.gethostname(), "boot": boot_id, "pidns": namespace, "pid": pid,
+            "start": start}
+
+
+_PROCESS = _process_identity(os.getpid())
+
+
+def _holder_is_gone(process: object) -> bool:
+    """Whether the lease's holder is a process of this machine (same host, boot and pid
+    namespace) that no longer runs: a killed writer restarted on its node need not wait
+    for its lease to expire. Anything unsure is "not gone"."""
+    mine = _PROCESS
+    if mine is None or not isinstance(process, dict) or any(
+            process.get(key) != mine[key] for key in ("host", "boot", "pidns")):
+        return False
+    pid = process.get("pid")
+    if type(pid) is not int or pid <= 0:
+        return False
+    if not os.path.exists(f"/proc/{pid}"):
+        return True
+    alive = _process_identity(pid)
+    return alive is not None and alive["pidns"] == mine["pidns"] and (
+        alive["start"] != process.get("start"))
 
 
 def _expiry(held: dict[str, Any]) -> float:

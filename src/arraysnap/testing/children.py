@@ -7,6 +7,10 @@ parent checks, one line at a time (a line torn by a kill does not count, see
 loop
     Capture a workload for ever (two captures in flight now and then, prune and gc every few
     steps); print ``committed STEP SEQ`` after each wait.
+tiered-loop
+    Like ``loop`` on a store in object storage (STORE is its URL, with ``--options`` JSON
+    as its storage options) with the local tier ``--local`` and ``keep_last=3``; print
+    ``committed STEP SEQ`` after each wait.
 kill
     Open, capture, restore, prune, gc and close with a :class:`~arraysnap.testing.FaultPlan`
     that SIGKILLs the process just before (``--at N``) or just after (``--after``) its N-th
@@ -102,6 +106,20 @@ def capture_loop(path: str, workload: Workload, chunk_bytes: int, log: bool) -> 
             snap.prune(keep_last=3)
         elif step % 4 == 3:
             snap.gc()
+        step += 1
+
+
+def tiered_loop(url: str, local: str, options: dict[str, Any], workload: Workload,
+                chunk_bytes: int) -> None:
+    """Capture `workload` for ever into the store at `url` through the local tier `local`."""
+    snap = arraysnap.open(url, storage_options=options, local=local, chunk_bytes=chunk_bytes,
+                          keep_last=3, _upload_delays=(0.01, 0.05))
+    step = _next_step(snap)
+    _say("ready", step)
+    while True:
+        info = workload.capture(snap, step)
+        snap.wait()
+        _say("committed", step, info.seq)
         step += 1
 
 
@@ -418,8 +436,8 @@ _ON_STORE: dict[str, Callable[[str], None]] = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m arraysnap.testing.children",
                                      description="Child processes of arraysnap's tests.")
-    parser.add_argument("kind", choices=["loop", "kill", "die-at", "hold-lock", "reader-holds",
-                                         "reader-during-writes", "reader-check",
+    parser.add_argument("kind", choices=["loop", "tiered-loop", "kill", "die-at", "hold-lock",
+                                         "reader-holds", "reader-during-writes", "reader-check",
                                          "second-writer", "refuse-or-restore",
                                          "special-files", "audit", "full-disk", "power"])
     parser.add_argument("store")
@@ -435,6 +453,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--marks", default="", help="power: the folder marks are looked up in")
     parser.add_argument("--mode", choices=["r", "a"], default="r")
+    parser.add_argument("--local", default="", help="tiered-loop: the local tier")
+    parser.add_argument("--options", default="{}", help="tiered-loop: storage options, JSON")
     parser.add_argument("prefixes", nargs="*", help="audit: the event prefixes to report")
     return parser
 
@@ -453,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     workload = WORKLOADS[args.workload]
     if args.kind == "loop":
         capture_loop(args.store, workload, args.chunk_bytes, args.log)
+    elif args.kind == "tiered-loop":
+        tiered_loop(args.store, args.local, json.loads(args.options), workload,
+                    args.chunk_bytes)
     elif args.kind == "kill":
         kill_at_operation(args.store, workload, args.chunk_bytes, args.at, args.after,
                           args.routine)
