@@ -78,6 +78,12 @@ class ChunkObjects:
     def has(self, digest: bytes) -> bool:
         return self.storage.exists(self.key(digest))
 
+    def present(self, digest: bytes) -> bool:
+        """Whether the object exists, asked only where asking is cheap (a local folder). In
+        object storage a check is a request a chunk, dearer than writing the rare
+        duplicate again: a create-only write of an existing object lands nothing."""
+        return self.storage.local_path is not None and self.has(digest)
+
     def size(self, digest: bytes) -> int:
         """The stored (encoded) size; FileNotFoundError when absent."""
         return self.storage.size(self.key(digest))

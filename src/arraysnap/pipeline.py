@@ -374,7 +374,7 @@ class Persister:
         claimed = self.pins.claim(digest)
         with self._lock:
             job.pinned.append(digest)
-        if claimed or self.objects.has(digest):
+        if claimed or self.objects.present(digest):
             if not claimed:
                 self.objects.reuse(digest)
             with self._lock:  # pool threads count concurrently

@@ -9,18 +9,18 @@ has nothing left to do. Two things an object store lacks are built here:
   whole, conditional on the version it read (``If-Match``): two requests and the value's
   size each time. The engine appends only small logs (the replay log, the history).
 - the writer's lock: a *lease*, the object ``lock`` (``{"holder", "token", "expires"}``),
-  created create-only, renewed every quarter of ``lease_seconds`` by a thread of the
-  lease with conditional writes, given up by a conditional write that marks it expired,
-  and taken over by another writer only once it has expired (by the clock of the writer
-  that looks), or at once when its holder was a process of the same machine that no
-  longer runs (same host, boot and pid namespace; the pid's start time differs or the
-  pid is gone): a killed job restarted on its node need not wait out the lease. A writer whose lease was taken over, or not renewed for half of it, is
-  refused every write from then on (``StoreLockedError``): it stops before its next
-  commit. A write sent before that lands before the lease can expire: requests made from
-  a URL are bounded by a quarter of the lease (obstore's ``timeout`` and
-  ``retry_timeout``, unless `storage_options` set them), and clocks of the hosts are
-  taken to differ by less than a quarter of it. A store object passed in keeps its own
-  timeouts: keep them under a quarter of the lease.
+  created create-only, renewed every quarter of ``lease_seconds`` by a thread of the lease
+  with conditional writes, given up by a conditional write that marks it expired, and
+  taken over by another writer only once it has expired (by the clock of the writer that
+  looks), or at once when its holder was a process of the same machine that no longer runs
+  (same host, boot and pid namespace; the pid's start time differs or the pid is gone): a
+  killed job restarted on its node need not wait out the lease. A writer whose lease was
+  taken over, or not renewed for half of it, is refused every write from then on
+  (``StoreLockedError``): it stops before its next commit. A write sent before that lands
+  before the lease can expire: requests made from a URL are bounded by a quarter of the
+  lease (obstore's ``timeout`` and ``retry_timeout``, unless `storage_options` set them),
+  and clocks of the hosts are taken to differ by less than a quarter of it. A store object
+  passed in keeps its own timeouts: keep them under a quarter of the lease.
 
 A lost reply to a conditional write (the write landed, the reply did not, and the
 client's retry meets its own write) is resolved by reading back: ``put_if_absent``

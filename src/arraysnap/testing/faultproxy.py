@@ -12,8 +12,10 @@ regular expression searched in the path):
 - ``"slow"``: wait ``delay`` seconds, then forward.
 
 A rule applies to its next ``times`` matches (None: all of them), after the first
-``skip``, and counts them in ``hits``. The client's own retries then meet what the fault
-left behind, as they would against a real store.
+``skip``, and counts them in ``hits``. The proxy counts every request it forwards and the
+bytes of their bodies (:meth:`FaultProxy.tally`): what a benchmark charges a client for.
+The client's own retries then meet what the fault left behind, as they would against a
+real store.
 
 >>> from arraysnap.storage import ObjectStorage
 >>> from arraysnap.testing.s3server import S3Server
@@ -83,6 +85,7 @@ class FaultProxy:
         self.upstream = (parsed.hostname, parsed.port or 80)
         self.rules: list[ProxyRule] = []
         self._lock = threading.Lock()
+        self._requests = self._bytes = 0  # see tally()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -91,6 +94,11 @@ class FaultProxy:
         if self._server is None:
             raise RuntimeError("start the proxy first")
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def tally(self) -> tuple[int, int]:
+        """Requests received so far, and the bytes of their bodies (uploads)."""
+        with self._lock:
+            return self._requests, self._bytes
 
     def fail(self, method: str, path: str, kind: str, *, times: int | None = 1,
              delay: float = 1.0, skip: int = 0) -> ProxyRule:
@@ -130,6 +138,9 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy._requests += 1
+                    proxy._bytes += len(body)
                 rule = proxy._rule_for(self.command, self.path)
                 kind = rule.kind if rule is not None else None
                 if kind == "error":
