@@ -200,3 +200,18 @@ def test_the_copy_command(s3_server, tmp_path):
     missing = runner.invoke(cli, ["copy", str(tmp_path / "nope.snap"), str(tmp_path / "c")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
     assert not Path(tmp_path / "c").exists()
+
+
+def test_a_destination_with_its_own_history_and_no_seq_in_common_is_refused(tmp_path):
+    _write(tmp_path / "a.snap", _steps(9, 2))
+    with arraysnap.open(tmp_path / "other.snap") as snap:
+        snap.capture({"u": np.zeros(3)}, step=100)  # seq 1, its own
+    with pytest.raises(FileExistsError, match="none of them"):
+        arraysnap.copy(tmp_path / "a.snap", tmp_path / "other.snap", ["latest"])  # seq 2
+    with arraysnap.open(tmp_path / "other.snap", "r") as reader:
+        assert [i.seq for i in reader.list()] == [1]
+    # A copy that the source pruned since is still its copy (related by their ids).
+    arraysnap.copy(tmp_path / "a.snap", tmp_path / "b.snap", ["step:0"])
+    with arraysnap.open(tmp_path / "a.snap") as snap:
+        snap.prune(keep_last=1)
+    assert arraysnap.copy(tmp_path / "a.snap", tmp_path / "b.snap").copied == (2,)

@@ -117,7 +117,9 @@ def test_the_remote_store_down_for_a_while(s3_server, proxy, tmp_path):
             assert _eventually(lambda: outage.hits >= 3)  # uploads retry
             proxy.clear()
             snap.wait(remote=True, timeout=WAIT_SECONDS)
-            assert all(i.remote for i in snap.list())
+            # All uploaded, and the remote store's retention kept its newest two of them.
+            assert [(i.step, i.remote) for i in snap.list()] == [
+                (1, False), (2, False), (3, False), (4, True), (5, True)]
             u[9] += 1.0
             snap.capture({"u": u}, step=6)
             snap.wait(remote=True, timeout=WAIT_SECONDS)
@@ -164,23 +166,30 @@ def test_a_lost_reply_to_an_upload_is_settled_by_reading_back(s3_server, proxy, 
     assert _remote_steps(url, _options(s3_server)) == [1]
 
 
-def test_a_local_history_the_store_went_on_without_is_dropped(s3_server, proxy, tmp_path,
-                                                              caplog):
+def _parted(s3_server, proxy, tmp_path, seed: int) -> tuple[str, dict, np.ndarray]:
+    """Node A commits step 2 (u + 100) locally only; the job goes on on node B from step 1,
+    which commits another step 2 (u + 1) under the same seq."""
     url = s3_url(s3_server)
     via_proxy, direct = _options(s3_server, proxy), _options(s3_server)
-    u = _field(6)
+    u = _field(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _open(url, via_proxy, tmp_path / "node-a") as snap:
             snap.capture({"u": u}, step=1)
             snap.wait(remote=True, timeout=WAIT_SECONDS)
             proxy.fail("PUT", DATA, "error", times=None)
-            snap.capture({"u": u + 100}, step=2)  # never uploaded
+            snap.capture({"u": u + 100}, step=2)  # never uploaded: node A's baselines hold it
     proxy.clear()
     with _open(url, direct, tmp_path / "node-b") as snap:  # the job went on elsewhere
         assert snap.restore().step == 1
         snap.capture({"u": u + 1}, step=2)
         snap.wait(remote=True, timeout=WAIT_SECONDS)
+    return url, direct, u
+
+
+def test_a_local_history_the_store_went_on_without_is_dropped(s3_server, proxy, tmp_path,
+                                                              caplog):
+    url, direct, u = _parted(s3_server, proxy, tmp_path, 6)
     with _open(url, direct, tmp_path / "node-a") as snap:
         assert "went on without" in caplog.text
         restored = snap.restore()
@@ -255,3 +264,87 @@ def test_the_writer_killed_at_random_moments_mid_upload(s3_server, tmp_path):
         local_seqs = [info.seq for info in snap.list()]
     with arraysnap.open(url, "r", storage_options=options) as reader:
         assert [info.seq for info in reader.list()][-len(local_seqs):] == local_seqs
+
+
+def test_the_replay_log_follows_the_history_across_nodes(s3_server, tmp_path):
+    url, options = s3_url(s3_server), _options(s3_server)
+    with _open(url, options, tmp_path / "node-a") as snap:
+        snap.capture({"u": np.zeros(64)}, step=1)
+        for i in range(3):
+            snap.log({"a": i})
+        snap.capture({"u": np.ones(64)}, step=2)
+    with _open(url, options, tmp_path / "node-b") as snap:  # a fresh node
+        restored = snap.restore()  # seq 2, the one copied down: logged before it, nothing
+        assert restored.seq == 2 and list(restored.events) == []
+        for i in range(4):
+            snap.log({"b": i})
+        snap.capture({"u": np.full(64, 2.0)}, step=3).result()
+        snap.wait(remote=True, timeout=WAIT_SECONDS)  # seq 3 is uploaded, and then:
+        snap.log({"after": 3})  # after the last capture: wait(remote=True) sends it too
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+        with arraysnap.open(url, "r", storage_options=options) as reader:  # before close()
+            assert list(reader.restore(seq=3).events) == [{"after": 3}]
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        assert list(reader.restore(seq=1).events) == [
+            {"a": 0}, {"a": 1}, {"a": 2}, {"b": 0}, {"b": 1}, {"b": 2}, {"b": 3}, {"after": 3}]
+        assert list(reader.restore(seq=3).events) == [{"after": 3}]
+
+
+def test_a_dropped_history_leaves_no_baseline_believed(s3_server, proxy, tmp_path):
+    url, direct, u = _parted(s3_server, proxy, tmp_path, 9)
+    with _open(url, direct, tmp_path / "node-a") as snap:
+        assert_bit_exact(snap.restore(verify=False).arrays["u"], u + 1)
+        # Compared with the true baselines (u + 1), u + 100 changes every chunk.
+        info = snap.capture({"u": u + 100}, step=3).result()
+        assert info.chunks_changed == info.chunks_scanned > 0
+        snap.wait(remote=True, timeout=WAIT_SECONDS)
+    with arraysnap.open(url, "r", storage_options=direct) as reader:
+        assert_bit_exact(reader.restore(verify=True).arrays["u"], u + 100)
+
+
+def test_a_local_tier_of_another_store_is_refused(s3_server, tmp_path):
+    options = _options(s3_server)
+    first, second = s3_url(s3_server), s3_url(s3_server)
+    with _open(first, options, tmp_path / "tier") as snap:
+        snap.capture({"u": np.zeros(8)}, step=1)
+    with _open(second, options, tmp_path / "other") as snap:
+        snap.capture({"u": np.ones(8)}, step=1)
+    with pytest.raises(ValueError, match="snapshots of another store"):
+        _open(second, options, tmp_path / "tier")
+    with arraysnap.open(tmp_path / "tier", "r") as reader:  # untouched
+        assert [i.step for i in reader.list()] == [1]
+
+
+def test_an_uploader_that_breaks_is_an_error_not_a_hang(tmp_path):
+    from obstore.store import MemoryStore
+
+    from arraysnap._store.catalog import Catalog
+    from arraysnap._store.tiers import Uploader
+    from arraysnap.storage import LocalStorage, ObjectStorage
+
+    with arraysnap.open(tmp_path / "local.snap") as snap:
+        snap.capture({"u": np.zeros(8)}, step=1)
+        snap.capture({"u": np.ones(8)}, step=2)
+    local = LocalStorage(tmp_path / "local.snap")
+
+    def broken(seq):
+        raise RuntimeError("a bug in what runs after an upload")
+
+    uploader = Uploader(local, Catalog(local), ObjectStorage(MemoryStore()), (), [1], FAST,
+                        broken)
+    uploader.enqueue(2)
+    with pytest.raises(arraysnap.ArraysnapError, match="stopped.*a bug"):
+        uploader.wait(timeout=WAIT_SECONDS)  # raised, where a dead thread would hang it
+    assert uploader.close() == [1, 2]
+
+
+def test_a_forked_process_is_not_its_parent_for_the_lease():
+    import multiprocessing
+
+    from arraysnap.storage import _object
+
+    parent = _object._this_process()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply(_object._this_process)
+    assert parent is not None and child is not None
+    assert child["pid"] != parent["pid"]

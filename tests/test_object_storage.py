@@ -90,7 +90,8 @@ def test_the_lease_of_a_killed_writer_expires_and_is_taken_over(server):
          "import sys, time\n"
          "from arraysnap.storage import ObjectStorage, _object\n"
          # A writer on another node: its death is not seen from here, its lease must expire.
-         "_object._PROCESS = {**_object._PROCESS, 'host': 'another-node'}\n"
+         "_object._identities[__import__('os').getpid()] = {"
+         "**_object._this_process(), 'host': 'another-node'}\n"
          f"s = ObjectStorage({storage.describe()!r}, storage_options={server.storage_options!r},"
          " lease_seconds=1.0)\n"
          "s.lock_writer('the victim')\n"

@@ -61,7 +61,14 @@ from ._store.opening import (
 )
 from ._store.restore import Restorer
 from ._store.signals import Cadence, parse_signals
-from ._store.tiers import DEFAULT_UPLOAD_DELAYS, Uploader, check_tiers, reconcile, tier_settings
+from ._store.tiers import (
+    DEFAULT_UPLOAD_DELAYS,
+    Reconciled,
+    Uploader,
+    check_tiers,
+    reconcile,
+    tier_settings,
+)
 from .baselines import Baselines
 from .codecs import CodecSpec, parse_codec
 from .diff import SnapshotDiff, diff_snapshots
@@ -345,6 +352,7 @@ class Store:
         self._written = 0  # bytes this writer's commits wrote
         self._growth: str | None = None  # the growth warning, once due (then "")
         self._closed = False
+        tiers: Reconciled | None = None
         try:
             if mode == "a":
                 holder = f"pid {os.getpid()} on {socket.gethostname()}"
@@ -354,12 +362,11 @@ class Store:
                 if owner is not None:
                     self._claim = BaselineClaim(root, where)
                 self._tracking = Tracking(track_writes, baseline_dir=self._baselines.dir)
+                # Before the replay log is opened: reconciling may replace the local one.
+                tiers = reconcile(storage, remote) if remote is not None else None
                 self._replay_log = ReplayLog(storage)
-                held, pending = reconcile(storage, remote) if remote is not None else ((), ())
-                self._recover(pins, buffer_bytes, retry_delays)
-                if remote is not None:
-                    self._uploader = Uploader(storage, self._catalog, remote, held, pending,
-                                              upload_delays, self._prune_remote)
+                self._recover(pins, buffer_bytes, retry_delays,
+                              distrust=tiers is not None and tiers.changed)
                 self._cadence.watch(watched)
         except BaseException:
             self._release()
@@ -367,17 +374,21 @@ class Store:
         self._maintenance = Maintenance(
             self._catalog, self._objects, self.codec, self._baselines, pins=pins,
             replay_log=self._replay_log, retention=retention, tables=self._tables,
-            withheld=self._uploader.pending if self._uploader is not None else None)
+            withheld=self._not_uploaded if remote is not None else None)
         self._remote_maintenance = None if remote is None else Maintenance(
             Catalog(remote), ChunkObjects(remote), self.codec, self._baselines,
             retention=retention, tables=ChunkObjects(remote, TABLES_PREFIX))
+        if tiers is not None:  # last: its thread uploads (and prunes) at once
+            assert remote is not None
+            self._uploader = Uploader(storage, self._catalog, remote, tiers.held,
+                                      tiers.pending, upload_delays, self._prune_remote)
         self._restorer = Restorer(self._catalog, self._objects, self.codec, self._baselines,
                                   self._pool, self._capturer, self._reading_replay_log,
                                   root / "tmp" if mode == "a" else None)
         _open_stores.add(self)
 
-    def _recover(self, pins: Pins, buffer_bytes: int,
-                 retry_delays: tuple[float, ...]) -> None:
+    def _recover(self, pins: Pins, buffer_bytes: int, retry_delays: tuple[float, ...], *,
+                 distrust: bool = False) -> None:
         """Clean up after a killed writer and make the baselines equal the latest snapshot."""
         self._baselines.refuse_link()
         self._storage.remove_temporaries()
@@ -385,7 +396,7 @@ class Store:
         seqs = self._catalog.seqs()
         try:
             recovered = recover_baselines(head, self._baselines, self._objects, self.codec,
-                                          self._pool)
+                                          self._pool, distrust=distrust)
         except OSError as err:
             if isinstance(err, ArraysnapError):
                 raise
@@ -557,10 +568,15 @@ class Store:
                   else self._storage.local_path is None)
         return info if info.remote == remote else dataclasses.replace(info, remote=remote)
 
-    def _prune_remote(self, seq: int) -> None:
-        """After an upload: the retention policy in the store in object storage too."""
+    def _prune_remote(self, seq: int) -> tuple[int, ...]:
+        """After an upload: the retention policy in the store in object storage too; the
+        seqs it removed there."""
         if self.retention.active and self._remote_maintenance is not None:
-            self._remote_maintenance.prune(self.retention)
+            return self._remote_maintenance.prune(self.retention).snapshots_removed
+        return ()
+
+    def _not_uploaded(self) -> list[int]:
+        return self._uploader.pending() if self._uploader is not None else []
 
     def _note_growth(self, manifest: Manifest, written: int) -> None:
         self._written += written
@@ -611,6 +627,7 @@ class Store:
                                      "go into the next capture")
         if remote:
             if self._uploader is not None:
+                self._uploader.send_journal()  # records logged since the last capture too
                 self._uploader.wait(timeout)
             elif self._storage.local_path is not None:
                 raise ValueError(f"{self.path} is a local store with no remote tier: "
@@ -911,6 +928,7 @@ class Store:
                 if error is None and self._capturer is not None:
                     self._capturer.mark_clean()
                 if self._uploader is not None:
+                    self._uploader.send_journal()
                     self._uploader.close()  # uploads what is pending, unless the store fails
         finally:
             self._release()

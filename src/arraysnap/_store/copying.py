@@ -132,12 +132,12 @@ def copy_snapshots(src: Storage, dst: Storage,
     if target is not None:
         check_compatible(src, dst, settings, target)
     else:
-        create_store(dst, settings.codec, chunk_bytes=settings.chunk_bytes,
-                     version=settings.version, copied_from=src.describe())
+        target = create_store(dst, settings.codec, copied_from=src, source=settings)
     lock = dst.lock_writer(f"pid {os.getpid()} on {socket.gethostname()} (copy)")
     try:
         dst.remove_temporaries()
-        return transfer(src, dst, manifests, progress=progress)
+        return transfer(src, dst, manifests, progress=progress,
+                        related=settings.related(target))
     finally:
         lock.release()
 
@@ -146,13 +146,14 @@ def transfer(src: Storage, dst: Storage, manifests: Mapping[int, tuple[bytes, Ma
              progress: Callable[[int, int], None] | None = None,
              present: set[str] | None = None,
              journal: dict[str, int] | None = None,
-             held: set[int] | None = None) -> CopyReport:
+             held: set[int] | None = None, related: bool = True) -> CopyReport:
     """Put the snapshots `manifests` (seq: their bytes and parse) of `src` into `dst`,
     whose writer's lock the caller holds: the objects `dst` lacks, then each manifest.
 
     `present` are keys known to be in `dst` (else `dst` is listed); `journal` remembers
     the sizes of the replay log's segments sent, between calls; `held` the seqs `dst`
-    holds (else `dst` is listed)."""
+    holds (else `dst` is listed). Unless the two are `related` (see ``Settings.related``),
+    a `dst` that holds snapshots must hold one of these too."""
     held = set(Catalog(dst).seqs()) if held is None else held
     for seq in sorted(held & set(manifests)):
         if dst.get(manifest_key(seq)) != manifests[seq][0]:
@@ -160,6 +161,11 @@ def transfer(src: Storage, dst: Storage, manifests: Mapping[int, tuple[bytes, Ma
                 f"{dst.describe()} holds a snapshot {seq} that differs from "
                 f"{src.describe()}'s: it is not a copy of that store. Copy into an "
                 "empty destination (or one copied from this source)")
+    if held and not related and not held & set(manifests):
+        raise FileExistsError(
+            f"{dst.describe()} holds snapshots of its own, none of them {src.describe()}'s: "
+            "it is not a copy of that store. Copy into an empty destination (or one copied "
+            "from this source)")
     wanted = [seq for seq in sorted(manifests) if seq not in held]
     if present is None:
         present = _listed(dst, _OBJECT_PREFIXES) if wanted else set()
@@ -227,10 +233,19 @@ def copy_journal(src: Storage, dst: Storage, sent: dict[str, int] | None = None)
         if sent is not None and sent.get(key) == size:
             continue
         data = src.get(key)
-        try:
-            there = dst.size(key) if sent is None or key not in sent else sent[key]
-        except FileNotFoundError:
-            there = -1
+        if sent is not None and key in sent:
+            there = sent[key]
+        else:
+            try:  # a segment only grows: what the destination holds must begin this one
+                held = dst.get(key)
+            except FileNotFoundError:
+                held = None
+            # (A line torn by a killed writer at the end may differ: the next one rewrote it.)
+            if held is not None and not data.startswith(held[:held.rfind(b"\n") + 1]):
+                raise FileExistsError(
+                    f"{dst.describe()}/{key} holds other records than {src.describe()}'s: "
+                    "the two replay logs are of different histories")
+            there = -1 if held is None else len(held)
         if there < len(data):
             dst.put_atomic(key, data, durable=False)
             copied += len(data)

@@ -56,6 +56,14 @@ class Settings:
     # A random name given at creation (stores made before it have none): what a baseline
     # folder outside the store records, so it is never taken for another store's.
     store_id: str | None = None
+    # The id of the store this one was made a copy or tier of (``copied_from_id``).
+    source_id: str | None = None
+
+    def related(self, other: Settings) -> bool:
+        """Whether this store and `other` are known to hold one history: one is the
+        other's copy or tier, or both are of one source."""
+        mine, theirs = (self.store_id, self.source_id), (other.store_id, other.source_id)
+        return any(a is not None and a == b for a in mine for b in theirs)
 
 
 def read_settings(storage: Storage, codec: str | None) -> Settings | None:
@@ -95,16 +103,17 @@ def read_settings(storage: Storage, codec: str | None) -> Settings | None:
         raise CorruptSnapshotError(f"{where}: bad codec: {err}") from None
     if type(chunk_bytes) is not int or chunk_bytes < 1:
         raise CorruptSnapshotError(f"{where}: bad chunk_bytes {chunk_bytes!r}")
-    store_id = settings.get("id")
-    if store_id is not None and not (isinstance(store_id, str) and 0 < len(store_id) <= 64):
-        raise CorruptSnapshotError(f"{where}: bad id {store_id!r}")
+    store_id, source_id = settings.get("id"), settings.get("copied_from_id")
+    for name, value in (("id", store_id), ("copied_from_id", source_id)):
+        if value is not None and not (isinstance(value, str) and 0 < len(value) <= 64):
+            raise CorruptSnapshotError(f"{where}: bad {name} {value!r}")
     if codec is not None and parse_codec(codec) != stored_codec:
         raise ValueError(
             f"{storage.describe()} was created with codec "
             f"{stored_codec.name}:{stored_codec.level}; open it without codec= (or with that "
             f"codec), or start a new store for {codec!r}"
         )
-    return Settings(stored_codec, chunk_bytes, version, store_id)
+    return Settings(stored_codec, chunk_bytes, version, store_id, source_id)
 
 
 def not_a_store(storage: Storage) -> FileNotFoundError:
@@ -128,20 +137,27 @@ def not_a_store(storage: Storage) -> FileNotFoundError:
 
 def create_store(storage: Storage, codec: CodecSpec, *,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, version: int = FORMAT_VERSION,
-                 copied_from: str | None = None) -> Settings:
+                 copied_from: Storage | None = None,
+                 source: Settings | None = None) -> Settings:
     """Make a new, empty store in `storage`; its settings file is written last. A copy's
-    destination (`copied_from`) takes its source's chunk size and format version."""
+    destination, or a tier, records where it came from (`copied_from`, its `source`'s
+    settings), whose chunk size and format version it takes."""
+    if source is not None:
+        chunk_bytes, version = source.chunk_bytes, source.version
     storage.create()
     store_id = uuid.uuid4().hex
     settings: dict[str, object] = {
         "format": FORMAT_NAME, "version": version, "chunk_bytes": chunk_bytes,
         "codec": codec.to_json(), "id": store_id, "created": time.time(),
         "created_by": f"arraysnap {__version__}"}
+    source_id = None if source is None else source.store_id
     if copied_from is not None:
-        settings["copied_from"] = copied_from
+        settings["copied_from"] = copied_from.describe()
+    if source_id is not None:
+        settings["copied_from_id"] = source_id
     storage.put_atomic(SETTINGS_KEY, json.dumps(settings).encode())
     storage.barrier()  # the store's own name, in the folder that holds it
-    return Settings(codec, chunk_bytes, version, store_id)
+    return Settings(codec, chunk_bytes, version, store_id, source_id)
 
 
 def upgrade_settings(storage: Storage) -> int:
@@ -169,9 +185,12 @@ class Recovered:
 
 
 def recover_baselines(head: Manifest | None, baselines: Baselines, objects: ChunkObjects,
-                      codec: CodecSpec, pool: ThreadPoolExecutor) -> Recovered:
+                      codec: CodecSpec, pool: ThreadPoolExecutor, *,
+                      distrust: bool = False) -> Recovered:
     """Make the baselines equal `head`, the newest committed snapshot (a killed writer may
-    have left them ahead of it, half-updated, or gone); drop those that cannot be."""
+    have left them ahead of it, half-updated, or gone); drop those that cannot be. With
+    `distrust` (a local tier whose history was just replaced: its seqs now name other
+    snapshots), a clean marker is not believed either: every baseline is compared."""
     if head is None:
         baselines.clear_directory()
         return Recovered(None, {})
@@ -181,7 +200,7 @@ def recover_baselines(head: Manifest | None, baselines: Baselines, objects: Chun
         # A baseline folder last used for another store: nothing in it is this store's.
         baselines.clear_directory()
         marker = None
-    trusted = baselines.trusted_seq(marker) == head.seq
+    trusted = not distrust and baselines.trusted_seq(marker) == head.seq
     # A dirty marker: a capture was under way when the writer stopped (killed, or its
     # process ended). Its changes were never committed; rolling them back is routine.
     interrupted = marker is not None and marker.get("clean") is False

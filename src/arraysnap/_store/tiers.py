@@ -36,18 +36,21 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ..codecs import parse_codec
 from ..commit import manifest_key
 from ..errors import ArraysnapError, ArraysnapWarning, StoreLockedError
 from ..manifest import Manifest
+from ..replaylog import PREFIX as JOURNAL_PREFIX
 from ..storage import Storage
 from .catalog import Catalog
-from .copying import check_compatible, snapshot_keys, transfer
+from .copying import check_compatible, copy_journal, snapshot_keys, transfer
 from .opening import Settings, create_store, read_settings
 
-__all__ = ["DEFAULT_UPLOAD_DELAYS", "Uploader", "check_tiers", "reconcile", "tier_settings"]
+__all__ = ["DEFAULT_UPLOAD_DELAYS", "Reconciled", "Uploader", "check_tiers", "reconcile",
+           "tier_settings"]
 
 log = logging.getLogger("arraysnap")
 
@@ -85,17 +88,20 @@ def tier_settings(local: Storage, remote: Storage, codec: str | None) -> Setting
     here = read_settings(local, codec)
     if there is None and here is None:  # the local folder first: the likelier to fail
         here = create_store(local, parse_codec(codec or "zstd"))
-        create_store(remote, here.codec, chunk_bytes=here.chunk_bytes, version=here.version)
+        create_store(remote, here.codec, copied_from=local, source=here)
         return here
     if here is None:
         assert there is not None
-        return create_store(local, there.codec, chunk_bytes=there.chunk_bytes,
-                            version=there.version, copied_from=remote.describe())
+        return create_store(local, there.codec, copied_from=remote, source=there)
     if there is None:
-        create_store(remote, here.codec, chunk_bytes=here.chunk_bytes, version=here.version,
-                     copied_from=local.describe())
+        create_store(remote, here.codec, copied_from=local, source=here)
     else:
         check_compatible(local, remote, here, there)
+        if not here.related(there) and Catalog(local).seqs() and Catalog(remote).seqs():
+            raise ValueError(
+                f"the local tier {local.describe()} holds snapshots of another store than "
+                f"{remote.describe()} (it was not made as its tier or copy): give local= a "
+                "folder of its own for this store")
     return here
 
 
@@ -109,9 +115,19 @@ def _newest_readable(catalog: Catalog, seqs: list[int]) -> int | None:
     return None
 
 
-def reconcile(local: Storage, remote: Storage) -> tuple[set[int], list[int]]:
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """What ``reconcile`` found: the seqs the remote store holds, those to upload, and
+    whether the local tier's history was replaced (its seqs may name other snapshots)."""
+
+    held: frozenset[int]
+    pending: tuple[int, ...]
+    changed: bool
+
+
+def reconcile(local: Storage, remote: Storage) -> Reconciled:
     """Make the local tier a replica of the remote store plus what is not uploaded yet
-    (both locks held); return the seqs the remote store holds and those to upload."""
+    (both locks held, the local replay log not opened yet)."""
     here, there = Catalog(local), Catalog(remote)
     local_seqs, remote_seqs = here.seqs(), there.seqs()
     common = sorted(set(local_seqs) & set(remote_seqs))
@@ -121,6 +137,7 @@ def reconcile(local: Storage, remote: Storage) -> tuple[set[int], list[int]]:
             break
         parted.append(seq)
     newest_remote = _newest_readable(there, remote_seqs)
+    changed = False
     if parted:
         first = min(parted)
         dropped = [seq for seq in local_seqs if seq >= first]
@@ -128,18 +145,27 @@ def reconcile(local: Storage, remote: Storage) -> tuple[set[int], list[int]]:
                     "went on without (it holds other snapshots under those seqs, written "
                     "elsewhere); they are dropped from the local tier", local.describe(),
                     dropped, remote.describe())
-        for seq in dropped:
+        # Newest first: a drop cut short by a kill still parts at its lowest seq next time.
+        for seq in reversed(dropped):
             local.delete(manifest_key(seq))
-        local.barrier()
+            local.barrier()
         local_seqs = [seq for seq in local_seqs if seq < first]
+        changed = True
     if newest_remote is not None and (not local_seqs or newest_remote > local_seqs[-1]):
         # A fresh node, or the store went on elsewhere: its newest snapshot comes down.
         data = there.manifest_bytes(newest_remote)
         transfer(remote, local, {newest_remote: (data, there.load(newest_remote)[0])})
         local_seqs.append(newest_remote)
+        changed = True
+    if changed:
+        # The replay log follows the history: the remote store's, whole.
+        for key in list(local.list_prefix(JOURNAL_PREFIX)):
+            local.delete(key)
+        copy_journal(remote, local)
+        local.barrier()
     held = set(remote_seqs)
     pending = [seq for seq in local_seqs if seq not in held and seq > max(held, default=0)]
-    return held, pending
+    return Reconciled(frozenset(held), tuple(pending), changed)
 
 
 class Uploader:
@@ -159,6 +185,8 @@ class Uploader:
         self._fatal: BaseException | None = None  # the lease was lost: no upload can work
         self._closing = False
         self._stopping = False  # close(upload=False): no next upload
+        # Asks for the replay log (send_journal) and the last one an upload answered.
+        self._journal_asked = self._journal_sent = 0
         self._present: set[str] | None = None
         self._journal: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name="arraysnap-upload", daemon=True)
@@ -181,25 +209,39 @@ class Uploader:
         with self._cond:
             return list(self._pending)
 
+    def send_journal(self) -> None:
+        """Upload the replay log's records logged since the last upload, even if no
+        capture follows them (``wait(remote=True)`` and ``close()`` ask)."""
+        with self._cond:
+            self._journal_asked += 1
+            self._cond.notify_all()
+
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every snapshot enqueued so far is uploaded.
+        """Block until every snapshot enqueued so far (and the replay log, if asked) is
+        uploaded; later captures do not prolong it.
 
         TimeoutError after `timeout` seconds (the remote store is failing or slow); the
-        uploader's fatal error (a lost lease) is raised.
+        uploader's fatal error (a lost lease, or a bug) is raised.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._pending and self._fatal is None:
+            target = max(self._pending, default=None)
+
+            def waiting() -> list[int]:
+                return [seq for seq in self._pending if target is not None and seq <= target]
+
+            while (waiting() or self._journal_due()) and self._fatal is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     failing = f" (the remote store fails: {self._failing})" if self._failing \
                         else ""
-                    raise TimeoutError(f"snapshots {self._pending} not uploaded to "
-                                       f"{self.remote.describe()} after {timeout} s{failing}")
+                    raise TimeoutError(f"snapshots {waiting()} (or the replay log) not "
+                                       f"uploaded to {self.remote.describe()} after {timeout} "
+                                       f"s{failing}")
                 self._cond.wait(left)
-            if self._fatal is not None and self._pending:
+            if self._fatal is not None and (waiting() or self._journal_due()):
                 raise ArraysnapError(
-                    f"snapshots {self._pending} are committed locally only: uploads to "
+                    f"snapshots {waiting()} are committed locally only: uploads to "
                     f"{self.remote.describe()} stopped ({self._fatal})") from self._fatal
 
     def close(self, *, upload: bool = True) -> list[int]:
@@ -213,27 +255,45 @@ class Uploader:
         self._thread.join()
         with self._cond:
             left = list(self._pending)
+            why = self._fatal or self._failing
         if left and first:
-            log.warning("arraysnap: snapshots %s are committed in the local tier %s only (the "
-                        "store %s failed: %s); opening the store again with the same local= "
-                        "uploads them", left, self.local.describe(), self.remote.describe(),
-                        self._fatal or self._failing)
+            log.warning("arraysnap: snapshots %s are committed in the local tier %s only (%s); "
+                        "opening the store %s again with the same local= uploads them", left,
+                        self.local.describe(),
+                        f"the store failed: {why}" if why else "closed before their upload",
+                        self.remote.describe())
         return left
 
     # -- the thread ------------------------------------------------------------------------
+    def _journal_due(self) -> bool:  # under the condition's lock
+        return self._journal_asked > self._journal_sent
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - a bug: said, and wait() raises it
+            log.error("arraysnap: the uploader to %s stopped: %r", self.remote.describe(), err)
+            with self._cond:
+                self._fatal = err
+                self._cond.notify_all()
+
+    def _loop(self) -> None:
         failures = 0
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
+                while not self._pending and not self._journal_due() and not self._closing:
                     self._cond.wait()
-                if not self._pending or self._fatal is not None:
+                if (not self._pending and not self._journal_due()) or self._fatal is not None:
                     return
                 if self._closing and (self._failing is not None or self._stopping):
                     return  # close() does not wait for a store that fails
-                seq = self._pending[0]
+                seq = self._pending[0] if self._pending else None
+                asked = self._journal_asked  # an upload carries the replay log as it is now
             try:
-                self._upload(seq)
+                if seq is None:
+                    copy_journal(self.local, self.remote, self._journal)
+                else:
+                    self._upload(seq)
             except StoreLockedError as err:
                 with self._cond:
                     self._fatal = err
@@ -246,24 +306,32 @@ class Uploader:
                     self._failing = err
                     self._cond.notify_all()
                 self._warn_once(err)
-                log.info("arraysnap: uploading snapshot %d to %s failed (%r); retrying", seq,
+                log.info("arraysnap: uploading %s to %s failed (%r); retrying",
+                         "the replay log" if seq is None else f"snapshot {seq}",
                          self.remote.describe(), err)
                 with self._cond:
                     if not self._closing:
                         self._cond.wait(self._delays[min(failures, len(self._delays)) - 1])
                 continue
             failures = 0
-            with self._cond:
-                self._failing = None
-                self._held.add(seq)
-                self._pending.remove(seq)
-                self._cond.notify_all()
-            if self._after_upload is not None:
+            removed: Iterable[int] = ()
+            if seq is not None and self._after_upload is not None:
+                # Before the upload is announced: what wait() returns to is settled.
+                with self._cond:
+                    self._held.add(seq)
                 try:
-                    self._after_upload(seq)
+                    removed = self._after_upload(seq)
                 except (OSError, ArraysnapError) as err:
                     log.error("arraysnap: retention in %s after uploading snapshot %d failed: "
                               "%r", self.remote.describe(), seq, err)
+            with self._cond:
+                self._failing = None
+                self._journal_sent = asked
+                if seq is not None:
+                    self._held.add(seq)
+                    self._held.difference_update(removed)
+                    self._pending.remove(seq)
+                self._cond.notify_all()
 
     def _warn_once(self, error: BaseException) -> None:
         cause = error

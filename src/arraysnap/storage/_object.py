@@ -147,7 +147,7 @@ class _Lease(WriterLock):
     def body(self, *, released: bool = False) -> bytes:
         expires = 0.0 if released else time.time() + self._seconds
         return json.dumps({"holder": self._holder, "token": self._token,
-                           "expires": expires, "process": _PROCESS}).encode()
+                           "expires": expires, "process": _this_process()}).encode()
 
     def take(self) -> None:
         """Create the lease, or take over an expired one; StoreLockedError if held."""
@@ -281,23 +281,35 @@ def _process_identity(pid: int) -> dict[str, Any] | None:
             "start": start}
 
 
-_PROCESS = _process_identity(os.getpid())
+_identities: dict[int, dict[str, Any] | None] = {}
+
+
+def _this_process() -> dict[str, Any] | None:
+    # By pid, not once at import: a process forked after the import is another process.
+    pid = os.getpid()
+    if pid not in _identities:
+        _identities[pid] = _process_identity(pid)
+    return _identities[pid]
 
 
 def _holder_is_gone(process: object) -> bool:
     """Whether the lease's holder is a process of this machine (same host, boot and pid
     namespace) that no longer runs: a killed writer restarted on its node need not wait
     for its lease to expire. Anything unsure is "not gone"."""
-    mine = _PROCESS
+    mine = _this_process()
     if mine is None or not isinstance(process, dict) or any(
             process.get(key) != mine[key] for key in ("host", "boot", "pidns")):
         return False
     pid = process.get("pid")
     if type(pid) is not int or pid <= 0:
         return False
-    if not os.path.exists(f"/proc/{pid}"):
+    try:
+        os.kill(pid, 0)  # ESRCH: no such process; EPERM: one alive (another user's)
+    except ProcessLookupError:
         return True
-    alive = _process_identity(pid)
+    except OSError:
+        return False
+    alive = _process_identity(pid)  # alive: gone only if the pid now names another process
     return alive is not None and alive["pidns"] == mine["pidns"] and (
         alive["start"] != process.get("start"))
 

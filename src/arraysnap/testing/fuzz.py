@@ -61,6 +61,8 @@ __all__ = ["TARGETS", "main", "seed_store"]
 class _Contents:
     """Storage that holds a few keys in memory: what the readers under test ask of one."""
 
+    local_path = None  # no folder: as an object store
+
     def __init__(self, values: dict[str, bytes]) -> None:
         self.values = values
 
