@@ -48,7 +48,7 @@ import numpy as np
 from ._store.capture import Capturer, check_state, check_step, prepare_arrays
 from ._store.catalog import SNAPSHOT_SPEC_HELP, Catalog
 from ._store.failures import FailurePolicy, parse_on_error, wrap
-from ._store.locating import BaselineClaim, as_storage, default_baseline_dir
+from ._store.locating import BaselineClaim, as_storage, default_baseline_dir, is_url
 from ._store.maintenance import Maintenance, Progress
 from ._store.opening import (
     FORMAT_NAME,
@@ -100,7 +100,7 @@ from .results import (
 )
 from .retention import Retention
 from .rngstate import check_rng, rng_to_json
-from .storage import Storage, WriterLock
+from .storage import LocalStorage, Storage, WriterLock
 from .tables import PREFIX as TABLES_PREFIX
 from .threads import lower_thread_priority
 from .tracking import Tracking, check_track_writes
@@ -191,7 +191,9 @@ def open(  # noqa: A001 - the public name the API promises
     storage = as_storage(path, storage_options)
     remote = None
     if local is not None:
-        storage, remote = as_storage(local, None), storage
+        if not isinstance(local, (str, os.PathLike)) or is_url(local):
+            raise ValueError(f"local= must be a local folder, not {local!r}")
+        storage, remote = LocalStorage(local, keep_cached=True), storage
     return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,

@@ -203,7 +203,7 @@ def copy_objects(src: Storage, dst: Storage, keys: list[str],
     def one(key: str) -> None:
         nonlocal done, total_bytes
         try:
-            data = src.get(key)
+            data = src.read_once(key)
         except FileNotFoundError:
             raise SnapshotNotFoundError(
                 f"{src.describe()} lost {key} during the copy (a writer's retention or gc "

@@ -158,6 +158,11 @@ class Storage(ABC):
     def delete(self, key: str) -> None:
         """Remove `key` (an absent key is no error). Durable after the next barrier."""
 
+    def read_once(self, key: str) -> bytes:
+        """`get` for a value read this once more and not again soon (an object a copy or
+        a local tier's uploader sends on): a local storage lets the page cache drop it."""
+        return self.get(key)
+
     @abstractmethod
     def barrier(self, keys: Iterable[str] = ()) -> None:
         """Make every write and delete since the last barrier durable, and `keys` too.

@@ -61,6 +61,8 @@ class _FileLock(WriterLock):
 
 class LocalStorage(Storage):
     """Keys as files under `path` (see the module doc); `ops` is the file-operation seam.
+    With `keep_cached`, large values stay in the page cache too (a local tier, whose
+    uploader reads each object back at once).
 
     >>> import tempfile
     >>> storage = LocalStorage(tempfile.mkdtemp())
@@ -68,8 +70,10 @@ class LocalStorage(Storage):
     (True, b'yz', 3)
     """
 
-    def __init__(self, path: str | os.PathLike[str], ops: FileOps | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], ops: FileOps | None = None, *,
+                 keep_cached: bool = False) -> None:
         self.path = Path(path)
+        self._uncached_bytes = 1 << 62 if keep_cached else UNCACHED_BYTES
         self._root = os.fspath(self.path)
         self.ops = ops or FileOps()
         self._lock = threading.Lock()
@@ -96,6 +100,17 @@ class LocalStorage(Storage):
         # A string path: opening a store of 10,000 arrays reads 500 table objects, and a
         # Path a key cost more than the read.
         return read_regular_file(os.path.join(self._root, parse_key(key)), limit)
+
+    def read_once(self, key: str) -> bytes:
+        path = os.path.join(self._root, parse_key(key))
+        data = read_regular_file(path, DEFAULT_GET_LIMIT)
+        if len(data) >= UNCACHED_BYTES:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self.ops.drop_cached(fd)
+            finally:
+                os.close(fd)
+        return data
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         fd = os.open(self._file(key), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -165,7 +180,7 @@ class LocalStorage(Storage):
         # One writer holds the lock, and content-addressed values are equal: a rename over
         # a value that appeared meanwhile replaces it with the same bytes.
         temp = self.ops.write_new(path, data,
-                                  cached=memoryview(data).nbytes < UNCACHED_BYTES)
+                                  cached=memoryview(data).nbytes < self._uncached_bytes)
         try:
             self.ops.replace(temp, path)
         except BaseException:
