@@ -71,6 +71,16 @@ class StorageTests:
         assert storage.get_range("v", 2, 3) == b"234"
         assert storage.get_range("v", 8, 10) == b"89"
 
+    def test_read_once_reads_what_get_reads(self, storage: Storage) -> None:
+        large = bytes(range(256)) * 4096  # 1 MiB: a local storage lets its cache go
+        storage.put_if_absent("small", b"xyz")
+        storage.put_if_absent("large", large)
+        storage.barrier()
+        assert storage.read_once("small") == b"xyz"
+        assert storage.read_once("large") == large == storage.get("large")
+        with pytest.raises(FileNotFoundError):
+            storage.read_once("absent")
+
     def test_bad_keys_are_refused_before_anything_is_written(self, storage: Storage) -> None:
         for key in ("", "/abs", "a//b", "../x", "a/./b", "a\\b", "a\x00b"):
             with pytest.raises(ValueError):
