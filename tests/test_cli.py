@@ -22,7 +22,8 @@ import arraysnap
 from arraysnap.cli import cli
 from arraysnap.testing import chunk_ranges, chunk_references
 
-COMMANDS = ["ls", "show", "diff", "verify", "prune", "gc", "du", "export", "restore", "stats"]
+COMMANDS = ["ls", "show", "diff", "verify", "prune", "gc", "du", "export", "restore", "stats",
+            "copy", "upgrade"]
 
 
 def run(*args: str | os.PathLike[str]) -> tuple[int, str, str]:
@@ -381,7 +382,8 @@ def test_stats_table_json_and_plot(history, tmp_path):
 
 # -- errors, help ----------------------------------------------------------------------------
 ARGS = {"ls": [], "show": [], "diff": ["1", "2"], "verify": [], "prune": ["--keep-last", "1"],
-        "gc": [], "du": [], "export": ["1", "OUT"], "restore": ["--to", "OUT"], "stats": []}
+        "gc": [], "du": [], "export": ["1", "OUT"], "restore": ["--to", "OUT"], "stats": [],
+        "copy": ["OUT"], "upgrade": []}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -191,3 +193,74 @@ def test_a_local_path_keeps_its_baselines_beside_it(tmp_path):
     assert (tmp_path / "run.snap" / "mirror").is_dir()
     with arraysnap.open(f"file://{tmp_path}/run.snap", "r") as reader:
         assert reader.path == tmp_path / "run.snap"
+
+
+def _slow_reader(url, proxy_options, seq, results):
+    try:
+        with arraysnap.open(url, "r", storage_options=proxy_options) as reader:
+            results["restored"] = np.array(reader.restore(seq=seq, verify=True).arrays["u"])
+    except Exception as err:  # noqa: BLE001 - handed to the test
+        results["error"] = err
+
+
+@pytest.mark.parametrize("grace", [None, 0])
+def test_a_reader_restoring_a_snapshot_that_retention_removes_finishes(s3_server, options,
+                                                                        tmp_path, grace):
+    from arraysnap.testing.faultproxy import FaultProxy
+
+    url = s3_url(s3_server)
+    u = _field(7, (64, 1024))
+    with FaultProxy(s3_server.endpoint) as proxy, arraysnap.open(
+            url, storage_options=options, baseline_dir=tmp_path / "b", chunk_bytes=1 << 15,
+            keep_last=1, grace_seconds=grace) as snap:
+        snap.capture({"u": u}, step=1).result()
+        slow = proxy.fail("GET", r"/(chunks|packs)/", "slow", times=None, delay=0.2)
+        results: dict = {}
+        reader = threading.Thread(target=_slow_reader, args=(
+            url, {**options, "endpoint": proxy.endpoint}, 1, results))
+        reader.start()
+        deadline = time.monotonic() + 60
+        while slow.hits < 1:  # the reader is reading snapshot 1's chunks
+            assert time.monotonic() < deadline and reader.is_alive()
+            time.sleep(0.01)
+        for step in (2, 3):  # keep_last=1: snapshot 1 goes
+            snap.capture({"u": u + step}, step=step)
+        snap.wait()
+        assert [info.seq for info in snap.list()] == [3]
+        reader.join(60)
+    if grace is None:  # 600 s in object storage: what the reader needs stays meanwhile
+        assert "error" not in results, results.get("error")
+        assert_bit_exact(results["restored"], u)
+    else:  # no grace: a clear error, never wrong data
+        assert isinstance(results.get("error"), arraysnap.ArraysnapError), results
+
+
+def test_what_a_removed_snapshot_named_goes_once_the_grace_is_over(url, options, tmp_path):
+    import obstore
+
+    with arraysnap.open(url, storage_options=options, baseline_dir=tmp_path / "b",
+                        chunk_bytes=1 << 12, grace_seconds=1.0) as snap:
+        snap.capture({"u": _field(8, (16, 512))}, step=1)
+        snap.capture({"u": _field(9, (16, 512))}, step=2)  # every chunk differs
+        snap.wait()
+        storage = obstore.store.from_url(url, **{
+            "config": {k: v for k, v in options.items() if k != "allow_http"},
+            "client_options": {"allow_http": True}})
+
+        def keys(prefix):
+            return [m["path"] for page in obstore.list(storage, prefix) for m in page]
+
+        chunks = len(keys("chunks/")) + len(keys("packs/"))
+        report = snap.prune(keep_last=1)
+        assert report.snapshots_removed == (1,) and report.chunks_removed == 0
+        assert [info.seq for info in snap.list()] == [2]
+        assert len(keys("retired/")) == 1  # kept, with what it names, for the grace
+        assert len(keys("chunks/")) + len(keys("packs/")) == chunks
+        assert snap.gc().chunks_removed == 0  # still within it
+        time.sleep(1.1)  # the grace runs out: a deadline in the store's terms, not a race
+        assert snap.gc().chunks_removed > 0
+        assert keys("retired/") == []
+        with arraysnap.open(url, "r", storage_options=options) as reader:
+            assert reader.verify().ok
+    with pytest.raises(ValueError, match="grace_seconds"):
+        arraysnap.open(url, storage_options=options, grace_seconds=-1)

@@ -49,7 +49,7 @@ from ._store.capture import Capturer, check_state, check_step, prepare_arrays
 from ._store.catalog import SNAPSHOT_SPEC_HELP, Catalog
 from ._store.failures import FailurePolicy, parse_on_error, wrap
 from ._store.locating import BaselineClaim, as_storage, default_baseline_dir, is_url
-from ._store.maintenance import Maintenance, Progress
+from ._store.maintenance import Maintenance, Progress, grace_of
 from ._store.opening import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -125,6 +125,7 @@ def open(  # noqa: A001 - the public name the API promises
     storage_options: Mapping[str, Any] | None = None,
     baseline_dir: str | os.PathLike[str] | None = None,
     local: str | os.PathLike[str] | None = None,
+    grace_seconds: float | None = None,
     chunk_bytes: int | None = None,
     codec: str | None = None,
     every: object = None,
@@ -159,7 +160,10 @@ def open(  # noqa: A001 - the public name the API promises
     waits until all are. While the remote store fails, captures go on committing locally
     and uploads retry and catch up; retention never removes a snapshot not uploaded yet.
     The writer opens both tiers and goes on from the newest snapshot of either: a fresh
-    node with an empty local tier restores from the remote store.
+    node with an empty local tier restores from the remote store. `grace_seconds`
+    (default 600 in object storage, 0 in a folder): how long retention and ``gc`` keep
+    what a removed snapshot named, and objects no snapshot names, so that a reader
+    elsewhere restoring it (or a writer's fresh upload) is not cut short.
 
     ``mode="a"`` takes the store's writer lock (:class:`StoreLockedError` if another writer
     has it); ``mode="r"`` never writes. `chunk_bytes` (default 1 MiB) is the target chunk
@@ -199,7 +203,8 @@ def open(  # noqa: A001 - the public name the API promises
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
                  buffer_bytes=buffer_bytes, track_writes=track_writes,
                  baseline_ops=_baseline_ops, retry_delays=_retry_delays,
-                 baseline_dir=baseline_dir, remote=remote, upload_delays=_upload_delays)
+                 baseline_dir=baseline_dir, remote=remote, upload_delays=_upload_delays,
+                 grace_seconds=grace_seconds)
 
 
 def upgrade(path: str | os.PathLike[str] | Storage | Any, *,
@@ -280,7 +285,8 @@ class Store:
                  retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS,
                  baseline_dir: str | os.PathLike[str] | None = None,
                  remote: Storage | None = None,
-                 upload_delays: tuple[float, ...] = DEFAULT_UPLOAD_DELAYS) -> None:
+                 upload_delays: tuple[float, ...] = DEFAULT_UPLOAD_DELAYS,
+                 grace_seconds: float | None = None) -> None:
         if mode not in ("a", "r"):
             raise ValueError(f"mode must be 'a' (read and write) or 'r' (read only), got {mode!r}")
         parse_on_error(on_error)
@@ -289,6 +295,10 @@ class Store:
             raise ValueError(f"buffer_bytes must be an integer of at least 65536, got "
                              f"{buffer_bytes!r}")
         check_track_writes(track_writes)
+        if grace_seconds is not None and (isinstance(grace_seconds, bool) or not isinstance(
+                grace_seconds, (int, float)) or not 0 <= grace_seconds < 1e9):
+            raise ValueError(f"grace_seconds must be a number of seconds >= 0, got "
+                             f"{grace_seconds!r}")
         policy = parse_policy(every)
         retention = Retention(keep_last, keep_every, keep_within, max_bytes)  # type: ignore[arg-type]
         watched = parse_signals(signals)
@@ -376,10 +386,12 @@ class Store:
         self._maintenance = Maintenance(
             self._catalog, self._objects, self.codec, self._baselines, pins=pins,
             replay_log=self._replay_log, retention=retention, tables=self._tables,
-            withheld=self._not_uploaded if remote is not None else None)
+            withheld=self._not_uploaded if remote is not None else None,
+            grace=grace_of(storage, grace_seconds))
         self._remote_maintenance = None if remote is None else Maintenance(
             Catalog(remote), ChunkObjects(remote), self.codec, self._baselines,
-            retention=retention, tables=ChunkObjects(remote, TABLES_PREFIX))
+            retention=retention, tables=ChunkObjects(remote, TABLES_PREFIX),
+            grace=grace_of(remote, grace_seconds))
         if tiers is not None:  # last: its thread uploads (and prunes) at once
             assert remote is not None
             self._uploader = Uploader(storage, self._catalog, remote, tiers.held,

@@ -44,12 +44,13 @@ def copy_command(src: Path | str, dst: Path | str, snaps: tuple[str, ...],
     goes on where it stopped when run again, and a snapshot DST holds already is left
     as it is. DST is created if it does not exist; its writer's lock is taken.
 
+    Into object storage, say: copy /nvme/run42.snap s3://bucket/runs/run42.snap (-o
+    KEY=VALUE applies to whichever of the two is a URL).
+
     \b
-    Examples:
-      arraysnap copy /nvme/run42.snap s3://bucket/runs/run42.snap
-      arraysnap copy s3://bucket/runs/run42.snap run42.snap latest
-      arraysnap copy run.snap s3://bucket/run.snap -o endpoint=http://127.0.0.1:9000 \\
-          -o allow_http=true
+    Example:
+      arraysnap copy run.snap backup.snap
+      arraysnap copy run.snap backup.snap latest --json
     """
     shared = storage_options() or {}  # -o: for whichever of the two is a URL
     src_options = {**(shared if is_url(src) else {}), **parse_storage_options(src_pairs)}

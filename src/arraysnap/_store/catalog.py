@@ -37,6 +37,10 @@ log = logging.getLogger("arraysnap")
 
 PREFIX = "snapshots/"
 _PREFIX_LENGTH = len(PREFIX)
+# Manifests retention removed while a grace period runs (object storage): not snapshots
+# (never listed), but what they name is kept until the period is over.
+RETIRED_PREFIX = "retired/"
+_RETIRED = re.compile(r"^retired/(\d{12})-(\d{1,12})\.json$")
 _KEY_LENGTH = _PREFIX_LENGTH + len("000000000001.json")
 _STEP = re.compile(r"^step:(-?\d+)$")
 _BACK = re.compile(r"^(?:latest)?~(\d+)$")
@@ -133,6 +137,31 @@ class Catalog:
         """A manifest this process just committed: no need to read it back."""
         with self._lock:
             self._cache[manifest.seq] = (manifest, manifest_bytes)
+
+    def retire(self, seq: int, when: float) -> None:
+        """Move snapshot `seq`'s manifest to ``retired/<seq>-<when>.json`` (then it is no
+        snapshot: readers that hold it still find its objects until the grace is over)."""
+        self.storage.put_atomic(f"{RETIRED_PREFIX}{seq:012d}-{int(when)}.json",
+                                self.manifest_bytes(seq))
+        self.storage.delete(manifest_key(seq))
+        self.forget(seq)
+
+    def retired(self) -> list[tuple[str, int, float]]:
+        """The retired manifests: key, seq, and when each was retired."""
+        found = []
+        for key in self.storage.list_prefix(RETIRED_PREFIX):
+            match = _RETIRED.match(key)
+            if match:
+                found.append((key, int(match.group(1)), float(match.group(2))))
+        return sorted(found, key=lambda item: item[1])
+
+    def load_retired(self, key: str, seq: int) -> Manifest:
+        """A retired manifest, checked as a manifest is (ArraysnapError if it is not)."""
+        try:
+            data = self.storage.get(key, limit=MAX_MANIFEST_BYTES)
+        except OSError as err:
+            raise CorruptSnapshotError(f"{key} cannot be read: {err}") from None
+        return parse_manifest(data, expected_seq=seq, tables=self.tables)
 
     def forget(self, seq: int) -> None:
         """Snapshot `seq` was removed."""

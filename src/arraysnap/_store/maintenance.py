@@ -28,19 +28,38 @@ from ..codecs import CodecSpec
 from ..commit import manifest_key
 from ..errors import ArraysnapError, CorruptSnapshotError
 from ..manifest import Manifest
-from ..objects import ChunkObjects
+from ..objects import ChunkObjects, pack_key
 from ..packs import PACK_ID_BYTES, Location
 from ..pins import Pins
 from ..replaylog import ReplayLog
 from ..results import Problem, PruneReport, SnapshotUsage, StoreUsage, VerifyReport
 from ..retention import Candidate, Retention
+from ..storage import Storage
 from .catalog import Catalog
 
-__all__ = ["Maintenance", "Progress", "Usage", "stored_objects"]
+__all__ = ["DEFAULT_GRACE_SECONDS", "Maintenance", "Progress", "Usage", "grace_of",
+           "stored_objects"]
 
 log = logging.getLogger("arraysnap")
 
 Progress = Callable[[int, int], None]
+
+
+# In object storage, what a removed snapshot named outlives it this long (see prune).
+DEFAULT_GRACE_SECONDS = 600.0
+
+
+def grace_of(storage: Storage, grace_seconds: float | None) -> float:
+    """The grace period of a store in `storage`: `grace_seconds`, else 600 s in object
+    storage (readers elsewhere) and none in a folder.
+
+    >>> from arraysnap.storage import LocalStorage
+    >>> grace_of(LocalStorage("/tmp/s.snap"), None), grace_of(LocalStorage("/x"), 5)
+    (0.0, 5.0)
+    """
+    if grace_seconds is not None:
+        return float(grace_seconds)
+    return 0.0 if storage.local_path is not None else DEFAULT_GRACE_SECONDS
 
 
 def stored_objects(manifest: Manifest) -> set[bytes]:
@@ -113,7 +132,8 @@ class Maintenance:
                  replay_log: ReplayLog | None = None,
                  retention: Retention | None = None,
                  tables: ChunkObjects | None = None,
-                 withheld: Callable[[], Collection[int]] | None = None) -> None:
+                 withheld: Callable[[], Collection[int]] | None = None,
+                 grace: float = 0.0) -> None:
         self.catalog = catalog
         self.objects = objects
         self.tables = tables  # the table objects (format 2), deleted with what uses them
@@ -126,6 +146,9 @@ class Maintenance:
         # Seqs retention must keep whatever its rules say (a local tier's snapshots not
         # uploaded yet).
         self.withheld = withheld
+        # Seconds an object outlives the last kept snapshot that named it, and an object no
+        # snapshot names lives at least (object storage: readers elsewhere, see prune).
+        self.grace = grace
 
     # -- verify ----------------------------------------------------------------------------
     def verify(self, seqs: list[int] | None = None,
@@ -282,6 +305,16 @@ class Maintenance:
                      if self._calls(digest)[1](digest)]
             return PruneReport(tuple(sorted(gone)), len(sizes), sum(sizes))
         storage = self.objects.storage
+        if self.grace > 0:
+            # A reader elsewhere may be restoring one of them: they retire, and what they
+            # name goes once the grace is over (at a later prune or gc).
+            for seq in sorted(gone):
+                self.catalog.retire(seq, time.time())
+            storage.barrier()
+            removed, freed = self._expire_retired(used, set().union(
+                *(m.table_digests for seq, (m, _) in manifests.items() if seq not in gone)))
+            log.info("arraysnap: retention retired snapshots %s", sorted(gone))
+            return PruneReport(tuple(sorted(gone)), removed, freed)
         for seq in sorted(gone):
             storage.delete(manifest_key(seq))
             self.catalog.forget(seq)
@@ -300,17 +333,65 @@ class Maintenance:
         return PruneReport(tuple(sorted(gone)), removed, freed)
 
     def gc(self) -> PruneReport:
-        """Delete the chunk objects no snapshot uses (left by prune or a killed writer)."""
+        """Delete the chunk objects no snapshot uses (left by prune or a killed writer);
+        with a grace period, only those older than it, and none a retired manifest still
+        in its grace names."""
         used: set[bytes] = set()
         tables: set[bytes] = set()
         for manifest, _ in self._all_manifests("gc").values():
             used.update(stored_objects(manifest))
             tables |= manifest.table_digests
+        removed, freed = self._expire_retired(used, tables) if self.grace > 0 else (0, 0)
         unused = [name for name in self._stored_names() if name not in used]
-        removed, freed = self._delete_objects(unused)
+        more, more_freed = self._delete_objects(self._old_enough(unused))
         if self.tables is not None:
-            self._delete_tables({d for d in self.tables.digests() if d not in tables})
-        return PruneReport((), removed, freed)
+            self._delete_tables(set(self._old_enough(
+                [d for d in self.tables.digests() if d not in tables], self.tables)))
+        return PruneReport((), removed + more, freed + more_freed)
+
+    def _old_enough(self, names: list[bytes], objects: ChunkObjects | None = None) -> list[bytes]:
+        """Those of `names` (objects, packs) written longer than the grace period ago."""
+        if self.grace <= 0:
+            return names
+        objects = objects or self.objects
+        cutoff, old = time.time() - self.grace, []
+        for name in names:
+            key = (objects.key(name) if len(name) != PACK_ID_BYTES or objects is self.tables
+                   else pack_key(name))
+            try:
+                if objects.storage.modified(key) < cutoff:
+                    old.append(name)
+            except FileNotFoundError:
+                continue
+        return old
+
+    def _expire_retired(self, used: set[bytes], tables: set[bytes]) -> tuple[int, int]:
+        """Delete the retired manifests whose grace is over, and what only they named
+        (`used` and `tables`: what kept snapshots name); the objects and bytes removed."""
+        now = time.time()
+        retired = self.catalog.retired()
+        keep, keep_tables = set(used), set(tables)
+        dropped: set[bytes] = set()
+        dropped_tables: set[bytes] = set()
+        expired = []
+        for key, seq, when in retired:
+            try:
+                manifest = self.catalog.load_retired(key, seq)
+            except ArraysnapError:
+                manifest = None  # what it named is unknown: gc removes it by age
+            young = now - when < self.grace
+            if not young:
+                expired.append(key)
+            if manifest is not None:
+                (keep if young else dropped).update(stored_objects(manifest))
+                (keep_tables if young else dropped_tables).update(manifest.table_digests)
+        if not expired:
+            return 0, 0
+        removed, freed = self._delete_objects(dropped - keep)
+        self._delete_tables(dropped_tables - keep_tables)
+        for key in expired:
+            self.objects.storage.delete(key)
+        return removed, freed
 
     def _delete_tables(self, digests: set[bytes]) -> None:
         """Delete table objects no kept snapshot uses (unless a commit under way does)."""

@@ -30,6 +30,7 @@ storage never raises for bad *contents*: parsing is the caller's job.
 from __future__ import annotations
 
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -157,6 +158,13 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove `key` (an absent key is no error). Durable after the next barrier."""
+
+    def modified(self, key: str) -> float:
+        """When `key` was last written (Unix seconds): what a grace period is measured
+        from. This default knows nothing, and says "now" (nothing is old enough to go)."""
+        if not self.exists(key):
+            raise FileNotFoundError(key)
+        return time.time()
 
     def read_once(self, key: str) -> bytes:
         """`get` for a value read this once more and not again soon (an object a copy or

@@ -101,6 +101,9 @@ class LocalStorage(Storage):
         # Path a key cost more than the read.
         return read_regular_file(os.path.join(self._root, parse_key(key)), limit)
 
+    def modified(self, key: str) -> float:
+        return os.stat(os.path.join(self._root, parse_key(key))).st_mtime
+
     def read_once(self, key: str) -> bytes:
         path = os.path.join(self._root, parse_key(key))
         data = read_regular_file(path, DEFAULT_GET_LIMIT)

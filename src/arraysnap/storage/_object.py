@@ -414,6 +414,11 @@ class ObjectStorage(Storage):
         with _as_os_errors(key):
             return int(_obstore().head(self.store, key)["size"])
 
+    def modified(self, key: str) -> float:
+        key = parse_key(key)
+        with _as_os_errors(key):
+            return float(_obstore().head(self.store, key)["last_modified"].timestamp())
+
     def list_prefix(self, prefix: str) -> Iterator[str]:
         # obstore lists whole path segments; a prefix that ends inside one (``snap``)
         # lists its folder and keeps what matches.

@@ -56,6 +56,9 @@ class WrapperStorage(Storage):
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
 
+    def modified(self, key: str) -> float:
+        return self.inner.modified(key)
+
     def size(self, key: str) -> int:
         return self.inner.size(key)
 
