@@ -9,8 +9,9 @@ loop
     steps); print ``committed STEP SEQ`` after each wait.
 tiered-loop
     Like ``loop`` on a store in object storage (STORE is its URL, with ``--options`` JSON
-    as its storage options) with the local tier ``--local`` and ``keep_last=3``; print
-    ``committed STEP SEQ`` after each wait.
+    as its storage options) with the local tier ``--local`` (or none, and the baseline
+    folder ``--baseline-dir``) and ``keep_last=3``; print ``committed STEP SEQ`` after
+    each wait.
 kill
     Open, capture, restore, prune, gc and close with a :class:`~arraysnap.testing.FaultPlan`
     that SIGKILLs the process just before (``--at N``) or just after (``--after``) its N-th
@@ -109,11 +110,14 @@ def capture_loop(path: str, workload: Workload, chunk_bytes: int, log: bool) -> 
         step += 1
 
 
-def tiered_loop(url: str, local: str, options: dict[str, Any], workload: Workload,
-                chunk_bytes: int) -> None:
-    """Capture `workload` for ever into the store at `url` through the local tier `local`."""
-    snap = arraysnap.open(url, storage_options=options, local=local, chunk_bytes=chunk_bytes,
-                          keep_last=3, _upload_delays=(0.01, 0.05))
+def tiered_loop(url: str, local: str, baseline_dir: str, options: dict[str, Any],
+                workload: Workload, chunk_bytes: int) -> None:
+    """Capture `workload` for ever into the store at `url` through the local tier `local`
+    (or straight into it, with its baselines in `baseline_dir`)."""
+    where: dict[str, Any] = ({"local": local, "_upload_delays": (0.01, 0.05)} if local
+                             else {"baseline_dir": baseline_dir or None})
+    snap = arraysnap.open(url, storage_options=options, chunk_bytes=chunk_bytes, keep_last=3,
+                          **where)
     step = _next_step(snap)
     _say("ready", step)
     while True:
@@ -454,6 +458,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--marks", default="", help="power: the folder marks are looked up in")
     parser.add_argument("--mode", choices=["r", "a"], default="r")
     parser.add_argument("--local", default="", help="tiered-loop: the local tier")
+    parser.add_argument("--baseline-dir", default="", help="tiered-loop: without --local")
     parser.add_argument("--options", default="{}", help="tiered-loop: storage options, JSON")
     parser.add_argument("prefixes", nargs="*", help="audit: the event prefixes to report")
     return parser
@@ -474,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "loop":
         capture_loop(args.store, workload, args.chunk_bytes, args.log)
     elif args.kind == "tiered-loop":
-        tiered_loop(args.store, args.local, json.loads(args.options), workload,
-                    args.chunk_bytes)
+        tiered_loop(args.store, args.local, args.baseline_dir, json.loads(args.options),
+                    workload, args.chunk_bytes)
     elif args.kind == "kill":
         kill_at_operation(args.store, workload, args.chunk_bytes, args.at, args.after,
                           args.routine)
