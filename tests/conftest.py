@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,13 @@ import numpy as np
 import pytest
 
 import arraysnap
-from arraysnap.testing import SMALL_WORKLOAD, Workload, child_command, leftover_temporaries
+from arraysnap.testing import (
+    SMALL_WORKLOAD,
+    Workload,
+    child_command,
+    committed_reports,
+    leftover_temporaries,
+)
 from arraysnap.testing import store_files as store_files
 from arraysnap.testing.s3server import S3Server
 
@@ -109,6 +116,23 @@ def start_child(kind: str, store: object, *args: object, **popen: object
     return subprocess.Popen(child_command(kind, store, *args), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=child_env(),
                             **popen)  # type: ignore[call-overload]
+
+
+def kill_at_a_random_moment(kind: str, store: object, *args: object, latest: float,
+                            timeout: float = 60.0) -> list[tuple[int, int]]:
+    """Start child `kind`, SIGKILL it `latest` seconds or less after it said it is ready
+    (a random moment, drawn by the caller's seeded `random`), and return the (step, seq)
+    pairs it reported durable."""
+    import random
+
+    child = start_child(kind, store, *args)
+    assert child.stdout is not None
+    ready = child.stdout.readline()
+    assert ready.startswith("ready"), ready + (child.stderr.read() if child.stderr else "")
+    time.sleep(random.uniform(0.0, latest))  # a random moment, not a condition
+    child.send_signal(signal.SIGKILL)
+    out, _ = child.communicate(timeout=timeout)
+    return committed_reports(ready + out)
 
 
 def object_files(path: Path) -> set[str]:

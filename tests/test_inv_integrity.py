@@ -56,20 +56,27 @@ def test_damaged_chunk_objects_are_reported_with_their_array_and_chunk(
 
     for mode in ("r", "a"):
         with arraysnap.open(store_path, mode=mode) as snap:  # type: ignore[arg-type]
-            report = snap.verify()
-            assert {(p.seq, p.array, p.chunk) for p in report.problems} == expected, str(report)
-            for seq in range(1, 5):
-                hit = sorted(chunk for s, _, chunk in expected if s == seq)
-                if not hit:
-                    assert_arrays(snap.restore(seq=seq).arrays, captured[seq - 1])
-                    continue
-                with pytest.raises(arraysnap.CorruptSnapshotError) as caught:
-                    snap.restore(seq=seq)
-                message = str(caught.value)
-                assert "array 'u'" in message
-                assert any(f"chunk {chunk}" in message for chunk in hit), message
+            assert_damage_reported(snap, expected, captured)
             # The latest comes from the (verified) baseline, which is still right.
             assert_arrays(snap.restore().arrays, captured[3])
+
+
+def assert_damage_reported(snap: arraysnap.Store, expected: set[tuple[int, str, int]],
+                           captured: list[dict[str, np.ndarray]]) -> None:
+    """verify() reports exactly the chunks `expected` hits; a restore of a snapshot they
+    hit names the array and chunk, the others restore what was `captured`."""
+    report = snap.verify()
+    assert {(p.seq, p.array, p.chunk) for p in report.problems} == expected, str(report)
+    for seq in range(1, 5):
+        hit = sorted(chunk for s, _, chunk in expected if s == seq)
+        if not hit:
+            assert_arrays(snap.restore(seq=seq).arrays, captured[seq - 1])
+            continue
+        with pytest.raises(arraysnap.CorruptSnapshotError) as caught:
+            snap.restore(seq=seq)
+        message = str(caught.value)
+        assert "array 'u'" in message
+        assert any(f"chunk {chunk}" in message for chunk in hit), message
 
 
 def test_damage_used_by_the_latest_snapshot_never_yields_wrong_data(store_path: Path):

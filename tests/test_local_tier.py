@@ -5,16 +5,21 @@ proxy where a test needs the store to fail."""
 from __future__ import annotations
 
 import json
-import signal
+import random
 import time
 import warnings
 
 import numpy as np
 import pytest
-from conftest import SCALE, assert_bit_exact, assert_workload_step, s3_url, start_child
+from conftest import (
+    SCALE,
+    assert_bit_exact,
+    assert_workload_step,
+    kill_at_a_random_moment,
+    s3_url,
+)
 
 import arraysnap
-from arraysnap.testing import committed_reports
 from arraysnap.testing.faultproxy import FaultProxy
 
 WAIT_SECONDS = 60.0  # a deadline for what must happen, never a duration a test relies on
@@ -237,18 +242,11 @@ def test_the_writer_killed_at_random_moments_mid_upload(s3_server, tmp_path):
     lists restores exactly and verifies; the next writer goes on and uploads what was left."""
     url, options = s3_url(s3_server), _options(s3_server)
     local = tmp_path / "tier"
-    rng = np.random.default_rng(14)
+    random.seed(14)
     last_committed = None
     for _ in range(KILLS):
-        child = start_child("tiered-loop", url, "--local", str(local), "--options",
-                            json.dumps(options))
-        assert child.stdout is not None
-        ready = child.stdout.readline()
-        assert ready.startswith("ready"), ready + child.stderr.read()
-        time.sleep(float(rng.uniform(0.0, 0.5)))  # a random moment, not a condition
-        child.send_signal(signal.SIGKILL)
-        out, _ = child.communicate(timeout=WAIT_SECONDS)
-        reports = committed_reports(ready + out)
+        reports = kill_at_a_random_moment("tiered-loop", url, "--local", str(local),
+                                          "--options", json.dumps(options), latest=0.5)
         if reports:
             last_committed = reports[-1][0]
         for tier, kwargs in ((url, {"storage_options": options}), (local, {})):
@@ -348,3 +346,55 @@ def test_a_forked_process_is_not_its_parent_for_the_lease():
         child = pool.apply(_object._this_process)
     assert parent is not None and child is not None
     assert child["pid"] != parent["pid"]
+
+
+def test_a_full_disk_that_only_unuploaded_snapshots_could_relieve_is_said(tmp_path, caplog):
+    from arraysnap._store.catalog import Catalog
+    from arraysnap._store.maintenance import Maintenance
+    from arraysnap.baselines import Baselines
+    from arraysnap.objects import ChunkObjects
+    from arraysnap.retention import Retention
+    from arraysnap.storage import LocalStorage
+
+    with arraysnap.open(tmp_path / "tier.snap") as snap:
+        for step in range(3):
+            snap.capture({"u": np.full(8, float(step))}, step=step)
+        codec = snap.codec
+    storage = LocalStorage(tmp_path / "tier.snap")
+    maintenance = Maintenance(Catalog(storage), ChunkObjects(storage), codec,
+                              Baselines(tmp_path / "tier.snap"), withheld=lambda: [1, 2])
+    report = maintenance.prune(Retention(keep_last=1), pressed=True)  # as on ENOSPC
+    assert report.snapshots_removed == ()
+    assert "is full" in caplog.text and "[1, 2]" in caplog.text and "not uploaded" in caplog.text
+    assert Catalog(storage).seqs() == [1, 2, 3]
+
+
+def test_uploads_through_the_storage_fault_wrapper(s3_server, tmp_path):
+    from arraysnap.storage import ObjectStorage
+    from arraysnap.testing import FaultPlan
+
+    url, options = s3_url(s3_server), _options(s3_server)
+    plan = FaultPlan(tmp_path / "unused")
+    remote = plan.around(ObjectStorage(url, storage_options=options))
+    rules = [plan.fail("put_if_absent", "chunks", skip=1, times=2),  # mid-upload
+             plan.fail("put_if_absent", "snapshots", times=1),  # the commit point
+             plan.fail("delete", "snapshots", times=1)]  # remote retention
+    steps = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with arraysnap.open(remote, local=tmp_path / "tier", chunk_bytes=1 << 13, keep_last=2,
+                            _upload_delays=FAST) as snap:
+            u = _field(12)
+            for step in range(5):
+                u[step * 9] += 1.0
+                steps[step] = u.copy()
+                snap.capture({"u": u}, step=step)
+            snap.wait(remote=True, timeout=WAIT_SECONDS)
+    assert all(rule.errors for rule in rules), [len(rule.errors) for rule in rules]
+    with arraysnap.open(url, "r", storage_options=options) as reader:
+        infos = reader.list()
+        assert [info.step for info in infos][-2:] == [3, 4]
+        for info in infos:
+            assert_bit_exact(reader.restore(seq=info.seq, verify=True).arrays["u"],
+                             steps[info.step])
+        assert reader.verify().ok

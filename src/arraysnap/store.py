@@ -48,7 +48,7 @@ import numpy as np
 from ._store.capture import Capturer, check_state, check_step, prepare_arrays
 from ._store.catalog import SNAPSHOT_SPEC_HELP, Catalog
 from ._store.failures import FailurePolicy, parse_on_error, wrap
-from ._store.locating import BaselineClaim, as_storage, default_baseline_dir, is_url
+from ._store.locating import BaselineClaim, as_storage, default_baseline_dir
 from ._store.maintenance import Maintenance, Progress, grace_of
 from ._store.opening import (
     FORMAT_NAME,
@@ -195,9 +195,10 @@ def open(  # noqa: A001 - the public name the API promises
     storage = as_storage(path, storage_options)
     remote = None
     if local is not None:
-        if not isinstance(local, (str, os.PathLike)) or is_url(local):
+        folder = as_storage(local, None).local_path
+        if folder is None:
             raise ValueError(f"local= must be a local folder, not {local!r}")
-        storage, remote = LocalStorage(local, keep_cached=True), storage
+        storage, remote = LocalStorage(folder, keep_cached=True), storage
     return Store(storage, mode, chunk_bytes=chunk_bytes, codec=codec, every=every,
                  keep_last=keep_last, keep_every=keep_every, keep_within=keep_within,
                  max_bytes=max_bytes, on_error=on_error, signals=signals,
@@ -387,7 +388,8 @@ class Store:
             self._catalog, self._objects, self.codec, self._baselines, pins=pins,
             replay_log=self._replay_log, retention=retention, tables=self._tables,
             withheld=self._not_uploaded if remote is not None else None,
-            grace=grace_of(storage, grace_seconds))
+            # A local tier is a folder: its own grace is none, grace_seconds is the store's.
+            grace=0.0 if remote is not None else grace_of(storage, grace_seconds))
         self._remote_maintenance = None if remote is None else Maintenance(
             Catalog(remote), ChunkObjects(remote), self.codec, self._baselines,
             retention=retention, tables=ChunkObjects(remote, TABLES_PREFIX),

@@ -47,6 +47,9 @@ Progress = Callable[[int, int], None]
 
 # In object storage, what a removed snapshot named outlives it this long (see prune).
 DEFAULT_GRACE_SECONDS = 600.0
+# Clocks of hosts and of the store are taken to differ by less than this (as the lease
+# takes them to: a quarter of it); a grace is extended by it (or by itself, if shorter).
+CLOCK_MARGIN_SECONDS = 15.0
 
 
 def grace_of(storage: Storage, grace_seconds: float | None) -> float:
@@ -149,6 +152,7 @@ class Maintenance:
         # Seconds an object outlives the last kept snapshot that named it, and an object no
         # snapshot names lives at least (object storage: readers elsewhere, see prune).
         self.grace = grace
+        self._retired: dict[str, Manifest | None] = {}  # retired manifests read, by key
 
     # -- verify ----------------------------------------------------------------------------
     def verify(self, seqs: list[int] | None = None,
@@ -291,6 +295,8 @@ class Maintenance:
                         "not uploaded yet (the remote store is failing or behind); free space "
                         "there or let the uploads catch up", self.catalog.where, spared)
         if not doomed:
+            if self.grace > 0 and not dry_run:  # retirements whose grace ran out meanwhile
+                self._retention_under_grace(manifests, set())
             return PruneReport((), 0, 0)
         gone = {c.seq for c in doomed}
         used: set[bytes] = set()
@@ -306,13 +312,7 @@ class Maintenance:
             return PruneReport(tuple(sorted(gone)), len(sizes), sum(sizes))
         storage = self.objects.storage
         if self.grace > 0:
-            # A reader elsewhere may be restoring one of them: they retire, and what they
-            # name goes once the grace is over (at a later prune or gc).
-            for seq in sorted(gone):
-                self.catalog.retire(seq, time.time())
-            storage.barrier()
-            removed, freed = self._expire_retired(used, set().union(
-                *(m.table_digests for seq, (m, _) in manifests.items() if seq not in gone)))
+            removed, freed = self._retention_under_grace(manifests, gone)
             log.info("arraysnap: retention retired snapshots %s", sorted(gone))
             return PruneReport(tuple(sorted(gone)), removed, freed)
         for seq in sorted(gone):
@@ -332,6 +332,24 @@ class Maintenance:
                  sorted(gone), removed, freed)
         return PruneReport(tuple(sorted(gone)), removed, freed)
 
+    def _retention_under_grace(self, manifests: Mapping[int, tuple[Manifest, int]],
+                               gone: set[int]) -> tuple[int, int]:
+        """Prune with a grace period: the snapshots `gone` retire (a reader elsewhere may
+        be restoring one: what they name goes once the grace is over), the retirements
+        whose grace is over go with what only they named, and the replay log is trimmed
+        to what kept and still retired snapshots need. The objects and bytes removed."""
+        for seq in sorted(gone):
+            self.catalog.retire(seq, time.time())
+        self.objects.storage.barrier()
+        kept = [m for seq, (m, _) in manifests.items() if seq not in gone]
+        used = set().union(*(stored_objects(m) for m in kept))
+        tables = set().union(*(m.table_digests for m in kept))
+        removed, freed, young = self._expire_retired(used, tables)
+        positions = [m.replay_position for m in kept] + [m.replay_position for m in young]
+        if self.replay_log is not None and positions and None not in positions:
+            self.replay_log.trim(min(p for p in positions if p is not None))
+        return removed, freed
+
     def gc(self) -> PruneReport:
         """Delete the chunk objects no snapshot uses (left by prune or a killed writer);
         with a grace period, only those older than it, and none a retired manifest still
@@ -341,7 +359,12 @@ class Maintenance:
         for manifest, _ in self._all_manifests("gc").values():
             used.update(stored_objects(manifest))
             tables |= manifest.table_digests
-        removed, freed = self._expire_retired(used, tables) if self.grace > 0 else (0, 0)
+        removed = freed = 0
+        if self.grace > 0:
+            removed, freed, young = self._expire_retired(used, tables)
+            for manifest in young:  # still in their grace: kept as the listed ones are
+                used.update(stored_objects(manifest))
+                tables |= manifest.table_digests
         unused = [name for name in self._stored_names() if name not in used]
         more, more_freed = self._delete_objects(self._old_enough(unused))
         if self.tables is not None:
@@ -349,12 +372,17 @@ class Maintenance:
                 [d for d in self.tables.digests() if d not in tables], self.tables)))
         return PruneReport((), removed + more, freed + more_freed)
 
+    def _margin(self) -> float:
+        # Clocks (this host's, another writer's, the object store's) are taken to differ by
+        # less than this: anything younger than the grace plus it is kept.
+        return min(CLOCK_MARGIN_SECONDS, self.grace)
+
     def _old_enough(self, names: list[bytes], objects: ChunkObjects | None = None) -> list[bytes]:
         """Those of `names` (objects, packs) written longer than the grace period ago."""
         if self.grace <= 0:
             return names
         objects = objects or self.objects
-        cutoff, old = time.time() - self.grace, []
+        cutoff, old = time.time() - self.grace - self._margin(), []
         for name in names:
             key = (objects.key(name) if len(name) != PACK_ID_BYTES or objects is self.tables
                    else pack_key(name))
@@ -365,33 +393,42 @@ class Maintenance:
                 continue
         return old
 
-    def _expire_retired(self, used: set[bytes], tables: set[bytes]) -> tuple[int, int]:
+    def _expire_retired(self, used: set[bytes], tables: set[bytes]
+                        ) -> tuple[int, int, list[Manifest]]:
         """Delete the retired manifests whose grace is over, and what only they named
-        (`used` and `tables`: what kept snapshots name); the objects and bytes removed."""
+        (`used` and `tables`: what kept snapshots name); the objects and bytes removed,
+        and the retired manifests still in their grace."""
         now = time.time()
-        retired = self.catalog.retired()
         keep, keep_tables = set(used), set(tables)
         dropped: set[bytes] = set()
         dropped_tables: set[bytes] = set()
-        expired = []
-        for key, seq, when in retired:
-            try:
-                manifest = self.catalog.load_retired(key, seq)
-            except ArraysnapError:
-                manifest = None  # what it named is unknown: gc removes it by age
-            young = now - when < self.grace
-            if not young:
+        expired, young = [], []
+        listed = self.catalog.retired()
+        for key in set(self._retired) - {key for key, _, _ in listed}:
+            del self._retired[key]
+        for key, seq, when in listed:
+            if key not in self._retired:  # read once: a retired manifest never changes
+                try:
+                    self._retired[key] = self.catalog.load_retired(key, seq)
+                except ArraysnapError:
+                    self._retired[key] = None  # what it named is unknown: gc, by age
+            manifest = self._retired[key]
+            in_grace = now - when < self.grace + self._margin() + 1  # its key has seconds
+            if not in_grace:
                 expired.append(key)
             if manifest is not None:
-                (keep if young else dropped).update(stored_objects(manifest))
-                (keep_tables if young else dropped_tables).update(manifest.table_digests)
+                (keep if in_grace else dropped).update(stored_objects(manifest))
+                (keep_tables if in_grace else dropped_tables).update(manifest.table_digests)
+                if in_grace:
+                    young.append(manifest)
         if not expired:
-            return 0, 0
+            return 0, 0, young
         removed, freed = self._delete_objects(dropped - keep)
         self._delete_tables(dropped_tables - keep_tables)
         for key in expired:
             self.objects.storage.delete(key)
-        return removed, freed
+            self._retired.pop(key, None)
+        return removed, freed, young
 
     def _delete_tables(self, digests: set[bytes]) -> None:
         """Delete table objects no kept snapshot uses (unless a commit under way does)."""

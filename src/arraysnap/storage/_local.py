@@ -108,7 +108,10 @@ class LocalStorage(Storage):
         path = os.path.join(self._root, parse_key(key))
         data = read_regular_file(path, DEFAULT_GET_LIMIT)
         if len(data) >= UNCACHED_BYTES:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:  # a hint: a value deleted meanwhile has nothing left to drop
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                return data
             try:
                 self.ops.drop_cached(fd)
             finally:

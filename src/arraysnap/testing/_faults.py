@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from arraysnap.fsio import FileOps
-from arraysnap.storage import DEFAULT_GET_LIMIT, LocalStorage, WrapperStorage, WriterLock
+from arraysnap.storage import DEFAULT_GET_LIMIT, LocalStorage, Storage, WrapperStorage, WriterLock
 
 __all__ = ["ANY", "Call", "FaultPlan", "FaultyOps", "FaultyStorage", "Gate", "Rule", "key_area",
            "path_area"]
@@ -180,6 +180,25 @@ class FaultPlan:
         self.file_ops = FaultyOps(self)
         self.baseline_ops = self.file_ops
         self.storage = FaultyStorage(LocalStorage(self.path, self.file_ops), self)
+
+    def around(self, storage: Storage) -> FaultyStorage:
+        """`storage` (an :class:`~arraysnap.storage.ObjectStorage`, say) under this plan's
+        counts, faults and rules too: the storage interface's fault wrapper for any store.
+
+        >>> import tempfile
+        >>> from obstore.store import MemoryStore
+        >>> from arraysnap.storage import ObjectStorage
+        >>> plan = FaultPlan(tempfile.mkdtemp())
+        >>> remote = plan.around(ObjectStorage(MemoryStore()))
+        >>> _ = plan.fail("put_if_absent", "chunks")
+        >>> remote.put_if_absent("chunks/ab/cd", b"x")
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 5] injected EIO at put_if_absent #0 in chunks (chunks/ab/cd)
+        >>> remote.put_if_absent("chunks/ab/cd", b"x")
+        True
+        """
+        return FaultyStorage(storage, self)
 
     # -- the one armed fault ---------------------------------------------------------------
     def arm(self, op: str, area: str, index: int, err: int) -> None:
@@ -397,7 +416,7 @@ class FaultyStorage(WrapperStorage):
     OSError: [Errno 5] injected EIO at get #0 in root (arraysnap.json)
     """
 
-    def __init__(self, inner: LocalStorage, plan: FaultPlan) -> None:
+    def __init__(self, inner: Storage, plan: FaultPlan) -> None:
         super().__init__(inner)
         self.plan = plan
 
