@@ -268,3 +268,33 @@ def test_what_a_removed_snapshot_named_goes_once_the_grace_is_over(url, options,
             assert reader.verify().ok
     with pytest.raises(ValueError, match="grace_seconds"):
         arraysnap.open(url, storage_options=options, grace_seconds=-1)
+
+
+def test_the_replay_log_in_object_storage_keeps_small_segments_and_is_trimmed(tmp_path):
+    from arraysnap.storage import ObjectStorage
+
+    memory = MemoryStore()
+    storage = ObjectStorage(memory)
+    record = {"note": "x" * 1000}
+
+    def segments():
+        return sorted(k for k in storage.list_prefix("journal/"))
+
+    with arraysnap.open(storage, baseline_dir=tmp_path / "b", keep_last=1,
+                        grace_seconds=1.0) as snap:
+        for step in range(6):
+            for _ in range(100):
+                snap.log(record)
+            snap.capture({"u": np.full(8, float(step))}, step=step)
+        snap.wait()
+        first = segments()
+        # About 600 KiB of records: segments of 256 KiB (and a flush) each, not one of all.
+        assert len(first) >= 2
+        assert all(storage.size(key) <= 512 << 10 for key in first)
+        assert list(snap.restore().events) == []  # all logged before the newest capture
+        time.sleep(3.1)  # retired snapshots' grace (1 s + 1 s margin + 1 s) runs out
+        snap.log(record)
+        snap.capture({"u": np.full(8, 9.0)}, step=9)
+        snap.wait()
+        assert len(segments()) < len(first)  # what only retired snapshots needed went
+        assert [info.step for info in snap.list()] == [9]

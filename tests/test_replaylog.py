@@ -158,3 +158,18 @@ def test_a_failed_segment_start_keeps_the_records_buffered(tmp_path):
     journal.log({"i": 1})
     journal.flush(durable=True)
     assert journal.read_from(0) == [{"i": 0}, {"i": 1}]
+
+
+def test_flushes_append_to_one_segment_until_it_is_full(tmp_path):
+    from arraysnap.replaylog import ReplayLog
+    from arraysnap.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path / "s")
+    storage.create()
+    replay_log = ReplayLog(storage)
+    for batch in range(5):
+        for i in range(10):
+            replay_log.log({"batch": batch, "i": i})
+        replay_log.flush(durable=False)
+    assert sorted(storage.list_prefix("journal/")) == ["journal/0000000000000000.jsonl"]
+    assert [r["i"] for r in replay_log.read_from(45)] == [5, 6, 7, 8, 9]

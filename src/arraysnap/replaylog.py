@@ -39,6 +39,8 @@ log = logging.getLogger("arraysnap")
 
 MAX_RECORD_BYTES = 1 << 20
 _SEGMENT_BYTES = 16 << 20
+# In object storage an append rewrites the whole segment: smaller segments bound that.
+_REMOTE_SEGMENT_BYTES = 256 << 10
 _MAX_SEGMENT_BYTES = 1 << 30
 PREFIX = "journal/"
 _SEGMENT_NAME = re.compile(r"^(\d{16})\.jsonl$")
@@ -83,6 +85,8 @@ class ReplayLog:
 
     def __init__(self, storage: Storage, *, writable: bool = True) -> None:
         self.storage = storage
+        self._segment_limit = (_SEGMENT_BYTES if storage.local_path is not None
+                               else _REMOTE_SEGMENT_BYTES)
         self._lock = threading.Lock()
         self._buffer: list[str] = []
         self._key: str | None = None  # the segment being appended to
@@ -203,7 +207,7 @@ class ReplayLog:
         first = self.position - len(self._buffer)
         data = "".join(self._buffer).encode("utf-8")
         key, at = self._key, self._segment_bytes
-        if key is None or (at and at + len(data) > _SEGMENT_BYTES):
+        if key is None or (at and at + len(data) > self._segment_limit):
             # A new segment; anything already under its key is stale: these records are
             # still buffered.
             key, at = f"{PREFIX}{first:016d}.jsonl", 0
