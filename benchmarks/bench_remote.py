@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,13 +120,30 @@ def run_arraysnap(state: np.ndarray, fraction: float, checkpoints: int, tiered: 
     return rows
 
 
+def whole_writes(where: Counted, state: np.ndarray, fraction: float, checkpoints: int,
+                 checkpoint: Callable[[int], None]) -> list[dict[str, float]]:
+    """A peer's series: change `fraction` of the state, `checkpoint(round)` it whole (durable
+    when it returns), and count its time, requests and uploaded bytes."""
+    rows = []
+    for round_ in range(1, checkpoints + 1):
+        changed = change(state, fraction, round_)
+        requests, sent = where.proxy.tally()
+        start = time.perf_counter()
+        checkpoint(round_)
+        elapsed = time.perf_counter() - start
+        after_requests, after_sent = where.proxy.tally()
+        rows.append({"local_s": float("nan"), "remote_s": elapsed,
+                     "requests": after_requests - requests, "bytes": after_sent - sent,
+                     "changed": len(changed), "encoded": float("nan")})
+    return rows
+
+
 def run_icechunk(state: np.ndarray, fraction: float, checkpoints: int) -> list[dict[str, float]]:
     import icechunk
     import zarr
     from zarr.codecs import ZstdCodec
 
     icechunk.set_logs_filter("error")
-    rows = []
     with Counted() as where:
         storage = icechunk.s3_storage(
             bucket=BUCKET, prefix=f"{where.prefix}/icechunk", region="us-east-1",
@@ -139,19 +157,13 @@ def run_icechunk(state: np.ndarray, fraction: float, checkpoints: int) -> list[d
                            compressors=ZstdCodec(level=1))
         group["u"][...] = state
         session.commit("step 0")
-        for round_ in range(1, checkpoints + 1):
-            changed = change(state, fraction, round_)
-            requests, sent = where.proxy.tally()
-            start = time.perf_counter()
+
+        def commit(round_: int) -> None:
             session = repo.writable_session("main")
             zarr.open_group(session.store, mode="r+")["u"][...] = state
             session.commit(f"step {round_}")
-            elapsed = time.perf_counter() - start
-            after_requests, after_sent = where.proxy.tally()
-            rows.append({"local_s": float("nan"), "remote_s": elapsed,
-                         "requests": after_requests - requests, "bytes": after_sent - sent,
-                         "changed": len(changed), "encoded": float("nan")})
-    return rows
+
+        return whole_writes(where, state, fraction, checkpoints, commit)
 
 
 def run_zarr(state: np.ndarray, fraction: float, checkpoints: int) -> list[dict[str, float]]:
@@ -160,7 +172,6 @@ def run_zarr(state: np.ndarray, fraction: float, checkpoints: int) -> list[dict[
     from zarr.codecs import ZstdCodec
     from zarr.storage import ObjectStore
 
-    rows = []
     with Counted() as where:
         store = ObjectStore(S3Store(BUCKET, prefix=f"{where.prefix}/zarr",
                                     endpoint=where.proxy.endpoint, region="us-east-1",
@@ -170,17 +181,11 @@ def run_zarr(state: np.ndarray, fraction: float, checkpoints: int) -> list[dict[
                                   chunks=(CHUNK // (8 * state.shape[1]), state.shape[1]),
                                   compressors=ZstdCodec(level=1))
         array[...] = state
-        for round_ in range(1, checkpoints + 1):
-            changed = change(state, fraction, round_)
-            requests, sent = where.proxy.tally()
-            start = time.perf_counter()
+
+        def write(round_: int) -> None:
             array[...] = state
-            elapsed = time.perf_counter() - start
-            after_requests, after_sent = where.proxy.tally()
-            rows.append({"local_s": float("nan"), "remote_s": elapsed,
-                         "requests": after_requests - requests, "bytes": after_sent - sent,
-                         "changed": len(changed), "encoded": float("nan")})
-    return rows
+
+        return whole_writes(where, state, fraction, checkpoints, write)
 
 
 def median(rows: list[dict[str, float]], key: str) -> float:

@@ -102,7 +102,17 @@ class Catalog:
             cached = None if from_disk else self._cache.get(seq)
         if cached is not None:
             return cached
+        return self._parse(seq, self.manifest_bytes(seq), from_disk)
+
+    def load_with_bytes(self, seq: int) -> tuple[Manifest, bytes]:
+        """Snapshot `seq`'s manifest and its stored bytes, read once (a copy sends them)."""
         data = self.manifest_bytes(seq)
+        with self._lock:
+            cached = self._cache.get(seq)
+        manifest = cached[0] if cached is not None else self._parse(seq, data, False)[0]
+        return manifest, data
+
+    def _parse(self, seq: int, data: bytes, from_disk: bool) -> tuple[Manifest, int]:
         # From disk means every table object too: verify() must see a damaged one.
         tables = TableReader(self._table_object) if from_disk else self.tables
         manifest = parse_manifest(data, expected_seq=seq, tables=tables)

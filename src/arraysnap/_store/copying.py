@@ -126,8 +126,8 @@ def copy_snapshots(src: Storage, dst: Storage,
     # Everything about the source is read and checked before the destination is touched.
     manifests: dict[int, tuple[bytes, Manifest]] = {}
     for seq in seqs:
-        data = source.manifest_bytes(seq)
-        manifests[seq] = (data, source.load(seq)[0])
+        manifest, data = source.load_with_bytes(seq)
+        manifests[seq] = (data, manifest)
     target = read_settings(dst, codec=None)
     if target is not None:
         check_compatible(src, dst, settings, target)

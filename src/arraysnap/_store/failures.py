@@ -26,7 +26,7 @@ import warnings
 
 from ..errors import ArraysnapError, ArraysnapWarning, StoreWriteError
 
-__all__ = ["FailurePolicy", "parse_on_error", "wrap"]
+__all__ = ["FailurePolicy", "failure_kind", "parse_on_error", "wrap"]
 
 
 def parse_on_error(on_error: object) -> str:
@@ -38,6 +38,21 @@ def parse_on_error(on_error: object) -> str:
     if on_error not in ("raise", "warn"):
         raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
     return on_error  # type: ignore[return-value]
+
+
+def failure_kind(error: BaseException) -> tuple[str, BaseException]:
+    """What kind of failure `error` is, for warning once per kind, and its cause: the
+    OSError it was raised from, if any (its type and errno), else its own type.
+
+    >>> failure_kind(ValueError("x"))[0], failure_kind(OSError(28, "full"))[0]
+    ('ValueError', 'OSError:ENOSPC')
+    """
+    cause = error
+    while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    kind = (f"{type(cause).__name__}:{errno.errorcode.get(cause.errno, cause.errno)}"
+            if isinstance(cause, OSError) else type(cause).__name__)
+    return kind, cause
 
 
 def wrap(error: BaseException, message: str) -> ArraysnapError:
@@ -81,11 +96,7 @@ class FailurePolicy:
         self.warn_once(error)
 
     def warn_once(self, error: BaseException) -> None:
-        cause = error
-        while not isinstance(cause, OSError) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        kind = (f"{type(cause).__name__}:{errno.errorcode.get(cause.errno, cause.errno)}"
-                if isinstance(cause, OSError) else type(cause).__name__)
+        kind, cause = failure_kind(error)
         with self._lock:
             if kind in self._warned:
                 return

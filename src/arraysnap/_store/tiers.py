@@ -47,6 +47,7 @@ from ..replaylog import PREFIX as JOURNAL_PREFIX
 from ..storage import Storage
 from .catalog import Catalog
 from .copying import check_compatible, copy_journal, snapshot_keys, transfer
+from .failures import failure_kind
 from .opening import Settings, create_store, read_settings
 
 __all__ = ["DEFAULT_UPLOAD_DELAYS", "Reconciled", "Uploader", "check_tiers", "reconcile",
@@ -105,13 +106,13 @@ def tier_settings(local: Storage, remote: Storage, codec: str | None) -> Setting
     return here
 
 
-def _newest_readable(catalog: Catalog, seqs: list[int]) -> int | None:
+def _newest_readable(catalog: Catalog, seqs: list[int]) -> tuple[int, Manifest, bytes] | None:
+    """The newest of `seqs` whose manifest reads: its seq, manifest and bytes."""
     for seq in reversed(seqs):
         try:
-            catalog.load(seq)
+            return (seq, *catalog.load_with_bytes(seq))
         except ArraysnapError:
             continue
-        return seq
     return None
 
 
@@ -151,11 +152,11 @@ def reconcile(local: Storage, remote: Storage) -> Reconciled:
             local.barrier()
         local_seqs = [seq for seq in local_seqs if seq < first]
         changed = True
-    if newest_remote is not None and (not local_seqs or newest_remote > local_seqs[-1]):
+    if newest_remote is not None and (not local_seqs or newest_remote[0] > local_seqs[-1]):
         # A fresh node, or the store went on elsewhere: its newest snapshot comes down.
-        data = there.manifest_bytes(newest_remote)
-        transfer(remote, local, {newest_remote: (data, there.load(newest_remote)[0])})
-        local_seqs.append(newest_remote)
+        seq, manifest, data = newest_remote
+        transfer(remote, local, {seq: (data, manifest)})
+        local_seqs.append(seq)
         changed = True
     if changed:
         # The replay log follows the history: the remote store's, whole.
@@ -334,11 +335,7 @@ class Uploader:
                 self._cond.notify_all()
 
     def _warn_once(self, error: BaseException) -> None:
-        cause = error
-        while not isinstance(cause, OSError) and cause.__cause__ is not None:
-            cause = cause.__cause__
-        kind = (f"{type(cause).__name__}:{getattr(cause, 'errno', None)}"
-                if isinstance(cause, OSError) else type(cause).__name__)
+        kind, cause = failure_kind(error)
         if kind in self._warned:
             return
         self._warned.add(kind)
@@ -349,8 +346,7 @@ class Uploader:
             stacklevel=2)
 
     def _upload(self, seq: int) -> None:
-        data = self.local.get(manifest_key(seq))
-        manifest: Manifest = self.catalog.load(seq)[0]
+        manifest, data = self.catalog.load_with_bytes(seq)
         if self._present is None:
             self._present = self._newest_remote_keys()
         with self._cond:
@@ -363,4 +359,4 @@ class Uploader:
         """The objects of the remote store's newest readable snapshot (all there: kept)."""
         remote = Catalog(self.remote)
         newest = _newest_readable(remote, remote.seqs())
-        return set() if newest is None else snapshot_keys(remote.load(newest)[0])
+        return set() if newest is None else snapshot_keys(newest[1])
